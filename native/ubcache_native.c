@@ -1,0 +1,157 @@
+/*
+ * ubcache_native: the few Linux file operations Node has no API for.
+ *
+ *   fallocate(fd, mode, offset, length) -> Promise<void>
+ *       mode: FALLOC_FL_* bits; used for PUNCH_HOLE|KEEP_SIZE (discard) and
+ *       ZERO_RANGE (fast write-zeroes). Works on regular files and, since
+ *       Linux 4.9, on block devices (where it becomes a discard / zeroout).
+ *   seek(fd, offset, whence) -> Promise<number>
+ *       lseek with SEEK_DATA (3) or SEEK_HOLE (4); resolves -1 on ENXIO
+ *       (offset at or past the last data), for block status.
+ *
+ * Each call runs on libuv's thread pool (napi async work) so a slow punch on a
+ * large range never blocks the event loop. Errors reject with an Error whose
+ * `code` is the errno name (EOPNOTSUPP, EIO, ...), like Node's own fs errors.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <node_api.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+enum op_kind { OP_FALLOCATE, OP_SEEK };
+
+struct op {
+  enum op_kind kind;
+  int fd;
+  int mode; /* fallocate mode or lseek whence */
+  int64_t offset;
+  int64_t length;
+  int64_t result;
+  int err;
+  napi_deferred deferred;
+  napi_async_work work;
+};
+
+static const char *errno_name(int e) {
+  switch (e) {
+    case EOPNOTSUPP: return "EOPNOTSUPP";
+    case EIO: return "EIO";
+    case EINVAL: return "EINVAL";
+    case EBADF: return "EBADF";
+    case ENOSPC: return "ENOSPC";
+    case EPERM: return "EPERM";
+    case EROFS: return "EROFS";
+    case EFBIG: return "EFBIG";
+    case ENODEV: return "ENODEV";
+    case ENXIO: return "ENXIO";
+    case EINTR: return "EINTR";
+    case EACCES: return "EACCES";
+    case ENOSYS: return "ENOSYS";
+    case EBUSY: return "EBUSY";
+    default: return "EUNKNOWN";
+  }
+}
+
+static void execute(napi_env env, void *data) {
+  (void)env;
+  struct op *op = data;
+  op->err = 0;
+  if (op->kind == OP_FALLOCATE) {
+    int r;
+    do {
+      r = fallocate(op->fd, op->mode, (off_t)op->offset, (off_t)op->length);
+    } while (r < 0 && errno == EINTR);
+    if (r < 0) op->err = errno;
+  } else {
+    off_t r = lseek(op->fd, (off_t)op->offset, op->mode);
+    if (r < 0) {
+      if (errno == ENXIO) op->result = -1;
+      else op->err = errno;
+    } else {
+      op->result = (int64_t)r;
+    }
+  }
+}
+
+static void complete(napi_env env, napi_status status, void *data) {
+  struct op *op = data;
+  if (status != napi_ok && op->err == 0) op->err = EIO;
+  if (op->err != 0) {
+    napi_value msg, code, error;
+    const char *name = errno_name(op->err);
+    char text[160];
+    snprintf(text, sizeof text, "%s: %s", name, strerror(op->err));
+    napi_create_string_utf8(env, text, NAPI_AUTO_LENGTH, &msg);
+    napi_create_string_utf8(env, name, NAPI_AUTO_LENGTH, &code);
+    napi_create_error(env, code, msg, &error);
+    napi_value errnum;
+    napi_create_int32(env, -op->err, &errnum);
+    napi_set_named_property(env, error, "errno", errnum);
+    napi_reject_deferred(env, op->deferred, error);
+  } else {
+    napi_value value;
+    if (op->kind == OP_SEEK) napi_create_int64(env, op->result, &value);
+    else napi_get_undefined(env, &value);
+    napi_resolve_deferred(env, op->deferred, value);
+  }
+  napi_delete_async_work(env, op->work);
+  free(op);
+}
+
+static napi_value start(napi_env env, napi_callback_info info, enum op_kind kind) {
+  size_t argc = 4;
+  napi_value argv[4];
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  size_t need = kind == OP_FALLOCATE ? 4 : 3;
+  if (argc < need) {
+    napi_throw_type_error(env, NULL, "ubcache_native: too few arguments");
+    return NULL;
+  }
+  struct op *op = calloc(1, sizeof *op);
+  if (op == NULL) {
+    napi_throw_error(env, NULL, "ubcache_native: out of memory");
+    return NULL;
+  }
+  op->kind = kind;
+  int32_t fd = 0, mode = 0;
+  int64_t offset = 0, length = 0;
+  if (napi_get_value_int32(env, argv[0], &fd) != napi_ok ||
+      (kind == OP_FALLOCATE && napi_get_value_int32(env, argv[1], &mode) != napi_ok) ||
+      (kind == OP_FALLOCATE && napi_get_value_int64(env, argv[2], &offset) != napi_ok) ||
+      (kind == OP_FALLOCATE && napi_get_value_int64(env, argv[3], &length) != napi_ok) ||
+      (kind == OP_SEEK && napi_get_value_int64(env, argv[1], &offset) != napi_ok) ||
+      (kind == OP_SEEK && napi_get_value_int32(env, argv[2], &mode) != napi_ok)) {
+    free(op);
+    napi_throw_type_error(env, NULL, "ubcache_native: arguments must be numbers");
+    return NULL;
+  }
+  op->fd = fd;
+  op->mode = mode;
+  op->offset = offset;
+  op->length = length;
+  napi_value promise, name;
+  napi_create_promise(env, &op->deferred, &promise);
+  napi_create_string_utf8(env, kind == OP_FALLOCATE ? "ubcache.fallocate" : "ubcache.seek", NAPI_AUTO_LENGTH, &name);
+  napi_create_async_work(env, NULL, name, execute, complete, op, &op->work);
+  napi_queue_async_work(env, op->work);
+  return promise;
+}
+
+static napi_value js_fallocate(napi_env env, napi_callback_info info) { return start(env, info, OP_FALLOCATE); }
+static napi_value js_seek(napi_env env, napi_callback_info info) { return start(env, info, OP_SEEK); }
+
+static napi_value init(napi_env env, napi_value exports) {
+  napi_property_descriptor props[] = {
+    {"fallocate", NULL, js_fallocate, NULL, NULL, NULL, napi_default, NULL},
+    {"seek", NULL, js_seek, NULL, NULL, NULL, napi_default, NULL},
+  };
+  napi_define_properties(env, exports, sizeof props / sizeof props[0], props);
+  return exports;
+}
+
+NAPI_MODULE(NODE_GYP_MODULE_NAME, init)
