@@ -34,7 +34,12 @@ function step(name, cmd, cmdArgs) {
 
 if (!noChecks) {
   step('build', process.execPath, ['scripts/build.mjs', '--quiet']);
-  step('typecheck', process.execPath, [join(root, 'node_modules/typescript/bin/tsc'), '-p', 'tsconfig.json', '--noEmit']);
+  step('typecheck', process.execPath, [
+    join(root, 'node_modules/typescript/bin/tsc'),
+    '-p',
+    'tsconfig.json',
+    '--noEmit',
+  ]);
   step('lint', process.execPath, [join(root, 'node_modules/eslint/bin/eslint.js'), '--max-warnings', '0', '.']);
 }
 

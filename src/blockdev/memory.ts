@@ -14,6 +14,15 @@ import {
 
 const CHUNK = 64 * 1024;
 
+/** Run a synchronous operation, turning a throw into a rejected promise. */
+function settle<T>(fn: () => T): Promise<T> {
+  try {
+    return Promise.resolve(fn());
+  } catch (err) {
+    return Promise.reject(err instanceof Error ? err : new Error(String(err)));
+  }
+}
+
 export interface MemoryDeviceOptions {
   name?: string;
   readOnly?: boolean;
@@ -102,52 +111,37 @@ export class MemoryBlockDevice implements BlockDevice {
   }
 
   read(buf: Buffer, offset: number): Promise<void> {
-    try {
+    return settle(() => {
       this.readSync(buf, offset);
-      return Promise.resolve();
-    } catch (err) {
-      return Promise.reject(err as Error);
-    }
+    });
   }
 
   write(buf: Buffer, offset: number, _options?: WriteOptions): Promise<void> {
-    try {
+    return settle(() => {
       this.writeSync(buf, offset);
-      return Promise.resolve();
-    } catch (err) {
-      return Promise.reject(err as Error);
-    }
+    });
   }
 
   flush(): Promise<void> {
-    try {
+    return settle(() => {
       this.live();
-      return Promise.resolve();
-    } catch (err) {
-      return Promise.reject(err as Error);
-    }
+    });
   }
 
   discard(offset: number, length: number): Promise<void> {
-    try {
+    return settle(() => {
       this.zeroSync(offset, length, true);
-      return Promise.resolve();
-    } catch (err) {
-      return Promise.reject(err as Error);
-    }
+    });
   }
 
   writeZeroes(offset: number, length: number, options?: ZeroOptions): Promise<void> {
-    try {
+    return settle(() => {
       this.zeroSync(offset, length, options?.noHole !== true);
-      return Promise.resolve();
-    } catch (err) {
-      return Promise.reject(err as Error);
-    }
+    });
   }
 
   blockStatus(offset: number, length: number): Promise<Extent[]> {
-    try {
+    return settle(() => {
       this.live();
       checkRange(this, offset, length);
       const out: Extent[] = [];
@@ -162,10 +156,8 @@ export class MemoryBlockDevice implements BlockDevice {
         else out.push({ length: n, hole, zero: hole });
         pos += n;
       }
-      return Promise.resolve(out);
-    } catch (err) {
-      return Promise.reject(err as Error);
-    }
+      return out;
+    });
   }
 
   close(): Promise<void> {

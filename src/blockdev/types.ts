@@ -4,15 +4,7 @@
 // The NBD server exports any BlockDevice, and a bcache device is one too.
 
 /** errno names a BlockDevice may fail with; the NBD layer maps them to NBD errors. */
-export type IoErrorCode =
-  | 'EIO'
-  | 'EINVAL'
-  | 'ENOSPC'
-  | 'EPERM'
-  | 'ENOTSUP'
-  | 'ESHUTDOWN'
-  | 'ENOMEM'
-  | 'EOVERFLOW';
+export type IoErrorCode = 'EIO' | 'EINVAL' | 'ENOSPC' | 'EPERM' | 'ENOTSUP' | 'ESHUTDOWN' | 'ENOMEM' | 'EOVERFLOW';
 
 /**
  * An I/O failure with an errno-style code. Devices throw these (or Node's own

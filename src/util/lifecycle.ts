@@ -26,10 +26,13 @@ export function sleep(ms: number, signal?: AbortSignal): Promise<boolean> {
       clearTimeout(timer);
       resolve(false);
     };
-    const timer = setTimeout(() => {
-      signal?.removeEventListener('abort', onAbort);
-      resolve(true);
-    }, Math.max(0, ms));
+    const timer = setTimeout(
+      () => {
+        signal?.removeEventListener('abort', onAbort);
+        resolve(true);
+      },
+      Math.max(0, ms),
+    );
     signal?.addEventListener('abort', onAbort, { once: true });
   });
 }
@@ -97,9 +100,12 @@ export class Notifier {
     const timer =
       timeoutMs === undefined
         ? undefined
-        : setTimeout(() => {
-            finish(false);
-          }, Math.max(0, timeoutMs));
+        : setTimeout(
+            () => {
+              finish(false);
+            },
+            Math.max(0, timeoutMs),
+          );
     return d.promise.then((v) => {
       // notify() resolved it directly: clean up the timer and listener.
       if (timer !== undefined) clearTimeout(timer);

@@ -82,11 +82,11 @@ test('stop() is bounded: a body that ignores abort is given up on with a warning
 test('a worker body that throws is logged and ends; onExit sees the error', async () => {
   const cap = captureLog();
   const exit = deferred<unknown>();
-  const w = new Worker(
-    'thrower',
-    () => Promise.reject(new Error('boom')),
-    { onExit: (e) => { exit.resolve(e); } },
-  ).start();
+  const w = new Worker('thrower', () => Promise.reject(new Error('boom')), {
+    onExit: (e) => {
+      exit.resolve(e);
+    },
+  }).start();
   await w.ended;
   cap.restore();
   assert.match(String(await exit.promise), /boom/);
@@ -109,16 +109,27 @@ test('RefCount: zero runs onZero once, and tryGet fails afterwards', () => {
   r.put();
   assert.equal(zeros, 1);
   assert.equal(r.tryGet(), false);
-  assert.throws(() => { r.put(); }, /without a matching reference/);
+  assert.throws(() => {
+    r.put();
+  }, /without a matching reference/);
 });
 
 test('Mutex serialises critical sections in FIFO order', async () => {
   const m = new Mutex();
   const order: number[] = [];
   const gate = deferred();
-  const a = m.run(async () => { await gate.promise; order.push(1); });
-  const b = m.run(() => { order.push(2); return Promise.resolve(); });
-  const c = m.run(() => { order.push(3); return Promise.resolve(); });
+  const a = m.run(async () => {
+    await gate.promise;
+    order.push(1);
+  });
+  const b = m.run(() => {
+    order.push(2);
+    return Promise.resolve();
+  });
+  const c = m.run(() => {
+    order.push(3);
+    return Promise.resolve();
+  });
   assert.equal(m.isLocked, true);
   gate.resolve();
   await Promise.all([a, b, c]);
@@ -132,7 +143,11 @@ test('an owner whose worker stopped can be garbage-collected', async (t) => {
     return;
   }
   class Owner {
-    readonly worker = Worker.periodic('owned', () => 1, () => Promise.resolve());
+    readonly worker = Worker.periodic(
+      'owned',
+      () => 1,
+      () => Promise.resolve(),
+    );
   }
   // The owner lives only inside this function, so nothing but the WeakRef remains.
   const startAndStop = async (): Promise<WeakRef<Owner>> => {
