@@ -4,7 +4,8 @@
 // options and requests, let requests in flight finish, close connections, then
 // close the devices (which flushes them).
 
-import { lstatSync, unlinkSync } from 'node:fs';
+import { existsSync, lstatSync, unlinkSync } from 'node:fs';
+import { dirname } from 'node:path';
 import { createConnection, createServer, type AddressInfo, type Server, type Socket } from 'node:net';
 import { errorCode } from '../blockdev/types.ts';
 import { errorMessage, sleep } from '../util/lifecycle.ts';
@@ -194,18 +195,16 @@ export class NbdServer {
    */
   async listen(target: ListenTarget): Promise<ListenTarget> {
     if (this.shuttingDownFlag) throw new Error('the server is shutting down');
-    const server = createServer({ allowHalfOpen: true, pauseOnConnect: false }, (socket) => {
-      this.accept(socket);
-    });
+    let server: Server;
     try {
-      await listenOnce(server, target);
+      server = await this.listenOnce(target);
     } catch (err) {
       if (!('path' in target) || errorCode(err) !== 'EADDRINUSE' || !(await isStaleSocket(target.path))) {
         throw describeListenError(err, target);
       }
       log.info(`removing stale socket ${target.path} left by a server that is gone`);
       unlinkSync(target.path);
-      await listenOnce(server, target).catch((e: unknown) => {
+      server = await this.listenOnce(target).catch((e: unknown) => {
         throw describeListenError(e, target);
       });
     }
@@ -213,6 +212,27 @@ export class NbdServer {
     if ('path' in target) return target;
     const addr = server.address() as AddressInfo;
     return { host: addr.address, port: addr.port };
+  }
+
+  /** A listening net.Server, or a rejection (with nothing left open). */
+  private listenOnce(target: ListenTarget): Promise<Server> {
+    const server = createServer({ allowHalfOpen: true }, (socket) => {
+      this.accept(socket);
+    });
+    return new Promise<Server>((resolve, reject) => {
+      const onError = (err: Error): void => {
+        // A failed listen on a unix socket keeps its handle open until closed.
+        server.close();
+        reject(err);
+      };
+      server.once('error', onError);
+      const done = (): void => {
+        server.off('error', onError);
+        resolve(server);
+      };
+      if ('path' in target) server.listen(target.path, done);
+      else server.listen(target.port, target.host, done);
+    });
   }
 
   /** Serve an already-connected socket (a listener's connection, or one made elsewhere). */
@@ -284,21 +304,6 @@ export class NbdServer {
   }
 }
 
-function listenOnce(server: Server, target: ListenTarget): Promise<void> {
-  return new Promise<void>((resolve, reject) => {
-    const onError = (err: Error): void => {
-      reject(err);
-    };
-    server.once('error', onError);
-    const done = (): void => {
-      server.off('error', onError);
-      resolve();
-    };
-    if ('path' in target) server.listen(target.path, done);
-    else server.listen(target.port, target.host, done);
-  });
-}
-
 function describeListenError(err: unknown, target: ListenTarget): Error {
   const where = formatAddress(target);
   switch (errorCode(err)) {
@@ -309,6 +314,10 @@ function describeListenError(err: unknown, target: ListenTarget): Error {
           : `cannot listen on ${where}: the address is in use; stop the other server or pick another port`,
       );
     case 'EACCES':
+      // libuv reports a missing directory for a unix socket as EACCES.
+      if ('path' in target && !existsSync(dirname(target.path))) {
+        return new Error(`cannot listen on ${where}: the directory does not exist; create it first`);
+      }
       return new Error(`cannot listen on ${where}: permission denied; pick a path or port you may use`);
     case 'EADDRNOTAVAIL':
     case 'ENOTFOUND':
@@ -328,13 +337,16 @@ async function isStaleSocket(path: string): Promise<boolean> {
     return false;
   }
   return new Promise<boolean>((resolve) => {
+    let stale = false;
     const probe = createConnection(path);
     probe.once('connect', () => {
       probe.destroy();
-      resolve(false);
     });
     probe.once('error', (err: Error) => {
-      resolve(errorCode(err) === 'ECONNREFUSED');
+      stale = errorCode(err) === 'ECONNREFUSED';
+    });
+    probe.once('close', () => {
+      resolve(stale);
     });
   });
 }

@@ -52,6 +52,7 @@ export async function startServer(
     },
     async cleanup() {
       for (const c of clients) c.destroy();
+      await Promise.all(clients.map((c) => c.closed));
       await server.close();
       rmSync(dir, { recursive: true, force: true });
     },
