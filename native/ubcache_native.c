@@ -8,6 +8,10 @@
  *   seek(fd, offset, whence) -> Promise<number>
  *       lseek with SEEK_DATA (3) or SEEK_HOLE (4); resolves -1 on ENXIO
  *       (offset at or past the last data), for block status.
+ *   blkdiscard(fd, offset, length) -> Promise<void>
+ *       ioctl BLKDISCARD on a block device. fallocate(PUNCH_HOLE) on a block
+ *       device is a zero-out that refuses to fall back, which most SATA SSDs
+ *       cannot do; a real discard (TRIM) is what a cache device wants.
  *
  * Each call runs on libuv's thread pool (napi async work) so a slow punch on a
  * large range never blocks the event loop. Errors reject with an Error whose
@@ -16,14 +20,16 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/fs.h>
 #include <node_api.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <unistd.h>
 
-enum op_kind { OP_FALLOCATE, OP_SEEK };
+enum op_kind { OP_FALLOCATE, OP_SEEK, OP_BLKDISCARD };
 
 struct op {
   enum op_kind kind;
@@ -53,6 +59,7 @@ static const char *errno_name(int e) {
     case EACCES: return "EACCES";
     case ENOSYS: return "ENOSYS";
     case EBUSY: return "EBUSY";
+    case ENOTTY: return "ENOTTY";
     default: return "EUNKNOWN";
   }
 }
@@ -67,6 +74,9 @@ static void execute(napi_env env, void *data) {
       r = fallocate(op->fd, op->mode, (off_t)op->offset, (off_t)op->length);
     } while (r < 0 && errno == EINTR);
     if (r < 0) op->err = errno;
+  } else if (op->kind == OP_BLKDISCARD) {
+    uint64_t range[2] = {(uint64_t)op->offset, (uint64_t)op->length};
+    if (ioctl(op->fd, BLKDISCARD, range) < 0) op->err = errno;
   } else {
     off_t r = lseek(op->fd, (off_t)op->offset, op->mode);
     if (r < 0) {
@@ -125,7 +135,9 @@ static napi_value start(napi_env env, napi_callback_info info, enum op_kind kind
       (kind == OP_FALLOCATE && napi_get_value_int64(env, argv[2], &offset) != napi_ok) ||
       (kind == OP_FALLOCATE && napi_get_value_int64(env, argv[3], &length) != napi_ok) ||
       (kind == OP_SEEK && napi_get_value_int64(env, argv[1], &offset) != napi_ok) ||
-      (kind == OP_SEEK && napi_get_value_int32(env, argv[2], &mode) != napi_ok)) {
+      (kind == OP_SEEK && napi_get_value_int32(env, argv[2], &mode) != napi_ok) ||
+      (kind == OP_BLKDISCARD && napi_get_value_int64(env, argv[1], &offset) != napi_ok) ||
+      (kind == OP_BLKDISCARD && napi_get_value_int64(env, argv[2], &length) != napi_ok)) {
     free(op);
     napi_throw_type_error(env, NULL, "ubcache_native: arguments must be numbers");
     return NULL;
@@ -136,7 +148,8 @@ static napi_value start(napi_env env, napi_callback_info info, enum op_kind kind
   op->length = length;
   napi_value promise, name;
   napi_create_promise(env, &op->deferred, &promise);
-  napi_create_string_utf8(env, kind == OP_FALLOCATE ? "ubcache.fallocate" : "ubcache.seek", NAPI_AUTO_LENGTH, &name);
+  const char *resource = kind == OP_FALLOCATE ? "ubcache.fallocate" : kind == OP_SEEK ? "ubcache.seek" : "ubcache.blkdiscard";
+  napi_create_string_utf8(env, resource, NAPI_AUTO_LENGTH, &name);
   napi_create_async_work(env, NULL, name, execute, complete, op, &op->work);
   napi_queue_async_work(env, op->work);
   return promise;
@@ -144,11 +157,13 @@ static napi_value start(napi_env env, napi_callback_info info, enum op_kind kind
 
 static napi_value js_fallocate(napi_env env, napi_callback_info info) { return start(env, info, OP_FALLOCATE); }
 static napi_value js_seek(napi_env env, napi_callback_info info) { return start(env, info, OP_SEEK); }
+static napi_value js_blkdiscard(napi_env env, napi_callback_info info) { return start(env, info, OP_BLKDISCARD); }
 
 static napi_value init(napi_env env, napi_value exports) {
   napi_property_descriptor props[] = {
     {"fallocate", NULL, js_fallocate, NULL, NULL, NULL, napi_default, NULL},
     {"seek", NULL, js_seek, NULL, NULL, NULL, napi_default, NULL},
+    {"blkdiscard", NULL, js_blkdiscard, NULL, NULL, NULL, napi_default, NULL},
   };
   napi_define_properties(env, exports, sizeof props / sizeof props[0], props);
   return exports;

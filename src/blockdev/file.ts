@@ -1,0 +1,702 @@
+// A BlockDevice over a regular file or a block device: the hot path of every
+// byte ubcache moves.
+//
+// I/O uses callback fs.read/fs.write promisified by hand: at queue depth they
+// are 2-3x faster than FileHandle (reference/ecosystem.md §7), and they take a
+// position, so concurrent operations never share a file offset. Per I/O the
+// only allocations are the promise and its completion closure.
+//
+// Durability: buffered I/O plus fdatasync. flush() coalesces: callers that
+// arrive while an fdatasync runs cannot be covered by it (their writes may have
+// completed after it started), so they share the next one. A failed fdatasync
+// is sticky: Linux may have dropped the dirty pages it could not write and a
+// later fdatasync can succeed without them, so no later flush may claim
+// durability.
+//
+// Lifetime: every operation is counted while it uses the fd, and close() waits
+// for the count to drain before closing it. Closing an fd an operation still
+// uses would be worse than a crash: the number is reused by the next open and
+// the late I/O lands in another file.
+
+import * as fs from 'node:fs';
+import { stat } from 'node:fs/promises';
+import { deferred, type Deferred } from '../util/lifecycle.ts';
+import {
+  FALLOC_FL_KEEP_SIZE,
+  FALLOC_FL_PUNCH_HOLE,
+  FALLOC_FL_ZERO_RANGE,
+  SEEK_DATA,
+  SEEK_HOLE,
+  isUnsupported,
+  loadNative,
+  type NativeOps,
+} from './native.ts';
+import { blockQueueInfo, filesystemRotational } from './sysfs.ts';
+import {
+  checkRange,
+  IoError,
+  type BlockDevice,
+  type BlockDeviceCaps,
+  type Extent,
+  type IoErrorCode,
+  type WriteOptions,
+  type ZeroOptions,
+} from './types.ts';
+
+export interface FileOpenOptions {
+  readOnly?: boolean;
+  /** Open a block device with O_EXCL, so nothing else (a mount, the kernel's bcache, another ubcache) can claim it. */
+  exclusive?: boolean;
+  /** The native addon to use; null runs on the portable fallbacks. Default: loadNative(). */
+  native?: NativeOps | null;
+}
+
+/** Opening failed; `code` is the errno name (ENOENT, EACCES, EBUSY, ...) or EINVAL for an unusable kind of file. */
+export class DeviceOpenError extends Error {
+  readonly code: string;
+  readonly path: string;
+  constructor(code: string, path: string, message: string, options?: { cause?: unknown }) {
+    super(message, options);
+    this.name = 'DeviceOpenError';
+    this.code = code;
+    this.path = path;
+  }
+}
+
+/** The largest single write of the zero-filling fallback, and the size of its one shared source buffer. */
+const ZERO_CHUNK = 1024 * 1024;
+let zeroBuffer: Buffer | undefined;
+function zeroes(): Buffer {
+  zeroBuffer ??= Buffer.alloc(ZERO_CHUNK);
+  return zeroBuffer;
+}
+
+type IoCallback = (err: NodeJS.ErrnoException | null, bytes: number) => void;
+
+function errnoOf(err: unknown): string | undefined {
+  const code = (err as { code?: unknown } | null)?.code;
+  return typeof code === 'string' ? code : undefined;
+}
+
+/** Map an errno from the OS onto the codes a BlockDevice reports, with what the user should do about it. */
+function classify(errno: string | undefined): { code: IoErrorCode; hint: string } {
+  switch (errno) {
+    case 'ENOSPC':
+    case 'EDQUOT':
+    case 'EFBIG':
+      return {
+        code: 'ENOSPC',
+        hint: 'the filesystem holding it is out of space or quota; free space, or allocate the file in full (fallocate -l SIZE FILE)',
+      };
+    case 'EROFS':
+    case 'EPERM':
+    case 'EACCES':
+      return {
+        code: 'EPERM',
+        hint: 'it refused the write (read-only filesystem or permissions); fix that or open it read-only',
+      };
+    case 'EINVAL':
+      return { code: 'EINVAL', hint: 'the kernel rejected the request' };
+    case 'ENOMEM':
+      return { code: 'ENOMEM', hint: 'the system is out of memory' };
+    case 'EOPNOTSUPP':
+    case 'ENOTSUP':
+      return { code: 'ENOTSUP', hint: 'the file or device does not support this operation' };
+    case undefined:
+    default:
+      return { code: 'EIO', hint: 'the device reported an I/O error; check it and the kernel log (dmesg)' };
+  }
+}
+
+function openFd(path: string, flags: number): Promise<number> {
+  return new Promise((resolve, reject) => {
+    fs.open(path, flags, (err, fd) => {
+      if (err) reject(err);
+      else resolve(fd);
+    });
+  });
+}
+
+function closeFd(fd: number): Promise<void> {
+  return new Promise((resolve, reject) => {
+    fs.close(fd, (err) => {
+      if (err) reject(err);
+      else resolve();
+    });
+  });
+}
+
+function fdatasyncFd(fd: number): Promise<void> {
+  return new Promise((resolve, reject) => {
+    fs.fdatasync(fd, (err) => {
+      if (err) reject(err);
+      else resolve();
+    });
+  });
+}
+
+function fstatFd(fd: number): Promise<fs.BigIntStats> {
+  return new Promise((resolve, reject) => {
+    fs.fstat(fd, { bigint: true }, (err, st) => {
+      if (err) reject(err);
+      else resolve(st);
+    });
+  });
+}
+
+function kindOf(st: fs.Stats | fs.BigIntStats): string {
+  if (st.isDirectory()) return 'a directory';
+  if (st.isCharacterDevice()) return 'a character device';
+  if (st.isFIFO()) return 'a FIFO';
+  if (st.isSocket()) return 'a socket';
+  return 'not a regular file';
+}
+
+function openFailure(path: string, err: unknown, exclusive: boolean): DeviceOpenError {
+  const code = errnoOf(err) ?? 'EIO';
+  const detail = err instanceof Error ? err.message : String(err);
+  let what: string;
+  switch (code) {
+    case 'ENOENT':
+      what = 'does not exist; check the path';
+      break;
+    case 'EACCES':
+    case 'EPERM':
+      what = 'permission denied; run as a user that may open it, or open it read-only';
+      break;
+    case 'EROFS':
+      what = 'is on a read-only filesystem or is a read-only device; open it read-only';
+      break;
+    case 'EBUSY':
+      what = exclusive
+        ? 'is in use (mounted, held by the kernel, e.g. by bcache or md, or opened exclusively by another ubcache); stop that user first'
+        : 'is busy; stop whatever holds it first';
+      break;
+    case 'ENXIO':
+    case 'ENODEV':
+      what = 'has no device behind it (unplugged, or an unbound loop device)';
+      break;
+    default:
+      what = `could not be opened (${detail})`;
+  }
+  return new DeviceOpenError(code, path, `${path} ${what}`, { cause: err });
+}
+
+type Kind = 'file' | 'block';
+
+interface Geometry {
+  kind: Kind;
+  size: number;
+  logicalBlockSize: number;
+  caps: BlockDeviceCaps;
+}
+
+export class FileBlockDevice implements BlockDevice {
+  readonly name: string;
+  readonly size: number;
+  readonly logicalBlockSize: number;
+  readonly readOnly: boolean;
+  /** Updated if an operation the open-time probe allowed turns out unsupported, so it keeps telling the truth. */
+  readonly caps: BlockDeviceCaps;
+  readonly kind: Kind;
+  private fd: number;
+  private readonly native: NativeOps | null;
+
+  /** Operations currently using the fd; close() waits for zero. */
+  private inflight = 0;
+  private closing = false;
+  private drained: Deferred<void> | undefined;
+  private closed: Promise<void> | undefined;
+
+  /** fdatasync calls issued by flush() and FUA (coalescing makes this smaller than the number of flushes). */
+  syncCount = 0;
+  private syncRunning = false;
+  private syncNext: Deferred<void> | undefined;
+  private syncFailure: IoError | undefined;
+
+  /** Learnt at run time: the file refuses FALLOC_FL_ZERO_RANGE (tmpfs does), so noHole zeroing punches and reallocates. */
+  private zeroRangeWorks = true;
+
+  private constructor(name: string, fd: number, readOnly: boolean, native: NativeOps | null, geometry: Geometry) {
+    this.name = name;
+    this.fd = fd;
+    this.readOnly = readOnly;
+    this.native = native;
+    this.kind = geometry.kind;
+    this.size = geometry.size;
+    this.logicalBlockSize = geometry.logicalBlockSize;
+    this.caps = geometry.caps;
+  }
+
+  /**
+   * Open a regular file or a block device. Anything else, a missing path, a
+   * busy device (with `exclusive`) or an unbound loop device is a
+   * DeviceOpenError whose message says what to do.
+   */
+  static async open(path: string, options: FileOpenOptions = {}): Promise<FileBlockDevice> {
+    const readOnly = options.readOnly ?? false;
+    const exclusive = options.exclusive ?? false;
+    const native = options.native === undefined ? loadNative() : options.native;
+
+    // Refuse FIFOs and the like before open(): opening a FIFO can block forever.
+    let pre: fs.Stats;
+    try {
+      pre = await stat(path);
+    } catch (err) {
+      throw openFailure(path, err, exclusive);
+    }
+    if (!pre.isFile() && !pre.isBlockDevice()) {
+      throw new DeviceOpenError(
+        'EINVAL',
+        path,
+        `${path} is ${kindOf(pre)}; ubcache needs a regular file or a block device`,
+      );
+    }
+
+    const flags =
+      (readOnly ? fs.constants.O_RDONLY : fs.constants.O_RDWR) |
+      (exclusive && pre.isBlockDevice() ? fs.constants.O_EXCL : 0);
+    let fd: number;
+    try {
+      fd = await openFd(path, flags);
+    } catch (err) {
+      throw openFailure(path, err, exclusive);
+    }
+    try {
+      const geometry = await FileBlockDevice.probe(path, fd, readOnly, native);
+      return new FileBlockDevice(path, fd, readOnly, native, geometry);
+    } catch (err) {
+      await closeFd(fd).catch(() => undefined);
+      throw err;
+    }
+  }
+
+  private static async probe(path: string, fd: number, readOnly: boolean, native: NativeOps | null): Promise<Geometry> {
+    const st = await fstatFd(fd);
+    if (st.isBlockDevice()) {
+      let q;
+      try {
+        q = await blockQueueInfo(st.rdev);
+      } catch (err) {
+        throw new DeviceOpenError('ENODEV', path, `${path}: cannot read its size: ${(err as Error).message}`, {
+          cause: err,
+        });
+      }
+      if (q.size === 0) {
+        throw new DeviceOpenError(
+          'ENXIO',
+          path,
+          `${path} has size 0 (an unbound loop device, or no medium); attach something to it first`,
+        );
+      }
+      return {
+        kind: 'block',
+        size: q.size,
+        logicalBlockSize: q.logicalBlockSize,
+        caps: {
+          discard: !readOnly && native?.blkdiscard != null && q.discardMaxBytes > 0,
+          fastZero: !readOnly && native !== null && q.writeZeroesMaxBytes > 0,
+          blockStatus: false,
+          rotational: q.rotational,
+        },
+      };
+    }
+    if (!st.isFile()) {
+      throw new DeviceOpenError(
+        'EINVAL',
+        path,
+        `${path} is ${kindOf(st)}; ubcache needs a regular file or a block device`,
+      );
+    }
+    const size = Number(st.size);
+    // Punching past the end of the file with KEEP_SIZE changes nothing, but
+    // answers whether the filesystem can punch at all, before a client is told.
+    let punch = false;
+    if (!readOnly && native !== null) {
+      punch = await native.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, size, 4096).then(
+        () => true,
+        () => false,
+      );
+    }
+    return {
+      kind: 'file',
+      size,
+      logicalBlockSize: 512,
+      caps: {
+        discard: punch,
+        fastZero: punch,
+        blockStatus: native !== null,
+        rotational: await filesystemRotational(st.dev),
+      },
+    };
+  }
+
+  // ---- accounting --------------------------------------------------------
+
+  private shutdownError(): IoError {
+    return new IoError('ESHUTDOWN', `${this.name}: device is closed; reopen it to use it again`);
+  }
+
+  /** Admit a public operation; an error if the device is closing or the range is bad. */
+  private admit(offset: number, length: number, write: boolean): IoError | undefined {
+    if (this.closing) return this.shutdownError();
+    if (write && this.readOnly)
+      return new IoError('EPERM', `${this.name}: device is open read-only; writes are refused`);
+    try {
+      checkRange(this, offset, length, write);
+    } catch (err) {
+      return err as IoError;
+    }
+    return undefined;
+  }
+
+  private leave(): void {
+    this.inflight--;
+    if (this.inflight === 0 && this.drained !== undefined) this.drained.resolve();
+  }
+
+  private failure(op: string, offset: number, length: number, err: unknown): IoError {
+    const errno = errnoOf(err);
+    const { code, hint } = classify(errno);
+    return new IoError(
+      code,
+      `${this.name}: ${op} of ${length} bytes at offset ${offset} failed (${errno ?? String(err)}): ${hint}`,
+      { cause: err },
+    );
+  }
+
+  // ---- data transfer -----------------------------------------------------
+
+  /**
+   * Move `length` bytes between buf[start..] and the fd at `position`, looping
+   * over partial transfers. Counts itself in flight. A read that meets the end
+   * of the file is EIO: the file shrank under us, and zeroes would be a lie.
+   */
+  private transfer(write: boolean, buf: Buffer, start: number, length: number, position: number): Promise<void> {
+    this.inflight++;
+    return new Promise<void>((resolve, reject) => {
+      const fd = this.fd;
+      let done = 0;
+      const step: IoCallback = (err, bytes) => {
+        if (err !== null) {
+          this.leave();
+          reject(this.failure(write ? 'write' : 'read', position, length, err));
+          return;
+        }
+        if (bytes === 0) {
+          this.leave();
+          reject(
+            new IoError(
+              'EIO',
+              write
+                ? `${this.name}: write at offset ${position + done} made no progress; check the device and dmesg`
+                : `${this.name}: read at offset ${position + done} hit the end of the file, ${length - done} bytes ` +
+                    `short; it is smaller than the ${this.size} bytes it had when opened (truncated by something else?)`,
+            ),
+          );
+          return;
+        }
+        done += bytes;
+        if (done === length) {
+          this.leave();
+          resolve();
+        } else if (write) {
+          fs.write(fd, buf, start + done, length - done, position + done, step);
+        } else {
+          fs.read(fd, buf, start + done, length - done, position + done, step);
+        }
+      };
+      if (write) fs.write(fd, buf, start, length, position, step);
+      else fs.read(fd, buf, start, length, position, step);
+    });
+  }
+
+  read(buf: Buffer, offset: number): Promise<void> {
+    const bad = this.admit(offset, buf.length, false);
+    if (bad !== undefined) return Promise.reject(bad);
+    if (buf.length === 0) return Promise.resolve();
+    return this.transfer(false, buf, 0, buf.length, offset);
+  }
+
+  write(buf: Buffer, offset: number, options?: WriteOptions): Promise<void> {
+    const bad = this.admit(offset, buf.length, true);
+    if (bad !== undefined) return Promise.reject(bad);
+    if (options?.fua === true) return this.writeFua(buf, offset);
+    if (buf.length === 0) return Promise.resolve();
+    return this.transfer(true, buf, 0, buf.length, offset);
+  }
+
+  private async writeFua(buf: Buffer, offset: number): Promise<void> {
+    // Held in flight across both steps, so close() cannot slip in between.
+    this.inflight++;
+    try {
+      if (buf.length > 0) await this.transfer(true, buf, 0, buf.length, offset);
+      await this.sync();
+    } finally {
+      this.leave();
+    }
+  }
+
+  // ---- durability --------------------------------------------------------
+
+  flush(): Promise<void> {
+    if (this.closing) return Promise.reject(this.shutdownError());
+    if (this.readOnly) return Promise.resolve();
+    this.inflight++;
+    return this.sync().then(
+      () => {
+        this.leave();
+      },
+      (err: unknown) => {
+        this.leave();
+        throw err;
+      },
+    );
+  }
+
+  /** fdatasync, shared by every caller that arrives before it starts. Callers hold their own in-flight count. */
+  private sync(): Promise<void> {
+    if (this.syncFailure !== undefined) return Promise.reject(this.stickyFailure());
+    if (!this.syncRunning) return this.startSync();
+    this.syncNext ??= deferred();
+    return this.syncNext.promise;
+  }
+
+  private stickyFailure(): IoError {
+    return new IoError(
+      'EIO',
+      `${this.name}: an earlier flush failed, so writes since the last good flush may be lost; ` +
+        'stop using this device and check it (dmesg)',
+      { cause: this.syncFailure },
+    );
+  }
+
+  private startSync(): Promise<void> {
+    this.syncRunning = true;
+    this.syncCount++;
+    return new Promise<void>((resolve, reject) => {
+      fs.fdatasync(this.fd, (err) => {
+        this.syncRunning = false;
+        if (err !== null) {
+          const e = this.failure('flush (fdatasync)', 0, this.size, err);
+          this.syncFailure ??= e;
+          reject(e);
+        } else {
+          resolve();
+        }
+        const next = this.syncNext;
+        this.syncNext = undefined;
+        if (next !== undefined) {
+          // Started before our callers' continuations run, while they still hold the device open.
+          this.sync().then(
+            () => {
+              next.resolve();
+            },
+            (e: unknown) => {
+              next.reject(e);
+            },
+          );
+        }
+      });
+    });
+  }
+
+  // ---- discard, zeroes, block status -------------------------------------
+
+  async discard(offset: number, length: number): Promise<void> {
+    const bad = this.admit(offset, length, true);
+    if (bad !== undefined) throw bad;
+    if (length === 0 || !this.caps.discard || this.native === null) return;
+    const native = this.native;
+    this.inflight++;
+    try {
+      if (this.kind === 'file') {
+        await native.fallocate(this.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length);
+      } else if (native.blkdiscard !== null) {
+        // A discard is a hint: trim only the whole logical blocks inside the range.
+        const lbs = this.logicalBlockSize;
+        const start = Math.ceil(offset / lbs) * lbs;
+        const end = Math.floor((offset + length) / lbs) * lbs;
+        if (end > start) await native.blkdiscard(this.fd, start, end - start);
+      }
+    } catch (err) {
+      if (!isUnsupported(err)) throw this.failure('discard', offset, length, err);
+      this.caps.discard = false;
+      if (this.kind === 'file') this.caps.fastZero = false;
+    } finally {
+      this.leave();
+    }
+  }
+
+  async writeZeroes(offset: number, length: number, options?: ZeroOptions): Promise<void> {
+    const bad = this.admit(offset, length, true);
+    if (bad !== undefined) throw bad;
+    const fastOnly = options?.fastOnly === true;
+    if (fastOnly && !this.caps.fastZero) {
+      throw new IoError('ENOTSUP', `${this.name}: no fast way to zero a range here (fast-zero requested)`);
+    }
+    this.inflight++;
+    try {
+      if (length > 0) {
+        let done = false;
+        if (this.caps.fastZero && this.native !== null) {
+          done =
+            this.kind === 'file'
+              ? await this.zeroFileFast(this.native, offset, length, options?.noHole === true)
+              : await this.zeroBlockFast(this.native, offset, length, options?.noHole === true);
+        }
+        if (!done) {
+          if (fastOnly) throw new IoError('ENOTSUP', `${this.name}: fast zeroing turned out unsupported here`);
+          await this.writeZeroBuffers(offset, length);
+        }
+      }
+      if (options?.fua === true) await this.sync();
+    } finally {
+      this.leave();
+    }
+  }
+
+  /** Zero a file range with fallocate; false if the filesystem cannot (nothing was changed then). */
+  private async zeroFileFast(native: NativeOps, offset: number, length: number, noHole: boolean): Promise<boolean> {
+    const fd = this.fd;
+    try {
+      if (noHole && this.zeroRangeWorks) {
+        try {
+          await native.fallocate(fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length);
+          return true;
+        } catch (err) {
+          if (!isUnsupported(err)) throw err;
+          this.zeroRangeWorks = false;
+        }
+      }
+      await native.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length);
+      if (noHole) {
+        // Put the blocks back (as unwritten extents: they read as zeroes) so the range stays allocated.
+        try {
+          await native.fallocate(fd, 0, offset, length);
+        } catch (err) {
+          if (!isUnsupported(err)) throw err;
+          await this.writeZeroBuffers(offset, length);
+        }
+      }
+      return true;
+    } catch (err) {
+      if (err instanceof IoError) throw err;
+      if (!isUnsupported(err)) throw this.failure('write-zeroes', offset, length, err);
+      this.caps.fastZero = false;
+      this.caps.discard = false;
+      return false;
+    }
+  }
+
+  /**
+   * Zero a block-device range: the kernel zeroes the whole logical blocks
+   * (BLKDEV_ZERO_NOUNMAP for noHole, else it may unmap); partial blocks at the
+   * ends are written. False if the device cannot zero in hardware and the
+   * caller should write zeroes itself.
+   */
+  private async zeroBlockFast(native: NativeOps, offset: number, length: number, noHole: boolean): Promise<boolean> {
+    const lbs = this.logicalBlockSize;
+    const end = offset + length;
+    const start = Math.ceil(offset / lbs) * lbs;
+    const stop = Math.floor(end / lbs) * lbs;
+    if (stop <= start) return false;
+    const mode = noHole ? FALLOC_FL_ZERO_RANGE : FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE;
+    try {
+      await native.fallocate(this.fd, mode, start, stop - start);
+    } catch (err) {
+      if (!isUnsupported(err)) throw this.failure('write-zeroes', offset, length, err);
+      this.caps.fastZero = false;
+      return false;
+    }
+    if (start > offset) await this.writeZeroBuffers(offset, start - offset);
+    if (end > stop) await this.writeZeroBuffers(stop, end - stop);
+    return true;
+  }
+
+  /** The fallback: write zeroes from the one shared buffer, a chunk at a time. */
+  private async writeZeroBuffers(offset: number, length: number): Promise<void> {
+    const zero = zeroes();
+    let done = 0;
+    while (done < length) {
+      const n = Math.min(ZERO_CHUNK, length - done);
+      await this.transfer(true, zero, 0, n, offset + done);
+      done += n;
+    }
+  }
+
+  async blockStatus(offset: number, length: number): Promise<Extent[]> {
+    const bad = this.admit(offset, length, false);
+    if (bad !== undefined) throw bad;
+    if (length === 0) return [];
+    const allData: Extent[] = [{ length, hole: false, zero: false }];
+    if (this.kind === 'block' || !this.caps.blockStatus || this.native === null) return allData;
+    const native = this.native;
+    this.inflight++;
+    try {
+      const out: Extent[] = [];
+      const push = (n: number, hole: boolean): void => {
+        const last = out[out.length - 1];
+        if (last !== undefined && last.hole === hole) last.length += n;
+        else out.push({ length: n, hole, zero: hole });
+      };
+      const end = offset + length;
+      let pos = offset;
+      while (pos < end) {
+        const data = await native.seek(this.fd, pos, SEEK_DATA);
+        if (data < 0 || data >= end) {
+          push(end - pos, true);
+          break;
+        }
+        if (data > pos) push(data - pos, true);
+        const hole = await native.seek(this.fd, data, SEEK_HOLE);
+        // A racing truncate can make the answers disagree; never emit an empty or backward extent.
+        const dataEnd = hole > data ? Math.min(hole, end) : end;
+        push(dataEnd - data, false);
+        pos = dataEnd;
+      }
+      return out;
+    } catch (err) {
+      if (!isUnsupported(err) && errnoOf(err) !== 'EINVAL') throw this.failure('block status', offset, length, err);
+      this.caps.blockStatus = false;
+      return allData;
+    } finally {
+      this.leave();
+    }
+  }
+
+  // ---- close -------------------------------------------------------------
+
+  /** Wait for in-flight operations, fdatasync if writable, close. Idempotent: every call returns the same promise. */
+  close(): Promise<void> {
+    this.closed ??= this.shutdown();
+    return this.closed;
+  }
+
+  private async shutdown(): Promise<void> {
+    this.closing = true;
+    if (this.inflight > 0) {
+      this.drained = deferred();
+      await this.drained.promise;
+    }
+    const fd = this.fd;
+    this.fd = -1;
+    let failure: IoError | undefined;
+    if (!this.readOnly) {
+      if (this.syncFailure !== undefined) failure = this.stickyFailure();
+      else {
+        try {
+          await fdatasyncFd(fd);
+        } catch (err) {
+          failure = this.failure('final flush (fdatasync) on close', 0, this.size, err);
+        }
+      }
+    }
+    try {
+      await closeFd(fd);
+    } catch (err) {
+      failure ??= this.failure('close', 0, 0, err);
+    }
+    if (failure !== undefined) throw failure;
+  }
+}

@@ -1,0 +1,101 @@
+// The optional native addon (native/ubcache_native.c): fallocate, SEEK_DATA/
+// SEEK_HOLE and BLKDISCARD, which Node has no API for. The addon is an
+// optimisation, never a requirement: without it discard is a no-op, write-zeroes
+// writes zero buffers and block status reports everything as data, all of which
+// the NBD spec allows. So loading never throws; it yields null instead.
+//
+// UBCACHE_NO_NATIVE=1 disables it at run time too (the build honours the same
+// variable), which is how the fallbacks are exercised on a machine that has it.
+
+import { createRequire } from 'node:module';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { log } from '../util/log.ts';
+
+/** fallocate(2) mode bits (linux/falloc.h). */
+export const FALLOC_FL_KEEP_SIZE = 0x01;
+export const FALLOC_FL_PUNCH_HOLE = 0x02;
+export const FALLOC_FL_ZERO_RANGE = 0x10;
+
+/** lseek(2) whence values for sparse files. */
+export const SEEK_DATA = 3;
+export const SEEK_HOLE = 4;
+
+/**
+ * The addon's operations. Each runs on libuv's thread pool and rejects with an
+ * Error whose `code` is the errno name (EOPNOTSUPP, EIO, ...).
+ */
+export interface NativeOps {
+  fallocate(fd: number, mode: number, offset: number, length: number): Promise<void>;
+  /** lseek with SEEK_DATA or SEEK_HOLE; -1 when there is no data at or after `offset` (ENXIO). */
+  seek(fd: number, offset: number, whence: number): Promise<number>;
+  /** ioctl(BLKDISCARD); null when the addon predates it. */
+  blkdiscard: ((fd: number, offset: number, length: number) => Promise<void>) | null;
+}
+
+interface RawAddon {
+  fallocate?: unknown;
+  seek?: unknown;
+  blkdiscard?: unknown;
+}
+
+// src/blockdev/native.ts and dist/blockdev/native.js are both two levels below
+// the package root, so one relative path serves both.
+const addonPath = join(
+  dirname(fileURLToPath(import.meta.url)),
+  '..',
+  '..',
+  'native',
+  'build',
+  'Release',
+  'ubcache_native.node',
+);
+
+let cached: NativeOps | null | undefined;
+
+function disabledByEnv(): boolean {
+  const v = process.env['UBCACHE_NO_NATIVE'];
+  return v !== undefined && v !== '' && v !== '0';
+}
+
+function load(): NativeOps | null {
+  if (disabledByEnv()) {
+    log.debug('native addon disabled by UBCACHE_NO_NATIVE');
+    return null;
+  }
+  let raw: RawAddon;
+  try {
+    raw = createRequire(import.meta.url)(addonPath) as RawAddon;
+  } catch (err) {
+    const code = (err as { code?: unknown }).code;
+    if (code !== 'MODULE_NOT_FOUND' && code !== 'ENOENT') {
+      log.warn(
+        `native addon ${addonPath} failed to load (${String(err)}); discard, fast zeroing and block status are ` +
+          'disabled; rebuild it with `npm run build`',
+      );
+    }
+    return null;
+  }
+  const { fallocate, seek, blkdiscard } = raw;
+  if (typeof fallocate !== 'function' || typeof seek !== 'function') {
+    log.warn(`native addon ${addonPath} lacks fallocate/seek; rebuild it with \`npm run build\``);
+    return null;
+  }
+  return {
+    fallocate: fallocate as NativeOps['fallocate'],
+    seek: seek as NativeOps['seek'],
+    blkdiscard: typeof blkdiscard === 'function' ? (blkdiscard as NonNullable<NativeOps['blkdiscard']>) : null,
+  };
+}
+
+/** The addon's operations, or null when it is not built, fails to load, or is disabled. Loaded once. */
+export function loadNative(): NativeOps | null {
+  if (cached === undefined) cached = load();
+  return cached;
+}
+
+/** Is this the errno of an operation the file or device does not support? */
+export function isUnsupported(err: unknown): boolean {
+  const code = (err as { code?: unknown } | null)?.code;
+  return code === 'EOPNOTSUPP' || code === 'ENOTSUP' || code === 'ENOSYS' || code === 'ENOTTY';
+}

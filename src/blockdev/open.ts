@@ -1,0 +1,35 @@
+// One place that turns a device spec from the command line or a config into a
+// BlockDevice, so every subcommand accepts every kind alike. Later kinds
+// (remote nbd:// exports) plug in here by prefix.
+//
+//   PATH | file:PATH       a regular file or a block device
+//   faulty:RULES@SPEC      SPEC with failures injected (rule syntax: faulty.ts)
+//
+// A relative path that happens to start with "faulty:" or "file:" can be
+// written ./faulty:... .
+
+import { FaultyBlockDevice, parseFaultSpec } from './faulty.ts';
+import { FileBlockDevice } from './file.ts';
+import type { BlockDevice } from './types.ts';
+
+export interface OpenDeviceOptions {
+  readOnly?: boolean;
+  /** Claim the device so nothing else may use it (O_EXCL on block devices). */
+  exclusive?: boolean;
+}
+
+/** Open the device `spec` names. Errors say what is wrong with the spec or the device. */
+export async function openBlockDevice(spec: string, options: OpenDeviceOptions = {}): Promise<BlockDevice> {
+  if (spec.startsWith('faulty:')) {
+    const body = spec.slice('faulty:'.length);
+    const at = body.indexOf('@');
+    if (at < 0) throw new Error(`device spec "${spec}": a faulty device is written faulty:RULES@DEVICE`);
+    // Parse before opening, so a typo in the rules does not leave a device open.
+    const rules = parseFaultSpec(body.slice(0, at));
+    const inner = await openBlockDevice(body.slice(at + 1), options);
+    return new FaultyBlockDevice(inner, { rules });
+  }
+  const path = spec.startsWith('file:') ? spec.slice('file:'.length) : spec;
+  if (path === '') throw new Error(`device spec "${spec}" names no path; give a file or block device path`);
+  return FileBlockDevice.open(path, options);
+}
