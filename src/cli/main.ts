@@ -9,7 +9,9 @@ interface Entry {
   load: () => Promise<Subcommand>;
 }
 
-const subcommands: Record<string, Entry> = {};
+const subcommands: Record<string, Entry> = {
+  export: { summary: 'serve files or block devices over NBD', load: async () => (await import('./export.ts')).run },
+};
 
 function usage(): string {
   const lines = [
