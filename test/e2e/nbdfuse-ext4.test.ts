@@ -49,7 +49,11 @@ test('nbdfuse + losetup + mkfs.ext4 + mount: files copied in come back identical
     // nbdfuse stays in the foreground and writes its pid file once it serves.
     const pidFile = join(tmp.dir, 'nbdfuse.pid');
     const fuse = spawn('nbdfuse', ['-P', pidFile, join(fuseDir, 'disk'), uri('disk.img')], { stdio: 'inherit' });
-    const fuseExited = new Promise<number | null>((resolve) => fuse.once('exit', (code) => { resolve(code); }));
+    const fuseExited = new Promise<number | null>((resolve) =>
+      fuse.once('exit', (code) => {
+        resolve(code);
+      }),
+    );
     cleanups.push(async () => {
       await run('fusermount3', ['-u', fuseDir]).catch(() => fuse.kill('SIGKILL'));
       return fuseExited;
