@@ -23,6 +23,8 @@ export interface ServerOptions extends Partial<TransmissionOptions> {
    * stalled mid-option, a WRITE whose payload never comes.
    */
   shutdownTimeoutMs?: number;
+  /** How long a client may take from connecting to choosing an export (default 10 s). */
+  handshakeTimeoutMs?: number;
 }
 
 export type ListenTarget = { host: string; port: number } | { path: string };
@@ -99,6 +101,15 @@ class Connection {
         this.handshakeIdle = idle;
       },
     };
+    // A client gets a bounded time to reach transmission (as qemu-nbd's --handshake-limit), so idle or
+    // trickling connections cannot pile up.
+    const deadline = new AbortController();
+    const limitMs = this.options.handshakeTimeoutMs ?? 10_000;
+    void sleep(limitMs, deadline.signal).then((expired) => {
+      if (!expired) return;
+      log.warn(`${this.label}: no export chosen within ${limitMs} ms; closing the connection`);
+      reader.fail(new ConnectionClosed('handshake timed out'));
+    });
     let negotiated;
     try {
       negotiated = await negotiate(this.socket, reader, ctx);
@@ -106,6 +117,7 @@ class Connection {
       if (err instanceof ProtocolViolation) log.warn(`${this.label}: ${err.message}; closing the connection`);
       else if (!(err instanceof ConnectionClosed)) log.error(`${this.label}: handshake failed: ${errorMessage(err)}`);
       else if (!this.cancelled) log.debug(`${this.label}: ${err.message} during the handshake`);
+      deadline.abort();
       reader.detach();
       if (this.cancelled) {
         await this.endGracefully();
@@ -115,6 +127,7 @@ class Connection {
       }
       return;
     }
+    deadline.abort();
     const handover = reader.detach();
     this.reader = undefined;
     if (!negotiated) {

@@ -112,6 +112,8 @@ export class Transmission {
   private corked = false;
   /** No more requests will be parsed (DISC, peer EOF, violation, or our end()). */
   private stopped = false;
+  /** The client closed its side; what was received before is still served. */
+  private inputEnded = false;
   private shuttingDown = false;
   private ended = false;
   private closed = false;
@@ -142,11 +144,13 @@ export class Transmission {
     socket.on('drain', this.onDrain);
     socket.on('close', this.onClose);
     if (socket.destroyed) this.onClose();
-    else if (socket.readableEnded) this.stopped = true;
 
+    // Requests that arrived with the end of the handshake, and perhaps the client's EOF after them.
     this.paused = handover.paused;
+    this.inputEnded = socket.readableEnded;
     for (const chunk of handover.leftover) this.onData(chunk);
     if (this.paused) this.maybeResume();
+    this.checkEndOfInput();
     this.finishIfIdle();
   }
 
@@ -186,13 +190,20 @@ export class Transmission {
 
   private readonly onEnd = (): void => {
     // The client shut its side. Requests already received still get their replies.
-    if (!this.stopped && (this.headerHave > 0 || this.writeReq || this.discardLeft > 0)) {
+    this.inputEnded = true;
+    this.checkEndOfInput();
+  };
+
+  /** Once the client has closed its side and everything it sent is parsed, stop parsing. */
+  private checkEndOfInput(): void {
+    if (!this.inputEnded || this.stopped || this.paused || this.consuming || this.stash.length > 0) return;
+    if (this.headerHave > 0 || this.writeReq || this.discardLeft > 0) {
       log.debug(`${this.label}: client closed the connection in the middle of a request`);
     }
     this.stopped = true;
     this.releasePartialWrite();
     this.finishIfIdle();
-  };
+  }
 
   private readonly onDrain = (): void => {
     this.maybeResume();
@@ -224,6 +235,7 @@ export class Transmission {
     } finally {
       this.consuming = false;
     }
+    this.checkEndOfInput();
   }
 
   private consumeChunk(chunk: Buffer): void {
@@ -588,6 +600,7 @@ export class Transmission {
     this.socket.resume();
     const next = this.consuming ? undefined : this.stash.shift();
     if (next) this.consume(next);
+    else this.checkEndOfInput();
   }
 
   /** A half-received WRITE that will never complete: give back its charge. */

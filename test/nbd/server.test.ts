@@ -270,3 +270,25 @@ test('after close nothing is left: no listener, socket or timer, and the server 
   }
   assert.equal(ref?.deref(), undefined, 'the server was garbage-collected');
 });
+
+test('a client that does not reach transmission within the handshake limit is disconnected', async () => {
+  const cap = captureLog();
+  const f = await startServer([{ name: 'disk', device: new MemoryBlockDevice(MiB) }], { handshakeTimeoutMs: 50 });
+  try {
+    const slow = await f.connect();
+    await slow.readGreeting();
+    slow.sendClientFlags(ClientFlag.C_FIXED_NEWSTYLE);
+    await slow.expectClose();
+    assert.ok(cap.lines.some((l) => /no export chosen within 50 ms; closing the connection/.test(l)));
+    // A client that completes the handshake in time stays connected past the limit.
+    const { client } = await f.open();
+    const trickle = await f.connect();
+    await trickle.readGreeting();
+    await slow.closed;
+    await trickle.expectClose();
+    assert.equal((await client.readAt(0, 1)).error, 0);
+  } finally {
+    cap.restore();
+    await f.cleanup();
+  }
+});

@@ -7,8 +7,8 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { MemoryBlockDevice } from '../../src/blockdev/memory.ts';
-import { encodeRequestHeader } from '../../src/nbd/codec.ts';
-import { Cmd, CmdFlag, NbdErr, REQUEST_MAGIC, State } from '../../src/nbd/protocol.ts';
+import { encodeClientFlags, encodeInfoRequest, encodeOptionRequest, encodeRequestHeader } from '../../src/nbd/codec.ts';
+import { ClientFlag, Cmd, CmdFlag, NbdErr, Opt, Rep, REQUEST_MAGIC, State } from '../../src/nbd/protocol.ts';
 import { captureLog } from '../../src/util/log.ts';
 import { ControlledDevice } from '../helpers/controlled-device.ts';
 import { startServer, type Fixture } from '../helpers/nbd-fixture.ts';
@@ -528,6 +528,64 @@ test('multi-conn: a write completed on one connection is visible and flushed thr
       ['write', 'flush'],
     );
     assert.equal((await b.readAt(8192, 12)).data?.toString(), 'written on a');
+  } finally {
+    await f.cleanup();
+  }
+});
+
+test('requests sent together with the handshake and an immediate EOF are all answered', async () => {
+  await withServer(async (f, dev) => {
+    dev.writeSync(Buffer.from('pipelined'), 0);
+    const c = await f.connect();
+    await c.readGreeting();
+    // Client flags, GO, three requests and EOF, in one burst: a scripted client that does not wait.
+    c.send(
+      encodeClientFlags(ClientFlag.C_FIXED_NEWSTYLE | ClientFlag.C_NO_ZEROES),
+      encodeOptionRequest(Opt.GO, encodeInfoRequest({ name: 'disk', requests: [] })),
+      encodeRequestHeader({ type: Cmd.WRITE, cookie: 1n, offset: 100, length: 3 }),
+      Buffer.from('abc'),
+      encodeRequestHeader({ type: Cmd.FLUSH, cookie: 2n, offset: 0, length: 0 }),
+      encodeRequestHeader({ type: Cmd.READ, cookie: 3n, offset: 0, length: 9 }),
+    );
+    c.end();
+    for (;;) {
+      const r = await c.readOptionReply();
+      if (r.type === Rep.ACK) break;
+    }
+    c.sendRequest({ type: Cmd.READ, cookie: 3n, offset: 0, length: 9 }); // only registers the cookie for framing
+    const got = new Map<bigint, Buffer | undefined>();
+    for (let i = 0; i < 3; i++) {
+      const m = await c.nextMessage();
+      assert.ok(m.kind === 'simple' && m.error === 0);
+      got.set(m.cookie, m.data);
+    }
+    assert.equal(got.get(3n)?.toString(), 'pipelined');
+    assert.deepEqual([...got.keys()].sort(), [1n, 2n, 3n]);
+    await c.expectClose();
+    const check = Buffer.alloc(3);
+    dev.readSync(check, 100);
+    assert.equal(check.toString(), 'abc');
+  });
+});
+
+test('requests held back by the in-flight bound are still served when the client closes its side', async () => {
+  const dev = new ControlledDevice(new MemoryBlockDevice(SIZE));
+  const f = await startServer([{ name: 'disk', device: dev }], { maxInflightRequests: 2 });
+  try {
+    const { client } = await f.open();
+    dev.hold();
+    for (let i = 0; i < 10; i++)
+      client.sendRequest({ type: Cmd.READ, cookie: BigInt(i), offset: i * 512, length: 512 });
+    client.end();
+    await dev.started(2);
+    dev.release();
+    const cookies: bigint[] = [];
+    for (let i = 0; i < 10; i++) cookies.push((await client.nextMessage()).cookie);
+    assert.deepEqual(
+      cookies.sort((a, b) => Number(a - b)),
+      Array.from({ length: 10 }, (_, i) => BigInt(i)),
+    );
+    await client.expectClose();
   } finally {
     await f.cleanup();
   }
