@@ -60,7 +60,7 @@ export interface TransmissionOptions {
 
 export const defaultTransmissionOptions: TransmissionOptions = {
   maxInflightRequests: 128,
-  maxInflightBytes: 64 * 1024 * 1024,
+  maxInflightBytes: 32 * 1024 * 1024,
   maxDiscardedPayload: 128 * 1024 * 1024,
   endGraceMs: 2000,
 };
