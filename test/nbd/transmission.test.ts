@@ -590,3 +590,27 @@ test('requests held back by the in-flight bound are still served when the client
     await f.cleanup();
   }
 });
+
+test('FUA reaches the device: write and write-zeroes carry it, a FUA trim is followed by a flush', async () => {
+  const dev = new ControlledDevice(new MemoryBlockDevice(SIZE));
+  const f = await startServer([{ name: 'disk', device: dev }]);
+  try {
+    const { client } = await f.open();
+    ok(await client.writeAt(0, Buffer.alloc(4096, 1), CmdFlag.FUA));
+    ok(await client.writeAt(4096, Buffer.alloc(4096, 2)));
+    ok(await client.request({ type: Cmd.WRITE_ZEROES, offset: 0, length: 512, flags: CmdFlag.FUA | CmdFlag.NO_HOLE }));
+    ok(await client.request({ type: Cmd.TRIM, offset: 65536, length: 65536, flags: CmdFlag.FUA }));
+    assert.deepEqual(
+      dev.log.map((l) => [l.op, l.options]),
+      [
+        ['write', { fua: true }],
+        ['write', undefined],
+        ['writeZeroes', { noHole: true, fastOnly: false, fua: true }],
+        ['discard', undefined],
+        ['flush', undefined],
+      ],
+    );
+  } finally {
+    await f.cleanup();
+  }
+});
