@@ -132,8 +132,8 @@ export class Allocator {
   // Allocation
 
   private take(reserve: Reserve): number {
-    let r = (this.free[RESERVE_NONE]).pop();
-    if (r < 0) r = (this.free[reserve]).pop();
+    let r = this.free[RESERVE_NONE].pop();
+    if (r < 0) r = this.free[reserve].pop();
     if (r < 0) return -1;
     const b = this.b;
     if (b.pin[r] !== 1) throw new Error(`allocator: bucket ${r} on a free list has pin ${b.pin[r]}, not 1`);
@@ -181,7 +181,7 @@ export class Allocator {
     b.setUsed(bucket, 0);
     this.avail++;
     const fifo = this.free[reserve];
-    if (!fifo.unshift(bucket) && !(this.free[RESERVE_NONE]).unshift(bucket)) {
+    if (!fifo.unshift(bucket) && !this.free[RESERVE_NONE].unshift(bucket)) {
       // No room: let GC and invalidation find it.
       b.unpinBucket(bucket);
     }
@@ -207,7 +207,7 @@ export class Allocator {
   }
 
   private push(bucket: number): boolean {
-    if ((this.free[RESERVE_PRIO]).push(bucket)) return true;
+    if (this.free[RESERVE_PRIO].push(bucket)) return true;
     for (const f of this.free) if (f.push(bucket)) return true;
     return false;
   }

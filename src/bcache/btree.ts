@@ -460,6 +460,57 @@ export class Btree {
     await rec(this.root);
   }
 
+  /**
+   * Check the tree's invariants (tests, debugging): keys sorted, extents not
+   * overlapping and inside their leaf's range, each interior node's last
+   * child at its own position, size counters right. Returns the problems.
+   */
+  async verify(): Promise<string[]> {
+    const problems: string[] = [];
+    await this.takeRead();
+    try {
+      const rec = async (node: BtreeNode, lo: Bkey | undefined): Promise<void> => {
+        const keys = node.keys;
+        const where = `node ${keyText(node.key)} level ${node.level}`;
+        if (node.viewU64s !== u64sOf(keys)) problems.push(`${where}: viewU64s ${node.viewU64s} != ${u64sOf(keys)}`);
+        if (node.pendingU64s !== u64sOf(node.pending)) problems.push(`${where}: pendingU64s wrong`);
+        let prev = lo;
+        for (const k of keys) {
+          if (prev && posCmp(prev.inode, prev.offset, k.inode, k.offset) >= 0) {
+            problems.push(`${where}: ${keyText(k)} not after ${keyText(prev)}`);
+          }
+          if (posCmp(k.inode, k.offset, node.key.inode, node.key.offset) > 0) {
+            problems.push(`${where}: ${keyText(k)} past the node's key`);
+          }
+          if (node.isLeaf && prev && prev.inode === k.inode && k.offset - k.size < prev.offset) {
+            problems.push(`${where}: ${keyText(k)} overlaps ${keyText(prev)} (or the leaf's lower bound)`);
+          }
+          if (node.isLeaf && k.ptrs.length === 0) problems.push(`${where}: ${keyText(k)} has no pointer`);
+          prev = k;
+        }
+        if (node.isLeaf) return;
+        const last = keys[keys.length - 1];
+        if (!last || posCmp(last.inode, last.offset, node.key.inode, node.key.offset) !== 0) {
+          problems.push(`${where}: last child ${last ? keyText(last) : '(none)'} is not at the node's position`);
+        }
+        let childLo = lo;
+        for (const k of keys) {
+          const child = this.cached(k) ?? (await this.getNode(k, node.level - 1));
+          if (child.level !== node.level - 1) problems.push(`${where}: child at level ${child.level}`);
+          if (posCmp(child.key.inode, child.key.offset, k.inode, k.offset) !== 0) {
+            problems.push(`${where}: child key ${keyText(child.key)} != pointer ${keyText(k)}`);
+          }
+          await rec(child, childLo);
+          childLo = k;
+        }
+      };
+      await rec(this.root, undefined);
+    } finally {
+      this.lock.releaseRead();
+    }
+    return problems;
+  }
+
   /** Depth of the tree (1 for a lone leaf). */
   get depth(): number {
     return this.root.level + 1;

@@ -421,7 +421,8 @@ export class Journal {
       return;
     }
     const blocks = this.blocksFor(w.u64s);
-    await this.makeRoom(blocks + (w.keys.length > 0 && this.bucketBlocks > 1 ? 1 : 0), signal);
+    // Every entry leaves the last block of its bucket free for the header-only entry makeRoom may need.
+    await this.makeRoom(blocks + (this.bucketBlocks > 1 ? 1 : 0), signal);
     await this.host.io.flush();
     await this.writeJset(w, blocks);
     await this.host.io.flush();
@@ -497,10 +498,15 @@ export class Journal {
           await this.host.io.flush();
           continue;
         }
+        // Node writes whose pins wait for a flush: flush.
+        if (this.afterFlush.length > 0) {
+          await this.host.io.flush();
+          continue;
+        }
         // Pinned by keys on their way into the btree: wait for them.
         if (this.host.isDisabled()) throw new IoError('EIO', 'journal: cache set I/O is disabled');
         if (signal?.aborted) throw new IoError('ESHUTDOWN', 'journal: stopped while the journal was full');
-        await this.wake.wait(signal ?? new AbortController().signal, 100);
+        await this.wake.wait(signal ?? new AbortController().signal);
         continue;
       }
       // Nothing old is needed any more, but no durable jset says so yet: write one in the reserved block.
