@@ -129,6 +129,12 @@ export interface CacheSetOptions {
   seed?: number;
   /** Unix seconds (last_mount). */
   now?: () => number;
+  /**
+   * Tests only: btree nodes smaller than the kernel's (a whole number of
+   * blocks, at most the bucket-derived size), so that trees grow deep with few
+   * keys. A cache written this way is not for the kernel.
+   */
+  btreeNodeSectors?: number;
 }
 
 export interface CacheSetStats {
@@ -172,7 +178,11 @@ export class CacheSet {
     this.buckets = new Buckets(sb.nbuckets, sb.bucketSize, sb.firstBucket);
     this.geometry = { bucketSize: sb.bucketSize, firstBucket: sb.firstBucket, nbuckets: sb.nbuckets };
     const magic = setMagic(sb);
-    this.nodeGeo = nodeGeometry(this.geometry, magic, sb.blockSize, btreeNodeSectors(sb.bucketSize));
+    const nodeSectors = options.btreeNodeSectors ?? btreeNodeSectors(sb.bucketSize);
+    if (nodeSectors % sb.blockSize !== 0 || nodeSectors > btreeNodeSectors(sb.bucketSize) || nodeSectors <= 0) {
+      throw new RangeError(`btreeNodeSectors ${nodeSectors}: not a whole number of blocks within a node`);
+    }
+    this.nodeGeo = nodeGeometry(this.geometry, magic, sb.blockSize, nodeSectors);
     const journalBuckets = sb.journalBuckets.length > 0 ? sb.journalBuckets : this.newJournalBuckets();
     const prioCount = prioBucketCount(sb.nbuckets, sb.bucketSize);
     this.allocator = new Allocator(

@@ -1,7 +1,9 @@
 // Random writes, invalidations, writeback-style replaces and lookups against
-// a per-sector model, on a cache with 4 KiB buckets (so 4 KiB btree nodes of
-// 8 blocks): leaves fill after a few appends, splits and new roots happen all
-// the time, and the small cache keeps the allocator, prio writes and GC busy.
+// a per-sector model, on a 4 MiB cache of 4 KiB buckets, with the btree's
+// nodes shrunk to 1 KiB (two 512-byte blocks): every other insert into a leaf
+// rewrites it, splits and new roots happen all the time and the tree grows
+// four levels deep; the small cache keeps invalidation, prio writes and GC
+// busy.
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -13,15 +15,21 @@ import { applyOp, checkRange, IndexModel, randomOp } from './model.ts';
 
 const MiB = 1024 * 1024;
 
-async function run(seed: number, ops: number): Promise<CacheSet['stats']> {
+async function run(seed: number, ops: number): Promise<CacheSet['stats'] & { depth: number }> {
   const dev = new MemoryBlockDevice(4 * MiB);
   await formatCache(dev, { bucketSize: 8, blockSize: 1 });
-  const cs = await CacheSet.open(dev, { closeDevice: false, journalDelayMs: 1, gcSectors: 2000, seed });
+  const cs = await CacheSet.open(dev, {
+    closeDevice: false,
+    journalDelayMs: 1,
+    gcSectors: 2000,
+    seed,
+    btreeNodeSectors: 2,
+  });
   const rng = new Prng(seed);
-  const model = new IndexModel(3, 3000);
+  const model = new IndexModel(3, 6000);
   try {
     for (let i = 0; i < ops; i++) {
-      const o = randomOp(rng, model);
+      const o = randomOp(rng, model, 8);
       await applyOp(cs, model, o, seed * 100000 + i);
       if (i % 25 === 0) assert.deepEqual(await cs.btree.verify(), [], `tree invariants after op ${i}`);
     }
@@ -30,7 +38,7 @@ async function run(seed: number, ops: number): Promise<CacheSet['stats']> {
       assert.equal(cs.dirtySectors(inode), model.dirtySectors(inode), `dirty sectors of inode ${inode}`);
     }
     assert.deepEqual(await cs.btree.verify(), []);
-    return cs.stats;
+    return { ...cs.stats, depth: cs.btree.depth };
   } finally {
     await cs.stop();
   }
@@ -41,8 +49,10 @@ test('the index matches the model through splits, new roots, GC and bucket reuse
   let roots = 0;
   let prioWrites = 0;
   let gcRuns = 0;
+  let depth = 0;
   for (const seed of [1, 2, 3, 4]) {
-    const s = await run(seed, 300);
+    const s = await run(seed, 700);
+    depth = Math.max(depth, s.depth);
     splits += s.btree.splits;
     roots += s.btree.newRoots;
     prioWrites += s.allocator.prioWrites;
@@ -52,5 +62,6 @@ test('the index matches the model through splits, new roots, GC and bucket reuse
   assert.ok(roots > 3, `new roots happened (${roots})`);
   assert.ok(prioWrites > 0, `buckets were reused (${prioWrites} prio writes)`);
   assert.ok(gcRuns > 0, `GC ran (${gcRuns})`);
+  assert.ok(depth >= 3, `the tree grew ${depth} levels deep`);
   assertNothingLeft();
 });
