@@ -66,8 +66,12 @@ export interface BtreeHost {
   journalUnpin(entry: JournalPin): void;
   /** Release a pin once flush `epoch` has completed. */
   journalUnpinAfterFlush(entry: JournalPin, epoch: number): void;
-  /** An R1 commit of the open journal entry (carries the new root). */
-  commitJournal(): Promise<void>;
+  /**
+   * Run `fn` once a journal entry written after now is durable (it carries
+   * the new root); asks for one soon. Rewrites never wait for it: during
+   * replay the journal may be full until replay has made progress.
+   */
+  afterCommit(fn: () => void): void;
   /** A leaf whose pending set should be written soon. */
   nodeNeedsWrite(node: BtreeNode): void;
   /** Sectors inserted with pointers (GC pressure). */
@@ -627,7 +631,7 @@ export class Btree {
             result.sectors += scratch.sectors;
             result.collisions += scratch.collisions;
             result.inserted.push(...scratch.inserted);
-            await this.finishRewrite(freed);
+            this.finishRewrite(freed);
             rest = next;
           } finally {
             if (locked) this.lock.releaseWrite();
@@ -692,6 +696,8 @@ export class Btree {
     // R2: every new node is on disk before anything durable points at it.
     await Promise.all(created.map((n) => this.writeNewNode(n)));
     await this.host.io.flush();
+    // Appends to the old nodes still in flight must land before their buckets can be freed.
+    for (const n of path) while (n.writing) await n.writing.catch(() => undefined);
     this.stats.rewrites++;
     // Swap in memory (synchronously): from here on journal entries carry the new root.
     for (const n of path) {
@@ -714,13 +720,12 @@ export class Btree {
     return path;
   }
 
-  /** After a rewrite: make the new root durable, then free the old nodes' buckets. */
-  private async finishRewrite(old: BtreeNode[]): Promise<void> {
-    await this.host.commitJournal();
-    for (const n of old) {
-      while (n.writing) await n.writing.catch(() => undefined);
-      this.host.freeNodeBucket(Math.floor(n.bucketSector / this.host.buckets.bucketSize));
-    }
+  /** After a rewrite: once a journal entry with the new root is durable, free the old nodes' buckets. */
+  private finishRewrite(old: BtreeNode[]): void {
+    const size = this.host.buckets.bucketSize;
+    this.host.afterCommit(() => {
+      for (const n of old) this.host.freeNodeBucket(Math.floor(n.bucketSector / size));
+    });
   }
 
   /**
@@ -770,7 +775,7 @@ export class Btree {
           const old = await this.rewrite(path, leaf.keys.slice(), spare);
           this.lock.releaseWrite();
           locked = false;
-          await this.finishRewrite(old);
+          this.finishRewrite(old);
           return true;
         } finally {
           if (locked) this.lock.releaseWrite();

@@ -111,6 +111,9 @@ import { UuidTable } from './uuids.ts';
 export type { LookupSegment, InsertResult } from './btree.ts';
 export type { SectorAllocation, AllocSectorsOptions } from './open-buckets.ts';
 
+/** Buckets set aside at bring-up for the btree rewrites of journal replay. */
+const REPLAY_POOL = 64;
+
 /** bch_data_invalidate chunks: at most 2^15 sectors per key. */
 const INVALIDATE_CHUNK = 1 << 15;
 
@@ -214,7 +217,15 @@ export class CacheSet {
       setMagic: magic,
       commitJournal,
     });
-    this.uuids = new UuidTable({ io: this.io, buckets: this.buckets, allocator: this.allocator, commitJournal });
+    this.uuids = new UuidTable({
+      io: this.io,
+      buckets: this.buckets,
+      allocator: this.allocator,
+      commitJournal,
+      afterCommit: (fn) => {
+        this.journal.afterCommit(fn);
+      },
+    });
     const cacheBytes = options.btreeCacheSize ?? 64 * 1024 * 1024;
     this.btree = new Btree(
       {
@@ -225,7 +236,8 @@ export class CacheSet {
           const out: number[] = [];
           try {
             for (let i = 0; i < n; i++) {
-              const b = await this.allocator.alloc(RESERVE_BTREE, true);
+              const p = this.allocator.allocPool();
+              const b = p >= 0 ? p : await this.allocator.alloc(RESERVE_BTREE, true);
               if (b === undefined) throw new IoError('ENOSPC', 'btree: no bucket for a node');
               out.push(b);
             }
@@ -250,7 +262,9 @@ export class CacheSet {
         journalUnpinAfterFlush: (e, epoch) => {
           this.journal.unpinAfterFlush(e, epoch);
         },
-        commitJournal,
+        afterCommit: (fn) => {
+          this.journal.afterCommit(fn);
+        },
         nodeNeedsWrite: (node) => {
           this.journal.queueNode(node);
         },
@@ -388,11 +402,15 @@ export class CacheSet {
     }
     initialGcFinish(b, this.allocator, this.metadataBuckets());
     this.allocator.initialStock();
+    this.allocator.stockPool(REPLAY_POOL);
     const replay = this.journal.resume(r);
+    this.journal.reserveOpen = true;
     this.allocator.start();
     this.journal.start();
-    if (j.version < BCACHE_JSET_VERSION_UUIDV1) await this.uuids.write();
+    if (j.version < BCACHE_JSET_VERSION_UUIDV1) await this.uuids.write(false);
     await this.replay(replay);
+    this.journal.reserveOpen = false;
+    this.allocator.releasePool();
   }
 
   /** bch_btree_check(): read every node, checking it, and mark what it references. */
@@ -720,20 +738,26 @@ export class CacheSet {
   }
 
   private async teardown(clean: boolean): Promise<void> {
-    try {
-      await this.gc.stop();
-      if (clean && !this.disabled() && this.btree.hasRoot) {
+    const attempt = async (what: string, fn: () => Promise<void>): Promise<void> => {
+      try {
+        await fn();
+      } catch (err) {
+        log.error(`bcache: cache set ${this.uuid}: ${what} failed while stopping: ${errorMessage(err)}`);
+        this.fail(err);
+      }
+    };
+    // Workers stop whatever happens to the writes: each step on its own.
+    await this.gc.stop();
+    if (clean && !this.disabled() && this.btree.hasRoot) {
+      await attempt('writing dirty btree nodes', async () => {
         await Promise.all(this.btree.dirtyNodes().map((n: BtreeNode) => this.btree.writeNode(n)));
-      }
-      await this.allocator.stop();
-      await this.journal.stop();
-      if (clean && !this.disabled() && this.btree.hasRoot && cacheSync(this.sb)) {
-        await this.journal.writeFinal();
-        if (!this.disabled()) await this.writeSuperblock();
-      }
-    } catch (err) {
-      log.error(`bcache: cache set ${this.uuid}: error while stopping: ${errorMessage(err)}`);
-      this.fail(err);
+      });
+    }
+    await this.allocator.stop();
+    await this.journal.stop();
+    if (clean && !this.disabled() && this.btree.hasRoot && cacheSync(this.sb)) {
+      await attempt('the final journal entry', () => this.journal.writeFinal());
+      if (!this.disabled()) await attempt('the superblock', () => this.writeSuperblock());
     }
   }
 }

@@ -114,6 +114,7 @@ export async function checkRange(
     for (let s = seg.start; s < seg.end; s++) {
       const want = model.get(inode, s);
       const got = buf ? tagOf(buf.subarray((s - seg.start) * 512, (s - seg.start + 1) * 512)) : undefined;
+      if (buf) assert.ok(got, `inode ${inode} sector ${s}: a hit on data that was never written there (garbage)`);
       if (got) assert.equal(got.sector, s, `inode ${inode} sector ${s} holds the data of sector ${got.sector}`);
       const dirty = buf !== undefined && seg.hit?.dirty === true;
       if (allowed) {
