@@ -582,12 +582,12 @@ export class CacheSet {
   // ---------------------------------------------------------------------------
   // The index
 
-  lookup(inode: number, start: number, end: number): Promise<LookupSegment[]> {
+  async lookup(inode: number, start: number, end: number): Promise<LookupSegment[]> {
     this.check();
     return this.btree.lookup(inode, start, end);
   }
 
-  scanDirty(inode: number, from: number, max: number, to?: number): Promise<Bkey[]> {
+  async scanDirty(inode: number, from: number, max: number, to?: number): Promise<Bkey[]> {
     this.check();
     return this.btree.scanDirty(inode, from, max, to);
   }
@@ -663,12 +663,12 @@ export class CacheSet {
     this.openBuckets.put(a);
   }
 
-  readCache(buf: Buffer, sector: number): Promise<void> {
-    return this.io.read(buf, sector);
+  async readCache(buf: Buffer, sector: number): Promise<void> {
+    await this.io.read(buf, sector);
   }
 
-  writeCache(buf: Buffer, sector: number): Promise<void> {
-    return this.io.write(buf, sector);
+  async writeCache(buf: Buffer, sector: number): Promise<void> {
+    await this.io.write(buf, sector);
   }
 
   /** bch_rescale_priorities(): age bucket prios as non-bypassed I/O goes by. */
@@ -691,18 +691,18 @@ export class CacheSet {
   // ---------------------------------------------------------------------------
   // UUIDs and GC
 
-  writeUuids(): Promise<void> {
+  async writeUuids(): Promise<void> {
     this.check();
-    return this.uuids.write();
+    await this.uuids.write();
   }
 
   triggerGc(): void {
     this.gc.request();
   }
 
-  runGc(): Promise<void> {
+  async runGc(): Promise<void> {
     this.check();
-    return this.gc.runNow();
+    await this.gc.runNow();
   }
 
   // ---------------------------------------------------------------------------
