@@ -65,7 +65,10 @@ test('a failed metadata write disables I/O; calls fail fast; stop() still ends e
   } finally {
     cap.restore();
   }
-  assert.ok(cap.lines.some((l) => /bch_cache_set_error\(\) error on .*, disabling caching/.test(l)), cap.lines.join('\n'));
+  assert.ok(
+    cap.lines.some((l) => /bch_cache_set_error\(\) error on .*, disabling caching/.test(l)),
+    cap.lines.join('\n'),
+  );
   assertNothingLeft();
 });
 
