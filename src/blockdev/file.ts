@@ -45,7 +45,11 @@ import {
 
 export interface FileOpenOptions {
   readOnly?: boolean;
-  /** Open a block device with O_EXCL, so nothing else (a mount, the kernel's bcache, another ubcache) can claim it. */
+  /**
+   * Open a block device with O_EXCL, so nothing else (a mount, the kernel's
+   * bcache, another ubcache) can claim it. No effect on regular files: Linux
+   * has no exclusive open for them.
+   */
   exclusive?: boolean;
   /** The native addon to use; null runs on the portable fallbacks. Default: loadNative(). */
   native?: NativeOps | null;
@@ -206,8 +210,7 @@ export class FileBlockDevice implements BlockDevice {
   private drained: Deferred<void> | undefined;
   private closed: Promise<void> | undefined;
 
-  /** fdatasync calls issued by flush() and FUA (coalescing makes this smaller than the number of flushes). */
-  syncCount = 0;
+  private syncs = 0;
   private syncRunning = false;
   private syncNext: Deferred<void> | undefined;
   private syncFailure: IoError | undefined;
@@ -327,6 +330,11 @@ export class FileBlockDevice implements BlockDevice {
         rotational: await filesystemRotational(st.dev),
       },
     };
+  }
+
+  /** fdatasync calls issued by flush() and FUA (coalescing makes this smaller than the number of flushes). */
+  get syncCount(): number {
+    return this.syncs;
   }
 
   // ---- accounting --------------------------------------------------------
@@ -505,7 +513,7 @@ export class FileBlockDevice implements BlockDevice {
 
   private startSync(): Promise<void> {
     this.syncRunning = true;
-    this.syncCount++;
+    this.syncs++;
     return new Promise<void>((resolve, reject) => {
       fs.fdatasync(this.fd, (err) => {
         this.syncRunning = false;
