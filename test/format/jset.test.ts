@@ -125,7 +125,7 @@ test('a journal bucket is read entry after entry until the first bad one', () =>
   assert.deepEqual(scan.end, { offset: 12288, reason: 'bad magic' });
 
   const torn = Buffer.from(bucket);
-  torn[4096 + 250] ^= 0xff;
+  torn.writeUInt8(torn.readUInt8(4096 + 250) ^ 0xff, 4096 + 250);
   assert.deepEqual(scanJournalBucket(torn, { setMagic: SET_MAGIC, blockSize: 8 }).end, {
     offset: 4096,
     reason: 'bad csum',
