@@ -27,7 +27,11 @@ import { scanJournalBucket, selectReplayEntries } from '../../src/format/jset.ts
 import { decodeBtreeNode } from '../../src/format/bset.ts';
 import { oracleFacts, oracleSkipReason, runOracle, ORACLE_SH_PRELUDE } from '../helpers/oracle.ts';
 
-const skip = oracleSkipReason();
+const skip =
+  oracleSkipReason() ||
+  (spawnSync('sh', ['-c', 'command -v make-bcache bcache-super-show']).status === 0
+    ? false
+    : 'bcache-tools (make-bcache, bcache-super-show) is not installed');
 
 function image(dir: string, name: string, bytes: number): string {
   const path = join(dir, name);
