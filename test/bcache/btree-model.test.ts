@@ -15,7 +15,7 @@ import { applyOp, checkRange, IndexModel, randomOp } from './model.ts';
 
 const MiB = 1024 * 1024;
 
-async function run(seed: number, ops: number): Promise<CacheSet['stats'] & { depth: number }> {
+async function run(seed: number, ops: number, btreeCacheSize?: number): Promise<CacheSet['stats'] & { depth: number }> {
   const dev = new MemoryBlockDevice(4 * MiB);
   await formatCache(dev, { bucketSize: 8, blockSize: 1 });
   const cs = await CacheSet.open(dev, {
@@ -24,6 +24,7 @@ async function run(seed: number, ops: number): Promise<CacheSet['stats'] & { dep
     gcSectors: 2000,
     seed,
     btreeNodeSectors: 2,
+    ...(btreeCacheSize === undefined ? {} : { btreeCacheSize }),
   });
   const rng = new Prng(seed);
   const model = new IndexModel(3, 6000);
@@ -63,5 +64,13 @@ test('the index matches the model through splits, new roots, GC and bucket reuse
   assert.ok(prioWrites > 0, `buckets were reused (${prioWrites} prio writes)`);
   assert.ok(gcRuns > 0, `GC ran (${gcRuns})`);
   assert.ok(depth >= 3, `the tree grew ${depth} levels deep`);
+  assertNothingLeft();
+});
+
+test('with a tiny node cache, leaves are evicted and read back as needed', async () => {
+  // 16 leaves of 1 KiB at most in memory (interior nodes always stay).
+  const s = await run(9, 700, 16 * 1024);
+  assert.ok(s.btree.evictions > 20, `leaves were evicted (${s.btree.evictions})`);
+  assert.ok(s.btree.reads > 20, `and read back (${s.btree.reads})`);
   assertNothingLeft();
 });

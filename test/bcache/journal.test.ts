@@ -99,3 +99,25 @@ test('an entry missing in the middle of the replay range is an error naming it',
   }
   assertNothingLeft();
 });
+
+test('group commit: concurrent flushes share journal writes; a quiet journal writes after its delay', async () => {
+  const dev = new MemoryBlockDevice(32 * MiB);
+  await formatCache(dev, { bucketSize: 64 });
+  const cs = await CacheSet.open(dev, { closeDevice: false, journalDelayMs: 60_000 });
+  await writeExtent(cs, 0, 0, 8, 1, true);
+  const before = cs.stats.journal.entriesWritten;
+  await Promise.all(Array.from({ length: 20 }, () => cs.flush()));
+  const written = cs.stats.journal.entriesWritten - before;
+  assert.ok(written >= 1 && written <= 2, `20 concurrent flushes took ${written} journal writes`);
+  await cs.stop();
+  // With a short delay the open entry is written without anyone asking.
+  const cs2 = await CacheSet.open(dev, { closeDevice: false, journalDelayMs: 5 });
+  const n = cs2.stats.journal.entriesWritten;
+  await writeExtent(cs2, 0, 8, 8, 2, true);
+  const entry = cs2.journal.openEntry;
+  assert.ok(entry.keys.length >= 1, 'the keys wait in the open entry');
+  while (!entry.durable) await new Promise<void>((resolve) => setImmediate(resolve));
+  assert.ok(cs2.stats.journal.entriesWritten > n);
+  await cs2.stop();
+  assertNothingLeft();
+});
