@@ -165,6 +165,17 @@ export class MemoryBlockDevice implements BlockDevice {
     return Promise.resolve();
   }
 
+  /** An independent copy with the same contents (holes stay holes), open even if this one is closed. */
+  clone(options: MemoryDeviceOptions = {}): MemoryBlockDevice {
+    const copy = new MemoryBlockDevice(this.size, {
+      name: options.name ?? this.name,
+      readOnly: options.readOnly ?? this.readOnly,
+      logicalBlockSize: options.logicalBlockSize ?? this.logicalBlockSize,
+    });
+    for (const [index, chunk] of this.chunks) copy.chunks.set(index, Buffer.from(chunk));
+    return copy;
+  }
+
   /** Bytes of storage actually allocated. */
   get allocatedBytes(): number {
     return this.chunks.size * CHUNK;

@@ -347,7 +347,7 @@ test('concurrent flushes share fdatasyncs, and one that arrives mid-sync waits f
   const first = dev.flush();
   assert.equal(dev.syncCount, 1);
   // These arrive while the first fdatasync runs, so it may not cover their writes: they share a second one.
-  const later = [dev.flush(), dev.flush(), dev.write(pattern(4096, 4), 4096, { fua: true }), dev.flush()];
+  const later = [dev.flush(), dev.flush(), dev.flush(), dev.flush()];
   assert.equal(dev.syncCount, 1, 'no second fdatasync while the first runs');
   await first;
   assert.equal(dev.syncCount, 2, 'the second one started as soon as the first ended');

@@ -6,7 +6,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { join } from 'node:path';
 import { run, sparseFile, startExport, tempDir } from '../helpers/daemon.ts';
-import { patchyImage, sameContent } from '../helpers/images.ts';
+import { patchyImage, sameContent } from '../helpers/patchy-image.ts';
 
 const MiB = 1024 * 1024;
 

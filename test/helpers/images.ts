@@ -1,30 +1,54 @@
-// Test images: sparse files with random data in some places and holes in
-// others, so copies exercise both data and zero/hole handling.
+// Image files for CLI tests: made in a temp dir, removed at the end.
 
-import { randomBytes } from 'node:crypto';
-import { closeSync, ftruncateSync, openSync, readFileSync, writeSync } from 'node:fs';
+import { spawnSync } from 'node:child_process';
+import { createHash } from 'node:crypto';
+import { closeSync, ftruncateSync, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 
-const MiB = 1024 * 1024;
-
-/** A `size`-byte sparse file with random data in the given MiB ranges ([startMiB, lengthMiB] pairs). */
-export function patchyImage(path: string, size: number, dataRanges: [number, number][]): string {
-  const fd = openSync(path, 'w');
-  try {
-    ftruncateSync(fd, size);
-    for (const [start, length] of dataRanges) writeSync(fd, randomBytes(length * MiB), 0, length * MiB, start * MiB);
-  } finally {
-    closeSync(fd);
+export class ImageDir {
+  readonly dir: string;
+  constructor(prefix = 'ubcache-img-') {
+    this.dir = mkdtempSync(join(tmpdir(), prefix));
   }
-  return path;
+  /** A sparse zero-filled file of `bytes`. */
+  zeroed(name: string, bytes: number): string {
+    const path = join(this.dir, name);
+    const fd = openSync(path, 'w');
+    ftruncateSync(fd, bytes);
+    closeSync(fd);
+    return path;
+  }
+  /** A file holding exactly `content`. */
+  file(name: string, content: Buffer): string {
+    const path = join(this.dir, name);
+    writeFileSync(path, content);
+    return path;
+  }
+  path(name: string): string {
+    return join(this.dir, name);
+  }
+  remove(): void {
+    rmSync(this.dir, { recursive: true, force: true });
+  }
 }
 
-/** Byte-for-byte equality of two files, with the first differing offset on failure. */
-export function sameContent(a: string, b: string): { equal: true } | { equal: false; at: number } {
-  const x = readFileSync(a);
-  const y = readFileSync(b);
-  if (x.equals(y)) return { equal: true };
-  const n = Math.min(x.length, y.length);
-  let at = 0;
-  while (at < n && x[at] === y[at]) at++;
-  return { equal: false, at };
+export function sha256(path: string): string {
+  return createHash('sha256').update(readFileSync(path)).digest('hex');
+}
+
+export function hasTool(name: string): boolean {
+  return spawnSync('sh', ['-c', `command -v ${name}`]).status === 0;
+}
+
+export interface ToolResult {
+  status: number;
+  stdout: string;
+  stderr: string;
+}
+
+export function runTool(cmd: string, args: string[], input?: string): ToolResult {
+  const r = spawnSync(cmd, args, { encoding: 'utf8', input });
+  if (r.error) throw r.error;
+  return { status: r.status ?? -1, stdout: r.stdout, stderr: r.stderr };
 }

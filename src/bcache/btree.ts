@@ -1,0 +1,848 @@
+// The btree of extents: lookup, insert, replace, node writes, rewrites.
+//
+// Locking (docs/engine.md §3): one tree-wide reader/writer lock. Lookups and
+// scans take it shared; inserts take it exclusive, and an insert whose leaf is
+// in memory and has room runs without a single await. Rewrites (a leaf that
+// is full, a split, a new root) hold it exclusive across their I/O, and never
+// wait for the allocator while holding it: the buckets they need are taken
+// first, without the lock (the allocator may be waiting for GC, which needs a
+// shared lock).
+//
+// Rewrites are copy-on-write up to the root: the replacement nodes and every
+// ancestor (with its updated child pointers) are written to fresh buckets and
+// flushed (R2), the root is swapped in memory, and a journal entry carrying
+// the new root makes the change durable; only then are the old buckets freed.
+// The on-disk tree reachable from the newest durable journal entry is
+// therefore always complete, and interior nodes never hold two pointers for
+// one position (the kernel appends to interior nodes and relies on "freeing
+// keys" and gens to hide the old pointer; we read such nodes, but never
+// write them).
+//
+// Journal pins (R5): a leaf holds the oldest journal entry whose keys sit in
+// its pending set. A leaf write moves that pin to the write, which hands it
+// back to the journal once a flush covers the write. A rewrite releases the
+// pins of the nodes it replaced when it swaps them out: from then on every
+// journal entry carries the new root, whose nodes are already durable.
+
+import { bkeyU64s, keyText, makeKey, makePtr, MAX_KEY, posCmp, type Bkey, type BkeyPtr } from '../format/bkey.ts';
+import { FormatError } from '../format/errors.ts';
+import { log } from '../util/log.ts';
+import { RwLock } from '../util/rwlock.ts';
+import type { Buckets } from './buckets.ts';
+import { cutBack, cutFront, firstAfter, insertExtent, type DirtySink } from './extents.ts';
+import {
+  BtreeNode,
+  bsetBlocks,
+  decodeNode,
+  encodeNodeBset,
+  interiorView,
+  leafView,
+  olderPin,
+  type JournalPin,
+  nodeCapacityU64s,
+  randomSeq,
+  u64sOf,
+  type NodeGeometry,
+} from './btree-node.ts';
+import type { CacheIo } from './io.ts';
+
+/** Room kept for a key that splits an existing one (KEY_MAX_U64S). */
+const KEY_MAX_U64S = 8;
+/** A leaf's pending set is written once it holds a page of keys. */
+const PENDING_WRITE_BYTES = 4096;
+
+/** What the tree needs from the cache set around it. */
+export interface BtreeHost {
+  io: CacheIo;
+  geo: NodeGeometry;
+  buckets: Buckets;
+  /** `n` buckets from the btree reserve, marked metadata; waits for the allocator. */
+  allocNodeBuckets(n: number): Promise<number[]>;
+  /** A bucket from allocNodeBuckets that was not used after all. */
+  returnNodeBucket(bucket: number): void;
+  /** A node's bucket that no durable tree references any more. */
+  freeNodeBucket(bucket: number): void;
+  journalPin(entry: JournalPin): void;
+  journalUnpin(entry: JournalPin): void;
+  /** Release a pin once flush `epoch` has completed. */
+  journalUnpinAfterFlush(entry: JournalPin, epoch: number): void;
+  /**
+   * Run `fn` once a journal entry written after now is durable (it carries
+   * the new root); asks for one soon. Rewrites never wait for it: during
+   * replay the journal may be full until replay has made progress.
+   */
+  afterCommit(fn: () => void): void;
+  /** A leaf whose pending set should be written soon. */
+  nodeNeedsWrite(node: BtreeNode): void;
+  /** Sectors inserted with pointers (GC pressure). */
+  sectorsInserted(sectors: number): void;
+  dirty: DirtySink;
+  /** A fatal metadata error: disable I/O and report. */
+  fail(err: unknown): void;
+}
+
+export interface Hit {
+  /** First cache sector of this segment's data. */
+  sector: number;
+  bucket: number;
+  gen: number;
+  dirty: boolean;
+  /** The whole key the segment came from (as a replace's expected key). */
+  key: Bkey;
+}
+
+export interface LookupSegment {
+  /** Sector range [start, end) of the device (backing sectors, data offset included). */
+  start: number;
+  end: number;
+  /** Where the data is in the cache, or null for a miss. */
+  hit: Hit | null;
+}
+
+export interface InsertOptions {
+  /** Compare-and-insert against this key (miss fill, writeback completion). */
+  replace?: Bkey | undefined;
+  /** The journal entry the keys are in: the leaf takes a pin on it. */
+  journal?: JournalPin | undefined;
+}
+
+export interface InsertResult {
+  /** Sectors actually inserted (a replace may insert less). */
+  sectors: number;
+  /** Pieces a replace could not insert at all. */
+  collisions: number;
+  /** Keys the leaves received, as inserted. */
+  inserted: Bkey[];
+}
+
+export interface BtreeOptions {
+  /** Clean leaves kept in memory beyond those in use (interior nodes are always kept). */
+  cacheLeaves: number;
+}
+
+export class Btree {
+  readonly lock = new RwLock();
+  private readonly host: BtreeHost;
+  private readonly geo: NodeGeometry;
+  private rootNode: BtreeNode | undefined;
+  /** Cached nodes by their bucket's first sector. */
+  private readonly cache = new Map<number, BtreeNode>();
+  private leafCount = 0;
+  private clock = 0;
+  private readonly cacheLeaves: number;
+  private readonly capacity: number;
+  /** Nodes written, read, split: for stats and tests. */
+  readonly stats = { reads: 0, writes: 0, rewrites: 0, splits: 0, newRoots: 0, evictions: 0 };
+
+  constructor(host: BtreeHost, options: BtreeOptions) {
+    this.host = host;
+    this.geo = host.geo;
+    this.cacheLeaves = Math.max(4, options.cacheLeaves);
+    this.capacity = nodeCapacityU64s(host.geo);
+  }
+
+  get root(): BtreeNode {
+    if (!this.rootNode) throw new Error('btree: no root');
+    return this.rootNode;
+  }
+
+  get hasRoot(): boolean {
+    return this.rootNode !== undefined;
+  }
+
+  /** Nodes in memory (for tests and stats). */
+  get cachedNodes(): number {
+    return this.cache.size;
+  }
+
+  // ---------------------------------------------------------------------------
+  // Nodes in memory and on disk
+
+  private cacheNode(node: BtreeNode): void {
+    const at = node.bucketSector;
+    const old = this.cache.get(at);
+    if (old === node) return;
+    if (old?.isLeaf) this.leafCount--;
+    this.cache.set(at, node);
+    if (node.isLeaf) this.leafCount++;
+    node.lastUse = ++this.clock;
+  }
+
+  private uncacheNode(node: BtreeNode): void {
+    const at = node.bucketSector;
+    if (this.cache.get(at) === node) {
+      this.cache.delete(at);
+      if (node.isLeaf) this.leafCount--;
+    }
+  }
+
+  /**
+   * Drop least recently used clean leaves until the cache is within its
+   * bound; never `keep`, the node just loaded for the caller (an insert
+   * changes it next, and a change to a node no longer cached would be lost).
+   */
+  private evict(keep?: BtreeNode): void {
+    if (this.leafCount <= this.cacheLeaves) return;
+    const clean: BtreeNode[] = [];
+    for (const n of this.cache.values()) {
+      if (n.isLeaf && !n.dirty && !n.writing && !n.queued && n !== this.rootNode && n !== keep) clean.push(n);
+    }
+    clean.sort((a, b) => a.lastUse - b.lastUse);
+    const excess = this.leafCount - this.cacheLeaves + Math.floor(this.cacheLeaves / 8);
+    for (let i = 0; i < excess && i < clean.length; i++) {
+      this.uncacheNode(clean[i] as BtreeNode);
+      this.stats.evictions++;
+    }
+  }
+
+  /** The node `key` points at, if it is in memory. */
+  cached(key: Bkey): BtreeNode | undefined {
+    const p = key.ptrs[0];
+    if (!p) return undefined;
+    const n = this.cache.get(p.offset);
+    if (n) n.lastUse = ++this.clock;
+    return n;
+  }
+
+  /** Read and decode the node `key` points at (not cached). */
+  async readNode(key: Bkey, level: number, markRaw?: (k: Bkey, level: number) => void): Promise<BtreeNode> {
+    const p = key.ptrs[0];
+    if (!p) throw new FormatError('btree_node', 'key', `node key ${keyText(key)} has no pointer`);
+    const buf = Buffer.allocUnsafe(this.geo.nodeBytes);
+    await this.host.io.read(buf, p.offset);
+    this.stats.reads++;
+    const d = decodeNode(buf, key, this.geo);
+    if (d.torn) {
+      if (level > 0) {
+        throw new FormatError('btree_node', 'csum', `interior node ${keyText(key)} has a torn last bset`);
+      }
+      log.warn(
+        `btree: leaf ${keyText(key)}: last bset (block ${d.written}) is torn; its keys are recovered from the journal`,
+      );
+    }
+    let keys: Bkey[];
+    if (level > 0) {
+      if (markRaw) for (const set of d.bsets) for (const k of set) markRaw(k, level);
+      keys = interiorView(d.bsets, key, this.geo, (k) => k.ptrs.some((q) => this.host.buckets.stale(q) > 0));
+    } else {
+      keys = leafView(d.bsets, key, this.geo);
+      if (markRaw) for (const k of keys) markRaw(k, level);
+    }
+    return new BtreeNode(key, level, d.seq, keys, d.written);
+  }
+
+  /** The node `key` points at, from memory or disk. */
+  async getNode(key: Bkey, level: number): Promise<BtreeNode> {
+    const c = this.cached(key);
+    if (c) return c;
+    const n = await this.readNode(key, level);
+    // Another reader may have loaded it meanwhile: keep the first.
+    const again = this.cached(key);
+    if (again) return again;
+    this.cacheNode(n);
+    this.evict(n);
+    return n;
+  }
+
+  /** Install the root read at bring-up or created for a new set. */
+  setRoot(node: BtreeNode): void {
+    if (this.rootNode) this.uncacheNode(this.rootNode);
+    this.rootNode = node;
+    this.cacheNode(node);
+  }
+
+  /** Put a node read elsewhere (bring-up) into the cache. */
+  adopt(node: BtreeNode): void {
+    this.cacheNode(node);
+    this.evict(node);
+  }
+
+  /** A brand-new node in bucket `bucket` (not yet written). */
+  newNode(bucket: number, level: number, position: Bkey, keys: Bkey[]): BtreeNode {
+    const gen = this.host.buckets.gen[bucket] ?? 0;
+    const key = makeKey(position.inode, position.offset, this.geo.nodeSectors, false, [
+      makePtr(0, this.host.buckets.sector(bucket), gen),
+    ]);
+    const node = new BtreeNode(key, level, randomSeq(), keys, 0);
+    return node;
+  }
+
+  /** Write a node's whole view as its first bset (a new node). */
+  async writeNewNode(node: BtreeNode): Promise<void> {
+    const buf = encodeNodeBset(node.keys, node, this.geo);
+    await this.host.io.writeMeta(buf, node.bucketSector);
+    node.written = buf.length / this.geo.blockBytes;
+    this.stats.writes++;
+  }
+
+  /**
+   * Append a leaf's pending set as a new bset. Writes of one node are
+   * serialized; the pin moves to the write and goes back to the journal once
+   * a flush covers it.
+   */
+  async writeNode(node: BtreeNode): Promise<void> {
+    while (node.writing) await node.writing;
+    node.queued = false;
+    if (node.freed || node.pending.length === 0) return;
+    const keys = node.pending;
+    const buf = encodeNodeBset(keys, node, this.geo);
+    const at = node.bucketSector + node.written * (this.geo.blockBytes / 512);
+    node.pending = [];
+    node.pendingU64s = 0;
+    node.writingPin = node.pin;
+    node.pin = undefined;
+    node.written += buf.length / this.geo.blockBytes;
+    const write = this.host.io.writeMeta(buf, at);
+    node.writing = write;
+    try {
+      await write;
+    } catch (err) {
+      this.host.fail(err);
+      throw err;
+    } finally {
+      node.writing = undefined;
+    }
+    this.stats.writes++;
+    if (node.writingPin !== undefined) {
+      this.host.journalUnpinAfterFlush(node.writingPin, this.host.io.nextFlushEpoch);
+      node.writingPin = undefined;
+    }
+  }
+
+  /** Every cached node with unwritten keys. */
+  dirtyNodes(): BtreeNode[] {
+    const out: BtreeNode[] = [];
+    for (const n of this.cache.values()) if (n.dirty && !n.freed) out.push(n);
+    return out;
+  }
+
+  /** Dirty leaves holding a pin on `entry` or an older one, oldest first. */
+  nodesPinning(entry: JournalPin, max: number): BtreeNode[] {
+    const out: BtreeNode[] = [];
+    for (const n of this.cache.values()) if (n.pin && n.pin.order <= entry.order && !n.freed) out.push(n);
+    out.sort((a, b) => (a.pin?.order ?? 0) - (b.pin?.order ?? 0));
+    return out.slice(0, max);
+  }
+
+  // ---------------------------------------------------------------------------
+  // Lookups
+
+  private async takeRead(): Promise<void> {
+    if (!this.lock.tryRead()) await this.lock.read();
+  }
+
+  private async takeWrite(): Promise<void> {
+    if (!this.lock.tryWrite()) await this.lock.write();
+  }
+
+  /**
+   * Visit leaf keys in order, from the first whose position is after (inode,
+   * from), until `fn` returns false. Children of an interior node are visited
+   * while the previous child's key is before `limit` (no extent crosses a
+   * leaf's boundary, so nothing past it can start before `limit`).
+   */
+  private async visit(
+    node: BtreeNode,
+    inode: number,
+    from: number,
+    limit: { inode: number; offset: number },
+    fn: (k: Bkey) => boolean,
+  ): Promise<boolean> {
+    if (node.isLeaf) {
+      node.lastUse = ++this.clock;
+      const keys = node.keys;
+      for (let i = firstAfter(keys, inode, from); i < keys.length; i++) if (!fn(keys[i] as Bkey)) return true;
+      return false;
+    }
+    const keys = node.keys;
+    const first = firstAfter(keys, inode, from);
+    for (let i = first; i < keys.length; i++) {
+      if (i > first) {
+        const prev = keys[i - 1] as Bkey;
+        if (posCmp(prev.inode, prev.offset, limit.inode, limit.offset) >= 0) return true;
+      }
+      const ck = keys[i] as Bkey;
+      const child = this.cached(ck) ?? (await this.getNode(ck, node.level - 1));
+      if (await this.visit(child, inode, from, limit, fn)) return true;
+    }
+    return false;
+  }
+
+  /**
+   * visit() without awaits, for when every node on the way is in memory:
+   * 1 if `fn` stopped, 0 if the keys ran out, -1 if a node must be read first
+   * (the caller starts over with visit()).
+   */
+  private visitSync(
+    node: BtreeNode,
+    inode: number,
+    from: number,
+    limit: { inode: number; offset: number },
+    fn: (k: Bkey) => boolean,
+  ): number {
+    const keys = node.keys;
+    if (node.isLeaf) {
+      node.lastUse = ++this.clock;
+      for (let i = firstAfter(keys, inode, from); i < keys.length; i++) if (!fn(keys[i] as Bkey)) return 1;
+      return 0;
+    }
+    const first = firstAfter(keys, inode, from);
+    for (let i = first; i < keys.length; i++) {
+      if (i > first) {
+        const prev = keys[i - 1] as Bkey;
+        if (posCmp(prev.inode, prev.offset, limit.inode, limit.offset) >= 0) return 1;
+      }
+      const child = this.cached(keys[i] as Bkey);
+      if (!child) return -1;
+      const r = this.visitSync(child, inode, from, limit, fn);
+      if (r !== 0) return r;
+    }
+    return 0;
+  }
+
+  /**
+   * Visit keys as visit() does, under the read lock: synchronously (no
+   * promise) when the lock is free and the nodes are in memory, else
+   * asynchronously; `begin` resets the caller's state before each attempt.
+   */
+  private async scan(
+    inode: number,
+    from: number,
+    limit: { inode: number; offset: number },
+    begin: () => (k: Bkey) => boolean,
+  ): Promise<void> {
+    if (this.lock.tryRead()) {
+      try {
+        if (this.visitSync(this.root, inode, from, limit, begin()) >= 0) return;
+      } finally {
+        this.lock.releaseRead();
+      }
+    }
+    await this.takeRead();
+    try {
+      await this.visit(this.root, inode, from, limit, begin());
+    } finally {
+      this.lock.releaseRead();
+    }
+  }
+
+  /**
+   * The index's answer for sectors [start, end) of `inode`: hits (pointers
+   * adjusted to each segment's start) and holes, covering the range in order.
+   * Stale pointers count as holes. Hits make their bucket recently used.
+   */
+  async lookup(inode: number, start: number, end: number): Promise<LookupSegment[]> {
+    const buckets = this.host.buckets;
+    const bucketSize = buckets.bucketSize;
+    let out: LookupSegment[] = [];
+    let cursor = start;
+    const hole = (to: number): void => {
+      const last = out[out.length - 1];
+      if (last && last.hit === null && last.end === cursor) last.end = to;
+      else out.push({ start: cursor, end: to, hit: null });
+      cursor = to;
+    };
+    const fn = (k: Bkey): boolean => {
+      if (k.inode !== inode) return false;
+      const ks = k.offset - k.size;
+      if (ks >= end) return false;
+      const s = Math.max(ks, start);
+      const e = Math.min(k.offset, end);
+      if (s > cursor) hole(s);
+      const p = k.ptrs[0] as BkeyPtr;
+      let stale = false;
+      for (const q of k.ptrs) if (buckets.stale(q) > 0) stale = true;
+      if (stale) hole(e);
+      else {
+        const bucket = Math.floor(p.offset / bucketSize);
+        buckets.touch(bucket);
+        out.push({
+          start: s,
+          end: e,
+          hit: { sector: p.offset + (s - ks), bucket, gen: p.gen, dirty: k.dirty, key: k },
+        });
+        cursor = e;
+      }
+      return k.offset < end;
+    };
+    await this.scan(inode, start, { inode, offset: end }, () => {
+      out = [];
+      cursor = start;
+      return fn;
+    });
+    if (cursor < end) hole(end);
+    return out;
+  }
+
+  /**
+   * Up to `max` dirty keys of `inode` after sector `from`, in LBA order
+   * (whole keys, as writeback wants them), stopping before sector `to`.
+   */
+  async scanDirty(inode: number, from: number, max: number, to = Number.MAX_SAFE_INTEGER): Promise<Bkey[]> {
+    const buckets = this.host.buckets;
+    let out: Bkey[] = [];
+    await this.scan(inode, from, { inode, offset: to }, () => {
+      out = [];
+      return (k) => {
+        if (k.inode !== inode || k.offset - k.size >= to) return false;
+        if (k.dirty && !k.ptrs.some((q) => buckets.stale(q) > 0)) out.push(k);
+        return out.length < max;
+      };
+    });
+    return out;
+  }
+
+  /** Every key in [start, end) of `inode` as the leaves hold it (tests, debugging). */
+  async keysIn(inode: number, start: number, end: number): Promise<Bkey[]> {
+    await this.takeRead();
+    try {
+      const out: Bkey[] = [];
+      await this.visit(this.root, inode, start, { inode, offset: end }, (k) => {
+        if (k.inode !== inode || k.offset - k.size >= end) return false;
+        out.push(k);
+        return true;
+      });
+      return out;
+    } finally {
+      this.lock.releaseRead();
+    }
+  }
+
+  /**
+   * Visit every node, parents before children, loading what is not in memory.
+   * The caller holds the lock (shared is enough) for the whole walk.
+   */
+  async walk(fn: (node: BtreeNode) => void): Promise<void> {
+    const rec = async (node: BtreeNode): Promise<void> => {
+      fn(node);
+      if (node.isLeaf) return;
+      for (const k of node.keys) {
+        const child = this.cached(k) ?? (await this.getNode(k, node.level - 1));
+        await rec(child);
+      }
+    };
+    await rec(this.root);
+  }
+
+  /**
+   * Check the tree's invariants (tests, debugging): keys sorted, extents not
+   * overlapping and inside their leaf's range, each interior node's last
+   * child at its own position, size counters right. Returns the problems.
+   */
+  async verify(): Promise<string[]> {
+    const problems: string[] = [];
+    await this.takeRead();
+    try {
+      const rec = async (node: BtreeNode, lo: Bkey | undefined): Promise<void> => {
+        const keys = node.keys;
+        const where = `node ${keyText(node.key)} level ${node.level}`;
+        if (node.viewU64s !== u64sOf(keys)) problems.push(`${where}: viewU64s ${node.viewU64s} != ${u64sOf(keys)}`);
+        if (node.pendingU64s !== u64sOf(node.pending)) problems.push(`${where}: pendingU64s wrong`);
+        let prev = lo;
+        for (const k of keys) {
+          if (prev && posCmp(prev.inode, prev.offset, k.inode, k.offset) >= 0) {
+            problems.push(`${where}: ${keyText(k)} not after ${keyText(prev)}`);
+          }
+          if (posCmp(k.inode, k.offset, node.key.inode, node.key.offset) > 0) {
+            problems.push(`${where}: ${keyText(k)} past the node's key`);
+          }
+          if (node.isLeaf && prev && prev.inode === k.inode && k.offset - k.size < prev.offset) {
+            problems.push(`${where}: ${keyText(k)} overlaps ${keyText(prev)} (or the leaf's lower bound)`);
+          }
+          if (node.isLeaf && k.ptrs.length === 0) problems.push(`${where}: ${keyText(k)} has no pointer`);
+          prev = k;
+        }
+        if (node.isLeaf) return;
+        const last = keys[keys.length - 1];
+        if (!last || posCmp(last.inode, last.offset, node.key.inode, node.key.offset) !== 0) {
+          problems.push(`${where}: last child ${last ? keyText(last) : '(none)'} is not at the node's position`);
+        }
+        let childLo = lo;
+        for (const k of keys) {
+          const child = this.cached(k) ?? (await this.getNode(k, node.level - 1));
+          if (child.level !== node.level - 1) problems.push(`${where}: child at level ${child.level}`);
+          if (posCmp(child.key.inode, child.key.offset, k.inode, k.offset) !== 0) {
+            problems.push(`${where}: child key ${keyText(child.key)} != pointer ${keyText(k)}`);
+          }
+          await rec(child, childLo);
+          childLo = k;
+        }
+      };
+      await rec(this.root, undefined);
+    } finally {
+      this.lock.releaseRead();
+    }
+    return problems;
+  }
+
+  /** Depth of the tree (1 for a lone leaf). */
+  get depth(): number {
+    return this.root.level + 1;
+  }
+
+  // ---------------------------------------------------------------------------
+  // Inserts
+
+  /** The path from the root to the leaf holding position (inode, sector + 1). */
+  private async leafPath(inode: number, sector: number): Promise<BtreeNode[]> {
+    const path: BtreeNode[] = [];
+    let node = this.root;
+    path.push(node);
+    while (!node.isLeaf) {
+      const i = firstAfter(node.keys, inode, sector);
+      const ck = node.keys[i];
+      if (!ck) throw new Error(`btree: no child for ${inode}:${sector} in node ${keyText(node.key)}`);
+      node = this.cached(ck) ?? (await this.getNode(ck, node.level - 1));
+      path.push(node);
+    }
+    return path;
+  }
+
+  private fits(leaf: BtreeNode, k: Bkey): boolean {
+    const extra = bkeyU64s(k) + KEY_MAX_U64S;
+    if (leaf.viewU64s + extra > this.capacity) return false;
+    return leaf.written + bsetBlocks(leaf.pendingU64s + extra, this.geo) <= this.geo.nodeBlocks;
+  }
+
+  /** Apply one piece to a leaf that has room (synchronous). */
+  private applyToLeaf(leaf: BtreeNode, k: Bkey, options: InsertOptions, result: InsertResult): void {
+    const r = insertExtent(leaf.keys, k, { replace: options.replace, dirty: this.host.dirty });
+    if (!r.inserted) {
+      if (r.collision) result.collisions++;
+      return;
+    }
+    leaf.viewU64s += r.u64sDelta;
+    const ins = r.inserted;
+    const p = insertExtent(leaf.pending, ins, { keepEmpty: true });
+    leaf.pendingU64s += p.u64sDelta;
+    result.inserted.push(ins);
+    if (ins.ptrs.length > 0) {
+      result.sectors += ins.size;
+      this.host.sectorsInserted(ins.size);
+    }
+    const entry = options.journal;
+    if (entry) {
+      if (leaf.pin === undefined) {
+        this.host.journalPin(entry);
+        leaf.pin = entry;
+      } else if (olderPin(entry, leaf.pin)) {
+        this.host.journalPin(entry);
+        this.host.journalUnpin(leaf.pin);
+        leaf.pin = entry;
+      }
+    }
+    if (leaf.pendingU64s * 8 >= PENDING_WRITE_BYTES && !leaf.queued) {
+      leaf.queued = true;
+      this.host.nodeNeedsWrite(leaf);
+    }
+  }
+
+  /**
+   * Insert keys (leaf keys: extents, or invalidations without pointers). A
+   * key crossing a leaf boundary is cut and inserted in both leaves; with
+   * `replace`, each piece is checked against the expected key on its own.
+   */
+  async insert(keys: readonly Bkey[], options: InsertOptions = {}): Promise<InsertResult> {
+    const result: InsertResult = { sectors: 0, collisions: 0, inserted: [] };
+    let spare: number[] = [];
+    try {
+      for (const key of keys) {
+        let rest: Bkey | undefined = key.size > 0 ? key : undefined;
+        while (rest) {
+          await this.takeWrite();
+          let locked = true;
+          try {
+            const s = rest.offset - rest.size;
+            const path = await this.leafPath(rest.inode, s);
+            const leaf = path[path.length - 1] as BtreeNode;
+            let piece = rest;
+            let next: Bkey | undefined;
+            if (posCmp(rest.inode, rest.offset, leaf.key.inode, leaf.key.offset) > 0) {
+              piece = cutBack(rest, leaf.key.offset);
+              next = cutFront(rest, leaf.key.offset);
+            }
+            if (this.fits(leaf, piece)) {
+              this.applyToLeaf(leaf, piece, options, result);
+              rest = next;
+              continue;
+            }
+            // The leaf must be rewritten: get the buckets first, without the lock.
+            const need = 2 * path.length + 1;
+            if (spare.length < need) {
+              this.lock.releaseWrite();
+              locked = false;
+              spare = spare.concat(await this.host.allocNodeBuckets(need - spare.length));
+              continue;
+            }
+            const scratch: InsertResult = { sectors: 0, collisions: 0, inserted: [] };
+            const view = leaf.keys.slice();
+            const r = insertExtent(view, piece, { replace: options.replace, dirty: this.host.dirty });
+            if (r.collision) scratch.collisions++;
+            if (r.inserted) {
+              scratch.inserted.push(r.inserted);
+              if (r.inserted.ptrs.length > 0) {
+                scratch.sectors += r.inserted.size;
+                this.host.sectorsInserted(r.inserted.size);
+              }
+            }
+            const freed = await this.rewrite(path, view, spare);
+            this.lock.releaseWrite();
+            locked = false;
+            result.sectors += scratch.sectors;
+            result.collisions += scratch.collisions;
+            result.inserted.push(...scratch.inserted);
+            this.finishRewrite(freed);
+            rest = next;
+          } finally {
+            if (locked) this.lock.releaseWrite();
+          }
+        }
+      }
+    } finally {
+      for (const b of spare) this.host.returnNodeBucket(b);
+    }
+    return result;
+  }
+
+  /**
+   * Replace the leaf at the end of `path` by nodes holding `leafKeys`, and
+   * every ancestor by a copy with updated child pointers (splitting any that
+   * grow too full, growing the tree at the root). Takes buckets from `spare`
+   * (removing them). Writes and flushes the new nodes, then swaps them in.
+   * Returns the replaced nodes, to be freed once a journal entry with the new
+   * root is durable (finishRewrite). Called with the write lock held.
+   */
+  private async rewrite(path: BtreeNode[], leafKeys: Bkey[], spare: number[]): Promise<BtreeNode[]> {
+    const buckets = this.host.buckets;
+    const take = (): number => {
+      const b = spare.shift();
+      if (b === undefined) throw new Error('btree: rewrite ran out of reserved buckets');
+      return b;
+    };
+    const created: BtreeNode[] = [];
+    const make = (level: number, position: Bkey, keys: Bkey[]): BtreeNode => {
+      const n = this.newNode(take(), level, position, keys);
+      created.push(n);
+      return n;
+    };
+    let level = path.length - 1;
+    let old = path[level] as BtreeNode;
+    // A rewrite drops stale keys for good (GC relies on it to keep gens from wrapping).
+    let keys = old.isLeaf ? leafKeys.filter((k) => !k.ptrs.some((q) => buckets.stale(q) > 0)) : leafKeys;
+    let repl = this.splitKeys(keys, old.level, old.key, make);
+    if (repl.length > 1) this.stats.splits++;
+    while (level > 0) {
+      const parent = path[level - 1] as BtreeNode;
+      const pkeys = parent.keys.slice();
+      const at = pkeys.findIndex((k) => posCmp(k.inode, k.offset, old.key.inode, old.key.offset) === 0);
+      if (at < 0) throw new Error(`btree: node ${keyText(old.key)} not found in its parent`);
+      pkeys.splice(at, 1, ...repl.map((n) => n.key));
+      level--;
+      old = parent;
+      keys = pkeys;
+      repl = this.splitKeys(keys, parent.level, parent.key, make);
+      if (repl.length > 1) this.stats.splits++;
+    }
+    let newRoot: BtreeNode;
+    if (repl.length === 1) newRoot = repl[0] as BtreeNode;
+    else {
+      newRoot = make(
+        old.level + 1,
+        MAX_KEY,
+        repl.map((n) => n.key),
+      );
+      this.stats.newRoots++;
+    }
+    // R2: every new node is on disk before anything durable points at it.
+    await Promise.all(created.map((n) => this.writeNewNode(n)));
+    await this.host.io.flush();
+    // Appends to the old nodes still in flight must land before their buckets can be freed.
+    for (const n of path) while (n.writing) await n.writing.catch(() => undefined);
+    this.stats.rewrites++;
+    // Swap in memory (synchronously): from here on journal entries carry the new root.
+    for (const n of path) {
+      this.uncacheNode(n);
+      n.freed = true;
+      if (n.pin !== undefined) this.host.journalUnpin(n.pin);
+      if (n.writingPin !== undefined) this.host.journalUnpin(n.writingPin);
+      n.pin = undefined;
+      n.writingPin = undefined;
+      n.pending = [];
+      n.pendingU64s = 0;
+    }
+    for (const n of created) {
+      this.cacheNode(n);
+      // The tree references it now: GC will find it, the allocation pin can go.
+      buckets.unpinBucket(Math.floor(n.bucketSector / buckets.bucketSize));
+    }
+    this.rootNode = newRoot;
+    this.evict();
+    return path;
+  }
+
+  /** After a rewrite: once a journal entry with the new root is durable, free the old nodes' buckets. */
+  private finishRewrite(old: BtreeNode[]): void {
+    const size = this.host.buckets.bucketSize;
+    this.host.afterCommit(() => {
+      for (const n of old) this.host.freeNodeBucket(Math.floor(n.bucketSector / size));
+    });
+  }
+
+  /**
+   * The nodes for `keys` at `level`, the last one at `position`: one node, or
+   * two if one would be more than 4/5 full (the first taking 3/5 of the keys,
+   * as btree_split does).
+   */
+  private splitKeys(
+    keys: Bkey[],
+    level: number,
+    position: Bkey,
+    make: (level: number, position: Bkey, keys: Bkey[]) => BtreeNode,
+  ): BtreeNode[] {
+    const u64s = u64sOf(keys);
+    const blocks = bsetBlocks(u64s, this.geo);
+    if (blocks <= Math.floor((this.geo.nodeBlocks * 4) / 5) || keys.length < 2) {
+      return [make(level, position, keys)];
+    }
+    let acc = 0;
+    let i = 0;
+    while (i < keys.length - 1 && acc < (u64s * 3) / 5) acc += bkeyU64s(keys[i++] as Bkey);
+    const first = keys.slice(0, i);
+    const last = first[first.length - 1] as Bkey;
+    return [make(level, makeKey(last.inode, last.offset, 0), first), make(level, position, keys.slice(i))];
+  }
+
+  /**
+   * Rewrite one leaf as it is (compaction: drops stale keys and the log of
+   * bsets). Used by GC for leaves full of stale keys. Takes the lock.
+   */
+  async compactLeaf(inode: number, sector: number): Promise<boolean> {
+    let spare: number[] = [];
+    try {
+      for (;;) {
+        await this.takeWrite();
+        let locked = true;
+        try {
+          const path = await this.leafPath(inode, sector);
+          const need = 2 * path.length + 1;
+          if (spare.length < need) {
+            this.lock.releaseWrite();
+            locked = false;
+            spare = spare.concat(await this.host.allocNodeBuckets(need - spare.length));
+            continue;
+          }
+          const leaf = path[path.length - 1] as BtreeNode;
+          const old = await this.rewrite(path, leaf.keys.slice(), spare);
+          this.lock.releaseWrite();
+          locked = false;
+          this.finishRewrite(old);
+          return true;
+        } finally {
+          if (locked) this.lock.releaseWrite();
+        }
+      }
+    } finally {
+      for (const b of spare) this.host.returnNodeBucket(b);
+    }
+  }
+}

@@ -1,0 +1,763 @@
+// A cache set: one cache device, its btree, journal, allocator and GC, from
+// bring-up to teardown (super.c run_cache_set, cache_set_flush).
+//
+// API for the request path, writeback and the sysfs layer
+// ======================================================
+//
+// Units: sectors (512 bytes) everywhere. Keys are bcache's (format/bkey.ts):
+// an extent [offset - size, offset) of device `inode` (its uuid slot; sector
+// numbers are backing-device sectors, data_offset included, as the kernel
+// keys them).
+//
+//   const cs = await CacheSet.open(cacheDevice, options)
+//       Brings up an existing set (journal, prios, root, uuids, btree check,
+//       replay) or initialises a new one (CACHE_SYNC clear: "invalidating
+//       existing data"). The set owns the device from then on; stop() closes it.
+//
+// Reads
+//   await cs.lookup(inode, start, end) -> LookupSegment[]
+//       Covers [start, end) in order: {start, end, hit: null} for misses,
+//       {start, end, hit: {sector, bucket, gen, dirty, key}} for hits (sector =
+//       where this segment's data starts on the cache device). One binary
+//       search per level when the nodes are in memory.
+//   await cs.readCache(buf, sector)            read cached data
+//   cs.ptrStale(hit) / cs.isStale(bucket, gen) after reading a clean hit: if the
+//       bucket was reused meanwhile, the data is garbage; re-read from backing.
+//
+// Writes (writeback, writethrough, miss fill)
+//   const a = await cs.allocSectors({inode, offset, sectors, writePoint, dirty, wait})
+//       -> {ptr, sectors, bucket} | undefined. May grant fewer sectors than
+//       asked: loop. Holds a pin on the bucket until cs.putAllocation(a).
+//   await cs.writeCache(buf, a.ptr.offset)     write the data
+//   key = makeKey(inode, offset + a.sectors, a.sectors, dirty, [a.ptr])
+//   await cs.insert([key], {journal: true, fua})   journaled insert (writeback,
+//       writethrough); resolves once the keys are in the btree (and, with fua,
+//       their journal entry is durable).
+//   await cs.insert([key], {replace: expected})    compare-and-insert, not
+//       journaled (miss fills, writeback completions): only the part of the
+//       range still held by `expected` is inserted; result.collisions counts
+//       pieces that found nothing.
+//   cs.putAllocation(a)                         after the insert (or a failure)
+//   await cs.invalidate(inode, start, end)      bypass writes, discards: the
+//       range becomes a hole (journaled).
+//   await cs.flush()                            FLUSH/FUA: an R1 journal commit
+//       (flush, jset, flush): every completed write and insert is durable.
+//
+// Writeback
+//   await cs.scanDirty(inode, from, max)        whole dirty keys after `from`,
+//       LBA order; continue from the last key's offset.
+//   cs.dirtySectors(inode), cs.onDirtyChange((inode, offset, sectors) => ...)
+//       dirty sectors per device, and every change (+/-) as it happens.
+//
+// Space and state
+//   cs.inUse, cs.cacheAvailablePercent, cs.ioDisabled, cs.fail(err)
+//   cs.uuids: the uuid table (find, findEmpty, get, set, invalidate);
+//       await cs.writeUuids() makes changes durable (R4).
+//   cs.triggerGc(), await cs.runGc(), cs.rescalePriorities(sectors)
+//   await cs.stop(): stops GC, writes dirty nodes, stops the allocator,
+//       writes a final journal entry and the superblock, closes the device.
+
+import type { BlockDevice } from '../blockdev/types.ts';
+import { IoError } from '../blockdev/types.ts';
+import {
+  btreePtrInvalid,
+  extentInvalid,
+  genAfter,
+  makeKey,
+  MAX_KEY,
+  ptrAvailable,
+  type Bkey,
+  type BkeyPtr,
+  type CacheGeometry,
+} from '../format/bkey.ts';
+import {
+  BCACHE_JSET_VERSION_UUIDV1,
+  BCACHE_SB_VERSION_CDEV_WITH_UUID,
+  btreeNodeSectors,
+  CACHE_SYNC_BIT,
+  journalBucketCount,
+  prioBucketCount,
+  SB_OFFSET,
+  SB_SECTOR,
+  SB_SIZE,
+  SECTOR_SIZE,
+} from '../format/constants.ts';
+import {
+  cacheDiscard,
+  cacheReplacement,
+  cacheSync,
+  decodeSuperblock,
+  encodeSuperblock,
+  isBacking,
+  setFlagBits,
+  setMagic,
+  type Superblock,
+} from '../format/superblock.ts';
+import { formatUuid } from '../format/uuid-text.ts';
+import { errorMessage } from '../util/lifecycle.ts';
+import { log } from '../util/log.ts';
+import { Allocator, RESERVE_BTREE } from './alloc.ts';
+import { Btree, type InsertResult, type LookupSegment } from './btree.ts';
+import { BtreeNode, nodeGeometry, type NodeGeometry } from './btree-node.ts';
+import { Buckets } from './buckets.ts';
+import { type DirtySink } from './extents.ts';
+import { Gc, initialGcFinish, initialMarkKey } from './gc.ts';
+import { CacheIo } from './io.ts';
+import { Journal, logReplay, type JournalEntry } from './journal.ts';
+import { OpenBuckets, type AllocSectorsOptions, type SectorAllocation } from './open-buckets.ts';
+import { Prios } from './prio.ts';
+import { UuidTable } from './uuids.ts';
+
+export type { LookupSegment, InsertResult } from './btree.ts';
+export type { SectorAllocation, AllocSectorsOptions } from './open-buckets.ts';
+
+/** Buckets set aside at bring-up for the btree rewrites of journal replay. */
+const REPLAY_POOL = 64;
+
+/** bch_data_invalidate chunks: at most 2^15 sectors per key. */
+const INVALIDATE_CHUNK = 1 << 15;
+
+export interface CacheSetOptions {
+  /** Group-commit delay of the journal (journal_delay_ms). */
+  journalDelayMs?: number;
+  /** Bytes of clean leaves kept in memory (btree_cache_size); interior nodes are always kept. */
+  btreeCacheSize?: number;
+  /** Close the device on stop() (default true: the set owns it). */
+  closeDevice?: boolean;
+  /** Sectors inserted between pressure-triggered GC passes (default nbuckets x bucket_size / 16). */
+  gcSectors?: number;
+  /** Bound on stop() before it gives up waiting and closes anyway. */
+  stopTimeoutMs?: number;
+  /** Seed of the random replacement policy. */
+  seed?: number;
+  /** Unix seconds (last_mount). */
+  now?: () => number;
+  /**
+   * Tests only: btree nodes smaller than the kernel's (a whole number of
+   * blocks, at most the bucket-derived size), so that trees grow deep with few
+   * keys. A cache written this way is not for the kernel.
+   */
+  btreeNodeSectors?: number;
+}
+
+export interface CacheSetStats {
+  btree: Btree['stats'];
+  journal: Journal['stats'];
+  allocator: Allocator['stats'];
+  gc: Gc['stats'];
+  io: CacheIo['stats'];
+}
+
+export class CacheSet {
+  readonly dev: BlockDevice;
+  readonly sb: Superblock;
+  /** The set uuid, canonical text form. */
+  readonly uuid: string;
+  readonly io: CacheIo;
+  readonly buckets: Buckets;
+  readonly geometry: CacheGeometry;
+  readonly nodeGeo: NodeGeometry;
+  readonly allocator: Allocator;
+  readonly openBuckets: OpenBuckets;
+  readonly prios: Prios;
+  readonly uuids: UuidTable;
+  readonly btree: Btree;
+  readonly journal: Journal;
+  readonly gc: Gc;
+  private readonly options: CacheSetOptions;
+  private ioDisabledFlag = false;
+  private stopping = false;
+  private stopPromise: Promise<void> | undefined;
+  private readonly dirty = new Map<number, number>();
+  private readonly dirtyListeners: DirtySink[] = [];
+  private rescale: number;
+
+  private constructor(dev: BlockDevice, sb: Superblock, options: CacheSetOptions) {
+    this.dev = dev;
+    this.sb = sb;
+    this.options = options;
+    this.uuid = formatUuid(sb.setUuid);
+    this.io = new CacheIo(dev, () => this.ioDisabledFlag);
+    this.buckets = new Buckets(sb.nbuckets, sb.bucketSize, sb.firstBucket);
+    this.geometry = { bucketSize: sb.bucketSize, firstBucket: sb.firstBucket, nbuckets: sb.nbuckets };
+    const magic = setMagic(sb);
+    const nodeSectors = options.btreeNodeSectors ?? btreeNodeSectors(sb.bucketSize);
+    if (nodeSectors % sb.blockSize !== 0 || nodeSectors > btreeNodeSectors(sb.bucketSize) || nodeSectors <= 0) {
+      throw new RangeError(`btreeNodeSectors ${nodeSectors}: not a whole number of blocks within a node`);
+    }
+    this.nodeGeo = nodeGeometry(this.geometry, magic, sb.blockSize, nodeSectors);
+    const journalBuckets = sb.journalBuckets.length > 0 ? sb.journalBuckets : this.newJournalBuckets();
+    const prioCount = prioBucketCount(sb.nbuckets, sb.bucketSize);
+    this.allocator = new Allocator(
+      {
+        buckets: this.buckets,
+        io: this.io,
+        replacement: () => cacheReplacement(this.sb),
+        discard: () => cacheDiscard(this.sb) && this.dev.caps.discard,
+        cacheSync: () => cacheSync(this.sb),
+        prioBucketCount: prioCount,
+        journalBucketCount: journalBuckets.length,
+        writePrios: () => this.prios.write(),
+        requestGc: () => {
+          this.gc.request();
+        },
+        isDisabled: () => this.ioDisabledFlag,
+        fail: (err) => {
+          this.fail(err);
+        },
+      },
+      options.seed,
+    );
+    this.openBuckets = new OpenBuckets(this.buckets, this.allocator, sb.blockSize);
+    const commitJournal = (): Promise<void> => this.journal.commit();
+    this.prios = new Prios({
+      io: this.io,
+      buckets: this.buckets,
+      allocator: this.allocator,
+      setMagic: magic,
+      commitJournal,
+    });
+    this.uuids = new UuidTable({
+      io: this.io,
+      buckets: this.buckets,
+      allocator: this.allocator,
+      commitJournal,
+      afterCommit: (fn) => {
+        this.journal.afterCommit(fn);
+      },
+    });
+    const cacheBytes = options.btreeCacheSize ?? 64 * 1024 * 1024;
+    this.btree = new Btree(
+      {
+        io: this.io,
+        geo: this.nodeGeo,
+        buckets: this.buckets,
+        allocNodeBuckets: async (n) => {
+          const out: number[] = [];
+          try {
+            for (let i = 0; i < n; i++) {
+              const p = this.allocator.allocPool();
+              const b = p >= 0 ? p : await this.allocator.alloc(RESERVE_BTREE, true);
+              if (b === undefined) throw new IoError('ENOSPC', 'btree: no bucket for a node');
+              out.push(b);
+            }
+          } catch (err) {
+            for (const b of out) this.allocator.unalloc(b, RESERVE_BTREE);
+            throw err;
+          }
+          return out;
+        },
+        returnNodeBucket: (b) => {
+          this.allocator.unalloc(b, RESERVE_BTREE);
+        },
+        freeNodeBucket: (b) => {
+          this.allocator.freeBucket(b);
+        },
+        journalPin: (e) => {
+          this.journal.pin(e);
+        },
+        journalUnpin: (e) => {
+          this.journal.unpin(e);
+        },
+        journalUnpinAfterFlush: (e, epoch) => {
+          this.journal.unpinAfterFlush(e, epoch);
+        },
+        afterCommit: (fn) => {
+          this.journal.afterCommit(fn);
+        },
+        nodeNeedsWrite: (node) => {
+          this.journal.queueNode(node);
+        },
+        sectorsInserted: (sectors) => {
+          this.gc.inserted(sectors);
+        },
+        dirty: (inode, offset, sectors) => {
+          this.dirtyAdd(inode, offset, sectors);
+        },
+        fail: (err) => {
+          this.fail(err);
+        },
+      },
+      { cacheLeaves: Math.max(16, Math.floor(cacheBytes / this.nodeGeo.nodeBytes)) },
+    );
+    this.journal = new Journal(
+      {
+        io: this.io,
+        setMagic: magic,
+        blockSize: sb.blockSize,
+        bucketSize: sb.bucketSize,
+        cacheSync: () => cacheSync(this.sb),
+        header: () => ({
+          root: this.btree.root.key,
+          level: this.btree.root.level,
+          uuidBucket: this.uuids.key,
+          prioBucket: this.prios.first,
+        }),
+        nodesPinning: (entry, max) => this.btree.nodesPinning(entry, max),
+        writeNode: (node) => this.btree.writeNode(node),
+        fail: (err) => {
+          this.fail(err);
+        },
+        isDisabled: () => this.ioDisabledFlag,
+      },
+      journalBuckets,
+      options.journalDelayMs ?? 100,
+    );
+    if (sb.journalBuckets.length === 0) sb.journalBuckets = journalBuckets;
+    this.gc = new Gc(
+      {
+        buckets: this.buckets,
+        btree: this.btree,
+        allocator: this.allocator,
+        metadataBuckets: () => this.metadataBuckets(),
+        isDisabled: () => this.ioDisabledFlag,
+        fail: (err) => {
+          this.fail(err);
+        },
+      },
+      options.gcSectors,
+    );
+    this.rescale = Math.floor((sb.nbuckets * sb.bucketSize) / 1024);
+  }
+
+  private newJournalBuckets(): number[] {
+    const n = journalBucketCount(this.sb.nbuckets);
+    return Array.from({ length: n }, (_, i) => this.sb.firstBucket + i);
+  }
+
+  /**
+   * Open the cache set on `dev` (a cache device: make-bcache -C or ours).
+   * Throws with a message naming what is wrong if the superblock or the
+   * metadata is not usable; the device is closed then (if closeDevice).
+   */
+  static async open(dev: BlockDevice, options: CacheSetOptions = {}): Promise<CacheSet> {
+    const block = Buffer.alloc(SB_SIZE);
+    await dev.read(block, SB_OFFSET);
+    const sb = decodeSuperblock(block, {
+      deviceSectors: Math.floor(dev.size / SECTOR_SIZE),
+      logicalBlockSize: dev.logicalBlockSize,
+    });
+    if (isBacking(sb)) throw new Error(`${dev.name}: a backing device, not a cache device`);
+    if (sb.nrInSet !== 1) {
+      throw new Error(
+        `${dev.name}: cache set of ${sb.nrInSet} devices (only single-device sets exist since Linux 5.10)`,
+      );
+    }
+    const cs = new CacheSet(dev, sb, options);
+    try {
+      if (cacheSync(sb)) await cs.bringUpExisting();
+      else await cs.bringUpNew();
+      cs.gc.start();
+      sb.lastMount = cs.now();
+      await cs.writeSuperblock();
+    } catch (err) {
+      const msg = errorMessage(err);
+      log.error(`bcache: run_cache_set() error on ${cs.uuid}: ${msg}`);
+      cs.ioDisabledFlag = true;
+      cs.stopPromise = cs.shutdown(false);
+      await cs.stopPromise;
+      throw new Error(`${dev.name}: cannot bring up cache set ${cs.uuid}: ${msg}`, { cause: err });
+    }
+    log.info(`bcache: register_cache() registered cache device ${dev.name}`);
+    return cs;
+  }
+
+  private now(): number {
+    return this.options.now?.() ?? Math.floor(Date.now() / 1000);
+  }
+
+  // ---------------------------------------------------------------------------
+  // Bring-up
+
+  private metadataBuckets(): number[] {
+    const out = [...this.journal.ring, ...this.prios.current, ...this.prios.last];
+    const u = this.uuids.bucket;
+    if (u !== undefined) out.push(u);
+    return out;
+  }
+
+  /** run_cache_set() with CACHE_SYNC: the kernel's order. */
+  private async bringUpExisting(): Promise<void> {
+    const sb = this.sb;
+    const r = await Journal.read(this.io, this.journal.ring, {
+      bucketSize: sb.bucketSize,
+      blockSize: sb.blockSize,
+      setMagic: setMagic(sb),
+    });
+    if (!r) throw new Error('no journal entries found');
+    const j = r.newest;
+    await this.prios.read(j.prioBucket[0] ?? 0);
+    if (btreePtrInvalid(j.btreeRoot, this.geometry)) throw new Error('bad btree root');
+    if (btreePtrInvalid(j.uuidBucket, this.geometry)) throw new Error('bad uuid pointer');
+    await this.uuids.read(j.uuidBucket, j.version);
+    await this.checkBtree(j.btreeRoot, j.btreeLevel);
+    // bch_journal_mark(): keys not yet replayed pin their buckets and count as live.
+    const b = this.buckets;
+    for (const e of r.replay) {
+      for (const k of e.keys) {
+        if (k.size === 0 || extentInvalid(k, this.geometry)) continue;
+        for (const p of k.ptrs) if (ptrAvailable(p)) b.pinBucket(b.bucketOf(p));
+        initialMarkKey(b, 0, k);
+      }
+    }
+    initialGcFinish(b, this.allocator, this.metadataBuckets());
+    this.allocator.initialStock();
+    this.allocator.stockPool(REPLAY_POOL);
+    const replay = this.journal.resume(r);
+    this.journal.reserveOpen = true;
+    this.allocator.start();
+    this.journal.start();
+    if (j.version < BCACHE_JSET_VERSION_UUIDV1) await this.uuids.write(false);
+    await this.replay(replay);
+    this.journal.reserveOpen = false;
+    this.allocator.releasePool();
+  }
+
+  /** bch_btree_check(): read every node, checking it, and mark what it references. */
+  private async checkBtree(rootKey: Bkey, rootLevel: number): Promise<void> {
+    const b = this.buckets;
+    const mark = (k: Bkey, level: number): void => {
+      initialMarkKey(b, level, k);
+    };
+    const visit = async (key: Bkey, level: number, isRoot: boolean): Promise<void> => {
+      const node = await this.btree.readNode(key, level, mark);
+      if (isRoot) this.btree.setRoot(node);
+      else this.btree.adopt(node);
+      if (level === 0) {
+        for (const k of node.keys) if (k.dirty) this.dirty.set(k.inode, (this.dirty.get(k.inode) ?? 0) + k.size);
+        return;
+      }
+      for (const child of node.keys) await visit(child, level - 1, false);
+    };
+    initialMarkKey(b, rootLevel + 1, rootKey);
+    await visit(rootKey, rootLevel, true);
+  }
+
+  private async replay(entries: JournalEntry[]): Promise<void> {
+    const b = this.buckets;
+    let keys = 0;
+    for (const e of entries) {
+      for (const k of e.keys) {
+        if (k.size === 0) continue;
+        if (extentInvalid(k, this.geometry) && k.ptrs.length > 0) {
+          log.warn(`bcache: journal replay skips an invalid key in entry ${e.seq}`);
+          continue;
+        }
+        // A key whose bucket was reused since (its data superseded and the bucket's new gen
+        // durable) must not come back as data: replay it as the hole it now is.
+        const stale = k.ptrs.some((p) => ptrAvailable(p) && b.stale(p) > 0);
+        const key = stale ? makeKey(k.inode, k.offset, k.size, false, []) : k;
+        try {
+          await this.btree.insert([key], { journal: e });
+        } finally {
+          for (const p of k.ptrs) if (ptrAvailable(p)) b.unpinBucket(b.bucketOf(p));
+        }
+        keys++;
+      }
+      this.journal.unpin(e);
+    }
+    const last = entries[entries.length - 1];
+    if (last) logReplay(keys, entries.length, last.seq);
+  }
+
+  /** run_cache_set() without CACHE_SYNC: a new set on this device. */
+  private async bringUpNew(): Promise<void> {
+    log.info('bcache: run_cache_set() invalidating existing data');
+    const b = this.buckets;
+    // Old journal entries of a previous life of this device must not be read back as ours.
+    const zero = Buffer.alloc(this.sb.blockSize * SECTOR_SIZE);
+    await Promise.all(this.journal.ring.map((bucket) => this.io.writeMeta(zero, b.sector(bucket))));
+    initialGcFinish(b, this.allocator, this.metadataBuckets());
+    this.allocator.initialStock();
+    await this.prios.write();
+    await this.uuids.write();
+    const bucket = this.allocator.allocNow(RESERVE_BTREE);
+    if (bucket < 0) throw new Error('cannot allocate new btree root');
+    const root = this.btree.newNode(bucket, 0, MAX_KEY, []);
+    await this.btree.writeNewNode(root);
+    await this.io.flush();
+    this.btree.setRoot(root);
+    b.unpinBucket(bucket);
+    this.sb.flags = setFlagBits(this.sb.flags, CACHE_SYNC_BIT, 1n, 1);
+    await this.journal.commit();
+    // The prio write above used the prio reserve; nothing holds data yet, so refill it the
+    // bring-up way (the kernel's allocator does so in its first round, before CACHE_SYNC is set).
+    this.allocator.initialStock();
+    this.allocator.start();
+    this.journal.start();
+  }
+
+  /** bcache_write_super(): seq + 1, version at least 3, in place over the block read. */
+  async writeSuperblock(): Promise<void> {
+    const sb = this.sb;
+    sb.seq += 1n;
+    if (sb.version < BCACHE_SB_VERSION_CDEV_WITH_UUID) sb.version = BCACHE_SB_VERSION_CDEV_WITH_UUID;
+    const block = encodeSuperblock(sb);
+    await this.io.writeMeta(block, SB_SECTOR);
+    await this.io.flush();
+    sb.raw = block;
+  }
+
+  // ---------------------------------------------------------------------------
+  // State
+
+  get ioDisabled(): boolean {
+    return this.ioDisabledFlag;
+  }
+
+  /** The flag as a call, so that checks after an await are not narrowed away. */
+  private disabled(): boolean {
+    return this.ioDisabledFlag;
+  }
+
+  get stopped(): boolean {
+    return this.stopping;
+  }
+
+  /**
+   * bch_cache_set_error(): a fatal error. I/O is disabled at once, waiters
+   * fail; the owner is expected to stop() the set.
+   */
+  fail(err: unknown): void {
+    if (this.ioDisabledFlag) return;
+    this.ioDisabledFlag = true;
+    log.error(`bcache: bch_cache_set_error() error on ${this.uuid}: ${errorMessage(err)}, disabling caching`);
+    this.allocator.rejectWaiters(new IoError('EIO', `cache set ${this.uuid}: I/O disabled after an error`));
+  }
+
+  private check(): void {
+    if (this.ioDisabledFlag) throw new IoError('EIO', `cache set ${this.uuid}: I/O disabled`);
+    if (this.stopping) throw new IoError('ESHUTDOWN', `cache set ${this.uuid}: stopped`);
+  }
+
+  get inUse(): number {
+    return this.allocator.inUse;
+  }
+
+  get cacheAvailablePercent(): number {
+    return 100 - this.allocator.inUse;
+  }
+
+  get blockSize(): number {
+    return this.sb.blockSize;
+  }
+
+  get bucketSize(): number {
+    return this.sb.bucketSize;
+  }
+
+  get stats(): CacheSetStats {
+    return {
+      btree: this.btree.stats,
+      journal: this.journal.stats,
+      allocator: this.allocator.stats,
+      gc: this.gc.stats,
+      io: this.io.stats,
+    };
+  }
+
+  // ---------------------------------------------------------------------------
+  // Dirty accounting
+
+  private dirtyAdd(inode: number, offset: number, sectors: number): void {
+    const n = (this.dirty.get(inode) ?? 0) + sectors;
+    if (n === 0) this.dirty.delete(inode);
+    else this.dirty.set(inode, n);
+    for (const l of this.dirtyListeners) l(inode, offset, sectors);
+  }
+
+  dirtySectors(inode: number): number {
+    return this.dirty.get(inode) ?? 0;
+  }
+
+  /** Every change of dirty sectors, as it happens (the per-stripe counters of a cached device). */
+  onDirtyChange(listener: DirtySink): () => void {
+    this.dirtyListeners.push(listener);
+    return () => {
+      const i = this.dirtyListeners.indexOf(listener);
+      if (i >= 0) this.dirtyListeners.splice(i, 1);
+    };
+  }
+
+  // ---------------------------------------------------------------------------
+  // The index
+
+  async lookup(inode: number, start: number, end: number): Promise<LookupSegment[]> {
+    this.check();
+    return this.btree.lookup(inode, start, end);
+  }
+
+  async scanDirty(inode: number, from: number, max: number, to?: number): Promise<Bkey[]> {
+    this.check();
+    return this.btree.scanDirty(inode, from, max, to);
+  }
+
+  /** Has the bucket been reused since a pointer with `gen` was taken? */
+  isStale(bucket: number, gen: number): boolean {
+    return genAfter(this.buckets.gen[bucket] ?? 0, gen) > 0;
+  }
+
+  ptrStale(p: BkeyPtr): boolean {
+    return this.buckets.stale(p) > 0;
+  }
+
+  /**
+   * Insert keys. Journaled unless `replace` is given (compare-and-insert
+   * inserts are not journaled, as in the kernel: losing one in a crash loses
+   * a cache fill or a writeback completion, which is redone). With `fua`,
+   * resolves once the journal entry holding the keys is durable.
+   */
+  async insert(
+    keys: readonly Bkey[],
+    options: { replace?: Bkey; journal?: boolean; fua?: boolean } = {},
+  ): Promise<InsertResult> {
+    this.check();
+    const journaled = options.replace === undefined && options.journal !== false;
+    if (!journaled) return this.btree.insert(keys, { replace: options.replace });
+    const total: InsertResult = { sectors: 0, collisions: 0, inserted: [] };
+    // One journal entry holds a bounded number of keys: insert in chunks.
+    const chunk = 64;
+    const entries: JournalEntry[] = [];
+    for (let i = 0; i < keys.length; i += chunk) {
+      const part = keys.slice(i, i + chunk);
+      const entry = await this.journal.add(part);
+      try {
+        const r = await this.btree.insert(part, { journal: entry });
+        total.sectors += r.sectors;
+        total.collisions += r.collisions;
+        total.inserted.push(...r.inserted);
+      } finally {
+        this.journal.unpin(entry);
+      }
+      entries.push(entry);
+    }
+    if (options.fua === true) for (const e of entries) await this.journal.commit(e);
+    return total;
+  }
+
+  /** Make [start, end) of `inode` a hole (bch_data_invalidate): journaled zero-pointer keys. */
+  async invalidate(inode: number, start: number, end: number, options: { fua?: boolean } = {}): Promise<void> {
+    const keys: Bkey[] = [];
+    for (let s = start; s < end; s += INVALIDATE_CHUNK) {
+      const e = Math.min(end, s + INVALIDATE_CHUNK);
+      keys.push(makeKey(inode, e, e - s, false, []));
+    }
+    await this.insert(keys, { journal: true, fua: options.fua === true });
+  }
+
+  /** FLUSH: an R1 journal commit; everything completed before is durable after. */
+  async flush(): Promise<void> {
+    this.check();
+    await this.journal.commit();
+  }
+
+  // ---------------------------------------------------------------------------
+  // Data
+
+  async allocSectors(o: AllocSectorsOptions): Promise<SectorAllocation | undefined> {
+    this.check();
+    return this.openBuckets.alloc(o);
+  }
+
+  putAllocation(a: SectorAllocation): void {
+    this.openBuckets.put(a);
+  }
+
+  async readCache(buf: Buffer, sector: number): Promise<void> {
+    await this.io.read(buf, sector);
+  }
+
+  async writeCache(buf: Buffer, sector: number): Promise<void> {
+    await this.io.write(buf, sector);
+  }
+
+  /** bch_rescale_priorities(): age bucket prios as non-bypassed I/O goes by. */
+  rescalePriorities(sectors: number): void {
+    this.rescale -= sectors;
+    if (this.rescale >= 0) return;
+    this.rescale += Math.floor((this.sb.nbuckets * this.sb.bucketSize) / 1024);
+    const b = this.buckets;
+    let min = 0xffff;
+    for (let i = 0; i < b.nbuckets; i++) {
+      const p = b.prio[i] ?? 0;
+      if (p !== 0 && p !== 0xffff && b.pin[i] === 0) {
+        b.prio[i] = p - 1;
+        if (p - 1 < min) min = p - 1;
+      }
+    }
+    b.minPrio = min === 0xffff ? 0 : min;
+  }
+
+  // ---------------------------------------------------------------------------
+  // UUIDs and GC
+
+  async writeUuids(): Promise<void> {
+    this.check();
+    await this.uuids.write();
+  }
+
+  triggerGc(): void {
+    this.gc.request();
+  }
+
+  async runGc(): Promise<void> {
+    this.check();
+    await this.gc.runNow();
+  }
+
+  // ---------------------------------------------------------------------------
+  // Teardown
+
+  /**
+   * Stop the set (cache_set_flush): GC, dirty nodes written, allocator, a
+   * final journal entry, the superblock, the device closed. Idempotent and
+   * bounded: past stopTimeoutMs it logs and closes anyway.
+   */
+  stop(): Promise<void> {
+    if (!this.stopPromise) this.stopPromise = this.shutdown(true);
+    return this.stopPromise;
+  }
+
+  private async shutdown(clean: boolean): Promise<void> {
+    this.stopping = true;
+    const limit = this.options.stopTimeoutMs ?? 60_000;
+    let timer: NodeJS.Timeout | undefined;
+    const timedOut = await Promise.race([
+      this.teardown(clean).then(() => false),
+      new Promise<boolean>((resolve) => {
+        timer = setTimeout(() => {
+          resolve(true);
+        }, limit);
+      }),
+    ]);
+    clearTimeout(timer);
+    if (timedOut) log.warn(`bcache: cache set ${this.uuid}: stop gave up after ${limit} ms`);
+    this.openBuckets.closeAll();
+    if (this.options.closeDevice !== false) await this.dev.close().catch(() => undefined);
+    log.info(`bcache: cache_set_free() Cache set ${this.uuid} unregistered`);
+  }
+
+  private async teardown(clean: boolean): Promise<void> {
+    const attempt = async (what: string, fn: () => Promise<void>): Promise<void> => {
+      try {
+        await fn();
+      } catch (err) {
+        log.error(`bcache: cache set ${this.uuid}: ${what} failed while stopping: ${errorMessage(err)}`);
+        this.fail(err);
+      }
+    };
+    // Workers stop whatever happens to the writes: each step on its own.
+    await this.gc.stop();
+    if (clean && !this.disabled() && this.btree.hasRoot) {
+      await attempt('writing dirty btree nodes', async () => {
+        await Promise.all(this.btree.dirtyNodes().map((n: BtreeNode) => this.btree.writeNode(n)));
+      });
+    }
+    await this.allocator.stop();
+    await this.journal.stop();
+    if (clean && !this.disabled() && this.btree.hasRoot && cacheSync(this.sb)) {
+      await attempt('the final journal entry', () => this.journal.writeFinal());
+      if (!this.disabled()) await attempt('the superblock', () => this.writeSuperblock());
+    }
+  }
+}

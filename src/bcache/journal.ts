@@ -1,0 +1,592 @@
+// The journal: a ring of buckets (sb.d[]) holding jsets, written by one
+// Worker with group commit (docs/engine.md §6).
+//
+// Entries. Keys are added to the open entry; the caller gets the entry as a
+// pin and drops it once the keys are in a leaf (which takes its own pin until
+// it is written and flushed, R5). An entry's seq is assigned when its jset is
+// written, so that a header-only entry can be written ahead of it when the
+// ring needs one (below); entries are ordered by creation meanwhile.
+//
+// Group commit. The worker writes the open entry `journalDelayMs` after its
+// first key, or at once when someone waits on it (FLUSH, FUA, metadata
+// changes); waiters that arrive while it is being written wait for the next
+// one, and all waiters of one entry share its write. A jset write is R1:
+// flush, write, flush. `last_seq` is taken after the first flush, so node
+// writes that flush covered already count.
+//
+// The ring. A bucket is reused only when every entry in it is older than the
+// last_seq of a *durable* jset: reusing it on the strength of an in-memory
+// last_seq (as the kernel does) would leave, after a crash at that moment, a
+// newest durable jset asking to replay entries that are gone. Keyed entries
+// leave the last block of each bucket free, so that when the next bucket can
+// only be freed by a newer last_seq, a header-only entry can carry it.
+// Writing resumes, after bring-up, at the start of the bucket after the one
+// holding the newest entry, as the kernel does.
+
+import { keysU64s, type Bkey } from '../format/bkey.ts';
+import { BCACHE_JSET_VERSION, JSET_MAX_BYTES, MAX_CACHES_PER_SET } from '../format/constants.ts';
+import { FormatError } from '../format/errors.ts';
+import {
+  encodeJset,
+  JSET_HEADER_BYTES,
+  jsetBytes,
+  missingJournalRanges,
+  scanJournalBucket,
+  selectReplayEntries,
+  type Jset,
+} from '../format/jset.ts';
+import { IoError } from '../blockdev/types.ts';
+import { deferred, errorMessage, Mutex, Notifier, Worker, type Deferred } from '../util/lifecycle.ts';
+import { log } from '../util/log.ts';
+import type { BtreeNode, JournalPin } from './btree-node.ts';
+import type { CacheIo } from './io.ts';
+
+let entryOrder = 0;
+
+export class JournalEntry implements JournalPin {
+  readonly order = ++entryOrder;
+  /** Assigned when the jset is written (or read). */
+  seq = 0;
+  keys: Bkey[] = [];
+  u64s = 0;
+  /** The entry's own reference (until written), callers' and leaves' pins. */
+  pins = 1;
+  durable = false;
+  /** Someone waits: write at once. */
+  urgent = false;
+  /** When the first key arrived plus the delay. */
+  deadline = 0;
+  waiters: Deferred<void>[] = [];
+  /** Run once the entry is durable (old buckets freed after a rewrite). */
+  after: Array<() => void> = [];
+}
+
+/** What a jset header records: the current (durable) metadata pointers. */
+export interface JournalHeader {
+  root: Bkey;
+  level: number;
+  uuidBucket: Bkey;
+  prioBucket: number;
+}
+
+export interface JournalHost {
+  io: CacheIo;
+  setMagic: bigint;
+  blockSize: number;
+  bucketSize: number;
+  /** False until the set is initialised (CACHE_SYNC): nothing is journaled before. */
+  cacheSync(): boolean;
+  header(): JournalHeader;
+  /** Dirty leaves pinning `entry` or older. */
+  nodesPinning(entry: JournalPin, max: number): BtreeNode[];
+  writeNode(node: BtreeNode): Promise<void>;
+  fail(err: unknown): void;
+  isDisabled(): boolean;
+}
+
+export interface JournalReadResult {
+  /** The entries to replay, oldest first (last_seq of the newest to the newest). */
+  replay: Jset[];
+  newest: Jset;
+  /** Highest seq found in each ring bucket (0: none). */
+  bucketSeq: number[];
+}
+
+export interface JournalStats {
+  entriesWritten: number;
+  metaEntries: number;
+  keysWritten: number;
+  reclaimedBuckets: number;
+  nodeFlushes: number;
+}
+
+export class Journal {
+  private readonly host: JournalHost;
+  /** Bucket numbers of the ring (sb.d[]). */
+  readonly ring: readonly number[];
+  private readonly bucketSeq: number[];
+  private cur = 0;
+  private last = 0;
+  private blocksFree = 0;
+  private writeSector = 0;
+  private readonly bucketBlocks: number;
+  private readonly blockSectors: number;
+  private readonly maxEntryBlocks: number;
+  private lastAssigned = 0;
+  private durableLastSeq = 0;
+  /** Entries not yet reclaimed, oldest first; the open entry is last. */
+  private readonly live: JournalEntry[] = [];
+  private open: JournalEntry;
+  /** Jset writes are serialized. */
+  private readonly writeLock = new Mutex();
+  private readonly afterFlush: Array<{ entry: JournalPin; epoch: number }> = [];
+  private readonly wake = new Notifier();
+  private readonly nodeQueue = new Set<BtreeNode>();
+  private worker: Worker | undefined;
+  private dead: Error | undefined;
+  /**
+   * Normal writes leave the last free ring bucket alone; bring-up may use it,
+   * since replay can need journal writes while the ring is still full of the
+   * entries it is replaying (the kernel's 2022 journal-replay deadlock fix).
+   */
+  reserveOpen = false;
+  delayMs: number;
+  readonly stats: JournalStats = {
+    entriesWritten: 0,
+    metaEntries: 0,
+    keysWritten: 0,
+    reclaimedBuckets: 0,
+    nodeFlushes: 0,
+  };
+
+  constructor(host: JournalHost, ring: readonly number[], delayMs: number) {
+    if (ring.length === 0) throw new Error('journal: no journal buckets');
+    this.host = host;
+    this.ring = ring;
+    this.bucketSeq = ring.map(() => 0);
+    this.bucketBlocks = host.bucketSize / host.blockSize;
+    this.blockSectors = host.blockSize;
+    const blockBytes = host.blockSize * 512;
+    const reserve = this.bucketBlocks > 1 ? 1 : 0;
+    this.maxEntryBlocks = Math.min(Math.floor(JSET_MAX_BYTES / blockBytes), this.bucketBlocks - reserve);
+    this.delayMs = delayMs;
+    this.open = new JournalEntry();
+    this.live.push(this.open);
+    host.io.onFlushed((epoch) => {
+      this.flushed(epoch);
+    });
+  }
+
+  /** Read the ring at bring-up: every bucket, then the kernel's selection rules. */
+  static async read(
+    io: CacheIo,
+    ring: readonly number[],
+    g: { bucketSize: number; blockSize: number; setMagic: bigint },
+  ): Promise<JournalReadResult | undefined> {
+    const all: Jset[] = [];
+    const bucketSeq: number[] = [];
+    const buf = Buffer.allocUnsafe(g.bucketSize * 512);
+    for (const bucket of ring) {
+      await io.read(buf, bucket * g.bucketSize);
+      const scan = scanJournalBucket(buf, { setMagic: g.setMagic, blockSize: g.blockSize });
+      let max = 0;
+      for (const j of scan.entries) {
+        all.push(j);
+        max = Math.max(max, j.seq);
+      }
+      bucketSeq.push(max);
+    }
+    const replay = selectReplayEntries(all);
+    const newest = replay[replay.length - 1];
+    if (!newest) return undefined;
+    const gaps = missingJournalRanges(replay);
+    const gap = gaps[0];
+    if (gap) {
+      throw new FormatError(
+        'jset',
+        'seq',
+        `journal entries ${gap[0]}-${gap[1]} missing! (replaying ${newest.lastSeq}-${newest.seq})`,
+      );
+    }
+    return { replay, newest, bucketSeq };
+  }
+
+  /**
+   * Continue after reading: the replayed entries stay pinned (one reference
+   * each, dropped by replayed()) and writing resumes in the bucket after the
+   * newest entry's.
+   */
+  resume(r: JournalReadResult): JournalEntry[] {
+    const open = this.live.pop();
+    const replay: JournalEntry[] = [];
+    for (const j of r.replay) {
+      const e = new JournalEntry();
+      e.seq = j.seq;
+      e.durable = true;
+      e.keys = j.keys;
+      replay.push(e);
+      this.live.push(e);
+    }
+    if (open) {
+      // Its creation order must follow the replayed entries'.
+      this.open = new JournalEntry();
+      this.live.push(this.open);
+    }
+    r.bucketSeq.forEach((s, i) => (this.bucketSeq[i] = s));
+    let newestIdx = 0;
+    for (let i = 0; i < this.bucketSeq.length; i++) {
+      if ((this.bucketSeq[i] ?? 0) > (this.bucketSeq[newestIdx] ?? 0)) newestIdx = i;
+    }
+    this.cur = newestIdx;
+    this.last = (newestIdx + 1) % this.ring.length;
+    this.blocksFree = 0;
+    this.lastAssigned = r.newest.seq;
+    this.durableLastSeq = r.newest.lastSeq;
+    return replay;
+  }
+
+  /** The seq of the newest durable entry. */
+  get seq(): number {
+    return this.lastAssigned;
+  }
+
+  /** The open entry (tests, stats). */
+  get openEntry(): JournalEntry {
+    return this.open;
+  }
+
+  start(): void {
+    this.worker = new Worker('bcache_journal', (signal) => this.run(signal), { stopTimeoutMs: 30_000 }).start();
+  }
+
+  async stop(): Promise<void> {
+    await this.worker?.stop();
+    this.worker = undefined;
+  }
+
+  // ---------------------------------------------------------------------------
+  // Pins
+
+  pin(e: JournalPin): void {
+    e.pins++;
+  }
+
+  unpin(e: JournalPin): void {
+    if (e.pins <= 0) throw new Error(`journal: entry ${e.order} unpinned more often than pinned`);
+    e.pins--;
+    if (e.pins === 0) {
+      this.reclaimEntries();
+      this.wake.notify();
+    }
+  }
+
+  unpinAfterFlush(e: JournalPin, epoch: number): void {
+    if (this.host.io.durableEpoch >= epoch) this.unpin(e);
+    else this.afterFlush.push({ entry: e, epoch });
+  }
+
+  private flushed(epoch: number): void {
+    if (this.afterFlush.length === 0) return;
+    const keep: Array<{ entry: JournalPin; epoch: number }> = [];
+    const release: JournalPin[] = [];
+    for (const a of this.afterFlush) {
+      if (a.epoch <= epoch) release.push(a.entry);
+      else keep.push(a);
+    }
+    this.afterFlush.length = 0;
+    this.afterFlush.push(...keep);
+    for (const e of release) this.unpin(e);
+  }
+
+  /** Drop unpinned durable entries from the front. */
+  private reclaimEntries(): void {
+    while (this.live.length > 1) {
+      const e = this.live[0] as JournalEntry;
+      if (e.pins > 0 || !e.durable) break;
+      this.live.shift();
+    }
+  }
+
+  /**
+   * last_seq for a jset written now with seq `seq`: the oldest entry anyone
+   * still needs (an unwritten one counts as `seq`), never after `seq`.
+   */
+  private lastSeqFor(seq: number): number {
+    for (const e of this.live) {
+      if (e.pins > 0) return Math.min(e.seq === 0 ? seq : e.seq, seq);
+    }
+    return seq;
+  }
+
+  /** Oldest entry still pinned. */
+  private oldestPinned(): JournalEntry | undefined {
+    for (const e of this.live) if (e.pins > 0) return e;
+    return undefined;
+  }
+
+  // ---------------------------------------------------------------------------
+  // Adding keys and committing
+
+  private check(): void {
+    if (this.dead) throw this.dead;
+    if (this.host.isDisabled()) throw new IoError('EIO', 'journal: cache set I/O is disabled');
+  }
+
+  private blocksFor(u64s: number): number {
+    return Math.ceil(jsetBytes(u64s) / (this.host.blockSize * 512));
+  }
+
+  /**
+   * Add keys to the open entry and return it, pinned: the caller unpins it
+   * once the keys are in the btree. Waits if the open entry is full.
+   */
+  async add(keys: readonly Bkey[]): Promise<JournalEntry> {
+    const u64s = keysU64s(keys);
+    if (this.blocksFor(u64s) > this.maxEntryBlocks) {
+      throw new RangeError(`journal: ${keys.length} keys (${u64s} u64s) do not fit one journal entry`);
+    }
+    for (;;) {
+      this.check();
+      const o = this.open;
+      if (this.blocksFor(o.u64s + u64s) <= this.maxEntryBlocks) {
+        for (const k of keys) o.keys.push(k);
+        o.u64s += u64s;
+        o.pins++;
+        if (o.deadline === 0) {
+          o.deadline = Date.now() + this.delayMs;
+          this.wake.notify();
+        }
+        return o;
+      }
+      await this.commit(o);
+    }
+  }
+
+  /**
+   * Wait until `entry` (default: the open entry) is durable; it is written at
+   * once. With no keys in it, this writes a header-only entry (a FLUSH does).
+   */
+  async commit(entry: JournalEntry = this.open): Promise<void> {
+    if (entry.durable) return;
+    this.check();
+    const d = deferred();
+    entry.waiters.push(d);
+    entry.urgent = true;
+    this.wake.notify();
+    if (!this.worker) {
+      // Bring-up and teardown: no worker, write in the caller.
+      await this.writeOpen();
+    }
+    await d.promise;
+  }
+
+  /** Run `fn` once an entry written from now on is durable; that entry goes out soon. */
+  afterCommit(fn: () => void): void {
+    this.open.after.push(fn);
+    this.open.urgent = true;
+    this.wake.notify();
+  }
+
+  /** Queue a leaf for writing by the journal worker. */
+  queueNode(node: BtreeNode): void {
+    this.nodeQueue.add(node);
+    this.wake.notify();
+  }
+
+  private async run(signal: AbortSignal): Promise<void> {
+    while (!signal.aborted && !this.dead) {
+      if (this.nodeQueue.size > 0) {
+        const nodes = [...this.nodeQueue];
+        this.nodeQueue.clear();
+        try {
+          await Promise.all(nodes.map((n) => this.host.writeNode(n)));
+        } catch (err) {
+          this.die(err);
+          return;
+        }
+        continue;
+      }
+      const o = this.open;
+      const due = o.urgent || (o.keys.length > 0 && Date.now() >= o.deadline);
+      if (due && !this.writeLock.isLocked) {
+        await this.writeOpen(signal);
+        await this.reclaimEarly();
+        continue;
+      }
+      const timeout = o.keys.length > 0 && !o.urgent ? Math.max(0, o.deadline - Date.now()) : undefined;
+      await this.wake.wait(signal, timeout);
+    }
+  }
+
+  /** Write the open entry (rotating in a new one first); serialized with other writes. */
+  private async writeOpen(signal?: AbortSignal): Promise<void> {
+    const release = await this.writeLock.lock();
+    try {
+      if (this.dead) return;
+      const w = this.open;
+      if (!w.urgent && w.keys.length === 0) return;
+      this.open = new JournalEntry();
+      this.live.push(this.open);
+      try {
+        await this.writeEntry(w, signal);
+      } catch (err) {
+        this.die(err);
+      }
+    } finally {
+      release();
+      this.wake.notify();
+    }
+  }
+
+  private die(err: unknown): void {
+    if (!this.dead) {
+      this.dead = err instanceof Error ? err : new Error(errorMessage(err));
+      this.host.fail(err);
+    }
+    for (const e of this.live) {
+      for (const d of e.waiters) d.reject(this.dead);
+      e.waiters = [];
+    }
+  }
+
+  /** Make room for `blocks` in the ring, then write `w` as an R1 commit. */
+  private async writeEntry(w: JournalEntry, signal?: AbortSignal): Promise<void> {
+    if (!this.host.cacheSync()) {
+      // Nothing is journaled before the set is initialised (bch_journal without CACHE_SYNC).
+      this.finish(w);
+      return;
+    }
+    const blocks = this.blocksFor(w.u64s);
+    // Every entry leaves the last block of its bucket free for the header-only entry makeRoom may need.
+    await this.makeRoom(blocks + (this.bucketBlocks > 1 ? 1 : 0), signal);
+    await this.host.io.flush();
+    await this.writeJset(w, blocks);
+    await this.host.io.flush();
+    this.finish(w);
+  }
+
+  private finish(w: JournalEntry): void {
+    w.durable = true;
+    for (const d of w.waiters) d.resolve();
+    w.waiters = [];
+    const after = w.after;
+    w.after = [];
+    for (const fn of after) fn();
+    this.unpin(w);
+  }
+
+  /**
+   * Past half the ring, write the leaves pinning the oldest entry now rather
+   * than when the ring is full: a crash then rarely finds the ring full of
+   * entries to replay.
+   */
+  private async reclaimEarly(): Promise<void> {
+    if (this.dead || this.bucketsInUse * 2 <= this.ring.length) return;
+    const oldest = this.oldestPinned();
+    if (!oldest) return;
+    const nodes = this.host.nodesPinning(oldest, 8);
+    if (nodes.length === 0) return;
+    try {
+      await Promise.all(nodes.map((n) => this.host.writeNode(n)));
+    } catch (err) {
+      this.die(err);
+    }
+  }
+
+  private async writeJset(w: JournalEntry, blocks: number): Promise<void> {
+    w.seq = ++this.lastAssigned;
+    const h = this.host.header();
+    const prio = new Array<number>(MAX_CACHES_PER_SET).fill(0);
+    prio[0] = h.prioBucket;
+    const lastSeq = this.lastSeqFor(w.seq);
+    const buf = encodeJset(
+      {
+        seq: w.seq,
+        lastSeq,
+        version: BCACHE_JSET_VERSION,
+        uuidBucket: h.uuidBucket,
+        btreeRoot: h.root,
+        btreeLevel: h.level,
+        prioBucket: prio,
+        keys: w.keys,
+      },
+      { setMagic: this.host.setMagic, blockBytes: this.host.blockSize * 512 },
+    );
+    if (buf.length / (this.host.blockSize * 512) !== blocks || blocks > this.blocksFree) {
+      throw new Error(`journal: entry ${w.seq} takes ${blocks} blocks, ${this.blocksFree} free`);
+    }
+    await this.host.io.writeMeta(buf, this.writeSector);
+    this.writeSector += blocks * this.blockSectors;
+    this.blocksFree -= blocks;
+    this.bucketSeq[this.cur] = w.seq;
+    this.durableLastSeq = lastSeq;
+    this.stats.entriesWritten++;
+    this.stats.keysWritten += w.keys.length;
+    if (w.keys.length === 0) this.stats.metaEntries++;
+  }
+
+  /** A ring bucket whose entries no durable jset needs any more. */
+  private bucketFree(i: number): boolean {
+    const s = this.bucketSeq[i] ?? 0;
+    return s === 0 || s < this.durableLastSeq;
+  }
+
+  private async makeRoom(blocks: number, signal?: AbortSignal): Promise<void> {
+    for (;;) {
+      if (this.blocksFree >= blocks) return;
+      const n = this.ring.length;
+      while (this.last !== this.cur && this.bucketFree(this.last)) this.last = (this.last + 1) % n;
+      const next = (this.cur + 1) % n;
+      const free = n - 1 - ((this.cur - this.last + n) % n);
+      if (next !== this.last && (free >= 2 || this.reserveOpen || n < 3)) {
+        this.cur = next;
+        this.bucketSeq[next] = 0;
+        this.blocksFree = this.bucketBlocks;
+        this.writeSector = (this.ring[next] ?? 0) * this.host.bucketSize;
+        this.stats.reclaimedBuckets++;
+        continue;
+      }
+      // The ring is full (but for the reserve). The oldest bucket's entries must become unneeded, durably.
+      const target = this.bucketSeq[this.last] ?? 0;
+      const oldest = this.oldestPinned();
+      if (oldest && oldest.seq !== 0 && oldest.seq <= target) {
+        const nodes = this.host.nodesPinning(oldest, 8);
+        if (nodes.length > 0) {
+          this.stats.nodeFlushes++;
+          await Promise.all(nodes.map((n) => this.host.writeNode(n)));
+          await this.host.io.flush();
+          continue;
+        }
+        // Node writes whose pins wait for a flush: flush.
+        if (this.afterFlush.length > 0) {
+          await this.host.io.flush();
+          continue;
+        }
+        // Pinned by keys on their way into the btree: wait for them.
+        if (this.host.isDisabled()) throw new IoError('EIO', 'journal: cache set I/O is disabled');
+        if (signal?.aborted) throw new IoError('ESHUTDOWN', 'journal: stopped while the journal was full');
+        await this.wake.wait(signal ?? new AbortController().signal);
+        continue;
+      }
+      // Nothing old is needed any more, but no durable jset says so yet: write one in the reserved block.
+      const metaBlocks = this.blocksFor(0);
+      if (this.blocksFree < metaBlocks) {
+        throw new Error('journal: the ring is full and the reserved block is gone');
+      }
+      const m = new JournalEntry();
+      // A header-only entry written ahead of the one that needs the room.
+      this.live.splice(this.live.length - 2, 0, m);
+      await this.host.io.flush();
+      await this.writeJset(m, metaBlocks);
+      await this.host.io.flush();
+      m.durable = true;
+      this.unpin(m);
+    }
+  }
+
+  /** Write whatever is open now, header-only if empty (teardown and bring-up). */
+  async writeFinal(): Promise<void> {
+    if (this.dead || this.host.isDisabled()) return;
+    this.open.urgent = true;
+    await this.writeOpen();
+  }
+
+  /** Keys in the open entry (tests). */
+  get openKeys(): number {
+    return this.open.keys.length;
+  }
+
+  /** Fraction of the ring in use, for stats. */
+  get bucketsInUse(): number {
+    let n = 0;
+    for (let i = 0; i < this.ring.length; i++) if (!this.bucketFree(i) || i === this.cur) n++;
+    return n;
+  }
+
+  /** Header bytes: exported for the size computations of callers. */
+  static readonly headerBytes = JSET_HEADER_BYTES;
+}
+
+export function logReplay(keys: number, entries: number, seq: number): void {
+  log.info(`bcache: bch_journal_replay() journal replay done, ${keys} keys in ${entries} entries, seq ${seq}`);
+}
