@@ -10,9 +10,10 @@ interface Entry {
 }
 
 const subcommands: Record<string, Entry> = {
-<<<<<<< HEAD
-  export: { summary: 'serve files or block devices over NBD', load: async () => (await import('./export.ts')).run },
-=======
+  export: {
+    summary: 'serve files or block devices over NBD',
+    load: async () => (await import('./export.ts')).run,
+  },
   make: {
     summary: 'format cache and backing devices (make-bcache)',
     load: async () => (await import('./make.ts')).run,
@@ -21,7 +22,6 @@ const subcommands: Record<string, Entry> = {
     summary: "print a device's bcache superblock (bcache-super-show)",
     load: async () => (await import('./show-super.ts')).run,
   },
->>>>>>> main
 };
 
 function usage(): string {
