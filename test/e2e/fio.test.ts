@@ -20,6 +20,7 @@ test('fio nbd engine: random writes with verify=crc32c read back intact', async 
       '--verify=crc32c',
       '--do_verify=1',
       '--verify_fatal=1',
+      '--verify_state_save=0', // else fio leaves *-verify.state files in the working directory
       '--output-format=json',
       `--directory=${tmp.dir}`,
     ];
