@@ -31,12 +31,19 @@ export interface NativeOps {
   seek(fd: number, offset: number, whence: number): Promise<number>;
   /** ioctl(BLKDISCARD); null when the addon predates it. */
   blkdiscard: ((fd: number, offset: number, length: number) => Promise<void>) | null;
+  /**
+   * Synchronous preadv2(RWF_NOWAIT) into all of `buf`: the bytes read, or
+   * -errno (-EAGAIN when the data is not in the page cache). null when the
+   * addon predates it.
+   */
+  preadNowait: ((fd: number, buf: Uint8Array, position: number) => number) | null;
 }
 
 interface RawAddon {
   fallocate?: unknown;
   seek?: unknown;
   blkdiscard?: unknown;
+  preadNowait?: unknown;
 }
 
 // src/blockdev/native.ts and dist/blockdev/native.js are both two levels below
@@ -76,7 +83,7 @@ function load(): NativeOps | null {
     }
     return null;
   }
-  const { fallocate, seek, blkdiscard } = raw;
+  const { fallocate, seek, blkdiscard, preadNowait } = raw;
   if (typeof fallocate !== 'function' || typeof seek !== 'function') {
     log.warn(`native addon ${addonPath} lacks fallocate/seek; rebuild it with \`npm run build\``);
     return null;
@@ -85,6 +92,7 @@ function load(): NativeOps | null {
     fallocate: fallocate as NativeOps['fallocate'],
     seek: seek as NativeOps['seek'],
     blkdiscard: typeof blkdiscard === 'function' ? (blkdiscard as NonNullable<NativeOps['blkdiscard']>) : null,
+    preadNowait: typeof preadNowait === 'function' ? (preadNowait as NonNullable<NativeOps['preadNowait']>) : null,
   };
 }
 
