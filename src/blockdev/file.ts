@@ -83,7 +83,7 @@ const NOWAIT_MAX = 1024 * 1024;
 const EAGAIN = 11;
 
 /** Writes up to this size may be done inline (see writeInline). */
-const INLINE_WRITE_MAX = 256 * 1024;
+const INLINE_WRITE_MAX = 1024 * 1024;
 const INLINE_WRITE_SLOW_MS_DEFAULT = 2;
 const INLINE_WRITE_BACKOFF_MS = 1000;
 
