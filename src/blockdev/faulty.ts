@@ -11,7 +11,7 @@
 // reaches the inner device unless the rule says `after` (do the I/O, then fail:
 // the write landed, the caller is told it did not).
 //
-// Spec strings (the CLI's --fault option and `faulty:RULES@DEVICE` specs):
+// Spec strings, for the command line (device specs `faulty:RULES@DEVICE`, see open.ts):
 //
 //   RULES      := RULE [ ',' RULE ]...
 //   RULE       := ACTION [ ':' QUALIFIER ]...

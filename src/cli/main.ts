@@ -9,7 +9,16 @@ interface Entry {
   load: () => Promise<Subcommand>;
 }
 
-const subcommands: Record<string, Entry> = {};
+const subcommands: Record<string, Entry> = {
+  make: {
+    summary: 'format cache and backing devices (make-bcache)',
+    load: async () => (await import('./make.ts')).run,
+  },
+  'show-super': {
+    summary: "print a device's bcache superblock (bcache-super-show)",
+    load: async () => (await import('./show-super.ts')).run,
+  },
+};
 
 function usage(): string {
   const lines = [

@@ -157,7 +157,8 @@ export function btreeNodeSectors(bucketSize: number): number {
 }
 
 export const UUID_ENTRY_BYTES = 128;
-export const UUID_ENTRY_V0_BYTES = 48;
+/** struct uuid_entry_v0: uuid[16], label[32], first_reg, last_reg, invalidated, pad (64 bytes, not 48). */
+export const UUID_ENTRY_V0_BYTES = 64;
 
 /** c->nr_uuids: uuid slots in the uuid bucket (= the most devices a set can hold). */
 export function uuidSlotCount(bucketSize: number): number {

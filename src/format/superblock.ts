@@ -245,10 +245,16 @@ function bitList(mask: bigint): number[] {
   return bits;
 }
 
-function unknownFeatures(kind: string, field: string, value: bigint, supported: bigint): FormatError | undefined {
+function unknownFeatures(
+  kind: string,
+  field: string,
+  value: bigint,
+  supported: bigint,
+  known: ReadonlyMap<bigint, string> = new Map(),
+): FormatError | undefined {
   const unknown = value & ~supported;
   if (unknown === 0n) return undefined;
-  const names = bitList(unknown).map((bit) => INCOMPAT_FEATURE_NAMES.get(1n << BigInt(bit)) ?? `bit ${bit}`);
+  const names = bitList(unknown).map((bit) => known.get(1n << BigInt(bit)) ?? `bit ${bit}`);
   return new FormatError(
     S,
     field,
@@ -333,7 +339,13 @@ export function decodeSuperblock(block: Uint8Array, options: DecodeSuperblockOpt
     const err =
       unknownFeatures('compatible', 'feature_compat', f.featureCompat, BCH_FEATURE_COMPAT_SUPP) ??
       unknownFeatures('read-only compatible', 'feature_ro_compat', f.featureRoCompat, BCH_FEATURE_RO_COMPAT_SUPP) ??
-      unknownFeatures('incompatible', 'feature_incompat', f.featureIncompat, BCH_FEATURE_INCOMPAT_SUPP);
+      unknownFeatures(
+        'incompatible',
+        'feature_incompat',
+        f.featureIncompat,
+        BCH_FEATURE_INCOMPAT_SUPP,
+        INCOMPAT_FEATURE_NAMES,
+      );
     if (err) throw err;
   }
   switch (version) {
@@ -476,7 +488,8 @@ export function encodeSuperblock(sb: Superblock): Buffer {
 }
 
 function writeBucketSize(sb: Superblock, b: Buffer): void {
-  const features = sb.version >= BCACHE_SB_VERSION_CDEV_WITH_FEATURES ? sb.featureIncompat : 0n;
+  // Only a cache's bucket size is widened by the features (get_bucket_size reads it for caches only).
+  const features = sb.version === BCACHE_SB_VERSION_CDEV_WITH_FEATURES ? sb.featureIncompat : 0n;
   if (features & BCH_FEATURE_INCOMPAT_LOG_LARGE_BUCKET_SIZE) {
     if (!isPowerOfTwo(sb.bucketSize)) {
       throw new FormatError(S, 'bucket_size', `${sb.bucketSize} is not a power of two (large_bucket stores a log2)`);

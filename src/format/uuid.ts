@@ -7,9 +7,10 @@
 // (c->nr_uuids entries) and has no checksum. An all-zero uuid is a free slot;
 // INVALID_UUID marks a detached device's slot.
 //
-// Before journal version 1 the entries were 48 bytes (uuid_entry_v0: uuid,
-// label, first_reg, last_reg, invalidated, pad); uuid_read() converts such a
-// table, giving flags = 0 and sectors = 0.
+// Before journal version 1 the entries were 64 bytes (uuid_entry_v0: uuid,
+// label, first_reg, last_reg, invalidated, pad; sometimes called "48-byte",
+// which is only its uuid and label); uuid_read() converts such a table in
+// place, giving flags = 0 and sectors = 0.
 
 import { INVALID_UUID, UUID_ENTRY_BYTES, UUID_ENTRY_V0_BYTES, BCACHE_JSET_VERSION_UUIDV1 } from './constants.ts';
 import { FormatError } from './errors.ts';
@@ -69,7 +70,7 @@ export function decodeUuidEntry(buf: Buffer, pos: number): UuidEntry {
   };
 }
 
-/** The old 48-byte entry, converted as uuid_read() does. */
+/** The old 64-byte entry, converted as uuid_read() does. */
 export function decodeUuidEntryV0(buf: Buffer, pos: number): UuidEntry {
   return {
     uuid: Buffer.from(buf.subarray(pos, pos + 16)),
@@ -109,7 +110,7 @@ export function encodeUuidEntry(e: UuidEntry, buf: Buffer, pos: number): void {
   buf.writeBigUInt64LE(BigInt(e.sectors), pos + 64);
 }
 
-/** The old 48-byte form (for tests and tools: the kernel only reads it). */
+/** The old 64-byte form (for tests and tools: the kernel only reads it). */
 export function encodeUuidEntryV0(e: UuidEntry, buf: Buffer, pos: number): void {
   checkEntry(e);
   buf.fill(0, pos, pos + UUID_ENTRY_V0_BYTES);
@@ -122,7 +123,7 @@ export function encodeUuidEntryV0(e: UuidEntry, buf: Buffer, pos: number): void 
 
 /**
  * The table of a uuid bucket's bytes (meta_bucket_bytes of them): one entry per
- * 128 bytes, or, for a journal older than version 1, the old 48-byte entries.
+ * 128 bytes, or, for a journal older than version 1, the old 64-byte entries.
  */
 export function decodeUuidBucket(buf: Buffer, options: { jsetVersion: number }): UuidEntry[] {
   const count = Math.floor(buf.length / UUID_ENTRY_BYTES);
