@@ -149,3 +149,10 @@ export class JitterDevice implements BlockDevice {
     return this.inner.close();
   }
 }
+
+/** The memory device under a test's device (for synchronous peeks at its bytes). */
+export function mem(dev: BlockDevice): MemoryBlockDevice {
+  if (dev instanceof MemoryBlockDevice) return dev;
+  if (dev instanceof JitterDevice) return mem(dev.inner);
+  throw new Error(`${dev.name} is not a memory device`);
+}

@@ -11,7 +11,7 @@ import { bdevState, decodeSuperblock } from '../../src/format/superblock.ts';
 import { CACHE_MODE_NONE, CACHE_MODE_WRITEAROUND, CACHE_MODE_WRITEBACK } from '../../src/bcache/cached-dev.ts';
 import { hitRatio, hprint } from '../../src/bcache/stats.ts';
 import { assertNothingLeft } from './helpers.ts';
-import { makePair, MiB, pattern } from './request-helpers.ts';
+import { makePair, mem, MiB, pattern } from './request-helpers.ts';
 
 const S = 512;
 
@@ -60,7 +60,7 @@ test('the bcache device: size, block size, keys in backing sectors (data offset 
 test('writeback: writes stay in the cache, dirty, reads hit; the superblock says DIRTY before the ack (R7)', async () => {
   const p = await makePair({ backing: { writeback: true }, settings: { writebackRunning: false } });
   const d = p.dev.device;
-  const backing = p.backingDev as MemoryBlockDevice;
+  const backing = mem(p.backingDev);
   assert.equal(bdevState(backingSb(backing)), 1, 'attached: clean');
   await d.write(pattern(7, 104, 16), 104 * S);
   assert.equal(bdevState(backingSb(backing)), 2, 'dirty on disk once the first dirty write is acknowledged');
@@ -87,7 +87,7 @@ test('writeback: writes stay in the cache, dirty, reads hit; the superblock says
 
 test('a miss is filled after the reply; the next read hits', async () => {
   const p = await makePair({ settings: { sequentialCutoff: 0 } });
-  const backing = p.backingDev as MemoryBlockDevice;
+  const backing = mem(p.backingDev);
   backing.writeSync(pattern(3, 1000, 64), (1000 + 16) * S);
   const d = p.dev.device;
   assert.deepEqual(await readDev(d, 1000, 64), pattern(3, 1000, 64));
@@ -104,7 +104,7 @@ test('a miss is filled after the reply; the next read hits', async () => {
 test('writethrough: both devices written; the clean copy enters the index after a backing flush', async () => {
   const p = await makePair({ settings: { sequentialCutoff: 0 } });
   const d = p.dev.device;
-  const backing = p.backingDev as MemoryBlockDevice;
+  const backing = mem(p.backingDev);
   await d.write(pattern(4, 0, 8), 0);
   const raw = Buffer.alloc(8 * S);
   backing.readSync(raw, 16 * S);
@@ -144,7 +144,7 @@ test('writearound and none: writes bypass (counted), and invalidate what was cac
   assert.equal(p.dev.request.fillsPending, 0);
   assert.equal(p.dev.stats.total.sectorsBypassed, 24);
   assert.equal(p.dev.cacheModeName, 'none');
-  assert.equal(backingSb(p.backingDev as MemoryBlockDevice).flags & 15n, 3n, 'the mode is in the superblock');
+  assert.equal(backingSb(mem(p.backingDev)).flags & 15n, 3n, 'the mode is in the superblock');
   await p.registry.stopAll();
   assertNothingLeft();
 });
@@ -169,7 +169,7 @@ test('a write racing a miss fill wins, and the collision is counted', async () =
   const cacheDev = new FaultyBlockDevice(new MemoryBlockDevice(48 * MiB, { name: 'cache' }));
   const p = await makePair({ cacheDev, settings: { sequentialCutoff: 0 }, backing: { writeback: true } });
   const d = p.dev.device;
-  (p.backingDev as MemoryBlockDevice).writeSync(pattern(1, 512, 8), (512 + 16) * S);
+  (mem(p.backingDev)).writeSync(pattern(1, 512, 8), (512 + 16) * S);
   // Hold the fill's write to the cache.
   const hold = cacheDev.hold({ ops: ['write'] });
   assert.deepEqual(await readDev(d, 512, 8), pattern(1, 512, 8));
