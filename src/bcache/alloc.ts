@@ -79,6 +79,7 @@ export class Allocator {
   private worker: Worker | undefined;
   private fifoLast = 0;
   private readonly rng: Prng;
+  private readonly pool: number[] = [];
   /** Marks are valid (GC or bring-up finished); invalidation needs them. */
   gcMarkValid = false;
   /** Invalidation found nothing: wait for a GC before trying again. */
@@ -132,8 +133,8 @@ export class Allocator {
   // Allocation
 
   private take(reserve: Reserve): number {
-    let r = (this.free[RESERVE_NONE]).pop();
-    if (r < 0) r = (this.free[reserve]).pop();
+    let r = this.free[RESERVE_NONE].pop();
+    if (r < 0) r = this.free[reserve].pop();
     if (r < 0) return -1;
     const b = this.b;
     if (b.pin[r] !== 1) throw new Error(`allocator: bucket ${r} on a free list has pin ${b.pin[r]}, not 1`);
@@ -181,7 +182,7 @@ export class Allocator {
     b.setUsed(bucket, 0);
     this.avail++;
     const fifo = this.free[reserve];
-    if (!fifo.unshift(bucket) && !(this.free[RESERVE_NONE]).unshift(bucket)) {
+    if (!fifo.unshift(bucket) && !this.free[RESERVE_NONE].unshift(bucket)) {
       // No room: let GC and invalidation find it.
       b.unpinBucket(bucket);
     }
@@ -207,7 +208,7 @@ export class Allocator {
   }
 
   private push(bucket: number): boolean {
-    if ((this.free[RESERVE_PRIO]).push(bucket)) return true;
+    if (this.free[RESERVE_PRIO].push(bucket)) return true;
     for (const f of this.free) if (f.push(bucket)) return true;
     return false;
   }
@@ -238,6 +239,38 @@ export class Allocator {
         if (!prio.push(i)) btree.push(i);
       }
     }
+  }
+
+  /**
+   * Bring-up: up to `max` more buckets without live data, bumped and pinned
+   * like initialStock's, for the btree rewrites journal replay may need while
+   * the journal (and so prio writes) may still be full. Used first by
+   * allocPool(); what is left goes back with releasePool().
+   */
+  stockPool(max: number): void {
+    const b = this.b;
+    for (let i = b.firstBucket; i < b.nbuckets && this.pool.length < max; i++) {
+      if (b.canInvalidate(i) && b.mark[i] === GC_MARK_FREE) {
+        b.invalidate(i);
+        this.pool.push(i);
+      }
+    }
+  }
+
+  /** A bucket from the bring-up pool, as a btree reserve allocation; -1 if the pool is empty. */
+  allocPool(): number {
+    const r = this.pool.pop();
+    if (r === undefined) return -1;
+    const b = this.b;
+    b.setUsed(r, b.bucketSize);
+    b.mark[r] = GC_MARK_METADATA;
+    b.prio[r] = BTREE_PRIO;
+    if (this.avail > 0) this.avail--;
+    return r;
+  }
+
+  releasePool(): void {
+    for (const r of this.pool.splice(0)) this.b.unpinBucket(r);
   }
 
   // ---------------------------------------------------------------------------

@@ -66,8 +66,12 @@ export interface BtreeHost {
   journalUnpin(entry: JournalPin): void;
   /** Release a pin once flush `epoch` has completed. */
   journalUnpinAfterFlush(entry: JournalPin, epoch: number): void;
-  /** An R1 commit of the open journal entry (carries the new root). */
-  commitJournal(): Promise<void>;
+  /**
+   * Run `fn` once a journal entry written after now is durable (it carries
+   * the new root); asks for one soon. Rewrites never wait for it: during
+   * replay the journal may be full until replay has made progress.
+   */
+  afterCommit(fn: () => void): void;
   /** A leaf whose pending set should be written soon. */
   nodeNeedsWrite(node: BtreeNode): void;
   /** Sectors inserted with pointers (GC pressure). */
@@ -179,12 +183,16 @@ export class Btree {
     }
   }
 
-  /** Drop least recently used clean leaves until the cache is within its bound. */
-  private evict(): void {
+  /**
+   * Drop least recently used clean leaves until the cache is within its
+   * bound; never `keep`, the node just loaded for the caller (an insert
+   * changes it next, and a change to a node no longer cached would be lost).
+   */
+  private evict(keep?: BtreeNode): void {
     if (this.leafCount <= this.cacheLeaves) return;
     const clean: BtreeNode[] = [];
     for (const n of this.cache.values()) {
-      if (n.isLeaf && !n.dirty && !n.writing && !n.queued && n !== this.rootNode) clean.push(n);
+      if (n.isLeaf && !n.dirty && !n.writing && !n.queued && n !== this.rootNode && n !== keep) clean.push(n);
     }
     clean.sort((a, b) => a.lastUse - b.lastUse);
     const excess = this.leafCount - this.cacheLeaves + Math.floor(this.cacheLeaves / 8);
@@ -239,7 +247,7 @@ export class Btree {
     const again = this.cached(key);
     if (again) return again;
     this.cacheNode(n);
-    this.evict();
+    this.evict(n);
     return n;
   }
 
@@ -253,7 +261,7 @@ export class Btree {
   /** Put a node read elsewhere (bring-up) into the cache. */
   adopt(node: BtreeNode): void {
     this.cacheNode(node);
-    this.evict();
+    this.evict(node);
   }
 
   /** A brand-new node in bucket `bucket` (not yet written). */
@@ -368,51 +376,109 @@ export class Btree {
   }
 
   /**
+   * visit() without awaits, for when every node on the way is in memory:
+   * 1 if `fn` stopped, 0 if the keys ran out, -1 if a node must be read first
+   * (the caller starts over with visit()).
+   */
+  private visitSync(
+    node: BtreeNode,
+    inode: number,
+    from: number,
+    limit: { inode: number; offset: number },
+    fn: (k: Bkey) => boolean,
+  ): number {
+    const keys = node.keys;
+    if (node.isLeaf) {
+      node.lastUse = ++this.clock;
+      for (let i = firstAfter(keys, inode, from); i < keys.length; i++) if (!fn(keys[i] as Bkey)) return 1;
+      return 0;
+    }
+    const first = firstAfter(keys, inode, from);
+    for (let i = first; i < keys.length; i++) {
+      if (i > first) {
+        const prev = keys[i - 1] as Bkey;
+        if (posCmp(prev.inode, prev.offset, limit.inode, limit.offset) >= 0) return 1;
+      }
+      const child = this.cached(keys[i] as Bkey);
+      if (!child) return -1;
+      const r = this.visitSync(child, inode, from, limit, fn);
+      if (r !== 0) return r;
+    }
+    return 0;
+  }
+
+  /**
+   * Visit keys as visit() does, under the read lock: synchronously (no
+   * promise) when the lock is free and the nodes are in memory, else
+   * asynchronously; `begin` resets the caller's state before each attempt.
+   */
+  private async scan(
+    inode: number,
+    from: number,
+    limit: { inode: number; offset: number },
+    begin: () => (k: Bkey) => boolean,
+  ): Promise<void> {
+    if (this.lock.tryRead()) {
+      try {
+        if (this.visitSync(this.root, inode, from, limit, begin()) >= 0) return;
+      } finally {
+        this.lock.releaseRead();
+      }
+    }
+    await this.takeRead();
+    try {
+      await this.visit(this.root, inode, from, limit, begin());
+    } finally {
+      this.lock.releaseRead();
+    }
+  }
+
+  /**
    * The index's answer for sectors [start, end) of `inode`: hits (pointers
    * adjusted to each segment's start) and holes, covering the range in order.
    * Stale pointers count as holes. Hits make their bucket recently used.
    */
   async lookup(inode: number, start: number, end: number): Promise<LookupSegment[]> {
-    await this.takeRead();
-    try {
-      const out: LookupSegment[] = [];
-      let cursor = start;
-      const buckets = this.host.buckets;
-      const bucketSize = buckets.bucketSize;
-      const hole = (to: number): void => {
-        const last = out[out.length - 1];
-        if (last && last.hit === null && last.end === cursor) last.end = to;
-        else out.push({ start: cursor, end: to, hit: null });
-        cursor = to;
-      };
-      await this.visit(this.root, inode, start, { inode, offset: end }, (k) => {
-        if (k.inode !== inode) return false;
-        const ks = k.offset - k.size;
-        if (ks >= end) return false;
-        const s = Math.max(ks, start);
-        const e = Math.min(k.offset, end);
-        if (s > cursor) hole(s);
-        const p = k.ptrs[0] as BkeyPtr;
-        let stale = false;
-        for (const q of k.ptrs) if (buckets.stale(q) > 0) stale = true;
-        if (stale) hole(e);
-        else {
-          const bucket = Math.floor(p.offset / bucketSize);
-          buckets.touch(bucket);
-          out.push({
-            start: s,
-            end: e,
-            hit: { sector: p.offset + (s - ks), bucket, gen: p.gen, dirty: k.dirty, key: k },
-          });
-          cursor = e;
-        }
-        return k.offset < end;
-      });
-      if (cursor < end) hole(end);
-      return out;
-    } finally {
-      this.lock.releaseRead();
-    }
+    const buckets = this.host.buckets;
+    const bucketSize = buckets.bucketSize;
+    let out: LookupSegment[] = [];
+    let cursor = start;
+    const hole = (to: number): void => {
+      const last = out[out.length - 1];
+      if (last && last.hit === null && last.end === cursor) last.end = to;
+      else out.push({ start: cursor, end: to, hit: null });
+      cursor = to;
+    };
+    const fn = (k: Bkey): boolean => {
+      if (k.inode !== inode) return false;
+      const ks = k.offset - k.size;
+      if (ks >= end) return false;
+      const s = Math.max(ks, start);
+      const e = Math.min(k.offset, end);
+      if (s > cursor) hole(s);
+      const p = k.ptrs[0] as BkeyPtr;
+      let stale = false;
+      for (const q of k.ptrs) if (buckets.stale(q) > 0) stale = true;
+      if (stale) hole(e);
+      else {
+        const bucket = Math.floor(p.offset / bucketSize);
+        buckets.touch(bucket);
+        out.push({
+          start: s,
+          end: e,
+          hit: { sector: p.offset + (s - ks), bucket, gen: p.gen, dirty: k.dirty, key: k },
+        });
+        cursor = e;
+      }
+      return k.offset < end;
+    };
+    await this.scan(inode, start, { inode, offset: end }, () => {
+      out = [];
+      cursor = start;
+      return fn;
+    });
+    if (cursor < end) hole(end);
+    return out;
   }
 
   /**
@@ -420,19 +486,17 @@ export class Btree {
    * (whole keys, as writeback wants them), stopping before sector `to`.
    */
   async scanDirty(inode: number, from: number, max: number, to = Number.MAX_SAFE_INTEGER): Promise<Bkey[]> {
-    await this.takeRead();
-    try {
-      const out: Bkey[] = [];
-      const buckets = this.host.buckets;
-      await this.visit(this.root, inode, from, { inode, offset: to }, (k) => {
+    const buckets = this.host.buckets;
+    let out: Bkey[] = [];
+    await this.scan(inode, from, { inode, offset: to }, () => {
+      out = [];
+      return (k) => {
         if (k.inode !== inode || k.offset - k.size >= to) return false;
         if (k.dirty && !k.ptrs.some((q) => buckets.stale(q) > 0)) out.push(k);
         return out.length < max;
-      });
-      return out;
-    } finally {
-      this.lock.releaseRead();
-    }
+      };
+    });
+    return out;
   }
 
   /** Every key in [start, end) of `inode` as the leaves hold it (tests, debugging). */
@@ -465,6 +529,57 @@ export class Btree {
       }
     };
     await rec(this.root);
+  }
+
+  /**
+   * Check the tree's invariants (tests, debugging): keys sorted, extents not
+   * overlapping and inside their leaf's range, each interior node's last
+   * child at its own position, size counters right. Returns the problems.
+   */
+  async verify(): Promise<string[]> {
+    const problems: string[] = [];
+    await this.takeRead();
+    try {
+      const rec = async (node: BtreeNode, lo: Bkey | undefined): Promise<void> => {
+        const keys = node.keys;
+        const where = `node ${keyText(node.key)} level ${node.level}`;
+        if (node.viewU64s !== u64sOf(keys)) problems.push(`${where}: viewU64s ${node.viewU64s} != ${u64sOf(keys)}`);
+        if (node.pendingU64s !== u64sOf(node.pending)) problems.push(`${where}: pendingU64s wrong`);
+        let prev = lo;
+        for (const k of keys) {
+          if (prev && posCmp(prev.inode, prev.offset, k.inode, k.offset) >= 0) {
+            problems.push(`${where}: ${keyText(k)} not after ${keyText(prev)}`);
+          }
+          if (posCmp(k.inode, k.offset, node.key.inode, node.key.offset) > 0) {
+            problems.push(`${where}: ${keyText(k)} past the node's key`);
+          }
+          if (node.isLeaf && prev && prev.inode === k.inode && k.offset - k.size < prev.offset) {
+            problems.push(`${where}: ${keyText(k)} overlaps ${keyText(prev)} (or the leaf's lower bound)`);
+          }
+          if (node.isLeaf && k.ptrs.length === 0) problems.push(`${where}: ${keyText(k)} has no pointer`);
+          prev = k;
+        }
+        if (node.isLeaf) return;
+        const last = keys[keys.length - 1];
+        if (!last || posCmp(last.inode, last.offset, node.key.inode, node.key.offset) !== 0) {
+          problems.push(`${where}: last child ${last ? keyText(last) : '(none)'} is not at the node's position`);
+        }
+        let childLo = lo;
+        for (const k of keys) {
+          const child = this.cached(k) ?? (await this.getNode(k, node.level - 1));
+          if (child.level !== node.level - 1) problems.push(`${where}: child at level ${child.level}`);
+          if (posCmp(child.key.inode, child.key.offset, k.inode, k.offset) !== 0) {
+            problems.push(`${where}: child key ${keyText(child.key)} != pointer ${keyText(k)}`);
+          }
+          await rec(child, childLo);
+          childLo = k;
+        }
+      };
+      await rec(this.root, undefined);
+    } finally {
+      this.lock.releaseRead();
+    }
+    return problems;
   }
 
   /** Depth of the tree (1 for a lone leaf). */
@@ -592,7 +707,7 @@ export class Btree {
             result.sectors += scratch.sectors;
             result.collisions += scratch.collisions;
             result.inserted.push(...scratch.inserted);
-            await this.finishRewrite(freed);
+            this.finishRewrite(freed);
             rest = next;
           } finally {
             if (locked) this.lock.releaseWrite();
@@ -657,6 +772,8 @@ export class Btree {
     // R2: every new node is on disk before anything durable points at it.
     await Promise.all(created.map((n) => this.writeNewNode(n)));
     await this.host.io.flush();
+    // Appends to the old nodes still in flight must land before their buckets can be freed.
+    for (const n of path) while (n.writing) await n.writing.catch(() => undefined);
     this.stats.rewrites++;
     // Swap in memory (synchronously): from here on journal entries carry the new root.
     for (const n of path) {
@@ -679,13 +796,12 @@ export class Btree {
     return path;
   }
 
-  /** After a rewrite: make the new root durable, then free the old nodes' buckets. */
-  private async finishRewrite(old: BtreeNode[]): Promise<void> {
-    await this.host.commitJournal();
-    for (const n of old) {
-      while (n.writing) await n.writing.catch(() => undefined);
-      this.host.freeNodeBucket(Math.floor(n.bucketSector / this.host.buckets.bucketSize));
-    }
+  /** After a rewrite: once a journal entry with the new root is durable, free the old nodes' buckets. */
+  private finishRewrite(old: BtreeNode[]): void {
+    const size = this.host.buckets.bucketSize;
+    this.host.afterCommit(() => {
+      for (const n of old) this.host.freeNodeBucket(Math.floor(n.bucketSector / size));
+    });
   }
 
   /**
@@ -735,7 +851,7 @@ export class Btree {
           const old = await this.rewrite(path, leaf.keys.slice(), spare);
           this.lock.releaseWrite();
           locked = false;
-          await this.finishRewrite(old);
+          this.finishRewrite(old);
           return true;
         } finally {
           if (locked) this.lock.releaseWrite();

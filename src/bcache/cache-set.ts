@@ -114,6 +114,9 @@ import { UuidTable } from './uuids.ts';
 export type { LookupSegment, InsertResult } from './btree.ts';
 export type { SectorAllocation, AllocSectorsOptions } from './open-buckets.ts';
 
+/** Buckets set aside at bring-up for the btree rewrites of journal replay. */
+const REPLAY_POOL = 64;
+
 /** bch_data_invalidate chunks: at most 2^15 sectors per key. */
 const INVALIDATE_CHUNK = 1 << 15;
 
@@ -132,6 +135,12 @@ export interface CacheSetOptions {
   seed?: number;
   /** Unix seconds (last_mount). */
   now?: () => number;
+  /**
+   * Tests only: btree nodes smaller than the kernel's (a whole number of
+   * blocks, at most the bucket-derived size), so that trees grow deep with few
+   * keys. A cache written this way is not for the kernel.
+   */
+  btreeNodeSectors?: number;
 }
 
 export interface CacheSetStats {
@@ -175,7 +184,11 @@ export class CacheSet {
     this.buckets = new Buckets(sb.nbuckets, sb.bucketSize, sb.firstBucket);
     this.geometry = { bucketSize: sb.bucketSize, firstBucket: sb.firstBucket, nbuckets: sb.nbuckets };
     const magic = setMagic(sb);
-    this.nodeGeo = nodeGeometry(this.geometry, magic, sb.blockSize, btreeNodeSectors(sb.bucketSize));
+    const nodeSectors = options.btreeNodeSectors ?? btreeNodeSectors(sb.bucketSize);
+    if (nodeSectors % sb.blockSize !== 0 || nodeSectors > btreeNodeSectors(sb.bucketSize) || nodeSectors <= 0) {
+      throw new RangeError(`btreeNodeSectors ${nodeSectors}: not a whole number of blocks within a node`);
+    }
+    this.nodeGeo = nodeGeometry(this.geometry, magic, sb.blockSize, nodeSectors);
     const journalBuckets = sb.journalBuckets.length > 0 ? sb.journalBuckets : this.newJournalBuckets();
     const prioCount = prioBucketCount(sb.nbuckets, sb.bucketSize);
     this.allocator = new Allocator(
@@ -207,7 +220,15 @@ export class CacheSet {
       setMagic: magic,
       commitJournal,
     });
-    this.uuids = new UuidTable({ io: this.io, buckets: this.buckets, allocator: this.allocator, commitJournal });
+    this.uuids = new UuidTable({
+      io: this.io,
+      buckets: this.buckets,
+      allocator: this.allocator,
+      commitJournal,
+      afterCommit: (fn) => {
+        this.journal.afterCommit(fn);
+      },
+    });
     const cacheBytes = options.btreeCacheSize ?? 64 * 1024 * 1024;
     this.btree = new Btree(
       {
@@ -218,7 +239,8 @@ export class CacheSet {
           const out: number[] = [];
           try {
             for (let i = 0; i < n; i++) {
-              const b = await this.allocator.alloc(RESERVE_BTREE, true);
+              const p = this.allocator.allocPool();
+              const b = p >= 0 ? p : await this.allocator.alloc(RESERVE_BTREE, true);
               if (b === undefined) throw new IoError('ENOSPC', 'btree: no bucket for a node');
               out.push(b);
             }
@@ -243,7 +265,9 @@ export class CacheSet {
         journalUnpinAfterFlush: (e, epoch) => {
           this.journal.unpinAfterFlush(e, epoch);
         },
-        commitJournal,
+        afterCommit: (fn) => {
+          this.journal.afterCommit(fn);
+        },
         nodeNeedsWrite: (node) => {
           this.journal.queueNode(node);
         },
@@ -381,11 +405,15 @@ export class CacheSet {
     }
     initialGcFinish(b, this.allocator, this.metadataBuckets());
     this.allocator.initialStock();
+    this.allocator.stockPool(REPLAY_POOL);
     const replay = this.journal.resume(r);
+    this.journal.reserveOpen = true;
     this.allocator.start();
     this.journal.start();
-    if (j.version < BCACHE_JSET_VERSION_UUIDV1) await this.uuids.write();
+    if (j.version < BCACHE_JSET_VERSION_UUIDV1) await this.uuids.write(false);
     await this.replay(replay);
+    this.journal.reserveOpen = false;
+    this.allocator.releasePool();
   }
 
   /** bch_btree_check(): read every node, checking it, and mark what it references. */
@@ -557,12 +585,12 @@ export class CacheSet {
   // ---------------------------------------------------------------------------
   // The index
 
-  lookup(inode: number, start: number, end: number): Promise<LookupSegment[]> {
+  async lookup(inode: number, start: number, end: number): Promise<LookupSegment[]> {
     this.check();
     return this.btree.lookup(inode, start, end);
   }
 
-  scanDirty(inode: number, from: number, max: number, to?: number): Promise<Bkey[]> {
+  async scanDirty(inode: number, from: number, max: number, to?: number): Promise<Bkey[]> {
     this.check();
     return this.btree.scanDirty(inode, from, max, to);
   }
@@ -638,12 +666,12 @@ export class CacheSet {
     this.openBuckets.put(a);
   }
 
-  readCache(buf: Buffer, sector: number): Promise<void> {
-    return this.io.read(buf, sector);
+  async readCache(buf: Buffer, sector: number): Promise<void> {
+    await this.io.read(buf, sector);
   }
 
-  writeCache(buf: Buffer, sector: number): Promise<void> {
-    return this.io.write(buf, sector);
+  async writeCache(buf: Buffer, sector: number): Promise<void> {
+    await this.io.write(buf, sector);
   }
 
   /** bch_rescale_priorities(): age bucket prios as non-bypassed I/O goes by. */
@@ -666,18 +694,18 @@ export class CacheSet {
   // ---------------------------------------------------------------------------
   // UUIDs and GC
 
-  writeUuids(): Promise<void> {
+  async writeUuids(): Promise<void> {
     this.check();
-    return this.uuids.write();
+    await this.uuids.write();
   }
 
   triggerGc(): void {
     this.gc.request();
   }
 
-  runGc(): Promise<void> {
+  async runGc(): Promise<void> {
     this.check();
-    return this.gc.runNow();
+    await this.gc.runNow();
   }
 
   // ---------------------------------------------------------------------------
@@ -713,20 +741,26 @@ export class CacheSet {
   }
 
   private async teardown(clean: boolean): Promise<void> {
-    try {
-      await this.gc.stop();
-      if (clean && !this.disabled() && this.btree.hasRoot) {
+    const attempt = async (what: string, fn: () => Promise<void>): Promise<void> => {
+      try {
+        await fn();
+      } catch (err) {
+        log.error(`bcache: cache set ${this.uuid}: ${what} failed while stopping: ${errorMessage(err)}`);
+        this.fail(err);
+      }
+    };
+    // Workers stop whatever happens to the writes: each step on its own.
+    await this.gc.stop();
+    if (clean && !this.disabled() && this.btree.hasRoot) {
+      await attempt('writing dirty btree nodes', async () => {
         await Promise.all(this.btree.dirtyNodes().map((n: BtreeNode) => this.btree.writeNode(n)));
-      }
-      await this.allocator.stop();
-      await this.journal.stop();
-      if (clean && !this.disabled() && this.btree.hasRoot && cacheSync(this.sb)) {
-        await this.journal.writeFinal();
-        if (!this.disabled()) await this.writeSuperblock();
-      }
-    } catch (err) {
-      log.error(`bcache: cache set ${this.uuid}: error while stopping: ${errorMessage(err)}`);
-      this.fail(err);
+      });
+    }
+    await this.allocator.stop();
+    await this.journal.stop();
+    if (clean && !this.disabled() && this.btree.hasRoot && cacheSync(this.sb)) {
+      await attempt('the final journal entry', () => this.journal.writeFinal());
+      if (!this.disabled()) await attempt('the superblock', () => this.writeSuperblock());
     }
   }
 }

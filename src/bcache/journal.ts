@@ -57,6 +57,8 @@ export class JournalEntry implements JournalPin {
   /** When the first key arrived plus the delay. */
   deadline = 0;
   waiters: Deferred<void>[] = [];
+  /** Run once the entry is durable (old buckets freed after a rewrite). */
+  after: Array<() => void> = [];
 }
 
 /** What a jset header records: the current (durable) metadata pointers. */
@@ -122,6 +124,12 @@ export class Journal {
   private readonly nodeQueue = new Set<BtreeNode>();
   private worker: Worker | undefined;
   private dead: Error | undefined;
+  /**
+   * Normal writes leave the last free ring bucket alone; bring-up may use it,
+   * since replay can need journal writes while the ring is still full of the
+   * entries it is replaying (the kernel's 2022 journal-replay deadlock fix).
+   */
+  reserveOpen = false;
   delayMs: number;
   readonly stats: JournalStats = {
     entriesWritten: 0,
@@ -352,6 +360,13 @@ export class Journal {
     await d.promise;
   }
 
+  /** Run `fn` once an entry written from now on is durable; that entry goes out soon. */
+  afterCommit(fn: () => void): void {
+    this.open.after.push(fn);
+    this.open.urgent = true;
+    this.wake.notify();
+  }
+
   /** Queue a leaf for writing by the journal worker. */
   queueNode(node: BtreeNode): void {
     this.nodeQueue.add(node);
@@ -375,6 +390,7 @@ export class Journal {
       const due = o.urgent || (o.keys.length > 0 && Date.now() >= o.deadline);
       if (due && !this.writeLock.isLocked) {
         await this.writeOpen(signal);
+        await this.reclaimEarly();
         continue;
       }
       const timeout = o.keys.length > 0 && !o.urgent ? Math.max(0, o.deadline - Date.now()) : undefined;
@@ -421,7 +437,8 @@ export class Journal {
       return;
     }
     const blocks = this.blocksFor(w.u64s);
-    await this.makeRoom(blocks + (w.keys.length > 0 && this.bucketBlocks > 1 ? 1 : 0), signal);
+    // Every entry leaves the last block of its bucket free for the header-only entry makeRoom may need.
+    await this.makeRoom(blocks + (this.bucketBlocks > 1 ? 1 : 0), signal);
     await this.host.io.flush();
     await this.writeJset(w, blocks);
     await this.host.io.flush();
@@ -432,7 +449,28 @@ export class Journal {
     w.durable = true;
     for (const d of w.waiters) d.resolve();
     w.waiters = [];
+    const after = w.after;
+    w.after = [];
+    for (const fn of after) fn();
     this.unpin(w);
+  }
+
+  /**
+   * Past half the ring, write the leaves pinning the oldest entry now rather
+   * than when the ring is full: a crash then rarely finds the ring full of
+   * entries to replay.
+   */
+  private async reclaimEarly(): Promise<void> {
+    if (this.dead || this.bucketsInUse * 2 <= this.ring.length) return;
+    const oldest = this.oldestPinned();
+    if (!oldest) return;
+    const nodes = this.host.nodesPinning(oldest, 8);
+    if (nodes.length === 0) return;
+    try {
+      await Promise.all(nodes.map((n) => this.host.writeNode(n)));
+    } catch (err) {
+      this.die(err);
+    }
   }
 
   private async writeJset(w: JournalEntry, blocks: number): Promise<void> {
@@ -476,9 +514,11 @@ export class Journal {
   private async makeRoom(blocks: number, signal?: AbortSignal): Promise<void> {
     for (;;) {
       if (this.blocksFree >= blocks) return;
-      while (this.last !== this.cur && this.bucketFree(this.last)) this.last = (this.last + 1) % this.ring.length;
-      const next = (this.cur + 1) % this.ring.length;
-      if (next !== this.last || (this.ring.length === 1 && this.bucketFree(next))) {
+      const n = this.ring.length;
+      while (this.last !== this.cur && this.bucketFree(this.last)) this.last = (this.last + 1) % n;
+      const next = (this.cur + 1) % n;
+      const free = n - 1 - ((this.cur - this.last + n) % n);
+      if (next !== this.last && (free >= 2 || this.reserveOpen || n < 3)) {
         this.cur = next;
         this.bucketSeq[next] = 0;
         this.blocksFree = this.bucketBlocks;
@@ -486,8 +526,8 @@ export class Journal {
         this.stats.reclaimedBuckets++;
         continue;
       }
-      // The ring is full. Entries up to the next bucket's newest must become unneeded, durably.
-      const target = this.bucketSeq[next] ?? 0;
+      // The ring is full (but for the reserve). The oldest bucket's entries must become unneeded, durably.
+      const target = this.bucketSeq[this.last] ?? 0;
       const oldest = this.oldestPinned();
       if (oldest && oldest.seq !== 0 && oldest.seq <= target) {
         const nodes = this.host.nodesPinning(oldest, 8);
@@ -497,10 +537,15 @@ export class Journal {
           await this.host.io.flush();
           continue;
         }
+        // Node writes whose pins wait for a flush: flush.
+        if (this.afterFlush.length > 0) {
+          await this.host.io.flush();
+          continue;
+        }
         // Pinned by keys on their way into the btree: wait for them.
         if (this.host.isDisabled()) throw new IoError('EIO', 'journal: cache set I/O is disabled');
         if (signal?.aborted) throw new IoError('ESHUTDOWN', 'journal: stopped while the journal was full');
-        await this.wake.wait(signal ?? new AbortController().signal, 100);
+        await this.wake.wait(signal ?? new AbortController().signal);
         continue;
       }
       // Nothing old is needed any more, but no durable jset says so yet: write one in the reserved block.

@@ -16,6 +16,7 @@ export interface UuidHost {
   buckets: Buckets;
   allocator: Allocator;
   commitJournal(): Promise<void>;
+  afterCommit(fn: () => void): void;
 }
 
 export class UuidTable {
@@ -50,8 +51,12 @@ export class UuidTable {
     this.key = key;
   }
 
-  /** bch_uuid_write(): the table to a fresh bucket, R4, then free the old one. */
-  async write(): Promise<void> {
+  /**
+   * bch_uuid_write(): the table to a fresh bucket, R4, then free the old one.
+   * Without `wait` (__uuid_write at bring-up) the journal entry naming it is
+   * not waited for: the next one will.
+   */
+  async write(wait = true): Promise<void> {
     const { io, buckets: b, allocator } = this.host;
     const bucket = await allocator.alloc(RESERVE_BTREE, true);
     if (bucket === undefined) throw new Error('uuid write: no bucket');
@@ -68,8 +73,12 @@ export class UuidTable {
     const old = this.bucket;
     this.key = makeKey(0, 0, sectors, false, [makePtr(0, b.sector(bucket), b.gen[bucket] ?? 0)]);
     b.unpinBucket(bucket);
-    await this.host.commitJournal();
-    if (old !== undefined) allocator.freeBucket(old);
+    if (old !== undefined) {
+      this.host.afterCommit(() => {
+        allocator.freeBucket(old);
+      });
+    }
+    if (wait) await this.host.commitJournal();
   }
 
   /** uuid_find(): the slot holding `uuid`, or -1. */

@@ -1,0 +1,94 @@
+// The allocator under pressure: a 4 MiB cache of 4 KiB buckets written many
+// times over, with each replacement policy, so invalidation, prio writes and
+// GC run constantly; dirty data must survive all of it, clean data may go.
+
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { MemoryBlockDevice } from '../../src/blockdev/memory.ts';
+import { Buckets, GC_MARK_DIRTY, GC_MARK_RECLAIMABLE } from '../../src/bcache/buckets.ts';
+import { freeReserveSize, REPLACEMENT_FIFO, REPLACEMENT_LRU, REPLACEMENT_RANDOM } from '../../src/bcache/alloc.ts';
+import { CacheSet } from '../../src/bcache/cache-set.ts';
+import { Prng } from '../../src/util/prng.ts';
+import { assertNothingLeft, formatCache } from './helpers.ts';
+import { checkRange, IndexModel, writeExtent } from './model.ts';
+
+const MiB = 1024 * 1024;
+
+for (const [name, policy] of [
+  ['lru', REPLACEMENT_LRU],
+  ['fifo', REPLACEMENT_FIFO],
+  ['random', REPLACEMENT_RANDOM],
+] as const) {
+  test(`${name}: clean data cycles through a small cache, dirty data stays`, async () => {
+    const dev = new MemoryBlockDevice(4 * MiB);
+    await formatCache(dev, { bucketSize: 8, blockSize: 1, replacement: policy, discard: true });
+    const cs = await CacheSet.open(dev, { closeDevice: false, journalDelayMs: 1, seed: 5 });
+    const model = new IndexModel(2, 40000);
+    const rng = new Prng(policy + 1);
+    let seed = 0;
+    // Dirty data: a tenth of the cache, which must never be invalidated.
+    for (let i = 0; i < 50; i++) {
+      const start = i * 16;
+      await writeExtent(cs, 0, start, 8, ++seed, true);
+      model.set(0, start, start + 8, { seed, dirty: true });
+    }
+    // Clean data: about four times the cache's size.
+    for (let i = 0; i < 2000; i++) {
+      const start = rng.below(39000);
+      const sectors = 1 + rng.below(16);
+      await writeExtent(cs, 1, start, sectors, ++seed, false);
+      model.set(1, start, start + sectors, { seed, dirty: false });
+    }
+    await checkRange(cs, model, 0, 0, 1000);
+    await checkRange(cs, model, 1, 0, 40000);
+    assert.equal(cs.dirtySectors(0), 400);
+    const s = cs.stats;
+    assert.ok(s.allocator.invalidated > cs.buckets.nbuckets, `buckets were reused (${s.allocator.invalidated})`);
+    assert.ok(s.allocator.prioWrites > 10, `prio writes (${s.allocator.prioWrites})`);
+    assert.ok(s.gc.runs > 0, 'GC ran');
+    assert.ok(s.io.discards > 0, 'reused buckets were discarded first');
+    assert.ok(cs.inUse >= 0 && cs.inUse <= 100);
+    assert.equal(cs.cacheAvailablePercent, 100 - cs.inUse);
+    await cs.stop();
+    assertNothingLeft();
+  });
+}
+
+test('reserves are sized as the kernel sizes them', async () => {
+  assert.equal(freeReserveSize(1024), 1);
+  assert.equal(freeReserveSize(1025), 2);
+  assert.equal(freeReserveSize(200000), 256);
+  const dev = new MemoryBlockDevice(64 * MiB);
+  await formatCache(dev, { bucketSize: 16 });
+  const cs = await CacheSet.open(dev, { closeDevice: false });
+  const a = cs.allocator;
+  assert.deepEqual(
+    a.free.map((f) => f.capacity),
+    [cs.journal.ring.length, cs.prios.count, 8, 8],
+  );
+  assert.equal(a.freeInc.capacity, 32);
+  await cs.stop();
+});
+
+test('a bucket is not invalidated while dirty, pinned, or too far ahead of its last GC', () => {
+  const b = new Buckets(1024, 8, 1);
+  b.mark[5] = GC_MARK_RECLAIMABLE;
+  assert.equal(b.canInvalidate(5), true);
+  b.mark[5] = GC_MARK_DIRTY;
+  assert.equal(b.canInvalidate(5), false);
+  b.mark[5] = GC_MARK_RECLAIMABLE;
+  b.pinBucket(5);
+  assert.equal(b.canInvalidate(5), false);
+  b.unpinBucket(5);
+  b.gen[5] = 100;
+  b.lastGc[5] = 5;
+  assert.equal(b.canInvalidate(5), true, '95 generations ahead of the last GC is still fine');
+  b.lastGc[5] = 4;
+  assert.equal(b.canInvalidate(5), false, 'gen-wrap guard: 96 ahead must wait for GC');
+  b.gen[5] = 2;
+  b.lastGc[5] = 200;
+  assert.equal(b.canInvalidate(5), true, 'gens compare modulo 256');
+  assert.throws(() => {
+    b.unpinBucket(6);
+  }, /unpinned more often than pinned/);
+});

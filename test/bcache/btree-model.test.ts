@@ -1,0 +1,76 @@
+// Random writes, invalidations, writeback-style replaces and lookups against
+// a per-sector model, on a 4 MiB cache of 4 KiB buckets, with the btree's
+// nodes shrunk to 1 KiB (two 512-byte blocks): every other insert into a leaf
+// rewrites it, splits and new roots happen all the time and the tree grows
+// four levels deep; the small cache keeps invalidation, prio writes and GC
+// busy.
+
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { MemoryBlockDevice } from '../../src/blockdev/memory.ts';
+import { CacheSet } from '../../src/bcache/cache-set.ts';
+import { Prng } from '../../src/util/prng.ts';
+import { assertNothingLeft, formatCache } from './helpers.ts';
+import { applyOp, checkRange, IndexModel, randomOp } from './model.ts';
+
+const MiB = 1024 * 1024;
+
+async function run(seed: number, ops: number, btreeCacheSize?: number): Promise<CacheSet['stats'] & { depth: number }> {
+  const dev = new MemoryBlockDevice(4 * MiB);
+  await formatCache(dev, { bucketSize: 8, blockSize: 1 });
+  const cs = await CacheSet.open(dev, {
+    closeDevice: false,
+    journalDelayMs: 1,
+    gcSectors: 2000,
+    seed,
+    btreeNodeSectors: 2,
+    ...(btreeCacheSize === undefined ? {} : { btreeCacheSize }),
+  });
+  const rng = new Prng(seed);
+  const model = new IndexModel(3, 6000);
+  try {
+    for (let i = 0; i < ops; i++) {
+      const o = randomOp(rng, model, 8);
+      await applyOp(cs, model, o, seed * 100000 + i);
+      if (i % 25 === 0) assert.deepEqual(await cs.btree.verify(), [], `tree invariants after op ${i}`);
+    }
+    for (let inode = 0; inode < model.inodes; inode++) {
+      await checkRange(cs, model, inode, 0, model.sectors);
+      assert.equal(cs.dirtySectors(inode), model.dirtySectors(inode), `dirty sectors of inode ${inode}`);
+    }
+    assert.deepEqual(await cs.btree.verify(), []);
+    return { ...cs.stats, depth: cs.btree.depth };
+  } finally {
+    await cs.stop();
+  }
+}
+
+test('the index matches the model through splits, new roots, GC and bucket reuse', async () => {
+  let splits = 0;
+  let roots = 0;
+  let prioWrites = 0;
+  let gcRuns = 0;
+  let depth = 0;
+  for (const seed of [1, 2, 3, 4]) {
+    const s = await run(seed, 700);
+    depth = Math.max(depth, s.depth);
+    splits += s.btree.splits;
+    roots += s.btree.newRoots;
+    prioWrites += s.allocator.prioWrites;
+    gcRuns += s.gc.runs;
+  }
+  assert.ok(splits > 10, `splits happened (${splits})`);
+  assert.ok(roots > 3, `new roots happened (${roots})`);
+  assert.ok(prioWrites > 0, `buckets were reused (${prioWrites} prio writes)`);
+  assert.ok(gcRuns > 0, `GC ran (${gcRuns})`);
+  assert.ok(depth >= 3, `the tree grew ${depth} levels deep`);
+  assertNothingLeft();
+});
+
+test('with a tiny node cache, leaves are evicted and read back as needed', async () => {
+  // 16 leaves of 1 KiB at most in memory (interior nodes always stay).
+  const s = await run(9, 700, 16 * 1024);
+  assert.ok(s.btree.evictions > 20, `leaves were evicted (${s.btree.evictions})`);
+  assert.ok(s.btree.reads > 20, `and read back (${s.btree.reads})`);
+  assertNothingLeft();
+});

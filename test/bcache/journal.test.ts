@@ -1,0 +1,125 @@
+// The journal across restarts and crashes: committed keys come back after a
+// crash that drops everything unflushed; a small ring wraps many times while
+// reclaim writes the leaves that pin old entries; a missing entry in the
+// middle of the replay range is an error naming the range.
+
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { CrashableBlockDevice } from '../../src/blockdev/crashable.ts';
+import { MemoryBlockDevice } from '../../src/blockdev/memory.ts';
+import { setMagic } from '../../src/format/superblock.ts';
+import { scanJournalBucket } from '../../src/format/jset.ts';
+import { CacheSet } from '../../src/bcache/cache-set.ts';
+import { captureLog } from '../../src/util/log.ts';
+import { Prng } from '../../src/util/prng.ts';
+import { assertNothingLeft, formatCache } from './helpers.ts';
+import { checkRange, IndexModel, writeExtent } from './model.ts';
+
+const MiB = 1024 * 1024;
+
+test('committed keys survive a crash that drops every unflushed write; the ring wraps many times', async () => {
+  const dev = new CrashableBlockDevice(4 * MiB);
+  await formatCache(dev, { bucketSize: 8, blockSize: 1 });
+  const cs = await CacheSet.open(dev, { closeDevice: false, journalDelayMs: 0 });
+  const model = new IndexModel(1, 30000);
+  const rng = new Prng(7);
+  for (let i = 0; i < 600; i++) {
+    const start = rng.below(29000);
+    const sectors = 1 + rng.below(8);
+    await writeExtent(cs, 0, start, sectors, i + 1, true);
+    model.set(0, start, start + sectors, { seed: i + 1, dirty: true });
+  }
+  await cs.flush();
+  const ring = cs.journal.ring.length;
+  assert.ok(
+    cs.stats.journal.reclaimedBuckets > 3 * ring,
+    `the ring of ${ring} buckets wrapped (${cs.stats.journal.reclaimedBuckets} buckets reclaimed)`,
+  );
+  assert.ok(cs.stats.journal.entriesWritten > 100);
+  // The power goes: only what was flushed is there (the old set's errors are expected).
+  const after = dev.powerCut(1, { policy: 'drop' });
+  const cap = captureLog();
+  await cs.stop().finally(cap.restore);
+  const cs2 = await CacheSet.open(after, { closeDevice: false });
+  await checkRange(cs2, model, 0, 0, 30000);
+  assert.equal(cs2.dirtySectors(0), model.dirtySectors(0));
+  await cs2.stop();
+  assertNothingLeft();
+});
+
+test('a FUA insert makes it and everything inserted before it durable; a later unflushed one goes with the power', async () => {
+  const dev = new CrashableBlockDevice(32 * MiB);
+  await formatCache(dev, { bucketSize: 64 });
+  const cs = await CacheSet.open(dev, { closeDevice: false, journalDelayMs: 60_000 });
+  await writeExtent(cs, 3, 0, 8, 1, true);
+  await writeExtent(cs, 3, 8, 8, 2, true, true);
+  await writeExtent(cs, 3, 16, 8, 3, true);
+  const after = dev.powerCut(2, { policy: 'drop' });
+  const cap = captureLog();
+  await cs.stop().finally(cap.restore);
+  const cs2 = await CacheSet.open(after, { closeDevice: false });
+  const model = new IndexModel(4, 24);
+  model.set(3, 0, 8, { seed: 1, dirty: true });
+  model.set(3, 8, 16, { seed: 2, dirty: true });
+  await checkRange(cs2, model, 3, 0, 24);
+  await cs2.stop();
+});
+
+test('an entry missing in the middle of the replay range is an error naming it', async () => {
+  const mem = new MemoryBlockDevice(32 * MiB);
+  await formatCache(mem, { bucketSize: 64 });
+  const cs = await CacheSet.open(mem, { closeDevice: false, journalDelayMs: 0 });
+  for (let i = 0; i < 20; i++) await writeExtent(cs, 1, i * 8, 8, i + 1, true, true);
+  // A crash now: the image as it is, nothing written at stop.
+  const image = mem.clone();
+  const ring = cs.journal.ring;
+  await cs.stop();
+  const magic = setMagic(cs.sb);
+  const buf = Buffer.alloc(64 * 512);
+  let found: { at: number; seq: number } | undefined;
+  for (const b of ring) {
+    image.readSync(buf, b * 64 * 512);
+    const scan = scanJournalBucket(buf, { setMagic: magic, blockSize: 8 });
+    const newest = Math.max(0, ...scan.entries.map((j) => j.seq));
+    // An entry in the middle: not the first and not the last of its bucket.
+    let offset = 0;
+    for (const j of scan.entries) {
+      if (j.seq > j.lastSeq && j.seq < newest && !found) found = { at: b * 64 * 512 + offset, seq: j.seq };
+      offset += 4096 * Math.ceil((240 + 8 * j.keys.reduce((n, k) => n + 2 + k.ptrs.length, 0)) / 4096);
+    }
+  }
+  assert.ok(found, 'a middle entry to damage');
+  const damaged = Buffer.alloc(8);
+  image.readSync(damaged, found.at + 16);
+  damaged[0] = (damaged[0] ?? 0) ^ 0xff;
+  image.writeSync(damaged, found.at + 16);
+  const cap = captureLog();
+  try {
+    await assert.rejects(CacheSet.open(image, { closeDevice: false }), /journal entries \d+-\d+ missing/);
+  } finally {
+    cap.restore();
+  }
+  assertNothingLeft();
+});
+
+test('group commit: concurrent flushes share journal writes; a quiet journal writes after its delay', async () => {
+  const dev = new MemoryBlockDevice(32 * MiB);
+  await formatCache(dev, { bucketSize: 64 });
+  const cs = await CacheSet.open(dev, { closeDevice: false, journalDelayMs: 60_000 });
+  await writeExtent(cs, 0, 0, 8, 1, true);
+  const before = cs.stats.journal.entriesWritten;
+  await Promise.all(Array.from({ length: 20 }, () => cs.flush()));
+  const written = cs.stats.journal.entriesWritten - before;
+  assert.ok(written >= 1 && written <= 2, `20 concurrent flushes took ${written} journal writes`);
+  await cs.stop();
+  // With a short delay the open entry is written without anyone asking.
+  const cs2 = await CacheSet.open(dev, { closeDevice: false, journalDelayMs: 5 });
+  const n = cs2.stats.journal.entriesWritten;
+  await writeExtent(cs2, 0, 8, 8, 2, true);
+  const entry = cs2.journal.openEntry;
+  assert.ok(entry.keys.length >= 1, 'the keys wait in the open entry');
+  while (!entry.durable) await new Promise<void>((resolve) => setImmediate(resolve));
+  assert.ok(cs2.stats.journal.entriesWritten > n);
+  await cs2.stop();
+  assertNothingLeft();
+});
