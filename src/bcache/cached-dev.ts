@@ -479,6 +479,10 @@ export class CachedDev {
       await att.finished;
     }
     await this.request.stopWorkers();
+    // A clean stop leaves nothing volatile on the backing device either.
+    await this.backingIo.flush().catch((err: unknown) => {
+      log.error(`${this.name}: flushing ${this.backingName} at stop: ${errorMessage(err)}`);
+    });
     if (this.runningFlag) log.info(`bcache: bcache_device_free() ${this.name} stopped`);
     this.runningFlag = false;
     if (closeBacking) {

@@ -169,7 +169,7 @@ test('a write racing a miss fill wins, and the collision is counted', async () =
   const cacheDev = new FaultyBlockDevice(new MemoryBlockDevice(48 * MiB, { name: 'cache' }));
   const p = await makePair({ cacheDev, settings: { sequentialCutoff: 0 }, backing: { writeback: true } });
   const d = p.dev.device;
-  (mem(p.backingDev)).writeSync(pattern(1, 512, 8), (512 + 16) * S);
+  mem(p.backingDev).writeSync(pattern(1, 512, 8), (512 + 16) * S);
   // Hold the fill's write to the cache.
   const hold = cacheDev.hold({ ops: ['write'] });
   assert.deepEqual(await readDev(d, 512, 8), pattern(1, 512, 8));
