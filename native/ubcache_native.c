@@ -12,6 +12,10 @@
  *       ioctl BLKDISCARD on a block device. fallocate(PUNCH_HOLE) on a block
  *       device is a zero-out that refuses to fall back, which most SATA SSDs
  *       cannot do; a real discard (TRIM) is what a cache device wants.
+ *   flock(fd, operation) -> Promise<void>
+ *       flock(2) with LOCK_SH (1), LOCK_EX (2), LOCK_NB (4), LOCK_UN (8): the
+ *       advisory lock that keeps two daemons off one image file (a regular
+ *       file has no O_EXCL). With LOCK_NB a held lock rejects with EAGAIN.
  *
  * Each call runs on libuv's thread pool (napi async work) so a slow punch on a
  * large range never blocks the event loop. Errors reject with an Error whose
@@ -26,10 +30,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/ioctl.h>
 #include <unistd.h>
 
-enum op_kind { OP_FALLOCATE, OP_SEEK, OP_BLKDISCARD };
+enum op_kind { OP_FALLOCATE, OP_SEEK, OP_BLKDISCARD, OP_FLOCK };
 
 struct op {
   enum op_kind kind;
@@ -60,6 +65,8 @@ static const char *errno_name(int e) {
     case ENOSYS: return "ENOSYS";
     case EBUSY: return "EBUSY";
     case ENOTTY: return "ENOTTY";
+    case EAGAIN: return "EAGAIN";
+    case ENOLCK: return "ENOLCK";
     default: return "EUNKNOWN";
   }
 }
@@ -72,6 +79,12 @@ static void execute(napi_env env, void *data) {
     int r;
     do {
       r = fallocate(op->fd, op->mode, (off_t)op->offset, (off_t)op->length);
+    } while (r < 0 && errno == EINTR);
+    if (r < 0) op->err = errno;
+  } else if (op->kind == OP_FLOCK) {
+    int r;
+    do {
+      r = flock(op->fd, op->mode);
     } while (r < 0 && errno == EINTR);
     if (r < 0) op->err = errno;
   } else if (op->kind == OP_BLKDISCARD) {
@@ -117,7 +130,7 @@ static napi_value start(napi_env env, napi_callback_info info, enum op_kind kind
   size_t argc = 4;
   napi_value argv[4];
   napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
-  size_t need = kind == OP_FALLOCATE ? 4 : 3;
+  size_t need = kind == OP_FALLOCATE ? 4 : kind == OP_FLOCK ? 2 : 3;
   if (argc < need) {
     napi_throw_type_error(env, NULL, "ubcache_native: too few arguments");
     return NULL;
@@ -137,7 +150,8 @@ static napi_value start(napi_env env, napi_callback_info info, enum op_kind kind
       (kind == OP_SEEK && napi_get_value_int64(env, argv[1], &offset) != napi_ok) ||
       (kind == OP_SEEK && napi_get_value_int32(env, argv[2], &mode) != napi_ok) ||
       (kind == OP_BLKDISCARD && napi_get_value_int64(env, argv[1], &offset) != napi_ok) ||
-      (kind == OP_BLKDISCARD && napi_get_value_int64(env, argv[2], &length) != napi_ok)) {
+      (kind == OP_BLKDISCARD && napi_get_value_int64(env, argv[2], &length) != napi_ok) ||
+      (kind == OP_FLOCK && napi_get_value_int32(env, argv[1], &mode) != napi_ok)) {
     free(op);
     napi_throw_type_error(env, NULL, "ubcache_native: arguments must be numbers");
     return NULL;
@@ -148,7 +162,10 @@ static napi_value start(napi_env env, napi_callback_info info, enum op_kind kind
   op->length = length;
   napi_value promise, name;
   napi_create_promise(env, &op->deferred, &promise);
-  const char *resource = kind == OP_FALLOCATE ? "ubcache.fallocate" : kind == OP_SEEK ? "ubcache.seek" : "ubcache.blkdiscard";
+  const char *resource = kind == OP_FALLOCATE   ? "ubcache.fallocate"
+                         : kind == OP_SEEK      ? "ubcache.seek"
+                         : kind == OP_FLOCK     ? "ubcache.flock"
+                                                : "ubcache.blkdiscard";
   napi_create_string_utf8(env, resource, NAPI_AUTO_LENGTH, &name);
   napi_create_async_work(env, NULL, name, execute, complete, op, &op->work);
   napi_queue_async_work(env, op->work);
@@ -158,12 +175,14 @@ static napi_value start(napi_env env, napi_callback_info info, enum op_kind kind
 static napi_value js_fallocate(napi_env env, napi_callback_info info) { return start(env, info, OP_FALLOCATE); }
 static napi_value js_seek(napi_env env, napi_callback_info info) { return start(env, info, OP_SEEK); }
 static napi_value js_blkdiscard(napi_env env, napi_callback_info info) { return start(env, info, OP_BLKDISCARD); }
+static napi_value js_flock(napi_env env, napi_callback_info info) { return start(env, info, OP_FLOCK); }
 
 static napi_value init(napi_env env, napi_value exports) {
   napi_property_descriptor props[] = {
     {"fallocate", NULL, js_fallocate, NULL, NULL, NULL, napi_default, NULL},
     {"seek", NULL, js_seek, NULL, NULL, NULL, napi_default, NULL},
     {"blkdiscard", NULL, js_blkdiscard, NULL, NULL, NULL, napi_default, NULL},
+    {"flock", NULL, js_flock, NULL, NULL, NULL, napi_default, NULL},
   };
   napi_define_properties(env, exports, sizeof props / sizeof props[0], props);
   return exports;

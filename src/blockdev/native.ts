@@ -17,6 +17,12 @@ export const FALLOC_FL_KEEP_SIZE = 0x01;
 export const FALLOC_FL_PUNCH_HOLE = 0x02;
 export const FALLOC_FL_ZERO_RANGE = 0x10;
 
+/** flock(2) operations. */
+export const LOCK_SH = 1;
+export const LOCK_EX = 2;
+export const LOCK_NB = 4;
+export const LOCK_UN = 8;
+
 /** lseek(2) whence values for sparse files. */
 export const SEEK_DATA = 3;
 export const SEEK_HOLE = 4;
@@ -31,12 +37,15 @@ export interface NativeOps {
   seek(fd: number, offset: number, whence: number): Promise<number>;
   /** ioctl(BLKDISCARD); null when the addon predates it. */
   blkdiscard: ((fd: number, offset: number, length: number) => Promise<void>) | null;
+  /** flock(2) (LOCK_* bits); a held lock with LOCK_NB rejects with EAGAIN. Null when the addon predates it. */
+  flock: ((fd: number, operation: number) => Promise<void>) | null;
 }
 
 interface RawAddon {
   fallocate?: unknown;
   seek?: unknown;
   blkdiscard?: unknown;
+  flock?: unknown;
 }
 
 // src/blockdev/native.ts and dist/blockdev/native.js are both two levels below
@@ -76,7 +85,7 @@ function load(): NativeOps | null {
     }
     return null;
   }
-  const { fallocate, seek, blkdiscard } = raw;
+  const { fallocate, seek, blkdiscard, flock } = raw;
   if (typeof fallocate !== 'function' || typeof seek !== 'function') {
     log.warn(`native addon ${addonPath} lacks fallocate/seek; rebuild it with \`npm run build\``);
     return null;
@@ -85,6 +94,7 @@ function load(): NativeOps | null {
     fallocate: fallocate as NativeOps['fallocate'],
     seek: seek as NativeOps['seek'],
     blkdiscard: typeof blkdiscard === 'function' ? (blkdiscard as NonNullable<NativeOps['blkdiscard']>) : null,
+    flock: typeof flock === 'function' ? (flock as NonNullable<NativeOps['flock']>) : null,
   };
 }
 
