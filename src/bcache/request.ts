@@ -168,6 +168,8 @@ export class RequestPath {
 
   private enter(): void {
     if (this.closing) throw new IoError('ESHUTDOWN', `${this.dev.name}: the device is stopping`);
+    // dc->io_disable (set by hand now; by too many backing errors in issue 6): fail fast.
+    if (this.dev.settings.ioDisable) throw new IoError('EIO', `${this.dev.name}: I/O is disabled`);
     this.inflight++;
   }
 
@@ -319,24 +321,32 @@ export class RequestPath {
 
   private async cachedRead(att: Attachment, buf: Buffer, start: number, end: number): Promise<void> {
     const bypass = this.shouldBypass(att, start, end, false, false);
-    // The fill's window opens before the lookup: a write that lands after the
-    // lookup saw the range empty must still win.
-    const win = bypass ? undefined : this.tracker.openWindow(start, end);
+    // A write that lands after the lookup saw the range empty must still win
+    // over the fill: note what could tell (tracker.ts) before looking up.
+    const tracker = this.tracker;
+    const epoch = tracker.epoch;
+    const raced = !bypass && tracker.activeOver(start, end);
+    const segs = await att.cs.lookup(att.inode, start, end);
+    let miss = false;
+    for (const s of segs) if (!s.hit) miss = true;
+    this.dev.stats.markRead(!miss, bypass);
+    att.set.stats.markRead(!miss, bypass);
+    let win: Window | undefined;
+    if (miss && !bypass) {
+      win = tracker.openWindow(start, end);
+      if (raced || tracker.epoch !== epoch) win.collided = true;
+    }
     let filling = false;
     try {
-      const segs = await att.cs.lookup(att.inode, start, end);
-      let miss = false;
-      for (const s of segs) if (!s.hit) miss = true;
-      this.dev.stats.markRead(!miss, bypass);
-      att.set.stats.markRead(!miss, bypass);
       if (segs.length === 1) {
         await this.readSegment(att, buf, start, segs[0] as LookupSegment);
       } else {
         await Promise.all(segs.map((s) => this.readSegment(att, buf, start, s)));
       }
-      if (win && miss && !win.collided) filling = this.startFill(att, buf, start, segs, win);
+      if (win && !win.collided) filling = this.startFill(att, buf, start, segs, win);
+      else if (win) this.markCollision(att);
     } finally {
-      if (win && !filling) this.tracker.closeWindow(win);
+      if (win && !filling) tracker.closeWindow(win);
     }
   }
 

@@ -11,10 +11,13 @@
 //   before it touches any device or the index until it has finished with
 //   both (beginWrite .. endWrite);
 // - a *window* watches [start, end): it is collided if an overlapping write
-//   was active when it opened, or began while it is open. A miss fill opens
-//   its window before its lookup and inserts with a guard (btree insert's
-//   `guard`) that checks `collided` at the moment the key reaches its leaf,
-//   so a racing write always wins, whatever order the awaits resolve in;
+//   was active when it opened, or began while it is open. A miss fill
+//   inserts with a guard (btree insert's `guard`) that checks `collided` at
+//   the moment the key reaches its leaf, so a racing write always wins,
+//   whatever order the awaits resolve in. A read does not open its window
+//   before its lookup (most reads are hits and never need one): it notes
+//   the epoch (writes begun) and whether a write over it is active, and a
+//   fill's window starts collided if either says a write raced the lookup;
 // - a *recording* window (the writeback scan) keeps the ranges of those
 //   writes, so that each scanned key can be checked on its own.
 //
@@ -66,6 +69,8 @@ function overlaps(a: SectorRange, start: number, end: number): boolean {
 
 export class CollisionTracker {
   private readonly active = new Set<ActiveWrite>();
+  /** Writes begun so far: a read that saw it unchanged across its lookup raced no write. */
+  epoch = 0;
   private readonly byChunk = new Map<number, Set<Window>>();
   /** Windows too wide to index (recording windows over the whole device). */
   private readonly wide = new Set<Window>();
@@ -81,6 +86,7 @@ export class CollisionTracker {
 
   /** A write is about to touch [start, end): every window over it is collided. */
   beginWrite(start: number, end: number): ActiveWrite {
+    this.epoch++;
     const w = new ActiveWrite(start, end);
     this.active.add(w);
     if (this.windows > 0) {
@@ -92,6 +98,13 @@ export class CollisionTracker {
       }
     }
     return w;
+  }
+
+  /** Is a write overlapping [start, end) in flight now? */
+  activeOver(start: number, end: number): boolean {
+    if (this.active.size === 0) return false;
+    for (const w of this.active) if (overlaps(w, start, end)) return true;
+    return false;
   }
 
   endWrite(w: ActiveWrite): void {

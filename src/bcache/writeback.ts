@@ -151,7 +151,8 @@ export class Writeback {
 
   /** Dirty data was added (bch_writeback_add). */
   dirtied(): void {
-    this.wakeup.notify();
+    // With writeback off the worker would only go back to sleep; turning it on wakes it.
+    if (this.dev.settings.writebackRunning || this.att.detaching) this.wakeup.notify();
   }
 
   /**
