@@ -541,11 +541,14 @@ export class RequestPath {
     this.flusherWake.notify();
   }
 
-  /** Flush the backing device shortly after fills start waiting for it. */
+  /**
+   * Flush the backing device shortly after fills start waiting for it (at
+   * once when a quarter of the bound is waiting).
+   */
   private async runFlusher(signal: AbortSignal): Promise<void> {
     while (!signal.aborted) {
       if (!(await this.flusherWake.wait(signal))) break;
-      if (!(await sleep(BACKING_FLUSH_DELAY_MS, signal))) break;
+      if (this.fillBytes < MAX_FILL_BYTES / 4 && !(await sleep(BACKING_FLUSH_DELAY_MS, signal))) break;
       if (this.pending.length === 0) continue;
       try {
         await this.dev.backingIo.flush();
@@ -672,7 +675,10 @@ export class RequestPath {
       const fua = dirty.length > 0 || (op.kind !== 'discard' && op.fua);
       const keys: Bkey[] = [];
       const cacheWrites: Promise<void>[] = [];
-      if (op.kind === 'write' && op.cache) {
+      // The writethrough copy counts against the bound on fills waiting for the
+      // backing device; past it the write just goes uncached.
+      const copyBytes = (end - start) * SECTOR_SIZE;
+      if (op.kind === 'write' && op.cache && this.fillBytes + copyBytes <= MAX_FILL_BYTES) {
         let off = start;
         while (off < end) {
           const a = await cs.allocSectors({
@@ -709,7 +715,8 @@ export class RequestPath {
         const win = this.tracker.openWindow(start, end);
         const epoch = fua ? 0 : backing.epochFor(start, end);
         if (!win.collided && att.ref.tryGet()) {
-          const bytes = 0;
+          const bytes = copyBytes;
+          this.fillBytes += bytes;
           this.inflight++;
           this.fills++;
           handedOff = true;

@@ -219,3 +219,48 @@ test('FUA and FLUSH reach both devices', async () => {
   await p.registry.stopAll();
   assertNothingLeft();
 });
+
+test("a write that lands while a read waits for a btree node wins over that read's fill", async () => {
+  // Many small keys in 8 KiB nodes: more leaves than the node cache keeps, so
+  // after a restart the first leaves are not in memory and a lookup waits.
+  const setUuid = Buffer.alloc(16, 0x5a);
+  const cacheMem = new MemoryBlockDevice(1201 * 16 * S, { name: 'cache' });
+  const backingMem = new MemoryBlockDevice(16 * MiB, { name: 'backing' });
+  const small = { cacheDev: cacheMem, backingDev: backingMem, cache: { setUuid, bucketSize: 16, blockSize: 1 } };
+  const p = await makePair({
+    ...small,
+    backing: { writeback: true, blockSize: 1 },
+    settings: { writebackRunning: false, sequentialCutoff: 0 },
+    registry: { setOptions: { btreeCacheSize: 1 } },
+  });
+  for (let i = 0; i < 6000; i++) await p.dev.device.write(pattern(1, 4096 + 2 * i, 1), (4096 + 2 * i) * S);
+  await p.registry.stopAll();
+  const cacheDev = new FaultyBlockDevice(cacheMem.clone());
+  const r = await makePair({
+    cacheDev,
+    backingDev: backingMem.clone(),
+    format: false,
+    settings: { writebackRunning: false, sequentialCutoff: 0 },
+    registry: { setOptions: { btreeCacheSize: 1 } },
+  });
+  const d = r.dev.device;
+  assert.ok((r.set.cs.btree.stats.evictions ?? 0) > 0, 'leaves were evicted at bring-up');
+  const reads = cacheDev.counters().ops.read;
+  // Hold the node read of the first leaf: the lookup waits in it, holding the tree shared.
+  const hold = cacheDev.hold({ ops: ['read'] });
+  const read = readDev(d, 0, 8);
+  await hold.waitForHeld(1);
+  assert.ok(cacheDev.counters().ops.read > reads);
+  // A writeback write to the same sectors: its data lands, its insert waits for the lookup.
+  const write = d.write(pattern(2, 0, 8), 0);
+  hold.release();
+  assert.ok(
+    (await read).every((b) => b === 0),
+    'the read ran before the write',
+  );
+  await write;
+  await r.dev.request.settle();
+  assert.deepEqual(await readDev(d, 0, 8), pattern(2, 0, 8), 'the write won');
+  await r.registry.stopAll();
+  assertNothingLeft();
+});
