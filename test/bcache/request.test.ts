@@ -244,7 +244,7 @@ test("a write that lands while a read waits for a btree node wins over that read
     registry: { setOptions: { btreeCacheSize: 1 } },
   });
   const d = r.dev.device;
-  assert.ok((r.set.cs.btree.stats.evictions ?? 0) > 0, 'leaves were evicted at bring-up');
+  assert.ok(r.set.cs.btree.stats.evictions > 0, 'leaves were evicted at bring-up');
   const reads = cacheDev.counters().ops.read;
   // Hold the node read of the first leaf: the lookup waits in it, holding the tree shared.
   const hold = cacheDev.hold({ ops: ['read'] });
