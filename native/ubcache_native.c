@@ -17,7 +17,16 @@
  *       advisory lock that keeps two daemons off one image file (a regular
  *       file has no O_EXCL). With LOCK_NB a held lock rejects with EAGAIN.
  *
- * Each call runs on libuv's thread pool (napi async work) so a slow punch on a
+ *   preadNowait(fd, buffer, position) -> number
+ *   pwriteNowait(fd, buffer, position) -> number
+ *       Synchronous preadv2/pwritev2 with RWF_NOWAIT: the transfer happens
+ *       only if it can complete without blocking (the data is in the page
+ *       cache, no block allocation or writeback throttling is needed).
+ *       Returns the bytes moved, or -errno (-EAGAIN: it would block). This is
+ *       the fast path that skips libuv's thread-pool hop for page-cache hits;
+ *       a caller falls back to the pool on anything but a full transfer.
+ *
+ * The asynchronous calls run on libuv's thread pool (napi async work) so a slow punch on a
  * large range never blocks the event loop. Errors reject with an Error whose
  * `code` is the errno name (EOPNOTSUPP, EIO, ...), like Node's own fs errors.
  */
@@ -28,6 +37,7 @@
 #include <node_api.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <sys/uio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/file.h>
@@ -177,12 +187,46 @@ static napi_value js_seek(napi_env env, napi_callback_info info) { return start(
 static napi_value js_blkdiscard(napi_env env, napi_callback_info info) { return start(env, info, OP_BLKDISCARD); }
 static napi_value js_flock(napi_env env, napi_callback_info info) { return start(env, info, OP_FLOCK); }
 
+/* The RWF_NOWAIT fast path: (fd, Uint8Array, position) -> bytes or -errno. */
+static napi_value nowait(napi_env env, napi_callback_info info, int write) {
+  size_t argc = 3;
+  napi_value argv[3];
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  int32_t fd = 0;
+  int64_t position = 0;
+  void *data = NULL;
+  size_t length = 0;
+  napi_typedarray_type type;
+  napi_value arraybuffer;
+  size_t byte_offset = 0;
+  if (argc < 3 || napi_get_value_int32(env, argv[0], &fd) != napi_ok ||
+      napi_get_typedarray_info(env, argv[1], &type, &length, &data, &arraybuffer, &byte_offset) != napi_ok ||
+      type != napi_uint8_array || napi_get_value_int64(env, argv[2], &position) != napi_ok) {
+    napi_throw_type_error(env, NULL, "ubcache_native: expected (fd, Uint8Array, position)");
+    return NULL;
+  }
+  struct iovec iov = {.iov_base = data, .iov_len = length};
+  ssize_t r;
+  do {
+    r = write ? pwritev2(fd, &iov, 1, (off_t)position, RWF_NOWAIT)
+              : preadv2(fd, &iov, 1, (off_t)position, RWF_NOWAIT);
+  } while (r < 0 && errno == EINTR);
+  napi_value result;
+  napi_create_int64(env, r < 0 ? -(int64_t)errno : (int64_t)r, &result);
+  return result;
+}
+
+static napi_value js_pread_nowait(napi_env env, napi_callback_info info) { return nowait(env, info, 0); }
+static napi_value js_pwrite_nowait(napi_env env, napi_callback_info info) { return nowait(env, info, 1); }
+
 static napi_value init(napi_env env, napi_value exports) {
   napi_property_descriptor props[] = {
     {"fallocate", NULL, js_fallocate, NULL, NULL, NULL, napi_default, NULL},
     {"seek", NULL, js_seek, NULL, NULL, NULL, napi_default, NULL},
     {"blkdiscard", NULL, js_blkdiscard, NULL, NULL, NULL, napi_default, NULL},
     {"flock", NULL, js_flock, NULL, NULL, NULL, napi_default, NULL},
+    {"preadNowait", NULL, js_pread_nowait, NULL, NULL, NULL, napi_default, NULL},
+    {"pwriteNowait", NULL, js_pwrite_nowait, NULL, NULL, NULL, napi_default, NULL},
   };
   napi_define_properties(env, exports, sizeof props / sizeof props[0], props);
   return exports;

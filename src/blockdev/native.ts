@@ -39,6 +39,12 @@ export interface NativeOps {
   blkdiscard: ((fd: number, offset: number, length: number) => Promise<void>) | null;
   /** flock(2) (LOCK_* bits); a held lock with LOCK_NB rejects with EAGAIN. Null when the addon predates it. */
   flock: ((fd: number, operation: number) => Promise<void>) | null;
+  /**
+   * Synchronous preadv2(RWF_NOWAIT) into all of `buf`: the bytes read, or
+   * -errno (-EAGAIN when the data is not in the page cache). null when the
+   * addon predates it.
+   */
+  preadNowait: ((fd: number, buf: Uint8Array, position: number) => number) | null;
 }
 
 interface RawAddon {
@@ -46,6 +52,7 @@ interface RawAddon {
   seek?: unknown;
   blkdiscard?: unknown;
   flock?: unknown;
+  preadNowait?: unknown;
 }
 
 // src/blockdev/native.ts and dist/blockdev/native.js are both two levels below
@@ -85,7 +92,7 @@ function load(): NativeOps | null {
     }
     return null;
   }
-  const { fallocate, seek, blkdiscard, flock } = raw;
+  const { fallocate, seek, blkdiscard, flock, preadNowait } = raw;
   if (typeof fallocate !== 'function' || typeof seek !== 'function') {
     log.warn(`native addon ${addonPath} lacks fallocate/seek; rebuild it with \`npm run build\``);
     return null;
@@ -95,6 +102,7 @@ function load(): NativeOps | null {
     seek: seek as NativeOps['seek'],
     blkdiscard: typeof blkdiscard === 'function' ? (blkdiscard as NonNullable<NativeOps['blkdiscard']>) : null,
     flock: typeof flock === 'function' ? (flock as NonNullable<NativeOps['flock']>) : null,
+    preadNowait: typeof preadNowait === 'function' ? (preadNowait as NonNullable<NativeOps['preadNowait']>) : null,
   };
 }
 

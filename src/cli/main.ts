@@ -10,6 +10,10 @@ interface Entry {
 }
 
 const subcommands: Record<string, Entry> = {
+  export: {
+    summary: 'serve files or block devices over NBD',
+    load: async () => (await import('./export.ts')).run,
+  },
   make: {
     summary: 'format cache and backing devices (make-bcache)',
     load: async () => (await import('./make.ts')).run,

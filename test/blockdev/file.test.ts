@@ -347,7 +347,7 @@ test('concurrent flushes share fdatasyncs, and one that arrives mid-sync waits f
   const first = dev.flush();
   assert.equal(dev.syncCount, 1);
   // These arrive while the first fdatasync runs, so it may not cover their writes: they share a second one.
-  const later = [dev.flush(), dev.flush(), dev.write(pattern(4096, 4), 4096, { fua: true }), dev.flush()];
+  const later = [dev.flush(), dev.flush(), dev.flush(), dev.flush()];
   assert.equal(dev.syncCount, 1, 'no second fdatasync while the first runs');
   await first;
   assert.equal(dev.syncCount, 2, 'the second one started as soon as the first ended');
@@ -401,4 +401,72 @@ test('open: size, identity and caps of a regular file; openBlockDevice takes a p
   assert.ok(seen.equals(pattern(1000, 5)));
   await Promise.all([a.close(), b.close()]);
   await assert.rejects(openBlockDevice('file:'), /names no path/);
+});
+
+test('reads take the page-cache fast path and fall back to the thread pool on EAGAIN, a short copy or an error', async (t) => {
+  const path = newFile(64 * 1024);
+  writeFileSync(path, pattern(64 * 1024, 7));
+  const real = loadNative();
+  if (real?.preadNowait == null) {
+    t.skip('needs the native addon (the fallbacks alone are covered by the no-addon tests)');
+    return;
+  }
+  const answers: number[] = [];
+  const calls: number[] = [];
+  const fake = {
+    ...real,
+    preadNowait: (fd: number, buf: Uint8Array, position: number): number => {
+      calls.push(position);
+      const a = answers.shift();
+      if (a === undefined) return real.preadNowait?.(fd, buf, position) ?? -1;
+      if (a > 0) return real.preadNowait?.(fd, buf.subarray(0, a), position) ?? -1;
+      return a;
+    },
+  };
+  const dev = await FileBlockDevice.open(path, { native: fake });
+  try {
+    const want = pattern(64 * 1024, 7);
+    const got = Buffer.alloc(8192);
+    await dev.read(got, 4096); // fast path
+    assert.ok(got.equals(want.subarray(4096, 12288)));
+    answers.push(-11); // EAGAIN: not cached, take the pool
+    got.fill(0);
+    await dev.read(got, 8192);
+    assert.ok(got.equals(want.subarray(8192, 16384)));
+    answers.push(1000); // a short copy: the pool reads the rest
+    got.fill(0);
+    await dev.read(got, 0);
+    assert.ok(got.equals(want.subarray(0, 8192)));
+    answers.push(-95); // EOPNOTSUPP: the fast path is given up for good
+    got.fill(0);
+    await dev.read(got, 16384);
+    assert.ok(got.equals(want.subarray(16384, 24576)));
+    const before = calls.length;
+    await dev.read(got, 0);
+    assert.equal(calls.length, before, 'no more fast-path attempts after an unsupported error');
+  } finally {
+    await dev.close();
+  }
+});
+
+test('a slow inline write sends writes to the thread pool, and data lands either way', async () => {
+  const path = newFile(MiB);
+  // Every inline write counts as slow: the first backs off, the next ones take the pool.
+  const dev = await FileBlockDevice.open(path, { inlineWriteSlowMs: 0 });
+  try {
+    for (let i = 0; i < 8; i++) await dev.write(pattern(4096, i), i * 4096);
+    assert.equal(dev.inlineWriteBackoffs, 1, 'one slow inline write, then a back-off');
+    const onDisk = readFileSync(path);
+    for (let i = 0; i < 8; i++) assert.ok(onDisk.subarray(i * 4096, (i + 1) * 4096).equals(pattern(4096, i)));
+  } finally {
+    await dev.close();
+  }
+  const never = await FileBlockDevice.open(path, { inlineWriteSlowMs: -1 });
+  try {
+    await never.write(pattern(4096, 9), 0);
+    assert.equal(never.inlineWriteBackoffs, 0);
+    assert.ok(readFileSync(path).subarray(0, 4096).equals(pattern(4096, 9)));
+  } finally {
+    await never.close();
+  }
 });

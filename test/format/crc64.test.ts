@@ -51,13 +51,3 @@ test('a range outside the buffer is refused', () => {
   assert.throws(() => bchCrc64(Buffer.alloc(4), 2, 8), RangeError);
   assert.throws(() => bchCrc64(Buffer.alloc(4), 3, 2), RangeError);
 });
-
-test('it runs at metadata speed (well over 100 MB/s)', () => {
-  const buf = Buffer.alloc(8 << 20, 0x5a);
-  bchCrc64(buf);
-  const t0 = process.hrtime.bigint();
-  bchCrc64(buf);
-  const ms = Number(process.hrtime.bigint() - t0) / 1e6;
-  const mbps = 8 / (ms / 1000);
-  assert.ok(mbps > 100, `${mbps.toFixed(0)} MB/s`);
-});

@@ -1,0 +1,212 @@
+// `ubcache export`: serve files or block devices over NBD until told to stop.
+// SIGINT or SIGTERM shuts down in order (requests in flight finish, new ones
+// get ESHUTDOWN, devices are flushed and closed) and the process then exits by
+// itself with status 0; a second signal exits at once.
+
+import { basename } from 'node:path';
+import { parseArgs } from 'node:util';
+import { openBlockDevice } from '../blockdev/open.ts';
+import type { BlockDevice } from '../blockdev/types.ts';
+import type { ExportConfig } from '../nbd/exports.ts';
+import { formatAddress, NbdServer, type ListenTarget } from '../nbd/server.ts';
+import { deferred, errorMessage } from '../util/lifecycle.ts';
+import { log } from '../util/log.ts';
+import { CliError, type Subcommand } from './common.ts';
+
+export const DEFAULT_LISTEN: ListenTarget = { host: '127.0.0.1', port: 10809 };
+
+const HELP = `Usage: ubcache export [options] FILE...
+
+Serve each FILE (a regular file or a block device) as an NBD export until
+SIGINT or SIGTERM.
+
+Options:
+  --listen HOST:PORT   listen on TCP; default 127.0.0.1:10809 when no --socket
+                       is given. Use 0.0.0.0:PORT or [::]:PORT to listen on all
+                       interfaces (there is no authentication). Repeatable.
+  --socket PATH        listen on a unix socket. Repeatable.
+  --name NAME          name of the next FILE's export, in order (default: the
+                       file's base name). Repeatable.
+  --description TEXT   description of the next FILE's export, in order.
+                       Repeatable.
+  --read-only          serve every FILE read-only
+  -h, --help           show this help
+
+The first FILE is also the default export (the empty name).
+
+Clients:
+  nbdinfo nbd://127.0.0.1:10809/NAME
+  nbdinfo 'nbd+unix:///NAME?socket=PATH'
+`;
+
+export interface ExportPlan {
+  files: string[];
+  names: string[];
+  descriptions: (string | undefined)[];
+  readOnly: boolean;
+  listen: ListenTarget[];
+}
+
+const usageHint = "Run 'ubcache export --help' for the options.";
+
+/** Parse HOST:PORT (or [IPv6]:PORT). */
+export function parseListen(spec: string): ListenTarget {
+  const m = /^(?:\[([^\]]+)\]|([^:[\]]+)):(\d+)$/.exec(spec);
+  const host = m?.[1] ?? m?.[2];
+  const port = Number(m?.[3]);
+  if (!m || host === undefined || !Number.isInteger(port) || port > 65535) {
+    throw new CliError(`--listen '${spec}' is not HOST:PORT`, {
+      hint: 'Give an address and a port, e.g. --listen 127.0.0.1:10809 or --listen [::1]:10809.',
+    });
+  }
+  return { host, port };
+}
+
+/** Turn the arguments into a plan, or 'help'. Throws CliError on anything wrong. */
+export function parseExportArgs(args: string[]): ExportPlan | 'help' {
+  let parsed;
+  try {
+    parsed = parseArgs({
+      args,
+      allowPositionals: true,
+      strict: true,
+      options: {
+        listen: { type: 'string', multiple: true },
+        socket: { type: 'string', multiple: true },
+        name: { type: 'string', multiple: true },
+        description: { type: 'string', multiple: true },
+        'read-only': { type: 'boolean' },
+        help: { type: 'boolean', short: 'h' },
+      },
+    });
+  } catch (err) {
+    throw new CliError(errorMessage(err), { hint: usageHint });
+  }
+  const v = parsed.values;
+  if (v.help === true) return 'help';
+  const files = parsed.positionals;
+  if (files.length === 0) {
+    throw new CliError('no FILE to export', {
+      hint: 'Name at least one file or block device, e.g. ubcache export disk.img',
+    });
+  }
+  const givenNames = v.name ?? [];
+  const descriptions = v.description ?? [];
+  if (givenNames.length > files.length) {
+    throw new CliError(`${givenNames.length} --name options for ${files.length} FILE(s)`, {
+      hint: 'Each --name names the next FILE in order; give at most one per FILE.',
+    });
+  }
+  if (descriptions.length > files.length) {
+    throw new CliError(`${descriptions.length} --description options for ${files.length} FILE(s)`, {
+      hint: 'Each --description describes the next FILE in order; give at most one per FILE.',
+    });
+  }
+  const names = files.map((f, i) => givenNames[i] ?? basename(f));
+  const seen = new Map<string, string>();
+  names.forEach((n, i) => {
+    const file = files[i] ?? '';
+    const other = seen.get(n);
+    if (other !== undefined) {
+      throw new CliError(`two exports would be named '${n}' (${other} and ${file})`, {
+        hint: 'Give them distinct names with --name, one per FILE in order.',
+      });
+    }
+    seen.set(n, file);
+  });
+  const sockets = (v.socket ?? []).map((path): ListenTarget => {
+    if (path === '') throw new CliError('--socket needs a path', { hint: usageHint });
+    return { path };
+  });
+  const tcp = (v.listen ?? []).map(parseListen);
+  const listen = tcp.length === 0 && sockets.length === 0 ? [DEFAULT_LISTEN] : [...tcp, ...sockets];
+  return {
+    files,
+    names,
+    descriptions: files.map((_, i) => descriptions[i]),
+    readOnly: v['read-only'] === true,
+    listen,
+  };
+}
+
+async function openAll(plan: ExportPlan): Promise<ExportConfig[]> {
+  const configs: ExportConfig[] = [];
+  const opened: BlockDevice[] = [];
+  try {
+    for (const [i, file] of plan.files.entries()) {
+      const device = await openBlockDevice(file, { readOnly: plan.readOnly, exclusive: true });
+      opened.push(device);
+      const description = plan.descriptions[i];
+      configs.push({
+        name: plan.names[i] ?? file,
+        device,
+        readOnly: plan.readOnly,
+        ...(description !== undefined ? { description } : {}),
+      });
+    }
+    return configs;
+  } catch (err) {
+    for (const d of opened) await d.close().catch(() => undefined);
+    throw new CliError(errorMessage(err));
+  }
+}
+
+export const run: Subcommand = async (args) => {
+  const plan = parseExportArgs(args);
+  if (plan === 'help') {
+    process.stdout.write(HELP);
+    return 0;
+  }
+  const configs = await openAll(plan);
+  let server: NbdServer;
+  try {
+    server = new NbdServer(configs);
+  } catch (err) {
+    for (const c of configs) await c.device.close().catch(() => undefined);
+    throw new CliError(errorMessage(err));
+  }
+
+  // Signals first, so a signal during startup still shuts down in order.
+  const stopped = deferred();
+  // An object, not a boolean: the compiler cannot see the handler change it between awaits.
+  const shutdown = { requested: false };
+  const onSignal = (signal: NodeJS.Signals): void => {
+    if (shutdown.requested) {
+      log.error(`${signal} again: exiting at once; requests in flight are abandoned`);
+      process.exit(signal === 'SIGINT' ? 130 : 143);
+    }
+    shutdown.requested = true;
+    log.info(`${signal}: shutting down (finishing requests in flight; send it again to exit at once)`);
+    server.close().then(
+      () => {
+        stopped.resolve();
+      },
+      (err: unknown) => {
+        stopped.reject(err);
+      },
+    );
+  };
+  process.on('SIGINT', onSignal);
+  process.on('SIGTERM', onSignal);
+  try {
+    const exportList = plan.names.join(', ');
+    for (const target of plan.listen) {
+      let bound: ListenTarget;
+      try {
+        bound = await server.listen(target);
+      } catch (err) {
+        if (shutdown.requested) break; // shutting down already: not a failure
+        await server.close();
+        throw new CliError(errorMessage(err));
+      }
+      log.info(`listening on ${formatAddress(bound)} (exports: ${exportList})`);
+      if (shutdown.requested) break;
+    }
+    await stopped.promise;
+    log.info('stopped');
+    return 0;
+  } finally {
+    process.off('SIGINT', onSignal);
+    process.off('SIGTERM', onSignal);
+  }
+};

@@ -1,0 +1,365 @@
+// The NBD server: listeners (TCP and unix sockets), the exports, and one
+// Connection per client, which runs the handshake and then hands the socket to
+// a Transmission. close() is the orderly shutdown: stop listening, refuse new
+// options and requests, let requests in flight finish, close connections, then
+// close the devices (which flushes them).
+
+import { existsSync, lstatSync, unlinkSync } from 'node:fs';
+import { dirname } from 'node:path';
+import { createConnection, createServer, type AddressInfo, type Server, type Socket } from 'node:net';
+import { errorCode } from '../blockdev/types.ts';
+import { errorMessage, sleep } from '../util/lifecycle.ts';
+import { log } from '../util/log.ts';
+import { resolveExport, type Export, type ExportConfig } from './exports.ts';
+import { negotiate, ProtocolViolation, type HandshakeContext } from './handshake.ts';
+import { ConnectionClosed, SocketReader } from './reader.ts';
+import { Transmission, type TransmissionOptions } from './transmission.ts';
+
+export interface ServerOptions extends Partial<TransmissionOptions> {
+  /** Close the exported devices when the server closes (default true: the server owns them). */
+  ownsDevices?: boolean;
+  /**
+   * How long close() waits for clients before it drops them: a handshake
+   * stalled mid-option, a WRITE whose payload never comes.
+   */
+  shutdownTimeoutMs?: number;
+  /** How long a client may take from connecting to choosing an export (default 10 s). */
+  handshakeTimeoutMs?: number;
+}
+
+export type ListenTarget = { host: string; port: number } | { path: string };
+
+/** Where a listener ended up: "127.0.0.1:10809", "[::1]:10809" or "unix:/run/x.sock". */
+export function formatAddress(target: ListenTarget): string {
+  if ('path' in target) return `unix:${target.path}`;
+  return target.host.includes(':') ? `[${target.host}]:${target.port}` : `${target.host}:${target.port}`;
+}
+
+let nextConnectionId = 1;
+
+class Connection {
+  readonly id = nextConnectionId++;
+  readonly label: string;
+  private readonly socket: Socket;
+  private readonly server: NbdServer;
+  private readonly options: ServerOptions;
+  private reader: SocketReader | undefined;
+  private transmission: Transmission | undefined;
+  private handshakeIdle = false;
+  private cancelled = false;
+  readonly done: Promise<void>;
+
+  constructor(socket: Socket, server: NbdServer, options: ServerOptions, peer: string) {
+    this.socket = socket;
+    this.server = server;
+    this.options = options;
+    this.label = `connection ${this.id} (${peer})`;
+    // A client vanishing is routine; the error is logged, the 'close' that follows ends the connection.
+    socket.on('error', (err: Error) => {
+      log.debug(`${this.label}: ${err.message}`);
+    });
+    this.done = this.run().catch((err: unknown) => {
+      log.error(`${this.label}: ${errorMessage(err)}`);
+      this.socket.destroy();
+    });
+  }
+
+  private closed(): Promise<void> {
+    if (this.socket.destroyed) return Promise.resolve();
+    return new Promise((resolve) =>
+      this.socket.once('close', () => {
+        resolve();
+      }),
+    );
+  }
+
+  /** End our side and give the client a moment to close its own before dropping it. */
+  private async endGracefully(): Promise<void> {
+    const closed = this.closed();
+    this.socket.end();
+    this.socket.resume();
+    const grace = new AbortController();
+    const outcome = await Promise.race([
+      closed.then(() => 'closed' as const),
+      sleep(this.options.endGraceMs ?? 2000, grace.signal).then(() => 'timeout' as const),
+    ]);
+    grace.abort();
+    if (outcome === 'timeout') this.socket.destroy();
+    await closed;
+  }
+
+  private async run(): Promise<void> {
+    log.debug(`${this.label}: connected`);
+    const reader = new SocketReader(this.socket);
+    this.reader = reader;
+    const ctx: HandshakeContext = {
+      label: this.label,
+      findExport: (name) => this.server.findExport(name),
+      exports: () => this.server.exports,
+      isShuttingDown: () => this.server.shuttingDown,
+      setIdle: (idle) => {
+        this.handshakeIdle = idle;
+      },
+    };
+    // A client gets a bounded time to reach transmission (as qemu-nbd's --handshake-limit), so idle or
+    // trickling connections cannot pile up.
+    const deadline = new AbortController();
+    const limitMs = this.options.handshakeTimeoutMs ?? 10_000;
+    void sleep(limitMs, deadline.signal).then((expired) => {
+      if (!expired) return;
+      log.warn(`${this.label}: no export chosen within ${limitMs} ms; closing the connection`);
+      reader.fail(new ConnectionClosed('handshake timed out'));
+    });
+    let negotiated;
+    try {
+      negotiated = await negotiate(this.socket, reader, ctx);
+    } catch (err) {
+      if (err instanceof ProtocolViolation) log.warn(`${this.label}: ${err.message}; closing the connection`);
+      else if (!(err instanceof ConnectionClosed)) log.error(`${this.label}: handshake failed: ${errorMessage(err)}`);
+      else if (!this.cancelled) log.debug(`${this.label}: ${err.message} during the handshake`);
+      deadline.abort();
+      reader.detach();
+      if (this.cancelled) {
+        await this.endGracefully();
+      } else {
+        this.socket.destroy();
+        await this.closed();
+      }
+      return;
+    }
+    deadline.abort();
+    const handover = reader.detach();
+    this.reader = undefined;
+    if (!negotiated) {
+      // ABORT, a refused EXPORT_NAME, or shutdown: say nothing more, let the client close.
+      await this.endGracefully();
+      return;
+    }
+    const exp = negotiated.export;
+    log.debug(
+      `${this.label}: export '${exp.name}'` +
+        (negotiated.structuredReplies ? ', structured replies' : '') +
+        (negotiated.baseAllocationId !== undefined ? ', base:allocation' : ''),
+    );
+    const t = new Transmission(this.socket, negotiated, this.label, handover, this.options);
+    this.transmission = t;
+    if (this.server.shuttingDown) t.shutdown();
+    await t.done;
+    log.debug(`${this.label}: closed`);
+  }
+
+  /** Begin a graceful shutdown of this connection. */
+  shutdown(): void {
+    if (this.transmission) {
+      this.transmission.shutdown();
+    } else if (this.reader && this.handshakeIdle && this.reader.bufferedBytes === 0) {
+      // Waiting for an option that has not started to arrive: nothing to finish, hang up now.
+      this.cancelled = true;
+      this.reader.fail(new ConnectionClosed('the server is shutting down'));
+    }
+    // Otherwise an option is arriving: it is answered with NBD_REP_ERR_SHUTDOWN and the handshake ends.
+  }
+
+  /** Drop the client now (shutdown timeout). */
+  destroy(): void {
+    this.socket.destroy();
+  }
+}
+
+export class NbdServer {
+  readonly exports: readonly Export[];
+  private readonly byName = new Map<string, Export>();
+  private readonly options: ServerOptions;
+  private readonly listeners: Server[] = [];
+  private readonly connections = new Set<Connection>();
+  private shuttingDownFlag = false;
+  private closing: Promise<void> | undefined;
+
+  constructor(configs: readonly ExportConfig[], options: ServerOptions = {}) {
+    if (configs.length === 0) throw new Error('the NBD server needs at least one export');
+    const exports: Export[] = [];
+    for (const c of configs) {
+      if (this.byName.has(c.name)) throw new Error(`two exports are named '${c.name}'; export names must be unique`);
+      const e = resolveExport(c);
+      exports.push(e);
+      this.byName.set(e.name, e);
+    }
+    this.exports = exports;
+    this.options = options;
+  }
+
+  get shuttingDown(): boolean {
+    return this.shuttingDownFlag;
+  }
+
+  get connectionCount(): number {
+    return this.connections.size;
+  }
+
+  /** The export named `name`; "" is the default export, the first one. */
+  findExport(name: string): Export | undefined {
+    return this.byName.get(name) ?? (name === '' ? this.exports[0] : undefined);
+  }
+
+  /**
+   * Listen on a TCP address or a unix socket. Resolves with the bound address
+   * (port 0 picks a free port). A stale unix socket left by a dead server is
+   * replaced; a live one, or any other file at that path, is an error.
+   */
+  async listen(target: ListenTarget): Promise<ListenTarget> {
+    if (this.shuttingDownFlag) throw new Error('the server is shutting down');
+    let server: Server;
+    try {
+      server = await this.listenOnce(target);
+    } catch (err) {
+      if (!('path' in target) || errorCode(err) !== 'EADDRINUSE' || !(await isStaleSocket(target.path))) {
+        throw describeListenError(err, target);
+      }
+      log.info(`removing stale socket ${target.path} left by a server that is gone`);
+      unlinkSync(target.path);
+      server = await this.listenOnce(target).catch((e: unknown) => {
+        throw describeListenError(e, target);
+      });
+    }
+    this.listeners.push(server);
+    if ('path' in target) return target;
+    const addr = server.address() as AddressInfo;
+    return { host: addr.address, port: addr.port };
+  }
+
+  /** A listening net.Server, or a rejection (with nothing left open). */
+  private listenOnce(target: ListenTarget): Promise<Server> {
+    const server = createServer({ allowHalfOpen: true }, (socket) => {
+      this.accept(socket);
+    });
+    return new Promise<Server>((resolve, reject) => {
+      const onError = (err: Error): void => {
+        // A failed listen on a unix socket keeps its handle open until closed.
+        server.close();
+        reject(err);
+      };
+      server.once('error', onError);
+      const done = (): void => {
+        server.off('error', onError);
+        resolve(server);
+      };
+      if ('path' in target) server.listen(target.path, done);
+      else server.listen(target.port, target.host, done);
+    });
+  }
+
+  /** Serve an already-connected socket (a listener's connection, or one made elsewhere). */
+  serve(socket: Socket, peer = 'socket'): void {
+    if (this.shuttingDownFlag) {
+      socket.destroy();
+      return;
+    }
+    const conn = new Connection(socket, this, this.options, peer);
+    this.connections.add(conn);
+    void conn.done.then(() => {
+      this.connections.delete(conn);
+    });
+  }
+
+  private accept(socket: Socket): void {
+    const peer = socket.remoteAddress ? `${socket.remoteAddress}:${socket.remotePort ?? 0}` : 'unix';
+    if (socket.remoteAddress) {
+      // Requests and replies are small and latency-bound: never let Nagle hold them back.
+      socket.setNoDelay(true);
+      socket.setKeepAlive(true, 60_000);
+    }
+    this.serve(socket, peer);
+  }
+
+  /**
+   * Shut down: stop listening, answer new options with ERR_SHUTDOWN and new
+   * requests with ESHUTDOWN, wait for requests in flight, close every
+   * connection, then close the devices. Idempotent; every call gets the same promise.
+   */
+  close(): Promise<void> {
+    this.closing ??= this.shutdown();
+    return this.closing;
+  }
+
+  private async shutdown(): Promise<void> {
+    this.shuttingDownFlag = true;
+    const listenersClosed = this.listeners.map(
+      (s) =>
+        new Promise<void>((resolve) => {
+          s.close(() => {
+            resolve();
+          });
+        }),
+    );
+    for (const c of this.connections) c.shutdown();
+    const all = (): Promise<unknown> => Promise.all([...this.connections].map((c) => c.done));
+    const timeout = new AbortController();
+    const inTime = await Promise.race([
+      all().then(() => true),
+      sleep(this.options.shutdownTimeoutMs ?? 30_000, timeout.signal).then(() => false),
+    ]);
+    timeout.abort();
+    if (!inTime) {
+      log.warn(`${this.connections.size} client(s) did not finish within the shutdown timeout; dropping them`);
+      for (const c of this.connections) c.destroy();
+      await all();
+    }
+    await Promise.all(listenersClosed);
+    if (this.options.ownsDevices ?? true) {
+      for (const e of this.exports) {
+        try {
+          await e.device.close();
+        } catch (err) {
+          log.error(`export '${e.name}': closing ${e.device.name} failed: ${errorMessage(err)}`);
+        }
+      }
+    }
+  }
+}
+
+function describeListenError(err: unknown, target: ListenTarget): Error {
+  const where = formatAddress(target);
+  switch (errorCode(err)) {
+    case 'EADDRINUSE':
+      return new Error(
+        'path' in target
+          ? `cannot listen on ${where}: the path is in use (a running server, or a file that is not a socket); pick another --socket path or remove it`
+          : `cannot listen on ${where}: the address is in use; stop the other server or pick another port`,
+      );
+    case 'EACCES':
+      // libuv reports a missing directory for a unix socket as EACCES.
+      if ('path' in target && !existsSync(dirname(target.path))) {
+        return new Error(`cannot listen on ${where}: the directory does not exist; create it first`);
+      }
+      return new Error(`cannot listen on ${where}: permission denied; pick a path or port you may use`);
+    case 'EADDRNOTAVAIL':
+    case 'ENOTFOUND':
+      return new Error(`cannot listen on ${where}: no such local address; use an address of this machine`);
+    case 'ENOENT':
+      return new Error(`cannot listen on ${where}: the directory does not exist; create it first`);
+    default:
+      return new Error(`cannot listen on ${where}: ${errorMessage(err)}`);
+  }
+}
+
+/** A unix socket file nobody accepts on any more (the server that made it died). */
+async function isStaleSocket(path: string): Promise<boolean> {
+  try {
+    if (!lstatSync(path).isSocket()) return false;
+  } catch {
+    return false;
+  }
+  return new Promise<boolean>((resolve) => {
+    let stale = false;
+    const probe = createConnection(path);
+    probe.once('connect', () => {
+      probe.destroy();
+    });
+    probe.once('error', (err: Error) => {
+      stale = errorCode(err) === 'ECONNREFUSED';
+    });
+    probe.once('close', () => {
+      resolve(stale);
+    });
+  });
+}
