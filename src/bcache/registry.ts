@@ -82,8 +82,10 @@ export interface RegistryOptions {
   setOptions?: CacheSetOptions;
   /** Settings for a backing device, by its bcacheN name, before it attaches or runs. */
   deviceSettings?: (name: string) => Partial<CachedDevSettings> | undefined;
+  /** Called for a new backing device before it attaches or runs (attributes given at startup). */
+  configureDevice?: (dev: CachedDev) => Promise<void>;
   /** Called for a new set before backing devices attach to it. */
-  configureSet?: (set: RegisteredSet) => void;
+  configureSet?: (set: RegisteredSet) => Promise<void>;
   now?: () => number;
 }
 
@@ -120,6 +122,10 @@ export class Registry {
       await dev.close().catch(() => undefined);
       throw new Error(`error ${dev.name}: ${errorMessage(err)}`, { cause: err });
     }
+    if (this.stopping()) {
+      await dev.close().catch(() => undefined);
+      throw new Error('bcache is shutting down');
+    }
     if (isBacking(sb)) return { kind: 'backing', dev: await this.registerBackingDevice(dev, sb) };
     return { kind: 'cache', set: await this.registerCache(dev, sb) };
   }
@@ -138,6 +144,7 @@ export class Registry {
     });
     this.devices.push(cd);
     log.info(`bcache: register_bdev() registered backing device ${dev.name}`);
+    await this.options.configureDevice?.(cd);
     const set = this.sets.get(cd.setUuid);
     if (set) {
       try {
@@ -163,9 +170,14 @@ export class Registry {
       throw new Error(`error ${dev.name}: duplicate cache set member`);
     }
     const cs = await CacheSet.open(dev, this.options.setOptions ?? {});
+    if (this.stopping()) {
+      // Stopped while the set came up: it is not ours to keep.
+      await cs.stop();
+      throw new Error('bcache is shutting down');
+    }
     const set = new RegisteredSet(cs);
     this.sets.set(uuid, set);
-    this.options.configureSet?.(set);
+    await this.options.configureSet?.(set);
     for (const cd of this.devices) {
       if (cd.stopped || cd.attached || cd.setUuid !== uuid) continue;
       try {
@@ -183,6 +195,11 @@ export class Registry {
     await Promise.all([...set.devices].map((d) => d.stop()));
     await set.cs.stop();
     if (this.sets.get(set.uuid) === set) this.sets.delete(set.uuid);
+  }
+
+  /** As a call, so that checks after an await are not narrowed away. */
+  private stopping(): boolean {
+    return this.stopPromise !== undefined;
   }
 
   /** Stop everything (shutdown): devices, then sets. Idempotent. */
