@@ -316,6 +316,9 @@ export class CachedDev {
       this.setState(this.sb, BDEV_STATE_CLEAN);
       await this.backingIo.flush();
       await this.writeSuperblock();
+      // Not a kernel message; it tells an operator (and the tests) that the
+      // backing device alone now holds the device's whole content.
+      log.info(`${this.name}: written back, ${this.backingName} marked clean`);
       return true;
     });
   }
