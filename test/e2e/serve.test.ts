@@ -85,8 +85,10 @@ test('serve: writeback through NBD, a second daemon refused, SIGTERM leaves the 
     const info = JSON.parse(await run('nbdinfo', ['--json', s.uri()])) as {
       exports: Array<{ 'export-size': number; block_size_minimum: number }>;
     };
-    assert.equal(info.exports[0]?.['export-size'], 64 * MiB - 8192);
-    assert.equal(info.exports[0]?.block_size_minimum, 512);
+    const exp = info.exports[0];
+    assert.ok(exp, 'nbdinfo lists bcache0');
+    assert.equal(exp['export-size'], 64 * MiB - 8192);
+    assert.equal(exp.block_size_minimum, 512);
     const second = ubcache(['serve', '--socket', join(tmp.dir, 'other.sock'), cache, backing]);
     assert.equal(second.status, 1);
     assert.match(second.stderr, /in use by another process that locked it/);
