@@ -12,6 +12,10 @@
  *       ioctl BLKDISCARD on a block device. fallocate(PUNCH_HOLE) on a block
  *       device is a zero-out that refuses to fall back, which most SATA SSDs
  *       cannot do; a real discard (TRIM) is what a cache device wants.
+ *   flock(fd, operation) -> Promise<void>
+ *       flock(2) with LOCK_SH (1), LOCK_EX (2), LOCK_NB (4), LOCK_UN (8): the
+ *       advisory lock that keeps two daemons off one image file (a regular
+ *       file has no O_EXCL). With LOCK_NB a held lock rejects with EAGAIN.
  *
  *   preadNowait(fd, buffer, position) -> number
  *   pwriteNowait(fd, buffer, position) -> number
@@ -36,10 +40,11 @@
 #include <sys/uio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/ioctl.h>
 #include <unistd.h>
 
-enum op_kind { OP_FALLOCATE, OP_SEEK, OP_BLKDISCARD };
+enum op_kind { OP_FALLOCATE, OP_SEEK, OP_BLKDISCARD, OP_FLOCK };
 
 struct op {
   enum op_kind kind;
@@ -70,6 +75,8 @@ static const char *errno_name(int e) {
     case ENOSYS: return "ENOSYS";
     case EBUSY: return "EBUSY";
     case ENOTTY: return "ENOTTY";
+    case EAGAIN: return "EAGAIN";
+    case ENOLCK: return "ENOLCK";
     default: return "EUNKNOWN";
   }
 }
@@ -82,6 +89,12 @@ static void execute(napi_env env, void *data) {
     int r;
     do {
       r = fallocate(op->fd, op->mode, (off_t)op->offset, (off_t)op->length);
+    } while (r < 0 && errno == EINTR);
+    if (r < 0) op->err = errno;
+  } else if (op->kind == OP_FLOCK) {
+    int r;
+    do {
+      r = flock(op->fd, op->mode);
     } while (r < 0 && errno == EINTR);
     if (r < 0) op->err = errno;
   } else if (op->kind == OP_BLKDISCARD) {
@@ -127,7 +140,7 @@ static napi_value start(napi_env env, napi_callback_info info, enum op_kind kind
   size_t argc = 4;
   napi_value argv[4];
   napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
-  size_t need = kind == OP_FALLOCATE ? 4 : 3;
+  size_t need = kind == OP_FALLOCATE ? 4 : kind == OP_FLOCK ? 2 : 3;
   if (argc < need) {
     napi_throw_type_error(env, NULL, "ubcache_native: too few arguments");
     return NULL;
@@ -147,7 +160,8 @@ static napi_value start(napi_env env, napi_callback_info info, enum op_kind kind
       (kind == OP_SEEK && napi_get_value_int64(env, argv[1], &offset) != napi_ok) ||
       (kind == OP_SEEK && napi_get_value_int32(env, argv[2], &mode) != napi_ok) ||
       (kind == OP_BLKDISCARD && napi_get_value_int64(env, argv[1], &offset) != napi_ok) ||
-      (kind == OP_BLKDISCARD && napi_get_value_int64(env, argv[2], &length) != napi_ok)) {
+      (kind == OP_BLKDISCARD && napi_get_value_int64(env, argv[2], &length) != napi_ok) ||
+      (kind == OP_FLOCK && napi_get_value_int32(env, argv[1], &mode) != napi_ok)) {
     free(op);
     napi_throw_type_error(env, NULL, "ubcache_native: arguments must be numbers");
     return NULL;
@@ -158,7 +172,10 @@ static napi_value start(napi_env env, napi_callback_info info, enum op_kind kind
   op->length = length;
   napi_value promise, name;
   napi_create_promise(env, &op->deferred, &promise);
-  const char *resource = kind == OP_FALLOCATE ? "ubcache.fallocate" : kind == OP_SEEK ? "ubcache.seek" : "ubcache.blkdiscard";
+  const char *resource = kind == OP_FALLOCATE   ? "ubcache.fallocate"
+                         : kind == OP_SEEK      ? "ubcache.seek"
+                         : kind == OP_FLOCK     ? "ubcache.flock"
+                                                : "ubcache.blkdiscard";
   napi_create_string_utf8(env, resource, NAPI_AUTO_LENGTH, &name);
   napi_create_async_work(env, NULL, name, execute, complete, op, &op->work);
   napi_queue_async_work(env, op->work);
@@ -168,6 +185,7 @@ static napi_value start(napi_env env, napi_callback_info info, enum op_kind kind
 static napi_value js_fallocate(napi_env env, napi_callback_info info) { return start(env, info, OP_FALLOCATE); }
 static napi_value js_seek(napi_env env, napi_callback_info info) { return start(env, info, OP_SEEK); }
 static napi_value js_blkdiscard(napi_env env, napi_callback_info info) { return start(env, info, OP_BLKDISCARD); }
+static napi_value js_flock(napi_env env, napi_callback_info info) { return start(env, info, OP_FLOCK); }
 
 /* The RWF_NOWAIT fast path: (fd, Uint8Array, position) -> bytes or -errno. */
 static napi_value nowait(napi_env env, napi_callback_info info, int write) {
@@ -206,6 +224,7 @@ static napi_value init(napi_env env, napi_value exports) {
     {"fallocate", NULL, js_fallocate, NULL, NULL, NULL, napi_default, NULL},
     {"seek", NULL, js_seek, NULL, NULL, NULL, napi_default, NULL},
     {"blkdiscard", NULL, js_blkdiscard, NULL, NULL, NULL, napi_default, NULL},
+    {"flock", NULL, js_flock, NULL, NULL, NULL, napi_default, NULL},
     {"preadNowait", NULL, js_pread_nowait, NULL, NULL, NULL, napi_default, NULL},
     {"pwriteNowait", NULL, js_pwrite_nowait, NULL, NULL, NULL, napi_default, NULL},
   };

@@ -104,6 +104,13 @@ export interface InsertOptions {
   replace?: Bkey | undefined;
   /** The journal entry the keys are in: the leaf takes a pin on it. */
   journal?: JournalPin | undefined;
+  /**
+   * Insert a piece only if this returns true at the moment it is applied to
+   * its leaf (synchronously, under the tree lock); a false counts as a
+   * collision. Miss fills use it with the request layer's collision tracker:
+   * a write that overlapped the fill since it began wins (docs/engine.md §3).
+   */
+  guard?: (() => boolean) | undefined;
 }
 
 export interface InsertResult {
@@ -606,6 +613,10 @@ export class Btree {
 
   /** Apply one piece to a leaf that has room (synchronous). */
   private applyToLeaf(leaf: BtreeNode, k: Bkey, options: InsertOptions, result: InsertResult): void {
+    if (options.guard && !options.guard()) {
+      result.collisions++;
+      return;
+    }
     const r = insertExtent(leaf.keys, k, { replace: options.replace, dirty: this.host.dirty });
     if (!r.inserted) {
       if (r.collision) result.collisions++;
@@ -672,6 +683,11 @@ export class Btree {
               this.lock.releaseWrite();
               locked = false;
               spare = spare.concat(await this.host.allocNodeBuckets(need - spare.length));
+              continue;
+            }
+            if (options.guard && !options.guard()) {
+              result.collisions++;
+              rest = next;
               continue;
             }
             const scratch: InsertResult = { sectors: 0, collisions: 0, inserted: [] };

@@ -37,6 +37,9 @@
 //       journaled (miss fills, writeback completions): only the part of the
 //       range still held by `expected` is inserted; result.collisions counts
 //       pieces that found nothing.
+//   await cs.insert([key], {journal: false, guard})  not journaled, each piece
+//       inserted only if guard() is true when it reaches its leaf (miss fills
+//       with the request layer's collision tracker).
 //   cs.putAllocation(a)                         after the insert (or a failure)
 //   await cs.invalidate(inode, start, end)      bypass writes, discards: the
 //       range becomes a hole (journaled).
@@ -609,11 +612,11 @@ export class CacheSet {
    */
   async insert(
     keys: readonly Bkey[],
-    options: { replace?: Bkey; journal?: boolean; fua?: boolean } = {},
+    options: { replace?: Bkey; journal?: boolean; fua?: boolean; guard?: () => boolean } = {},
   ): Promise<InsertResult> {
     this.check();
     const journaled = options.replace === undefined && options.journal !== false;
-    if (!journaled) return this.btree.insert(keys, { replace: options.replace });
+    if (!journaled) return this.btree.insert(keys, { replace: options.replace, guard: options.guard });
     const total: InsertResult = { sectors: 0, collisions: 0, inserted: [] };
     // One journal entry holds a bounded number of keys: insert in chunks.
     const chunk = 64;

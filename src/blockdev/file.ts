@@ -26,10 +26,14 @@
 import * as fs from 'node:fs';
 import { stat } from 'node:fs/promises';
 import { deferred, type Deferred } from '../util/lifecycle.ts';
+import { log } from '../util/log.ts';
 import {
   FALLOC_FL_KEEP_SIZE,
   FALLOC_FL_PUNCH_HOLE,
   FALLOC_FL_ZERO_RANGE,
+  LOCK_EX,
+  LOCK_NB,
+  LOCK_SH,
   SEEK_DATA,
   SEEK_HOLE,
   isUnsupported,
@@ -51,9 +55,11 @@ import {
 export interface FileOpenOptions {
   readOnly?: boolean;
   /**
-   * Open a block device with O_EXCL, so nothing else (a mount, the kernel's
-   * bcache, another ubcache) can claim it. No effect on regular files: Linux
-   * has no exclusive open for them.
+   * Claim the device: a block device is opened with O_EXCL, so nothing else
+   * (a mount, the kernel's bcache, another ubcache) can claim it; a regular
+   * file, which has no exclusive open, gets an advisory flock(LOCK_EX) that
+   * another ubcache honours (the lock goes with the fd, also on kill -9).
+   * Without the native addon a file cannot be locked: a warning says so.
    */
   exclusive?: boolean;
   /** The native addon to use; null runs on the portable fallbacks. Default: loadNative(). */
@@ -172,6 +178,37 @@ function kindOf(st: fs.Stats | fs.BigIntStats): string {
   if (st.isFIFO()) return 'a FIFO';
   if (st.isSocket()) return 'a socket';
   return 'not a regular file';
+}
+
+let warnedNoLock = false;
+
+/** flock the image file so a second daemon cannot serve it too (shared for read-only opens). */
+async function lockFile(path: string, fd: number, readOnly: boolean, native: NativeOps | null): Promise<void> {
+  if (!native?.flock) {
+    if (!warnedNoLock) {
+      warnedNoLock = true;
+      log.warn(
+        `cannot lock ${path} against a second ubcache: the native addon (with flock) is not built; ` +
+          'run `npm run build` (until then, do not serve one image from two daemons)',
+      );
+    }
+    return;
+  }
+  try {
+    await native.flock(fd, (readOnly ? LOCK_SH : LOCK_EX) | LOCK_NB);
+  } catch (err) {
+    const code = errnoOf(err);
+    if (code === 'EAGAIN' || code === 'EWOULDBLOCK') {
+      throw new DeviceOpenError(
+        'EBUSY',
+        path,
+        `${path} is in use by another process that locked it (another ubcache serving it?); stop that one first`,
+        { cause: err },
+      );
+    }
+    // A filesystem without locks (some network filesystems): serve, but say so.
+    log.warn(`cannot lock ${path}: ${err instanceof Error ? err.message : String(err)}; serving it unlocked`);
+  }
 }
 
 function openFailure(path: string, err: unknown, exclusive: boolean): DeviceOpenError {
@@ -298,6 +335,7 @@ export class FileBlockDevice implements BlockDevice {
       throw openFailure(path, err, exclusive);
     }
     try {
+      if (exclusive && pre.isFile()) await lockFile(path, fd, readOnly, native);
       const geometry = await FileBlockDevice.probe(path, fd, readOnly, native);
       const dev = new FileBlockDevice(path, fd, readOnly, native, geometry);
       if (options.inlineWriteSlowMs !== undefined) dev.inlineWriteSlowMs = options.inlineWriteSlowMs;

@@ -17,6 +17,12 @@ export const FALLOC_FL_KEEP_SIZE = 0x01;
 export const FALLOC_FL_PUNCH_HOLE = 0x02;
 export const FALLOC_FL_ZERO_RANGE = 0x10;
 
+/** flock(2) operations. */
+export const LOCK_SH = 1;
+export const LOCK_EX = 2;
+export const LOCK_NB = 4;
+export const LOCK_UN = 8;
+
 /** lseek(2) whence values for sparse files. */
 export const SEEK_DATA = 3;
 export const SEEK_HOLE = 4;
@@ -31,6 +37,8 @@ export interface NativeOps {
   seek(fd: number, offset: number, whence: number): Promise<number>;
   /** ioctl(BLKDISCARD); null when the addon predates it. */
   blkdiscard: ((fd: number, offset: number, length: number) => Promise<void>) | null;
+  /** flock(2) (LOCK_* bits); a held lock with LOCK_NB rejects with EAGAIN. Null when the addon predates it. */
+  flock: ((fd: number, operation: number) => Promise<void>) | null;
   /**
    * Synchronous preadv2(RWF_NOWAIT) into all of `buf`: the bytes read, or
    * -errno (-EAGAIN when the data is not in the page cache). null when the
@@ -43,6 +51,7 @@ interface RawAddon {
   fallocate?: unknown;
   seek?: unknown;
   blkdiscard?: unknown;
+  flock?: unknown;
   preadNowait?: unknown;
 }
 
@@ -83,7 +92,7 @@ function load(): NativeOps | null {
     }
     return null;
   }
-  const { fallocate, seek, blkdiscard, preadNowait } = raw;
+  const { fallocate, seek, blkdiscard, flock, preadNowait } = raw;
   if (typeof fallocate !== 'function' || typeof seek !== 'function') {
     log.warn(`native addon ${addonPath} lacks fallocate/seek; rebuild it with \`npm run build\``);
     return null;
@@ -92,6 +101,7 @@ function load(): NativeOps | null {
     fallocate: fallocate as NativeOps['fallocate'],
     seek: seek as NativeOps['seek'],
     blkdiscard: typeof blkdiscard === 'function' ? (blkdiscard as NonNullable<NativeOps['blkdiscard']>) : null,
+    flock: typeof flock === 'function' ? (flock as NonNullable<NativeOps['flock']>) : null,
     preadNowait: typeof preadNowait === 'function' ? (preadNowait as NonNullable<NativeOps['preadNowait']>) : null,
   };
 }

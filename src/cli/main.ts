@@ -18,6 +18,10 @@ const subcommands: Record<string, Entry> = {
     summary: 'format cache and backing devices (make-bcache)',
     load: async () => (await import('./make.ts')).run,
   },
+  serve: {
+    summary: 'register bcache devices and serve them over NBD',
+    load: async () => (await import('./serve.ts')).run,
+  },
   'show-super': {
     summary: "print a device's bcache superblock (bcache-super-show)",
     load: async () => (await import('./show-super.ts')).run,

@@ -1,0 +1,377 @@
+// bcache's sysfs attributes that can be set (bcache.md §3.1-3.5): their
+// names, how a value is parsed as the kernel's store functions parse it, and
+// how it is applied and shown. `ubcache serve --set DEV.ATTR=VALUE` uses them
+// now; issue 5's control socket (the attribute tree) shows and stores the
+// same ones.
+//
+// Parsing follows the kernel: integers are base 10 (kstrtoul: an optional
+// '+', no unit suffixes; sequential_cutoff refuses "4M" as modern kernels
+// do), a trailing newline is accepted, *_clamp attributes clamp silently,
+// booleans take any number (nonzero = 1), choice lists take exactly one of
+// their names. Where the kernel would truncate a too-large number into a
+// narrower field we refuse it instead, saying the range.
+
+import { CACHE_MODE_NAMES } from '../format/constants.ts';
+import { log } from '../util/log.ts';
+import type { CachedDev, CachedDevSettings } from './cached-dev.ts';
+import type { RegisteredSet, SetSettings } from './registry.ts';
+import { hprint } from './stats.ts';
+
+const UINT_MAX = 0xffffffff;
+const INT_MAX = 0x7fffffff;
+
+/** A value an attribute refuses; the message says what it accepts. */
+export class AttributeError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = 'AttributeError';
+  }
+}
+
+export interface Attribute<Target> {
+  readonly name: string;
+  /** What a store accepts, for messages. */
+  readonly accepts: string;
+  /** Parse a stored value (throws AttributeError) and return a function applying it. */
+  parse(text: string): (target: Target) => Promise<void>;
+  show(target: Target): string;
+}
+
+function trimNewline(text: string): string {
+  return text.endsWith('\n') ? text.slice(0, -1) : text;
+}
+
+/** kstrtoul(text, 10), as a number (refusing what does not fit 2^53). */
+function parseUnsigned(name: string, text: string, accepts: string): number {
+  const t = trimNewline(text);
+  if (!/^\+?[0-9]+$/.test(t)) throw new AttributeError(`${name}: "${text}" is not ${accepts}`);
+  const v = Number(t.startsWith('+') ? t.slice(1) : t);
+  if (!Number.isSafeInteger(v)) throw new AttributeError(`${name}: ${t} is too large (${accepts})`);
+  return v;
+}
+
+function unsigned<T>(
+  name: string,
+  min: number,
+  max: number,
+  clamp: boolean,
+  get: (t: T) => number,
+  set: (t: T, v: number) => void | Promise<void>,
+  show?: (v: number) => string,
+): Attribute<T> {
+  const accepts = `a whole number from ${min} to ${max}`;
+  return {
+    name,
+    accepts,
+    parse(text) {
+      let v = parseUnsigned(name, text, accepts);
+      if (clamp) v = Math.min(max, Math.max(min, v));
+      else if (v < min || v > max) throw new AttributeError(`${name}: ${v} is out of range (${accepts})`);
+      return async (t) => {
+        await set(t, v);
+      };
+    },
+    show: (t) => (show ? show(get(t)) : String(get(t))),
+  };
+}
+
+function bool<T>(name: string, get: (t: T) => boolean, set: (t: T, v: boolean) => void | Promise<void>): Attribute<T> {
+  const accepts = '0 or 1 (any nonzero number is 1)';
+  return {
+    name,
+    accepts,
+    parse(text) {
+      const v = parseUnsigned(name, text, accepts) !== 0;
+      return async (t) => {
+        await set(t, v);
+      };
+    },
+    show: (t) => (get(t) ? '1' : '0'),
+  };
+}
+
+/** bch_snprint_string_list: every option, the selected one in brackets. */
+export function choiceList(options: readonly string[], selected: number): string {
+  return options.map((o, i) => (i === selected ? `[${o}]` : o)).join(' ');
+}
+
+function choice<T>(
+  name: string,
+  options: readonly string[],
+  get: (t: T) => number,
+  set: (t: T, index: number) => void | Promise<void>,
+): Attribute<T> {
+  const accepts = `one of: ${options.join(', ')}`;
+  return {
+    name,
+    accepts,
+    parse(text) {
+      const i = options.indexOf(trimNewline(text));
+      if (i < 0) throw new AttributeError(`${name}: "${text}" is not ${accepts}`);
+      return async (t) => {
+        await set(t, i);
+      };
+    },
+    show: (t) => choiceList(options, get(t)),
+  };
+}
+
+function setting<K extends keyof CachedDevSettings>(dev: CachedDev, key: K, value: CachedDevSettings[K]): void {
+  dev.settings[key] = value;
+  dev.attachment?.writeback.wake();
+}
+
+const STOP_WHEN = ['auto', 'always'] as const;
+const READAHEAD = ['all', 'meta-only'] as const;
+
+/** The settable attributes of a backing device (/sys/block/bcacheN/bcache/). */
+export const DEVICE_ATTRIBUTES: ReadonlyArray<Attribute<CachedDev>> = [
+  choice(
+    'cache_mode',
+    CACHE_MODE_NAMES,
+    (d) => d.cacheMode,
+    (d, i) => d.setCacheMode(i),
+  ),
+  unsigned(
+    'sequential_cutoff',
+    0,
+    UINT_MAX,
+    false,
+    (d) => d.settings.sequentialCutoff,
+    (d, v) => {
+      setting(d, 'sequentialCutoff', v);
+    },
+    (v) => hprint(v),
+  ),
+  bool(
+    'writeback_running',
+    (d) => d.settings.writebackRunning,
+    (d, v) => {
+      setting(d, 'writebackRunning', v);
+    },
+  ),
+  unsigned(
+    'writeback_delay',
+    0,
+    UINT_MAX,
+    false,
+    (d) => d.settings.writebackDelay,
+    (d, v) => {
+      setting(d, 'writebackDelay', v);
+    },
+  ),
+  unsigned(
+    'writeback_percent',
+    0,
+    40,
+    true,
+    (d) => d.settings.writebackPercent,
+    (d, v) => {
+      setting(d, 'writebackPercent', v);
+    },
+  ),
+  unsigned(
+    'writeback_rate',
+    1,
+    INT_MAX,
+    true,
+    (d) => d.settings.writebackRate,
+    (d, v) => {
+      setting(d, 'writebackRate', v);
+    },
+    // Shown in bytes per second, stored in sectors per second.
+    (v) => hprint(v * 512),
+  ),
+  unsigned(
+    'writeback_rate_update_seconds',
+    1,
+    60,
+    true,
+    (d) => d.settings.writebackRateUpdateSeconds,
+    (d, v) => {
+      setting(d, 'writebackRateUpdateSeconds', v);
+    },
+  ),
+  unsigned(
+    'writeback_rate_minimum',
+    1,
+    UINT_MAX,
+    true,
+    (d) => d.settings.writebackRateMinimum,
+    (d, v) => {
+      setting(d, 'writebackRateMinimum', v);
+    },
+  ),
+  unsigned(
+    'writeback_rate_p_term_inverse',
+    1,
+    UINT_MAX,
+    true,
+    (d) => d.settings.writebackRatePTermInverse,
+    (d, v) => {
+      setting(d, 'writebackRatePTermInverse', v);
+    },
+  ),
+  unsigned(
+    'writeback_rate_i_term_inverse',
+    1,
+    UINT_MAX,
+    true,
+    (d) => d.settings.writebackRateITermInverse,
+    (d, v) => {
+      setting(d, 'writebackRateITermInverse', v);
+    },
+  ),
+  bool(
+    'writeback_metadata',
+    (d) => d.settings.writebackMetadata,
+    (d, v) => {
+      setting(d, 'writebackMetadata', v);
+    },
+  ),
+  bool(
+    'writeback_consider_fragment',
+    (d) => d.settings.writebackConsiderFragment,
+    (d, v) => {
+      setting(d, 'writebackConsiderFragment', v);
+    },
+  ),
+  choice(
+    'stop_when_cache_set_failed',
+    STOP_WHEN,
+    (d) => STOP_WHEN.indexOf(d.settings.stopWhenCacheSetFailed),
+    (d, i) => {
+      setting(d, 'stopWhenCacheSetFailed', STOP_WHEN[i] ?? 'auto');
+    },
+  ),
+  choice(
+    'readahead_cache_policy',
+    READAHEAD,
+    (d) => READAHEAD.indexOf(d.settings.readaheadCachePolicy),
+    (d, i) => {
+      setting(d, 'readaheadCachePolicy', READAHEAD[i] ?? 'all');
+    },
+  ),
+  unsigned(
+    'io_error_limit',
+    0,
+    INT_MAX,
+    true,
+    (d) => d.settings.ioErrorLimit,
+    (d, v) => {
+      setting(d, 'ioErrorLimit', v);
+    },
+  ),
+  bool(
+    'io_disable',
+    (d) => d.settings.ioDisable,
+    (d, v) => {
+      setting(d, 'ioDisable', v);
+    },
+  ),
+  {
+    name: 'label',
+    accepts: 'at most 32 bytes',
+    parse(text) {
+      const label = Buffer.from(trimNewline(text));
+      if (label.length > 32) throw new AttributeError(`label: "${text}" is longer than 32 bytes`);
+      return async (d) => {
+        const padded = Buffer.alloc(32);
+        label.copy(padded);
+        await d.updateSuperblock((sb) => {
+          sb.label = padded;
+        });
+        const att = d.attachment;
+        if (att) {
+          att.cs.uuids.get(att.inode).label = Buffer.from(padded);
+          await att.cs.writeUuids();
+        }
+      };
+    },
+    show: (d) => {
+      const end = d.sb.label.indexOf(0);
+      return d.sb.label.subarray(0, end < 0 ? 32 : end).toString();
+    },
+  },
+];
+
+function setSetting<K extends keyof SetSettings>(set: RegisteredSet, key: K, value: SetSettings[K]): void {
+  set.settings[key] = value;
+}
+
+const ERRORS = ['unregister', 'panic'] as const;
+
+/** The settable attributes of a cache set (/sys/fs/bcache/<set-uuid>/). */
+export const SET_ATTRIBUTES: ReadonlyArray<Attribute<RegisteredSet>> = [
+  unsigned(
+    'journal_delay_ms',
+    0,
+    65535,
+    false,
+    (s) => s.cs.journal.delayMs,
+    (s, v) => {
+      s.cs.journal.delayMs = v;
+    },
+  ),
+  unsigned(
+    'congested_read_threshold_us',
+    0,
+    UINT_MAX,
+    false,
+    (s) => s.settings.congestedReadThresholdUs,
+    (s, v) => {
+      setSetting(s, 'congestedReadThresholdUs', v);
+    },
+  ),
+  unsigned(
+    'congested_write_threshold_us',
+    0,
+    UINT_MAX,
+    false,
+    (s) => s.settings.congestedWriteThresholdUs,
+    (s, v) => {
+      setSetting(s, 'congestedWriteThresholdUs', v);
+    },
+  ),
+  unsigned(
+    'io_error_limit',
+    0,
+    UINT_MAX,
+    false,
+    (s) => s.settings.ioErrorLimit,
+    (s, v) => {
+      setSetting(s, 'ioErrorLimit', v);
+    },
+  ),
+  unsigned(
+    'io_error_halflife',
+    0,
+    UINT_MAX,
+    false,
+    (s) => s.settings.ioErrorHalflife,
+    (s, v) => {
+      // Stored as error_decay = v / 88, shown as error_decay * 88.
+      setSetting(s, 'ioErrorHalflife', Math.floor(v / 88) * 88);
+    },
+  ),
+  choice(
+    'errors',
+    ERRORS,
+    (s) => ERRORS.indexOf(s.settings.errors),
+    (s, i) => {
+      if (ERRORS[i] === 'panic') log.warn(`set ${s.uuid}: errors=panic makes a fatal cache error stop the daemon`);
+      setSetting(s, 'errors', ERRORS[i] ?? 'unregister');
+    },
+  ),
+];
+
+/** Find an attribute by name, or throw naming the valid ones. */
+export function findAttribute<T>(list: ReadonlyArray<Attribute<T>>, name: string, what: string): Attribute<T> {
+  const a = list.find((x) => x.name === name);
+  if (!a) {
+    throw new AttributeError(
+      `${what} has no settable attribute "${name}"; valid: ${list.map((x) => x.name).join(', ')}`,
+    );
+  }
+  return a;
+}

@@ -1,0 +1,101 @@
+// Every I/O a cached device does to its backing device goes through here
+// (the counterpart of bcache/io.ts for the cache device). Offsets are in
+// sectors of the backing device (key space: the data offset is included).
+//
+// Flushes are numbered, as on the cache device: a write that completed
+// before flush N started is durable once flush N completed. The request path
+// needs this for one rule (docs/engine.md §2, R8): a *clean* key says "the
+// cache holds what the backing device holds", so it must not become durable
+// before the backing data it copies is. Writes that completed and are not yet
+// known durable are remembered per 1 MiB chunk with the epoch of the flush
+// that will cover them; a miss fill or a writethrough copy over such a chunk
+// waits for that flush before its key goes into the index.
+//
+// Issue 6 adds the backing device's error accounting (io_errors,
+// io_error_limit, io_disable) here, where every backing I/O passes.
+
+import type { BlockDevice, ZeroOptions } from '../blockdev/types.ts';
+import { SECTOR_SIZE } from '../format/constants.ts';
+
+const CHUNK_SHIFT = 11;
+
+export class BackingIo {
+  readonly dev: BlockDevice;
+  private flushesStarted = 0;
+  private flushedUpTo = 0;
+  /** chunk -> epoch of the flush that makes its latest completed write durable. */
+  private readonly volatile = new Map<number, number>();
+  private readonly listeners: Array<(epoch: number) => void> = [];
+  readonly stats = { sectorsRead: 0, sectorsWritten: 0, flushes: 0 };
+
+  constructor(dev: BlockDevice) {
+    this.dev = dev;
+  }
+
+  get durableEpoch(): number {
+    return this.flushedUpTo;
+  }
+
+  /** The flush that will cover a write completing now. */
+  get nextFlushEpoch(): number {
+    return this.flushesStarted + 1;
+  }
+
+  /** Called after every completed flush with its epoch. */
+  onFlushed(listener: (epoch: number) => void): void {
+    this.listeners.push(listener);
+  }
+
+  private markVolatile(sector: number, sectors: number): void {
+    if (sectors <= 0) return;
+    const epoch = this.flushesStarted + 1;
+    const last = (sector + sectors - 1) >> CHUNK_SHIFT;
+    for (let c = sector >> CHUNK_SHIFT; c <= last; c++) this.volatile.set(c, epoch);
+  }
+
+  /**
+   * The flush epoch that must complete before data read now from
+   * [start, end) is known durable on the backing device (0: it already is).
+   */
+  epochFor(start: number, end: number): number {
+    if (this.volatile.size === 0) return 0;
+    let need = 0;
+    const last = (end - 1) >> CHUNK_SHIFT;
+    for (let c = start >> CHUNK_SHIFT; c <= last; c++) {
+      const e = this.volatile.get(c);
+      if (e !== undefined && e > need) need = e;
+    }
+    return need > this.flushedUpTo ? need : 0;
+  }
+
+  async read(buf: Buffer, sector: number): Promise<void> {
+    await this.dev.read(buf, sector * SECTOR_SIZE);
+    this.stats.sectorsRead += buf.length / SECTOR_SIZE;
+  }
+
+  async write(buf: Buffer, sector: number, fua = false): Promise<void> {
+    await this.dev.write(buf, sector * SECTOR_SIZE, fua ? { fua: true } : undefined);
+    this.stats.sectorsWritten += buf.length / SECTOR_SIZE;
+    if (!fua) this.markVolatile(sector, buf.length / SECTOR_SIZE);
+  }
+
+  async discard(sector: number, sectors: number): Promise<void> {
+    await this.dev.discard(sector * SECTOR_SIZE, sectors * SECTOR_SIZE);
+    this.markVolatile(sector, sectors);
+  }
+
+  async writeZeroes(sector: number, sectors: number, options: ZeroOptions = {}): Promise<void> {
+    await this.dev.writeZeroes(sector * SECTOR_SIZE, sectors * SECTOR_SIZE, options);
+    if (options.fua !== true) this.markVolatile(sector, sectors);
+  }
+
+  async flush(): Promise<void> {
+    const epoch = ++this.flushesStarted;
+    await this.dev.flush();
+    this.stats.flushes++;
+    if (epoch <= this.flushedUpTo) return;
+    this.flushedUpTo = epoch;
+    for (const [c, e] of this.volatile) if (e <= epoch) this.volatile.delete(c);
+    for (const l of this.listeners) l(epoch);
+  }
+}

@@ -1,0 +1,562 @@
+// A backing device (super.c struct cached_dev): its superblock and its state
+// machine, its attachment to a cache set, and the bcache device it serves
+// (/dev/bcacheN: a BlockDevice, exported over NBD unchanged).
+//
+// Lifecycle (DESIGN.md rules 1-5, bcache.md §2):
+//
+//   registered ──run()──► running (passthrough: every request goes to the
+//        │                   │      backing device at data_offset)
+//        └──attach(set)──────┴──► attached: an Attachment holds the set, the
+//                                 uuid slot (the btree inode), a RefCount and
+//                                 the writeback worker
+//
+// The Attachment's RefCount (the kernel's cached_dev->count) holds one
+// reference for the attachment itself, one per request in flight on the
+// cached path (fills that finish after their reply included), and one for
+// the writeback worker for its whole life. A request that cannot take a
+// reference (the count reached zero) is served in passthrough. When the
+// count reaches zero the attachment ends:
+//
+// - detach() is two-phase: it marks the attachment detaching (new requests
+//   bypass the cache, writeback runs at full speed, ignoring
+//   writeback_running and the rate) and drops the attachment's reference;
+//   the writeback worker exits once a full pass finds nothing dirty, after
+//   writing the backing superblock NONE with a zero set uuid; at zero the
+//   uuid slot is invalidated and written, and the device keeps serving in
+//   passthrough ("Caching disabled for ...").
+// - stop() (the device's own stop, or its set's) refuses new requests, waits
+//   for those in flight, stops the writeback worker and drops the
+//   attachment's reference without detaching: the slot and the superblock
+//   state survive, so the next registration re-attaches with the cache intact.
+//
+// Issue 5 drives attach/detach/stop from the control socket, issue 6 adds
+// io_disable, io_errors and stop_when_cache_set_failed; both only call what
+// is here.
+
+import type { BlockDevice, BlockDeviceCaps, Extent, WriteOptions, ZeroOptions } from '../blockdev/types.ts';
+import { IoError } from '../blockdev/types.ts';
+import {
+  BDEV_CACHE_MODE_MASK,
+  BDEV_STATE_CLEAN,
+  BDEV_STATE_DIRTY,
+  BDEV_STATE_MASK,
+  BDEV_STATE_NONE,
+  BDEV_STATE_SHIFT,
+  BDEV_STATE_STALE,
+  CACHE_MODE_NAMES,
+  SB_OFFSET,
+  SB_SIZE,
+  SECTOR_SIZE,
+} from '../format/constants.ts';
+import {
+  bdevCacheMode,
+  bdevState,
+  decodeSuperblock,
+  encodeSuperblock,
+  isBacking,
+  setFlagBits,
+  type Superblock,
+} from '../format/superblock.ts';
+import { formatUuid } from '../format/uuid-text.ts';
+import { deferred, errorMessage, Mutex, RefCount, type Deferred } from '../util/lifecycle.ts';
+import { log } from '../util/log.ts';
+import { BackingIo } from './backing.ts';
+import type { CacheSet } from './cache-set.ts';
+import type { RegisteredSet } from './registry.ts';
+import { RequestPath } from './request.ts';
+import { CacheAccounting } from './stats.ts';
+import { Writeback } from './writeback.ts';
+
+export const CACHE_MODE_WRITETHROUGH = 0;
+export const CACHE_MODE_WRITEBACK = 1;
+export const CACHE_MODE_WRITEAROUND = 2;
+export const CACHE_MODE_NONE = 3;
+
+export const BDEV_STATE_NAMES: readonly string[] = ['no cache', 'clean', 'dirty', 'inconsistent'];
+
+/** The backing device's tunables (bcache.md §3.5), with the kernel's defaults. */
+export interface CachedDevSettings {
+  /** Bytes; 0 disables sequential bypass. */
+  sequentialCutoff: number;
+  writebackRunning: boolean;
+  /** Seconds to sleep after a full writeback pass. */
+  writebackDelay: number;
+  /** Target dirty share of the cache (the PI controller's; kept for it). */
+  writebackPercent: number;
+  /** Sectors per second (a fixed rate until the PI controller lands). */
+  writebackRate: number;
+  writebackRateUpdateSeconds: number;
+  writebackRateMinimum: number;
+  writebackRatePTermInverse: number;
+  writebackRateITermInverse: number;
+  writebackMetadata: boolean;
+  writebackConsiderFragment: boolean;
+  stopWhenCacheSetFailed: 'auto' | 'always';
+  readaheadCachePolicy: 'all' | 'meta-only';
+  ioErrorLimit: number;
+  ioDisable: boolean;
+}
+
+export function defaultSettings(): CachedDevSettings {
+  return {
+    sequentialCutoff: 4 * 1024 * 1024,
+    writebackRunning: true,
+    writebackDelay: 30,
+    writebackPercent: 10,
+    writebackRate: 1024,
+    writebackRateUpdateSeconds: 5,
+    writebackRateMinimum: 8,
+    writebackRatePTermInverse: 40,
+    writebackRateITermInverse: 10000,
+    writebackMetadata: true,
+    writebackConsiderFragment: true,
+    stopWhenCacheSetFailed: 'auto',
+    readaheadCachePolicy: 'all',
+    ioErrorLimit: 64,
+    ioDisable: false,
+  };
+}
+
+/** One backing device attached to one cache set (bcache_device_attach .. detach). */
+export class Attachment {
+  readonly set: RegisteredSet;
+  readonly cs: CacheSet;
+  /** The uuid slot: the inode of this device's keys. */
+  readonly inode: number;
+  readonly ref: RefCount;
+  readonly writeback: Writeback;
+  detaching = false;
+  /** The writeback worker finished a detach: nothing dirty, superblock NONE. */
+  detachComplete = false;
+  /** Settled when the attachment has ended (detached or stopped) and is unlinked. */
+  private readonly end: Deferred<void> = deferred();
+  ended = false;
+
+  constructor(dev: CachedDev, set: RegisteredSet, inode: number) {
+    this.set = set;
+    this.cs = set.cs;
+    this.inode = inode;
+    this.ref = new RefCount(() => {
+      dev.attachmentDrained(this);
+    });
+    this.writeback = new Writeback(dev, this);
+  }
+
+  get finished(): Promise<void> {
+    return this.end.promise;
+  }
+
+  settle(): void {
+    this.ended = true;
+    this.end.resolve();
+  }
+}
+
+export interface CachedDevOptions {
+  /** N of bcacheN, allocated at registration as the kernel's IDA does. */
+  index: number;
+  settings?: Partial<CachedDevSettings>;
+  /** Unix seconds (uuid first_reg/last_reg, invalidated). */
+  now?: () => number;
+}
+
+export class CachedDev {
+  readonly backing: BlockDevice;
+  readonly backingIo: BackingIo;
+  /** The backing superblock, as last written (or read). */
+  readonly sb: Superblock;
+  readonly index: number;
+  /** bcacheN */
+  readonly name: string;
+  readonly settings: CachedDevSettings;
+  readonly stats = new CacheAccounting();
+  readonly request: RequestPath;
+  readonly device: BcacheDevice;
+  attachment: Attachment | undefined;
+  private runningFlag = false;
+  private stopPromise: Promise<void> | undefined;
+  private readonly sbLock = new Mutex();
+  /** The BDEV_STATE the superblock on disk has (or is being written with). */
+  private durableState: number;
+  private readonly nowFn: () => number;
+
+  constructor(backing: BlockDevice, sb: Superblock, options: CachedDevOptions) {
+    if (!isBacking(sb)) throw new Error(`${backing.name}: not a backing device superblock`);
+    this.backing = backing;
+    this.backingIo = new BackingIo(backing);
+    this.sb = sb;
+    this.index = options.index;
+    this.name = `bcache${options.index}`;
+    this.settings = { ...defaultSettings(), ...options.settings };
+    this.durableState = bdevState(sb);
+    this.nowFn = options.now ?? (() => Math.floor(Date.now() / 1000));
+    this.request = new RequestPath(this);
+    this.device = new BcacheDevice(this);
+  }
+
+  /** Read and check the superblock of a backing device (read_super). */
+  static async readSuperblock(dev: BlockDevice): Promise<Superblock> {
+    const block = Buffer.alloc(SB_SIZE);
+    await dev.read(block, SB_OFFSET);
+    return decodeSuperblock(block, {
+      deviceSectors: Math.floor(dev.size / SECTOR_SIZE),
+      logicalBlockSize: dev.logicalBlockSize,
+    });
+  }
+
+  now(): number {
+    return this.nowFn();
+  }
+
+  get backingName(): string {
+    return this.backing.name;
+  }
+
+  get uuid(): string {
+    return formatUuid(this.sb.uuid);
+  }
+
+  get setUuid(): string {
+    return formatUuid(this.sb.setUuid);
+  }
+
+  get dataOffset(): number {
+    return this.sb.dataOffset;
+  }
+
+  /** Capacity of the bcache device in sectors: backing size minus data_offset. */
+  get sectors(): number {
+    return Math.max(0, Math.floor(this.backing.size / SECTOR_SIZE) - this.sb.dataOffset);
+  }
+
+  get cacheMode(): number {
+    return bdevCacheMode(this.sb);
+  }
+
+  get cacheModeName(): string {
+    return CACHE_MODE_NAMES[this.cacheMode] ?? 'writethrough';
+  }
+
+  get state(): number {
+    return bdevState(this.sb);
+  }
+
+  get stateName(): string {
+    return BDEV_STATE_NAMES[this.state] ?? 'no cache';
+  }
+
+  get running(): boolean {
+    return this.runningFlag;
+  }
+
+  get stopped(): boolean {
+    return this.stopPromise !== undefined;
+  }
+
+  /** The attachment, if attached and not yet ended. */
+  get attached(): boolean {
+    return this.attachment !== undefined;
+  }
+
+  /** Dirty data of this device in the cache, in sectors (dirty_data). */
+  get dirtySectors(): number {
+    const a = this.attachment;
+    return a ? a.cs.dirtySectors(a.inode) : 0;
+  }
+
+  // ---------------------------------------------------------------------------
+  // The backing superblock
+
+  /** bch_write_bdev_super(): the whole 4 KiB block in place, then a flush. */
+  private async writeSuperblock(): Promise<void> {
+    const block = encodeSuperblock(this.sb);
+    await this.backingIo.write(block, SB_OFFSET / SECTOR_SIZE);
+    await this.backingIo.flush();
+    this.sb.raw = block;
+  }
+
+  /** Change fields of the superblock and write it, serialized with other superblock writes. */
+  async updateSuperblock(change: (sb: Superblock) => void): Promise<void> {
+    await this.sbLock.run(async () => {
+      change(this.sb);
+      this.durableState = bdevState(this.sb);
+      await this.writeSuperblock();
+    });
+  }
+
+  private setState(sb: Superblock, state: number): void {
+    sb.flags = setFlagBits(sb.flags, BDEV_STATE_SHIFT, BDEV_STATE_MASK, state);
+  }
+
+  /**
+   * R7: before the first writeback-mode write since the device was clean is
+   * acknowledged, the superblock says DIRTY on disk. Free when it already does.
+   */
+  async markDirty(): Promise<void> {
+    if (this.durableState === BDEV_STATE_DIRTY) return;
+    await this.sbLock.run(async () => {
+      if (this.durableState === BDEV_STATE_DIRTY) return;
+      this.setState(this.sb, BDEV_STATE_DIRTY);
+      this.durableState = BDEV_STATE_DIRTY;
+      await this.writeSuperblock();
+    });
+  }
+
+  /**
+   * The writeback worker found nothing dirty: superblock CLEAN (R6: after a
+   * backing flush), unless a writeback-mode write began meanwhile. The check
+   * and the state change happen without an await between them, so a write
+   * either sees DIRTY gone and rewrites it, or stops this.
+   */
+  async markClean(att: Attachment): Promise<boolean> {
+    return this.sbLock.run(async () => {
+      if (this.request.dirtyWritesInFlight > 0 || att.cs.dirtySectors(att.inode) > 0) return false;
+      if (this.state !== BDEV_STATE_DIRTY) return true;
+      this.durableState = BDEV_STATE_CLEAN;
+      this.setState(this.sb, BDEV_STATE_CLEAN);
+      await this.backingIo.flush();
+      await this.writeSuperblock();
+      // Not a kernel message; it tells an operator (and the tests) that the
+      // backing device alone now holds the device's whole content.
+      log.info(`${this.name}: written back, ${this.backingName} marked clean`);
+      return true;
+    });
+  }
+
+  /** Change the cache mode (sysfs cache_mode): stored in the superblock flags. */
+  async setCacheMode(mode: number): Promise<void> {
+    if (mode === this.cacheMode) return;
+    await this.updateSuperblock((sb) => {
+      sb.flags = setFlagBits(sb.flags, 0n, BDEV_CACHE_MODE_MASK, mode);
+    });
+    this.attachment?.writeback.wake();
+  }
+
+  // ---------------------------------------------------------------------------
+  // Attach
+
+  /**
+   * bch_cached_dev_attach(): attach to `set` (whose uuid the caller matched,
+   * or an explicit attach). Throws with the kernel's message on refusal.
+   */
+  async attach(set: RegisteredSet): Promise<void> {
+    const cs = set.cs;
+    const bdev = this.backingName;
+    const gone = (): boolean => this.stopped || cs.stopped || set.stopping;
+    if (this.stopped) throw new Error(`Can't attach ${bdev}: device is stopping`);
+    if (this.attachment) throw new Error(`Can't attach ${bdev}: already attached`);
+    if (cs.stopped || set.stopping) throw new Error(`Can't attach ${bdev}: shutting down`);
+    if (this.sb.blockSize < cs.blockSize) {
+      throw new Error(`Couldn't attach ${bdev}: block size less than set's block size`);
+    }
+    for (const other of set.devices) {
+      if (other !== this && other.sb.uuid.equals(this.sb.uuid)) {
+        throw new Error(`Tried to attach ${bdev} but duplicate UUID already attached`);
+      }
+    }
+    const now = this.now();
+    let slot = cs.uuids.find(this.sb.uuid);
+    const state = this.state;
+    if (slot >= 0 && (state === BDEV_STATE_STALE || state === BDEV_STATE_NONE)) {
+      cs.uuids.invalidate(slot, now);
+      slot = -1;
+    }
+    let fresh = false;
+    if (slot < 0) {
+      if (state === BDEV_STATE_DIRTY) throw new Error(`Couldn't find uuid for ${bdev} in set`);
+      slot = cs.uuids.findEmpty();
+      if (slot < 0) throw new Error(`Not caching ${bdev}, no room for UUID`);
+      fresh = true;
+    }
+    const entry = cs.uuids.get(slot);
+    if (fresh) {
+      entry.uuid = Buffer.from(this.sb.uuid);
+      entry.label = Buffer.from(this.sb.label);
+      entry.firstReg = now;
+      entry.lastReg = now;
+      entry.invalidated = 0;
+      entry.flags = 0;
+      entry.sectors = 0;
+      await cs.writeUuids();
+      await this.updateSuperblock((sb) => {
+        sb.setUuid = Buffer.from(cs.sb.setUuid);
+        this.setState(sb, BDEV_STATE_CLEAN);
+        sb.lastMount = now;
+      });
+    } else {
+      entry.lastReg = now;
+      await cs.writeUuids();
+    }
+    if (gone()) throw new Error(`Can't attach ${bdev}: shutting down`);
+    const att = new Attachment(this, set, slot);
+    this.attachment = att;
+    set.devices.add(this);
+    att.writeback.start();
+    if (!this.runningFlag) this.run();
+    log.info(`bcache: bch_cached_dev_attach() Caching ${bdev} as ${this.name} on set ${cs.uuid}`);
+  }
+
+  /**
+   * bch_cached_dev_detach(): begin a two-phase detach. Resolves when it has
+   * completed (all dirty data written back, slot invalidated), or when the
+   * attachment ended otherwise (the device or the set stopped first).
+   */
+  detach(): Promise<void> {
+    const att = this.attachment;
+    if (!att) return Promise.resolve();
+    if (att.detaching) return att.finished;
+    att.detaching = true;
+    att.writeback.wake();
+    att.ref.put();
+    return att.finished;
+  }
+
+  /** The attachment's count reached zero (cached_dev_detach_finish / the unlink of a stop). */
+  attachmentDrained(att: Attachment): void {
+    void this.finishAttachment(att).catch((err: unknown) => {
+      log.error(`${this.name}: ending the attachment failed: ${errorMessage(err)}`);
+    });
+  }
+
+  private async finishAttachment(att: Attachment): Promise<void> {
+    try {
+      // The writeback worker exits before the count can reach zero; make sure it has.
+      await att.writeback.stop();
+      this.request.dropDeferred(att);
+      if (att.detaching && att.detachComplete && !att.cs.ioDisabled && !att.cs.stopped) {
+        att.cs.uuids.invalidate(att.inode, this.now());
+        await att.cs.writeUuids();
+        log.info(`bcache: cached_dev_detach_finish() Caching disabled for ${this.backingName}`);
+      }
+    } finally {
+      att.set.devices.delete(this);
+      if (this.attachment === att) this.attachment = undefined;
+      att.settle();
+    }
+  }
+
+  // ---------------------------------------------------------------------------
+  // Run and stop
+
+  /**
+   * bch_cached_dev_run(): the bcache device exists (is exported). Forced on
+   * a device whose cache is absent, a CLEAN or DIRTY superblock becomes STALE.
+   */
+  run(): void {
+    if (this.runningFlag) throw new Error(`cached dev ${this.backingName} is running already`);
+    if (this.stopped) throw new Error(`${this.name}: stopped`);
+    if (!this.attachment && this.state !== BDEV_STATE_NONE && this.state !== BDEV_STATE_STALE) {
+      throw new Error(`${this.backingName}: its cache set is not registered; force it with runStale()`);
+    }
+    this.runningFlag = true;
+  }
+
+  /** `echo 1 > running` on a device whose cache is missing: the superblock goes STALE ("inconsistent"). */
+  async runStale(): Promise<void> {
+    if (this.runningFlag) throw new Error(`cached dev ${this.backingName} is running already`);
+    if (!this.attachment && this.state !== BDEV_STATE_NONE) {
+      await this.updateSuperblock((sb) => {
+        this.setState(sb, BDEV_STATE_STALE);
+      });
+    }
+    this.run();
+  }
+
+  /**
+   * Stop the bcache device (bcache_device_stop .. cached_dev_free): new
+   * requests fail, those in flight finish, the writeback worker stops, the
+   * attachment ends without detaching, the backing device is closed.
+   * Idempotent.
+   */
+  stop(options: { closeBacking?: boolean } = {}): Promise<void> {
+    this.stopPromise ??= this.shutdown(options.closeBacking ?? true);
+    return this.stopPromise;
+  }
+
+  private async shutdown(closeBacking: boolean): Promise<void> {
+    await this.request.close();
+    const att = this.attachment;
+    if (att) {
+      await att.writeback.stop();
+      if (!att.detaching) att.ref.put();
+      await att.finished;
+    }
+    await this.request.stopWorkers();
+    // A clean stop leaves nothing volatile on the backing device either.
+    await this.backingIo.flush().catch((err: unknown) => {
+      log.error(`${this.name}: flushing ${this.backingName} at stop: ${errorMessage(err)}`);
+    });
+    if (this.runningFlag) log.info(`bcache: bcache_device_free() ${this.name} stopped`);
+    this.runningFlag = false;
+    if (closeBacking) {
+      await this.backing.close().catch((err: unknown) => {
+        log.error(`${this.name}: closing ${this.backingName}: ${errorMessage(err)}`);
+      });
+    }
+  }
+}
+
+/**
+ * /dev/bcacheN as a BlockDevice: byte offsets in, sectors inside. Requests
+ * must be 512-byte aligned (the NBD export's minimum block size is 512);
+ * those not aligned to the cache's block size bypass the cache, as in the
+ * kernel. close() stops the device.
+ */
+export class BcacheDevice implements BlockDevice {
+  private readonly dev: CachedDev;
+  readonly name: string;
+  readonly size: number;
+  readonly logicalBlockSize: number;
+  readonly readOnly: boolean;
+  readonly caps: BlockDeviceCaps;
+
+  constructor(dev: CachedDev) {
+    this.dev = dev;
+    this.name = dev.name;
+    this.size = dev.sectors * SECTOR_SIZE;
+    this.logicalBlockSize = dev.sb.blockSize * SECTOR_SIZE;
+    this.readOnly = dev.backing.readOnly;
+    this.caps = {
+      // Discards always invalidate the cache; the backing device may ignore them.
+      discard: true,
+      fastZero: dev.backing.caps.fastZero,
+      blockStatus: false,
+      rotational: false,
+    };
+  }
+
+  get cachedDev(): CachedDev {
+    return this.dev;
+  }
+
+  read(buf: Buffer, offset: number): Promise<void> {
+    return this.dev.request.read(buf, offset);
+  }
+
+  write(buf: Buffer, offset: number, options?: WriteOptions): Promise<void> {
+    return this.dev.request.write(buf, offset, options?.fua === true);
+  }
+
+  flush(): Promise<void> {
+    return this.dev.request.flush();
+  }
+
+  discard(offset: number, length: number): Promise<void> {
+    return this.dev.request.discard(offset, length);
+  }
+
+  writeZeroes(offset: number, length: number, options?: ZeroOptions): Promise<void> {
+    return this.dev.request.writeZeroes(offset, length, options ?? {});
+  }
+
+  blockStatus(offset: number, length: number): Promise<Extent[]> {
+    if (offset < 0 || length < 0 || offset + length > this.size) {
+      return Promise.reject(new IoError('EINVAL', `${this.name}: block status past the end of the device`));
+    }
+    return Promise.resolve(length === 0 ? [] : [{ length, hole: false, zero: false }]);
+  }
+
+  close(): Promise<void> {
+    return this.dev.stop();
+  }
+}

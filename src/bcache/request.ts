@@ -1,0 +1,840 @@
+// The I/O path of a bcache device (request.c): bypass decisions, cache
+// modes, hits and misses, FLUSH, FUA, discard and write-zeroes
+// (docs/engine.md §8 has the design and its departures from the kernel).
+//
+// Offsets come in as bytes of the bcache device; inside, everything is in
+// key space: backing sectors, data offset included (bcache sector s is
+// backing sector s + data_offset, and its key is keyed so).
+//
+// Request kinds and what they do:
+//
+//   read        look up; hits from the cache (dirty data always from there),
+//               misses from the backing device; non-bypassed misses are then
+//               filled into the cache after the reply (compare-and-insert
+//               through the collision tracker: a racing write wins).
+//   write, writeback mode (should_writeback): cache only, dirty keys,
+//               journaled; R7 first.
+//   write, otherwise (writethrough, writearound, none, bypass), discard,
+//   write-zeroes: the backing device, then the index made to agree:
+//               - clean keys over the range are invalidated durably *before*
+//                 the backing device is touched (R8): a clean key claims the
+//                 cache holds what the backing device holds, and after a
+//                 crash the backing write may have landed;
+//               - dirty keys over the range are invalidated only *after* the
+//                 backing write is durable (R9: FUA), or a crash could expose
+//                 the backing device's older data under them;
+//               - writethrough also writes a copy to the cache, whose clean
+//                 key enters the index once a backing flush made the copy's
+//                 source durable (R8 again).
+//   flush       the backing device and a journal commit, in parallel.
+//
+// Lifecycle: every request runs inside enter()/leave() (stop waits for
+// them) and, on the cached path, holds a reference on the attachment (detach
+// waits for it); a request that cannot take one is served in passthrough.
+
+import { IoError } from '../blockdev/types.ts';
+import { makeKey, type Bkey } from '../format/bkey.ts';
+import { BDEV_STATE_CLEAN, SECTOR_SIZE } from '../format/constants.ts';
+import { deferred, errorMessage, Notifier, sleep, Worker, type Deferred } from '../util/lifecycle.ts';
+import { log } from '../util/log.ts';
+import type { LookupSegment, SectorAllocation } from './cache-set.ts';
+import {
+  CACHE_MODE_NONE,
+  CACHE_MODE_WRITEAROUND,
+  CACHE_MODE_WRITEBACK,
+  type Attachment,
+  type CachedDev,
+} from './cached-dev.ts';
+import { CollisionTracker, type Window } from './tracker.ts';
+
+/** CUTOFF_CACHE_ADD: above this in_use, nothing new is cached. */
+export const CUTOFF_CACHE_ADD = 95;
+/** bch_cutoff_writeback and bch_cutoff_writeback_sync (module parameters). */
+export const CUTOFF_WRITEBACK = 40;
+export const CUTOFF_WRITEBACK_SYNC = 70;
+/** RECENT_IO: streams remembered for sequential detection. */
+const RECENT_IO = 128;
+/** How long a stream stays recent (ms). */
+const RECENT_IO_MS = 5000;
+/** Miss fills in flight or waiting for a backing flush, per device. */
+const MAX_FILL_BYTES = 64 * 1024 * 1024;
+/** How long fills wait for the backing flush that makes their source durable (ms). */
+const BACKING_FLUSH_DELAY_MS = 50;
+/** Attempts to read a hit whose bucket is reused under the read. */
+const READ_RACE_RETRIES = 4;
+
+interface Stream {
+  last: number;
+  sequential: number;
+  expires: number;
+  prev: Stream | undefined;
+  next: Stream | undefined;
+}
+
+/**
+ * Sequential detection (check_should_bypass): RECENT_IO streams keyed by the
+ * sector they end at; a request continues a stream if one ends where it
+ * starts and was touched in the last 5 s, else it recycles the least
+ * recently used one. Per device: a daemon has no submitting task, so the
+ * per-task average the kernel also folds in is left out (a stream is judged
+ * by its own length only).
+ */
+export class SequentialDetector {
+  private readonly byLast = new Map<number, Stream>();
+  private head: Stream | undefined;
+  private tail: Stream | undefined;
+
+  constructor() {
+    for (let i = 0; i < RECENT_IO; i++) {
+      const s: Stream = { last: -1, sequential: 0, expires: 0, prev: this.tail, next: undefined };
+      if (this.tail) this.tail.next = s;
+      else this.head = s;
+      this.tail = s;
+    }
+  }
+
+  /** The stream's sequential bytes including this request. */
+  observe(start: number, end: number, now: number): number {
+    let s: Stream | undefined = this.byLast.get(start);
+    if (!s || s.expires <= now) {
+      s = this.head;
+      if (!s) return 0;
+      s.sequential = 0;
+    }
+    if (this.byLast.get(s.last) === s) this.byLast.delete(s.last);
+    s.sequential += (end - start) * SECTOR_SIZE;
+    s.last = end;
+    s.expires = now + RECENT_IO_MS;
+    this.byLast.set(end, s);
+    // Move to the tail (most recently used).
+    if (s !== this.tail) {
+      if (s.prev) s.prev.next = s.next;
+      else this.head = s.next;
+      if (s.next) s.next.prev = s.prev;
+      s.prev = this.tail;
+      s.next = undefined;
+      if (this.tail) this.tail.next = s;
+      this.tail = s;
+    }
+    return s.sequential;
+  }
+}
+
+type BackingOp =
+  | { kind: 'write'; buf: Buffer; fua: boolean; cache: boolean }
+  | { kind: 'discard' }
+  | { kind: 'zeroes'; noHole: boolean; fua: boolean };
+
+/** A clean key waiting for the backing flush that makes its source durable. */
+interface PendingFill {
+  att: Attachment;
+  keys: Bkey[];
+  allocs: SectorAllocation[];
+  win: Window;
+  epoch: number;
+  bytes: number;
+  /** A miss fill (a lost race counts as cache_miss_collisions), not a writethrough copy. */
+  miss: boolean;
+}
+
+export class RequestPath {
+  private readonly dev: CachedDev;
+  readonly tracker = new CollisionTracker();
+  private readonly seq = new SequentialDetector();
+  private inflight = 0;
+  private drained: Deferred<void> | undefined;
+  private closing = false;
+  private pending: PendingFill[] = [];
+  private fillBytes = 0;
+  /** Fills (and writethrough copies) between their read or write and their insert. */
+  private fills = 0;
+  private fillWaiters: Array<() => void> = [];
+  private flusher: Worker | undefined;
+  private readonly flusherWake = new Notifier();
+  /** Writeback-mode writes between their R7 check and their insert. */
+  dirtyWritesInFlight = 0;
+  /** Cache read races (cache_read_races): a hit's bucket was reused under the read. */
+  cacheReadRaces = 0;
+
+  constructor(dev: CachedDev) {
+    this.dev = dev;
+    dev.backingIo.onFlushed((epoch) => {
+      this.backingFlushed(epoch);
+    });
+  }
+
+  // ---------------------------------------------------------------------------
+  // Lifecycle
+
+  private enter(): void {
+    if (this.closing) throw new IoError('ESHUTDOWN', `${this.dev.name}: the device is stopping`);
+    // dc->io_disable (set by hand now; by too many backing errors in issue 6): fail fast.
+    if (this.dev.settings.ioDisable) throw new IoError('EIO', `${this.dev.name}: I/O is disabled`);
+    this.inflight++;
+  }
+
+  private leave(): void {
+    this.inflight--;
+    if (this.inflight === 0 && this.drained) this.drained.resolve();
+  }
+
+  /** Refuse new requests and wait for those in flight (fills waiting for a flush included). */
+  async close(): Promise<void> {
+    this.closing = true;
+    if (this.pending.length > 0) {
+      await this.dev.backingIo.flush().catch((err: unknown) => {
+        log.warn(`${this.dev.name}: flushing ${this.dev.backingName} at stop: ${errorMessage(err)}`);
+        for (const p of this.pending.splice(0)) this.finishFill(p, false);
+      });
+    }
+    if (this.inflight > 0) {
+      this.drained = deferred();
+      await this.drained.promise;
+    }
+  }
+
+  async stopWorkers(): Promise<void> {
+    await this.flusher?.stop();
+    this.flusher = undefined;
+  }
+
+  /** Drop the fills of an attachment that ended (detach finished, stop). */
+  dropDeferred(att: Attachment): void {
+    const keep: PendingFill[] = [];
+    for (const p of this.pending) {
+      if (p.att === att) this.finishFill(p, false);
+      else keep.push(p);
+    }
+    this.pending = keep;
+  }
+
+  get requestsInFlight(): number {
+    return this.inflight;
+  }
+
+  get fillsPending(): number {
+    return this.pending.length;
+  }
+
+  // ---------------------------------------------------------------------------
+  // Helpers
+
+  /** Byte range -> key-space sectors, checked. */
+  private range(offset: number, length: number): { start: number; end: number } {
+    const size = this.dev.device.size;
+    if (
+      !Number.isSafeInteger(offset) ||
+      !Number.isSafeInteger(length) ||
+      offset < 0 ||
+      length < 0 ||
+      offset % SECTOR_SIZE !== 0 ||
+      length % SECTOR_SIZE !== 0
+    ) {
+      throw new IoError('EINVAL', `${this.dev.name}: offset ${offset} and length ${length} must be multiples of 512`);
+    }
+    if (offset + length > size) {
+      throw new IoError('EINVAL', `${this.dev.name}: range ${offset}+${length} extends past the end (${size} bytes)`);
+    }
+    const start = offset / SECTOR_SIZE + this.dev.dataOffset;
+    return { start, end: start + length / SECTOR_SIZE };
+  }
+
+  /** The attachment with a reference taken, or undefined for passthrough. */
+  private acquire(): Attachment | undefined {
+    const att = this.dev.attachment;
+    if (!att || !att.ref.tryGet()) return undefined;
+    if (att.cs.ioDisabled) {
+      att.ref.put();
+      throw new IoError('EIO', `${this.dev.name}: cache set ${att.cs.uuid} has I/O disabled`);
+    }
+    return att;
+  }
+
+  private markBypassed(att: Attachment, sectors: number): void {
+    this.dev.stats.markBypassed(sectors);
+    att.set.stats.markBypassed(sectors);
+  }
+
+  /**
+   * check_should_bypass(). Counts bypassed sectors; rescales priorities for
+   * what it admits.
+   */
+  private shouldBypass(att: Attachment, start: number, end: number, write: boolean, fua: boolean): boolean {
+    const cs = att.cs;
+    const mode = this.dev.cacheMode;
+    const sectors = end - start;
+    let skip = false;
+    if (att.detaching) skip = true;
+    else if (cs.inUse > CUTOFF_CACHE_ADD) {
+      // With nothing dirty, only GC can make room: make sure it runs.
+      if (this.dev.state === BDEV_STATE_CLEAN) cs.triggerGc();
+      skip = true;
+    } else if (mode === CACHE_MODE_NONE || (mode === CACHE_MODE_WRITEAROUND && write)) skip = true;
+    else if (start % cs.blockSize !== 0 || sectors % cs.blockSize !== 0) skip = true;
+    else {
+      const cutoff = this.dev.settings.sequentialCutoff;
+      // Congestion bypass (bch_get_congested, congested_*_threshold_us) is
+      // not measured yet: the set is never congested, so only the cutoff counts.
+      if (cutoff !== 0 && !(mode === CACHE_MODE_WRITEBACK && write && fua)) {
+        const bytes = this.seq.observe(start, end, Date.now());
+        if (bytes >= cutoff) skip = true;
+      }
+    }
+    if (skip) {
+      this.markBypassed(att, sectors);
+      return true;
+    }
+    cs.rescalePriorities(sectors);
+    return false;
+  }
+
+  /** should_writeback() for a write that is not bypassed. */
+  private shouldWriteback(att: Attachment, fua: boolean): boolean {
+    if (this.dev.cacheMode !== CACHE_MODE_WRITEBACK || att.detaching) return false;
+    const inUse = att.cs.inUse;
+    if (inUse > CUTOFF_WRITEBACK_SYNC) return false;
+    return fua || inUse <= CUTOFF_WRITEBACK;
+  }
+
+  // ---------------------------------------------------------------------------
+  // Reads
+
+  async read(buf: Buffer, offset: number): Promise<void> {
+    const { start, end } = this.range(offset, buf.length);
+    this.enter();
+    try {
+      if (start === end) return;
+      const att = this.acquire();
+      if (!att) {
+        await this.dev.backingIo.read(buf, start);
+        return;
+      }
+      try {
+        await this.cachedRead(att, buf, start, end);
+      } finally {
+        att.ref.put();
+      }
+    } finally {
+      this.leave();
+    }
+  }
+
+  private async cachedRead(att: Attachment, buf: Buffer, start: number, end: number): Promise<void> {
+    const bypass = this.shouldBypass(att, start, end, false, false);
+    // A write that lands after the lookup saw the range empty must still win
+    // over the fill: note what could tell (tracker.ts) before looking up.
+    const tracker = this.tracker;
+    const epoch = tracker.epoch;
+    const raced = !bypass && tracker.activeOver(start, end);
+    const segs = await att.cs.lookup(att.inode, start, end);
+    let miss = false;
+    for (const s of segs) if (!s.hit) miss = true;
+    this.dev.stats.markRead(!miss, bypass);
+    att.set.stats.markRead(!miss, bypass);
+    let win: Window | undefined;
+    if (miss && !bypass) {
+      win = tracker.openWindow(start, end);
+      if (raced || tracker.epoch !== epoch) win.collided = true;
+    }
+    let filling = false;
+    try {
+      if (segs.length === 1) {
+        await this.readSegment(att, buf, start, segs[0] as LookupSegment);
+      } else {
+        await Promise.all(segs.map((s) => this.readSegment(att, buf, start, s)));
+      }
+      if (win && !win.collided) filling = this.startFill(att, buf, start, segs, win);
+      else if (win) this.markCollision(att);
+    } finally {
+      if (win && !filling) tracker.closeWindow(win);
+    }
+  }
+
+  private readSegment(att: Attachment, buf: Buffer, bufStart: number, s: LookupSegment): Promise<void> {
+    const sub = buf.subarray((s.start - bufStart) * SECTOR_SIZE, (s.end - bufStart) * SECTOR_SIZE);
+    return s.hit ? this.readHit(att, sub, s, 0) : this.dev.backingIo.read(sub, s.start);
+  }
+
+  /** One hit; re-read through a fresh lookup if its bucket was reused under the read. */
+  private async readHit(att: Attachment, sub: Buffer, s: LookupSegment, tries: number): Promise<void> {
+    const hit = s.hit;
+    if (!hit) {
+      await this.dev.backingIo.read(sub, s.start);
+      return;
+    }
+    const cs = att.cs;
+    try {
+      await cs.readCache(sub, hit.sector);
+    } catch (err) {
+      // Clean data is also on the backing device; dirty data is only here.
+      if (hit.dirty || cs.ioDisabled) throw err;
+      log.warn(`${cs.dev.name}: IO error reading from cache, recovering: ${errorMessage(err)}`);
+      await this.dev.backingIo.read(sub, s.start);
+      return;
+    }
+    if (!cs.isStale(hit.bucket, hit.gen)) return;
+    this.cacheReadRaces++;
+    if (tries >= READ_RACE_RETRIES) {
+      throw new IoError('EIO', `${this.dev.name}: sectors ${s.start}-${s.end} keep moving under reads`);
+    }
+    const again = await cs.lookup(att.inode, s.start, s.end);
+    await Promise.all(
+      again.map((t) =>
+        this.readHit(
+          att,
+          sub.subarray((t.start - s.start) * SECTOR_SIZE, (t.end - s.start) * SECTOR_SIZE),
+          t,
+          tries + 1,
+        ),
+      ),
+    );
+  }
+
+  /**
+   * Begin filling the misses of a read into the cache, after its reply.
+   * Returns whether it did (and so owns `win`).
+   */
+  private startFill(att: Attachment, buf: Buffer, bufStart: number, segs: LookupSegment[], win: Window): boolean {
+    const cs = att.cs;
+    if (cs.stopped || cs.ioDisabled || this.closing) return false;
+    const bs = cs.blockSize;
+    const pieces: Array<{ start: number; end: number }> = [];
+    let sectors = 0;
+    for (const s of segs) {
+      if (s.hit) continue;
+      const a = Math.ceil(s.start / bs) * bs;
+      const b = Math.floor(s.end / bs) * bs;
+      if (b > a) {
+        pieces.push({ start: a, end: b });
+        sectors += b - a;
+      }
+    }
+    const bytes = sectors * SECTOR_SIZE;
+    if (bytes === 0 || this.fillBytes + bytes > MAX_FILL_BYTES) return false;
+    if (!att.ref.tryGet()) return false;
+    // The reply may go out and the client reuse its buffer: keep a copy.
+    const data = Buffer.allocUnsafe(bytes);
+    let at = 0;
+    for (const p of pieces) {
+      buf.copy(data, at, (p.start - bufStart) * SECTOR_SIZE, (p.end - bufStart) * SECTOR_SIZE);
+      at += (p.end - p.start) * SECTOR_SIZE;
+    }
+    this.inflight++;
+    this.fills++;
+    this.fillBytes += bytes;
+    void this.fill(att, pieces, data, win, bytes);
+    return true;
+  }
+
+  /** cached_dev_read_done .. bch_data_insert for a miss: never rejects. */
+  private async fill(
+    att: Attachment,
+    pieces: Array<{ start: number; end: number }>,
+    data: Buffer,
+    win: Window,
+    bytes: number,
+  ): Promise<void> {
+    const cs = att.cs;
+    const allocs: SectorAllocation[] = [];
+    const keys: Bkey[] = [];
+    let handedOff = false;
+    try {
+      const writes: Promise<void>[] = [];
+      let at = 0;
+      for (const p of pieces) {
+        let off = p.start;
+        while (off < p.end && !win.collided) {
+          const a = await cs.allocSectors({
+            inode: att.inode,
+            offset: off,
+            sectors: p.end - off,
+            writePoint: att.inode,
+            wait: false,
+          });
+          if (!a) break;
+          allocs.push(a);
+          writes.push(cs.writeCache(data.subarray(at, at + a.sectors * SECTOR_SIZE), a.ptr.offset));
+          keys.push(makeKey(att.inode, off + a.sectors, a.sectors, false, [a.ptr]));
+          at += a.sectors * SECTOR_SIZE;
+          off += a.sectors;
+        }
+        at += (p.end - off) * SECTOR_SIZE;
+        if (off < p.end) break;
+      }
+      await settleAll(writes);
+      if (keys.length === 0) return;
+      if (win.collided) {
+        this.markCollision(att);
+        return;
+      }
+      let epoch = 0;
+      for (const p of pieces) epoch = Math.max(epoch, this.dev.backingIo.epochFor(p.start, p.end));
+      const fill: PendingFill = { att, keys, allocs, win, epoch, bytes, miss: true };
+      handedOff = true;
+      if (epoch === 0) await this.insertFill(fill);
+      else this.defer(fill);
+    } catch (err) {
+      log.debug(`${this.dev.name}: cache miss fill dropped: ${errorMessage(err)}`);
+    } finally {
+      if (!handedOff) this.releaseFill(att, allocs, win, bytes);
+    }
+  }
+
+  private markCollision(att: Attachment): void {
+    this.dev.stats.markCollision();
+    att.set.stats.markCollision();
+  }
+
+  /** Insert a fill's clean keys if no write overlapped it meanwhile (the guard). */
+  private async insertFill(p: PendingFill): Promise<void> {
+    let ok = false;
+    try {
+      if (!p.win.collided && !p.att.detaching && !p.att.ended) {
+        const r = await p.att.cs.insert(p.keys, {
+          journal: false,
+          guard: () => !p.win.collided && !p.att.detaching,
+        });
+        ok = r.collisions === 0;
+      }
+    } catch (err) {
+      log.debug(`${this.dev.name}: cache fill insert failed: ${errorMessage(err)}`);
+      ok = true;
+    } finally {
+      if (!ok && p.miss) this.markCollision(p.att);
+      this.releaseFill(p.att, p.allocs, p.win, p.bytes);
+    }
+  }
+
+  private releaseFill(att: Attachment, allocs: SectorAllocation[], win: Window, bytes: number): void {
+    for (const a of allocs) att.cs.putAllocation(a);
+    this.tracker.closeWindow(win);
+    this.fillBytes -= bytes;
+    this.fills--;
+    att.ref.put();
+    this.leave();
+    if (this.fills === 0) for (const w of this.fillWaiters.splice(0)) w();
+  }
+
+  /**
+   * Wait until every cache fill and writethrough copy has reached the index
+   * or been dropped (flushing the backing device for those waiting on it):
+   * for tests and for an orderly stop.
+   */
+  async settle(): Promise<void> {
+    while (this.fills > 0) {
+      const done = new Promise<void>((resolve) => this.fillWaiters.push(resolve));
+      if (this.pending.length > 0) await this.dev.backingIo.flush();
+      await done;
+    }
+  }
+
+  private finishFill(p: PendingFill, insert: boolean): void {
+    if (insert) void this.insertFill(p);
+    else this.releaseFill(p.att, p.allocs, p.win, p.bytes);
+  }
+
+  private defer(p: PendingFill): void {
+    this.pending.push(p);
+    if (!this.flusher) {
+      this.flusher = new Worker(`${this.dev.name} backing flusher`, (signal) => this.runFlusher(signal)).start();
+    }
+    this.flusherWake.notify();
+  }
+
+  /**
+   * Flush the backing device shortly after fills start waiting for it (at
+   * once when a quarter of the bound is waiting).
+   */
+  private async runFlusher(signal: AbortSignal): Promise<void> {
+    while (!signal.aborted) {
+      if (!(await this.flusherWake.wait(signal))) break;
+      if (this.fillBytes < MAX_FILL_BYTES / 4 && !(await sleep(BACKING_FLUSH_DELAY_MS, signal))) break;
+      if (this.pending.length === 0) continue;
+      try {
+        await this.dev.backingIo.flush();
+      } catch (err) {
+        log.warn(`${this.dev.name}: flushing ${this.dev.backingName}: ${errorMessage(err)}; dropping cache fills`);
+        for (const p of this.pending.splice(0)) this.finishFill(p, false);
+      }
+    }
+  }
+
+  private backingFlushed(epoch: number): void {
+    if (this.pending.length === 0) return;
+    const keep: PendingFill[] = [];
+    for (const p of this.pending) {
+      if (p.epoch <= epoch) this.finishFill(p, true);
+      else keep.push(p);
+    }
+    this.pending = keep;
+    if (keep.length > 0) this.flusherWake.notify();
+  }
+
+  // ---------------------------------------------------------------------------
+  // Writes
+
+  async write(buf: Buffer, offset: number, fua: boolean): Promise<void> {
+    const { start, end } = this.range(offset, buf.length);
+    this.enter();
+    try {
+      if (start === end) {
+        if (fua) await this.flushAll();
+        return;
+      }
+      const att = this.acquire();
+      if (!att) {
+        await this.dev.backingIo.write(buf, start, fua);
+        return;
+      }
+      try {
+        const bypass = this.shouldBypass(att, start, end, true, fua);
+        if (!bypass && this.shouldWriteback(att, fua)) {
+          await this.writebackWrite(att, buf, start, end, fua);
+        } else {
+          await this.backingWrite(att, { kind: 'write', buf, fua, cache: !bypass }, start, end);
+        }
+      } finally {
+        att.ref.put();
+      }
+    } finally {
+      this.leave();
+    }
+  }
+
+  /** Writeback mode: the data in the cache under dirty keys; the backing device untouched. */
+  private async writebackWrite(att: Attachment, buf: Buffer, start: number, end: number, fua: boolean): Promise<void> {
+    const cs = att.cs;
+    const w = this.tracker.beginWrite(start, end);
+    // Queued writeback keys under this write leave the pass; copies in flight need no wait here.
+    void att.writeback.overlapping(start, end);
+    this.dirtyWritesInFlight++;
+    const allocs: SectorAllocation[] = [];
+    try {
+      await this.dev.markDirty();
+      const keys: Bkey[] = [];
+      const writes: Promise<void>[] = [];
+      let off = start;
+      while (off < end) {
+        const a = await cs.allocSectors({
+          inode: att.inode,
+          offset: off,
+          sectors: end - off,
+          writePoint: att.inode,
+          dirty: true,
+          wait: true,
+        });
+        if (!a) throw new IoError('ENOSPC', `${this.dev.name}: no cache space for a writeback write`);
+        allocs.push(a);
+        const from = (off - start) * SECTOR_SIZE;
+        writes.push(cs.writeCache(buf.subarray(from, from + a.sectors * SECTOR_SIZE), a.ptr.offset));
+        keys.push(makeKey(att.inode, off + a.sectors, a.sectors, true, [a.ptr]));
+        off += a.sectors;
+      }
+      await settleAll(writes);
+      await cs.insert(keys, { journal: true, fua });
+    } finally {
+      for (const a of allocs) cs.putAllocation(a);
+      this.dirtyWritesInFlight--;
+      this.tracker.endWrite(w);
+    }
+    att.writeback.dirtied();
+  }
+
+  /** Invalidate the hit segments `segs` (journaled; durable before return with `fua`). */
+  private async invalidate(att: Attachment, segs: LookupSegment[], fua: boolean): Promise<void> {
+    const keys: Bkey[] = [];
+    for (const s of segs) {
+      for (let a = s.start; a < s.end; a += 1 << 15) {
+        const b = Math.min(s.end, a + (1 << 15));
+        keys.push(makeKey(att.inode, b, b - a, false, []));
+      }
+    }
+    if (keys.length > 0) await att.cs.insert(keys, { journal: true, fua });
+  }
+
+  /**
+   * Writethrough, writearound, none, bypassed writes, discards and
+   * write-zeroes: the backing device first, the index made to agree (R8, R9).
+   */
+  private async backingWrite(att: Attachment, op: BackingOp, start: number, end: number): Promise<void> {
+    const cs = att.cs;
+    const backing = this.dev.backingIo;
+    let w: ReturnType<CollisionTracker['beginWrite']> | undefined = this.tracker.beginWrite(start, end);
+    const allocs: SectorAllocation[] = [];
+    let handedOff = false;
+    try {
+      const waits = att.writeback.overlapping(start, end);
+      if (waits) await Promise.all(waits);
+      const segs = await cs.lookup(att.inode, start, end);
+      const clean: LookupSegment[] = [];
+      const dirty: LookupSegment[] = [];
+      for (const s of segs) if (s.hit) (s.hit.dirty ? dirty : clean).push(s);
+      // R8: no durable clean key may outlive a backing write under it.
+      if (clean.length > 0) await this.invalidate(att, clean, true);
+      // R9: dirty keys go only once the data replacing them is durable.
+      const fua = dirty.length > 0 || (op.kind !== 'discard' && op.fua);
+      const keys: Bkey[] = [];
+      const cacheWrites: Promise<void>[] = [];
+      // The writethrough copy counts against the bound on fills waiting for the
+      // backing device; past it the write just goes uncached.
+      const copyBytes = (end - start) * SECTOR_SIZE;
+      if (op.kind === 'write' && op.cache && this.fillBytes + copyBytes <= MAX_FILL_BYTES) {
+        let off = start;
+        while (off < end) {
+          const a = await cs.allocSectors({
+            inode: att.inode,
+            offset: off,
+            sectors: end - off,
+            writePoint: att.inode,
+            wait: false,
+          });
+          if (!a) break;
+          allocs.push(a);
+          const from = (off - start) * SECTOR_SIZE;
+          cacheWrites.push(cs.writeCache(op.buf.subarray(from, from + a.sectors * SECTOR_SIZE), a.ptr.offset));
+          keys.push(makeKey(att.inode, off + a.sectors, a.sectors, false, [a.ptr]));
+          off += a.sectors;
+        }
+      }
+      const backingDone = this.backingOp(op, start, end, fua);
+      const [cacheResult] = await Promise.all([
+        settleAll(cacheWrites).then(
+          () => true,
+          (err: unknown) => {
+            log.debug(`${this.dev.name}: writethrough copy to the cache failed: ${errorMessage(err)}`);
+            return false;
+          },
+        ),
+        backingDone,
+      ]);
+      if (dirty.length > 0) await this.invalidate(att, dirty, op.kind !== 'discard' && op.fua);
+      if (keys.length > 0 && cacheResult && !att.detaching) {
+        // The copy's key: after a flush made the backing data durable (at once with FUA).
+        this.tracker.endWrite(w);
+        w = undefined;
+        const win = this.tracker.openWindow(start, end);
+        const epoch = fua ? 0 : backing.epochFor(start, end);
+        if (!win.collided && att.ref.tryGet()) {
+          const bytes = copyBytes;
+          this.fillBytes += bytes;
+          this.inflight++;
+          this.fills++;
+          handedOff = true;
+          const fill: PendingFill = { att, keys, allocs, win, epoch, bytes, miss: false };
+          if (epoch === 0) void this.insertFill(fill);
+          else this.defer(fill);
+        } else {
+          this.tracker.closeWindow(win);
+        }
+      }
+    } finally {
+      if (w) this.tracker.endWrite(w);
+      if (!handedOff) for (const a of allocs) cs.putAllocation(a);
+    }
+  }
+
+  private async backingOp(op: BackingOp, start: number, end: number, fua: boolean): Promise<void> {
+    const backing = this.dev.backingIo;
+    switch (op.kind) {
+      case 'write':
+        await backing.write(op.buf, start, fua);
+        return;
+      case 'discard':
+        await backing.discard(start, end - start);
+        if (fua) await backing.flush();
+        return;
+      case 'zeroes':
+        await backing.writeZeroes(start, end - start, { noHole: op.noHole, fua });
+        return;
+    }
+  }
+
+  async discard(offset: number, length: number): Promise<void> {
+    const { start, end } = this.range(offset, length);
+    this.enter();
+    try {
+      if (start === end) return;
+      const att = this.acquire();
+      if (!att) {
+        await this.dev.backingIo.discard(start, end - start);
+        return;
+      }
+      try {
+        // Discards always bypass (and never become dirty).
+        this.markBypassed(att, end - start);
+        await this.backingWrite(att, { kind: 'discard' }, start, end);
+      } finally {
+        att.ref.put();
+      }
+    } finally {
+      this.leave();
+    }
+  }
+
+  async writeZeroes(
+    offset: number,
+    length: number,
+    options: { noHole?: boolean; fastOnly?: boolean; fua?: boolean },
+  ): Promise<void> {
+    const { start, end } = this.range(offset, length);
+    if (options.fastOnly === true && !this.dev.backing.caps.fastZero) {
+      throw new IoError('ENOTSUP', `${this.dev.name}: ${this.dev.backingName} cannot zero fast`);
+    }
+    this.enter();
+    try {
+      if (start === end) return;
+      const noHole = options.noHole === true;
+      const fua = options.fua === true;
+      const att = this.acquire();
+      if (!att) {
+        await this.dev.backingIo.writeZeroes(start, end - start, { noHole, fua });
+        return;
+      }
+      try {
+        this.markBypassed(att, end - start);
+        await this.backingWrite(att, { kind: 'zeroes', noHole, fua }, start, end);
+      } finally {
+        att.ref.put();
+      }
+    } finally {
+      this.leave();
+    }
+  }
+
+  // ---------------------------------------------------------------------------
+  // Flush
+
+  /** FLUSH: the backing device and an R1 journal commit, in parallel. */
+  async flush(): Promise<void> {
+    this.enter();
+    try {
+      await this.flushAll();
+    } finally {
+      this.leave();
+    }
+  }
+
+  private async flushAll(): Promise<void> {
+    const att = this.acquire();
+    if (!att) {
+      await this.dev.backingIo.flush();
+      return;
+    }
+    try {
+      await Promise.all([this.dev.backingIo.flush(), att.cs.flush()]);
+    } finally {
+      att.ref.put();
+    }
+  }
+}
+
+/** Wait for every promise; then throw the first failure, if any (no I/O left running behind an error). */
+async function settleAll(ps: Promise<void>[]): Promise<void> {
+  if (ps.length === 0) return;
+  if (ps.length === 1) {
+    await ps[0];
+    return;
+  }
+  const rs = await Promise.allSettled(ps);
+  for (const r of rs) if (r.status === 'rejected') throw r.reason;
+}

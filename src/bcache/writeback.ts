@@ -1,0 +1,350 @@
+// The writeback worker of one attached backing device (writeback.c
+// bch_writeback_thread, refill_dirty, read_dirty, write_dirty_finish).
+//
+// One Worker per Attachment, started at attach. It takes one reference on
+// the attachment when it starts and drops it when it exits, never on a
+// clean/dirty transition (DESIGN rule 3; the seed bug of bcache.md §1.2 #4).
+// It exits when stopped, when the set's I/O is disabled, or - detaching -
+// once a full pass finds nothing dirty and the backing superblock says NONE.
+//
+// A pass (docs/engine.md §9):
+//   1. refill: up to 500 dirty keys of this device from where the last pass
+//      stopped, wrapping to the start once; "searched the full index" when the
+//      wrapped scan got back to where it began. The scan runs under a
+//      recording window of the collision tracker: a key overlapped by a write
+//      that was in flight during the scan is left for the next pass.
+//   2. copy groups of up to 5 contiguous keys (5000 sectors): read from the
+//      cache, check the pointer is still current, write to the backing
+//      device; at most 64 keys in flight; paced by a fixed rate
+//      (writeback_rate, sectors/s; bch_next_delay) unless detaching or
+//      writeback_percent is 0.
+//   3. flush the backing device (R6), then mark each copied key clean by a
+//      compare-and-insert of its clean copy (replace); a key overwritten
+//      meanwhile is not (writeback_keys_failed).
+//   4. nothing dirty after a full pass: the superblock CLEAN; detaching:
+//      NONE with a zero set uuid, and exit. Otherwise, after a full pass,
+//      sleep writeback_delay seconds (not when detaching).
+//
+// Writes and writeback: a write that overlaps a key queued in this pass
+// takes it out of the pass (bch_keybuf_check_overlapping); a write that goes
+// to the backing device and overlaps a key whose copy is in flight waits for
+// that copy to land first, so the older data can never land over it.
+
+import { cloneKey, type Bkey } from '../format/bkey.ts';
+import {
+  BDEV_STATE_DIRTY,
+  BDEV_STATE_MASK,
+  BDEV_STATE_NONE,
+  BDEV_STATE_SHIFT,
+  SECTOR_SIZE,
+} from '../format/constants.ts';
+import { setFlagBits } from '../format/superblock.ts';
+import { errorMessage, Notifier, sleep, Worker } from '../util/lifecycle.ts';
+import { log } from '../util/log.ts';
+import type { Attachment, CachedDev } from './cached-dev.ts';
+
+/** KEYBUF_NR */
+const KEYBUF_NR = 500;
+/** MAX_WRITEBACKS_IN_PASS */
+const MAX_GROUP_KEYS = 5;
+/** MAX_WRITESIZE_IN_PASS */
+const MAX_GROUP_SECTORS = 5000;
+/** The in_flight semaphore of read_dirty. */
+const MAX_IN_FLIGHT = 64;
+
+type KeyState = 'queued' | 'started' | 'copied' | 'failed' | 'skipped';
+
+interface WbKey {
+  key: Bkey;
+  start: number;
+  end: number;
+  state: KeyState;
+  io: Promise<void> | undefined;
+}
+
+/** bch_ratelimit / bch_next_delay(): a token schedule, in ms. */
+export class RateLimiter {
+  private next = 0;
+
+  reset(now: number): void {
+    this.next = now;
+  }
+
+  /** Delay (ms) before the next I/O after `done` sectors at `rate` sectors/s. */
+  delay(done: number, rate: number, now: number): number {
+    if (this.next === 0) this.next = now;
+    this.next += (done * 1000) / Math.max(1, rate);
+    if (this.next > now + 2500) this.next = now + 2500;
+    if (this.next < now - 2000) this.next = now - 2000;
+    return Math.max(0, this.next - now);
+  }
+}
+
+export interface WritebackStats {
+  /** Keys marked clean (writeback_keys_done, per device; the set sums them). */
+  keysDone: number;
+  /** Keys copied but overwritten meanwhile, or that failed (writeback_keys_failed). */
+  keysFailed: number;
+  sectorsWritten: number;
+  passes: number;
+}
+
+export class Writeback {
+  private readonly dev: CachedDev;
+  private readonly att: Attachment;
+  private worker: Worker | undefined;
+  /** Dirty data appeared, a setting changed, detach began. */
+  private readonly wakeup = new Notifier();
+  /** Cuts the writeback_delay sleep short: detach, settings, stop. */
+  private readonly kick = new Notifier();
+  private keybuf: WbKey[] = [];
+  private lastScanned = 0;
+  private readonly limiter = new RateLimiter();
+  private idleWaiters: Array<() => void> = [];
+  readonly stats: WritebackStats = { keysDone: 0, keysFailed: 0, sectorsWritten: 0, passes: 0 };
+
+  constructor(dev: CachedDev, att: Attachment) {
+    this.dev = dev;
+    this.att = att;
+  }
+
+  get running(): boolean {
+    return this.worker?.state === 'running';
+  }
+
+  /** Start the worker; it holds a reference on the attachment until it exits. */
+  start(): void {
+    if (this.worker) return;
+    if (!this.att.ref.tryGet()) return;
+    this.worker = new Worker(`bcache_writeback ${this.dev.name}`, (signal) => this.run(signal), {
+      stopTimeoutMs: 60_000,
+      onExit: () => {
+        this.keybuf = [];
+        for (const w of this.idleWaiters.splice(0)) w();
+        this.att.ref.put();
+      },
+    }).start();
+  }
+
+  /** Stop the worker and wait for it (idempotent). */
+  async stop(): Promise<void> {
+    await this.worker?.stop();
+  }
+
+  /**
+   * Resolves the next time the worker has nothing dirty left to write (the
+   * superblock CLEAN) and waits for work, or when it exits.
+   */
+  whenIdle(): Promise<void> {
+    if (this.worker?.state !== 'running') return Promise.resolve();
+    return new Promise((resolve) => {
+      this.idleWaiters.push(resolve);
+      this.wakeup.notify();
+    });
+  }
+
+  /** bch_writeback_queue(): dirty data or a state change; also ends the writeback_delay sleep. */
+  wake(): void {
+    this.wakeup.notify();
+    this.kick.notify();
+  }
+
+  /** Dirty data was added (bch_writeback_add). */
+  dirtied(): void {
+    // With writeback off the worker would only go back to sleep; turning it on wakes it.
+    if (this.dev.settings.writebackRunning || this.att.detaching) this.wakeup.notify();
+  }
+
+  /**
+   * A write is about to touch [start, end) (called right after it became
+   * active in the collision tracker): queued keys over it leave this pass;
+   * returns the copies in flight over it, which a write to the backing
+   * device must wait for.
+   */
+  overlapping(start: number, end: number): Promise<void>[] | undefined {
+    let waits: Promise<void>[] | undefined;
+    for (const k of this.keybuf) {
+      if (k.start >= end || start >= k.end) continue;
+      if (k.state === 'queued') k.state = 'skipped';
+      else if (k.state === 'started' && k.io) (waits ??= []).push(k.io);
+    }
+    return waits;
+  }
+
+  private hasDirty(): boolean {
+    return this.att.cs.dirtySectors(this.att.inode) > 0 || this.dev.state === BDEV_STATE_DIRTY;
+  }
+
+  private async run(signal: AbortSignal): Promise<void> {
+    const att = this.att;
+    const cs = att.cs;
+    while (!signal.aborted && !cs.ioDisabled && !cs.stopped) {
+      if (!att.detaching && (!this.hasDirty() || !this.dev.settings.writebackRunning)) {
+        if (!this.hasDirty()) for (const w of this.idleWaiters.splice(0)) w();
+        await this.wakeup.wait(signal);
+        continue;
+      }
+      const r = await this.refill();
+      if (aborted(signal)) break;
+      if (r.full && r.found === 0) {
+        if (await this.dev.markClean(att)) {
+          if (att.detaching) {
+            await this.dev.updateSuperblock((sb) => {
+              sb.setUuid = Buffer.alloc(16);
+              sb.flags = setFlagBits(sb.flags, BDEV_STATE_SHIFT, BDEV_STATE_MASK, BDEV_STATE_NONE);
+            });
+            att.detachComplete = true;
+            break;
+          }
+          continue;
+        }
+      }
+      if (this.keybuf.length === 0) {
+        // Dirty writes still landing, or every key found is under a write in
+        // flight: let them finish, then look again.
+        await sleep(1, signal);
+        continue;
+      }
+      try {
+        await this.writeKeys(signal);
+      } catch (err) {
+        if (!aborted(signal)) log.error(`${this.dev.name}: writeback: ${errorMessage(err)}`);
+        this.keybuf = [];
+        if (!(await sleep(1000, signal))) break;
+        continue;
+      }
+      this.keybuf = [];
+      this.stats.passes++;
+      if (r.full && !att.detaching) {
+        await this.kick.wait(signal, this.dev.settings.writebackDelay * 1000);
+        this.limiter.reset(Date.now());
+      }
+    }
+  }
+
+  /** refill_dirty(): the next batch of dirty keys into the keybuf. */
+  private async refill(): Promise<{ found: number; full: boolean }> {
+    const att = this.att;
+    const cs = att.cs;
+    const tracker = this.dev.request.tracker;
+    const win = tracker.openWindow(0, Number.MAX_SAFE_INTEGER, true);
+    let keys: Bkey[];
+    let full = false;
+    try {
+      const from = this.lastScanned;
+      keys = await cs.scanDirty(att.inode, from, KEYBUF_NR);
+      if (keys.length < KEYBUF_NR) {
+        // Reached the end: scan again from the start, only up to where we began.
+        const more = from > 0 ? await cs.scanDirty(att.inode, 0, KEYBUF_NR - keys.length, from + 1) : [];
+        keys = keys.concat(more.filter((k) => k.offset <= from));
+        full = keys.length < KEYBUF_NR;
+        this.lastScanned = full ? 0 : (keys[keys.length - 1]?.offset ?? 0);
+      } else {
+        this.lastScanned = keys[keys.length - 1]?.offset ?? 0;
+      }
+    } finally {
+      tracker.closeWindow(win);
+    }
+    keys.sort((a, b) => a.offset - b.offset);
+    this.keybuf = [];
+    for (const key of keys) {
+      const start = key.offset - key.size;
+      if (win.overlapsHit(start, key.offset)) continue;
+      this.keybuf.push({ key, start, end: key.offset, state: 'queued', io: undefined });
+    }
+    return { found: keys.length, full };
+  }
+
+  /** read_dirty() and write_dirty_finish() for the keybuf. */
+  private async writeKeys(signal: AbortSignal): Promise<void> {
+    const att = this.att;
+    const keys = this.keybuf;
+    let inFlight = 0;
+    let slot: (() => void) | undefined;
+    const ios: Promise<void>[] = [];
+    let i = 0;
+    while (i < keys.length && !signal.aborted) {
+      // A group: up to 5 contiguous keys, at most 5000 sectors.
+      const group: WbKey[] = [];
+      let sectors = 0;
+      while (i < keys.length && group.length < MAX_GROUP_KEYS) {
+        const k = keys[i] as WbKey;
+        const prev = group[group.length - 1];
+        if (prev && (k.start !== prev.end || sectors + (k.end - k.start) > MAX_GROUP_SECTORS)) break;
+        group.push(k);
+        sectors += k.end - k.start;
+        i++;
+      }
+      for (const k of group) {
+        while (inFlight >= MAX_IN_FLIGHT) {
+          await new Promise<void>((resolve) => (slot = resolve));
+        }
+        if (k.state !== 'queued') continue;
+        k.state = 'started';
+        inFlight++;
+        const io = this.copy(k).finally(() => {
+          inFlight--;
+          const s = slot;
+          slot = undefined;
+          s?.();
+        });
+        k.io = io;
+        ios.push(io);
+      }
+      const pace = !att.detaching && this.dev.settings.writebackPercent > 0;
+      if (pace) {
+        const ms = this.limiter.delay(sectors, this.dev.settings.writebackRate, Date.now());
+        if (ms > 0) await this.kick.wait(signal, ms);
+      }
+    }
+    await Promise.all(ios);
+    const copied = keys.filter((k) => k.state === 'copied');
+    if (copied.length === 0 || aborted(signal)) return;
+    // R6: the copies are durable on the backing device before their keys say clean.
+    await this.dev.backingIo.flush();
+    for (const k of copied) {
+      const clean = cloneKey(k.key);
+      clean.dirty = false;
+      try {
+        const r = await att.cs.insert([clean], { replace: k.key });
+        if (r.collisions > 0 || r.sectors < k.key.size) this.stats.keysFailed++;
+        else this.stats.keysDone++;
+      } catch (err) {
+        this.stats.keysFailed++;
+        throw err;
+      }
+    }
+  }
+
+  /** One key: cache -> backing device. Never rejects; the key's state says how it went. */
+  private async copy(k: WbKey): Promise<void> {
+    const cs = this.att.cs;
+    const p = k.key.ptrs[0];
+    if (!p) {
+      k.state = 'failed';
+      return;
+    }
+    const buf = Buffer.allocUnsafe((k.end - k.start) * SECTOR_SIZE);
+    try {
+      await cs.readCache(buf, p.offset);
+      // The bucket was reused under us: the key was overwritten; nothing to copy.
+      if (cs.ptrStale(p)) {
+        k.state = 'failed';
+        this.stats.keysFailed++;
+        return;
+      }
+      await this.dev.backingIo.write(buf, k.start);
+      this.stats.sectorsWritten += k.end - k.start;
+      k.state = 'copied';
+    } catch (err) {
+      k.state = 'failed';
+      this.stats.keysFailed++;
+      log.warn(`${this.dev.name}: writeback of ${k.start}+${k.end - k.start}: ${errorMessage(err)}`);
+    }
+  }
+}
+
+/** The signal's state as a call, so that checks after an await are not narrowed away. */
+function aborted(signal: AbortSignal): boolean {
+  return signal.aborted;
+}

@@ -1,0 +1,305 @@
+// `ubcache serve`: register cache and backing devices as writing them to
+// /sys/fs/bcache/register does (in any order), attach each backing device to
+// its cache set, and serve every bcache device over NBD as bcache0,
+// bcache1, ... until SIGINT or SIGTERM.
+//
+// Shutdown (DESIGN rule 5): stop accepting, finish the requests in flight
+// (new ones get ESHUTDOWN), then stop every bcache device (writeback workers
+// stop, attachments end without detaching, backing devices flushed and
+// closed), then every cache set (GC, dirty btree nodes written, allocator,
+// a final journal entry, the superblock, the cache device closed); the
+// process then exits by itself with status 0. A second signal exits at once.
+// kill -9 at any moment loses nothing that was flushed (the durability
+// contract, DESIGN.md).
+
+import { parseArgs } from 'node:util';
+import { openBlockDevice } from '../blockdev/open.ts';
+import { parseUuid, formatUuid } from '../format/uuid-text.ts';
+import {
+  AttributeError,
+  DEVICE_ATTRIBUTES,
+  findAttribute,
+  SET_ATTRIBUTES,
+  type Attribute,
+} from '../bcache/attributes.ts';
+import type { CachedDev } from '../bcache/cached-dev.ts';
+import { Registry, type RegisteredSet, type RegistryOptions } from '../bcache/registry.ts';
+import type { ExportConfig } from '../nbd/exports.ts';
+import { formatAddress, NbdServer, type ListenTarget } from '../nbd/server.ts';
+import { deferred, errorMessage } from '../util/lifecycle.ts';
+import { log } from '../util/log.ts';
+import { CliError, type Subcommand } from './common.ts';
+import { DEFAULT_LISTEN, parseListen } from './export.ts';
+
+const HELP = `Usage: ubcache serve [options] DEVICE...
+
+Register each DEVICE (a cache or a backing device made by ubcache make or
+make-bcache, in any order), attach each backing device to its cache set, and
+serve every bcache device over NBD as bcache0, bcache1, ... in registration
+order, until SIGINT or SIGTERM. The first one is also the default export (the
+empty name). A backing device whose cache set is not given is served uncached
+only if its superblock says it has no cache.
+
+Options:
+  --listen HOST:PORT       listen on TCP; default 127.0.0.1:10809 when no
+                           --socket is given. Repeatable. There is no
+                           authentication: listen on 0.0.0.0 only on a
+                           trusted network.
+  --socket PATH            listen on a unix socket. Repeatable.
+  --set TARGET.ATTR=VALUE  set a bcache attribute before serving, with
+                           bcache's names and sysfs syntax. TARGET is bcacheN
+                           (a backing device), "set" (every cache set) or a
+                           set's uuid. Repeatable. Examples:
+                             --set bcache0.cache_mode=writeback
+                             --set bcache0.writeback_running=0
+                             --set bcache0.sequential_cutoff=0
+                             --set set.journal_delay_ms=10
+  -h, --help               show this help
+
+Clients:
+  nbdinfo nbd://127.0.0.1:10809/bcache0
+  nbdinfo 'nbd+unix:///bcache0?socket=PATH'
+`;
+
+const usageHint = "Run 'ubcache serve --help' for the options.";
+
+/** One --set, parsed and checked before anything is opened. */
+export interface SetOption {
+  text: string;
+  target: { kind: 'device'; name: string } | { kind: 'sets' } | { kind: 'set'; uuid: string };
+  attribute: string;
+  apply: ((dev: CachedDev) => Promise<void>) | ((set: RegisteredSet) => Promise<void>);
+}
+
+export interface ServePlan {
+  devices: string[];
+  listen: ListenTarget[];
+  sets: SetOption[];
+}
+
+/** Parse one --set TARGET.ATTR=VALUE, checking the attribute and the value. */
+export function parseSetOption(text: string): SetOption {
+  const m = /^([^.=]+)\.([^=]+)=(.*)$/s.exec(text);
+  const targetText = m?.[1];
+  const attr = m?.[2];
+  const value = m?.[3];
+  if (targetText === undefined || attr === undefined || value === undefined) {
+    throw new CliError(`--set '${text}' is not TARGET.ATTR=VALUE`, {
+      hint: 'For example --set bcache0.cache_mode=writeback or --set set.journal_delay_ms=10.',
+    });
+  }
+  const use = <T>(list: ReadonlyArray<Attribute<T>>, what: string): ((t: T) => Promise<void>) => {
+    try {
+      return findAttribute(list, attr, what).parse(value);
+    } catch (err) {
+      if (err instanceof AttributeError) throw new CliError(`--set ${text}: ${err.message}`);
+      throw err;
+    }
+  };
+  if (/^bcache\d+$/.test(targetText)) {
+    return {
+      text,
+      target: { kind: 'device', name: targetText },
+      attribute: attr,
+      apply: use(DEVICE_ATTRIBUTES, targetText),
+    };
+  }
+  if (targetText === 'set') {
+    return { text, target: { kind: 'sets' }, attribute: attr, apply: use(SET_ATTRIBUTES, 'a cache set') };
+  }
+  const uuid = parseUuid(targetText);
+  if (uuid) {
+    return {
+      text,
+      target: { kind: 'set', uuid: formatUuid(uuid) },
+      attribute: attr,
+      apply: use(SET_ATTRIBUTES, `cache set ${formatUuid(uuid)}`),
+    };
+  }
+  throw new CliError(`--set ${text}: unknown target '${targetText}'`, {
+    hint: 'The target is bcacheN (a backing device, numbered in registration order), "set" or a cache set uuid.',
+  });
+}
+
+/** Turn the arguments into a plan, or 'help'. Throws CliError on anything wrong. */
+export function parseServeArgs(args: string[]): ServePlan | 'help' {
+  let parsed;
+  try {
+    parsed = parseArgs({
+      args,
+      allowPositionals: true,
+      strict: true,
+      options: {
+        listen: { type: 'string', multiple: true },
+        socket: { type: 'string', multiple: true },
+        set: { type: 'string', multiple: true },
+        help: { type: 'boolean', short: 'h' },
+      },
+    });
+  } catch (err) {
+    throw new CliError(errorMessage(err), { hint: usageHint });
+  }
+  const v = parsed.values;
+  if (v.help === true) return 'help';
+  const devices = parsed.positionals;
+  if (devices.length === 0) {
+    throw new CliError('no DEVICE to register', {
+      hint: 'Name the cache and backing devices, e.g. ubcache serve cache.img disk.img',
+    });
+  }
+  const sockets = (v.socket ?? []).map((path): ListenTarget => {
+    if (path === '') throw new CliError('--socket needs a path', { hint: usageHint });
+    return { path };
+  });
+  const tcp = (v.listen ?? []).map(parseListen);
+  const listen = tcp.length === 0 && sockets.length === 0 ? [DEFAULT_LISTEN] : [...tcp, ...sockets];
+  return { devices, listen, sets: (v.set ?? []).map(parseSetOption) };
+}
+
+/** Register every device, applying the --set options as each device or set appears. */
+async function registerAll(plan: ServePlan, registry: Registry): Promise<void> {
+  for (const spec of plan.devices) {
+    let dev;
+    try {
+      dev = await openBlockDevice(spec, { exclusive: true });
+    } catch (err) {
+      throw new CliError(`cannot register ${spec}: ${errorMessage(err)}`);
+    }
+    try {
+      await registry.register(dev);
+    } catch (err) {
+      throw new CliError(`cannot register ${spec}: ${errorMessage(err)}`);
+    }
+  }
+  const names = new Set(registry.devices.map((d) => d.name));
+  for (const s of plan.sets) {
+    if (s.target.kind === 'device' && !names.has(s.target.name)) {
+      throw new CliError(
+        `--set ${s.text}: there is no ${s.target.name}` +
+          (names.size > 0 ? ` (the backing devices are ${[...names].join(', ')})` : ' (no backing device was given)'),
+      );
+    }
+    const target = s.target;
+    if (target.kind === 'set' && !registry.sets.has(target.uuid)) {
+      throw new CliError(`--set ${s.text}: no cache set ${target.uuid} was registered`);
+    }
+    if (target.kind === 'sets' && registry.sets.size === 0) {
+      throw new CliError(`--set ${s.text}: no cache device was given`);
+    }
+  }
+}
+
+function configure(plan: ServePlan): RegistryOptions {
+  return {
+    configureDevice: async (dev) => {
+      for (const s of plan.sets) {
+        if (s.target.kind === 'device' && s.target.name === dev.name) {
+          await (s.apply as (d: CachedDev) => Promise<void>)(dev);
+        }
+      }
+    },
+    configureSet: async (set) => {
+      for (const s of plan.sets) {
+        if (s.target.kind === 'sets' || (s.target.kind === 'set' && s.target.uuid === set.uuid)) {
+          await (s.apply as (t: RegisteredSet) => Promise<void>)(set);
+        }
+      }
+    },
+  };
+}
+
+export const run: Subcommand = async (args) => {
+  const plan = parseServeArgs(args);
+  if (plan === 'help') {
+    process.stdout.write(HELP);
+    return 0;
+  }
+  const registry = new Registry(configure(plan));
+  const stopped = deferred();
+  // An object, not a boolean: the compiler cannot see the handler change it between awaits.
+  const shutdown = { requested: false };
+  const requested = (): boolean => shutdown.requested;
+  let server: NbdServer | undefined;
+  const stopAll = async (): Promise<void> => {
+    if (server) await server.close();
+    await registry.stopAll();
+  };
+  // Signals first, so a signal during registration still shuts down in order.
+  const onSignal = (signal: NodeJS.Signals): void => {
+    if (shutdown.requested) {
+      log.error(`${signal} again: exiting at once; requests in flight are abandoned (flushed data is safe)`);
+      process.exit(signal === 'SIGINT' ? 130 : 143);
+    }
+    shutdown.requested = true;
+    log.info(`${signal}: shutting down (finishing requests in flight; send it again to exit at once)`);
+    stopAll().then(
+      () => {
+        stopped.resolve();
+      },
+      (err: unknown) => {
+        stopped.reject(err);
+      },
+    );
+  };
+  process.on('SIGINT', onSignal);
+  process.on('SIGTERM', onSignal);
+  try {
+    try {
+      await registerAll(plan, registry);
+    } catch (err) {
+      if (requested()) {
+        // A signal during registration: not a failure.
+        await stopped.promise;
+        return 0;
+      }
+      await registry.stopAll();
+      throw err;
+    }
+    if (shutdown.requested) {
+      await stopped.promise;
+      return 0;
+    }
+    const running = registry.running;
+    if (running.length === 0) {
+      await registry.stopAll();
+      throw new CliError('no bcache device to serve', {
+        hint:
+          registry.devices.length === 0
+            ? 'Give a backing device too (ubcache make -B), not only a cache device.'
+            : 'The backing devices wait for their cache sets: give their cache devices too.',
+      });
+    }
+    const configs: ExportConfig[] = running.map((d) => ({
+      name: d.name,
+      description: `${d.name}: ${d.backingName}${d.attachment ? ` cached on set ${d.attachment.cs.uuid}` : ' (no cache)'}`,
+      device: d.device,
+      // Requests must be sector-aligned; those not aligned to the cache block bypass it.
+      blockSize: { min: 512 },
+    }));
+    try {
+      server = new NbdServer(configs, { ownsDevices: false });
+    } catch (err) {
+      await registry.stopAll();
+      throw new CliError(errorMessage(err));
+    }
+    const exportList = running.map((d) => d.name).join(', ');
+    for (const target of plan.listen) {
+      let bound: ListenTarget;
+      try {
+        bound = await server.listen(target);
+      } catch (err) {
+        if (requested()) break;
+        await stopAll();
+        throw new CliError(errorMessage(err));
+      }
+      log.info(`listening on ${formatAddress(bound)} (exports: ${exportList})`);
+      if (requested()) break;
+    }
+    await stopped.promise;
+    log.info('stopped');
+    return 0;
+  } finally {
+    process.off('SIGINT', onSignal);
+    process.off('SIGTERM', onSignal);
+  }
+};

@@ -1,0 +1,308 @@
+// Backing devices: registration in any order, attach rules, the writeback
+// worker, two-phase detach, stop and re-registration, and the lifecycle
+// rules (nothing left after a stop; a stopped set can be collected).
+
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { randomBytes } from 'node:crypto';
+import { MemoryBlockDevice } from '../../src/blockdev/memory.ts';
+import type { BlockDevice, BlockDeviceCaps, Extent, WriteOptions, ZeroOptions } from '../../src/blockdev/types.ts';
+import { INVALID_UUID, SB_OFFSET, SB_SIZE } from '../../src/format/constants.ts';
+import { bdevState, decodeSuperblock, encodeSuperblock, setFlagBits } from '../../src/format/superblock.ts';
+import { isZeroUuid } from '../../src/format/uuid-text.ts';
+import { Registry } from '../../src/bcache/registry.ts';
+import { RateLimiter } from '../../src/bcache/writeback.ts';
+import { captureLog } from '../../src/util/log.ts';
+import { assertNothingLeft, formatCache } from './helpers.ts';
+import { formatBacking, makePair, mem, MiB, pattern } from './request-helpers.ts';
+
+const S = 512;
+
+function sbOf(dev: BlockDevice) {
+  const block = Buffer.alloc(SB_SIZE);
+  mem(dev).clone().readSync(block, SB_OFFSET);
+  return decodeSuperblock(block);
+}
+
+/** Records the offsets of writes (to check writeback's LBA order). */
+class RecordingDevice implements BlockDevice {
+  readonly inner: MemoryBlockDevice;
+  readonly writes: number[] = [];
+  readonly name: string;
+  readonly size: number;
+  readonly logicalBlockSize = 512;
+  readonly readOnly = false;
+  readonly caps: BlockDeviceCaps;
+  constructor(inner: MemoryBlockDevice) {
+    this.inner = inner;
+    this.name = inner.name;
+    this.size = inner.size;
+    this.caps = inner.caps;
+  }
+  read(buf: Buffer, offset: number): Promise<void> {
+    return this.inner.read(buf, offset);
+  }
+  write(buf: Buffer, offset: number, options?: WriteOptions): Promise<void> {
+    this.writes.push(offset);
+    return this.inner.write(buf, offset, options);
+  }
+  flush(): Promise<void> {
+    return this.inner.flush();
+  }
+  discard(offset: number, length: number): Promise<void> {
+    return this.inner.discard(offset, length);
+  }
+  writeZeroes(offset: number, length: number, options?: ZeroOptions): Promise<void> {
+    return this.inner.writeZeroes(offset, length, options);
+  }
+  blockStatus(offset: number, length: number): Promise<Extent[]> {
+    return this.inner.blockStatus(offset, length);
+  }
+  close(): Promise<void> {
+    return this.inner.close();
+  }
+}
+
+test('the rate limiter paces by sectors per second, within the kernel bounds', () => {
+  const r = new RateLimiter();
+  r.reset(1000);
+  assert.equal(r.delay(512, 1024, 1000), 500);
+  assert.equal(r.delay(512, 1024, 1000), 1000);
+  // Never more than 2.5 s ahead, never more than 2 s behind.
+  assert.equal(r.delay(100000, 1024, 1000), 2500);
+  r.reset(1000);
+  assert.equal(r.delay(8, 1024, 10000), 0);
+  assert.equal(r.delay(1024, 1024, 10000), 0, 'a backlog of 2 s is caught up at once');
+});
+
+test('writeback copies dirty data in LBA order, marks it clean, and the superblock CLEAN', async () => {
+  const inner = new MemoryBlockDevice(16 * MiB, { name: 'backing' });
+  const backingDev = new RecordingDevice(inner);
+  const p = await makePair({ backingDev, backing: { writeback: true }, settings: { writebackRunning: false } });
+  const d = p.dev.device;
+  const extents = [4096, 64, 2048, 512, 1024, 8];
+  for (const at of extents) await d.write(pattern(at, at, 8), at * S);
+  assert.equal(p.dev.dirtySectors, 48);
+  assert.equal(bdevState(sbOf(inner)), 2);
+  backingDev.writes.length = 0;
+  p.dev.settings.writebackRunning = true;
+  p.dev.attachment?.writeback.wake();
+  await p.dev.attachment?.writeback.whenIdle();
+  assert.equal(p.dev.dirtySectors, 0);
+  assert.equal(bdevState(sbOf(inner)), 1, 'clean again on disk');
+  const data = backingDev.writes.filter((o) => o !== SB_OFFSET);
+  assert.deepEqual(
+    data,
+    [...extents].sort((a, b) => a - b).map((s) => (s + 16) * S),
+    'in LBA order',
+  );
+  for (const at of extents) {
+    const raw = Buffer.alloc(8 * S);
+    inner.readSync(raw, (at + 16) * S);
+    assert.deepEqual(raw, pattern(at, at, 8), `sector ${at} written back at data_offset`);
+  }
+  const wb = p.set.writebackKeys;
+  assert.equal(wb.done, extents.length);
+  // The data is still cached, now clean: reads hit.
+  const buf = Buffer.alloc(8 * S);
+  await d.read(buf, 2048 * S);
+  assert.deepEqual(buf, pattern(2048, 2048, 8));
+  assert.equal(p.dev.stats.total.cacheHits, 1);
+  await p.registry.stopAll();
+  assertNothingLeft();
+});
+
+test('detach is two-phase: dirty data written back, superblock NONE, slot invalidated, passthrough after', async () => {
+  const p = await makePair({ backing: { writeback: true }, settings: { writebackRunning: false } });
+  const d = p.dev.device;
+  const cs = p.set.cs;
+  await d.write(pattern(1, 0, 64), 0);
+  const inode = p.dev.attachment?.inode ?? -1;
+  assert.equal(inode, 0);
+  const cap = captureLog();
+  try {
+    // writeback_running=0 does not hold up a detach: it writes back at full speed.
+    await p.dev.detach();
+  } finally {
+    cap.restore();
+  }
+  assert.ok(
+    cap.lines.some((l) => l.includes('Caching disabled for backing')),
+    cap.lines.join('\n'),
+  );
+  assert.equal(p.dev.attached, false);
+  assert.equal(p.set.devices.size, 0);
+  const sb = sbOf(p.backingDev);
+  assert.equal(bdevState(sb), 0, 'NONE');
+  assert.ok(isZeroUuid(sb.setUuid), 'set uuid zeroed');
+  assert.deepEqual(cs.uuids.get(inode).uuid, Buffer.from(INVALID_UUID), 'slot invalidated');
+  assert.equal(cs.uuids.findEmpty(), 1, 'an invalidated slot is never reused');
+  // The data is on the backing device, and the device keeps serving in passthrough.
+  const raw = Buffer.alloc(64 * S);
+  mem(p.backingDev).readSync(raw, 16 * S);
+  assert.deepEqual(raw, pattern(1, 0, 64));
+  await d.write(pattern(2, 8, 8), 8 * S);
+  mem(p.backingDev).readSync(raw, 16 * S);
+  assert.equal(p.dev.stats.total.cacheHits, 0);
+  assert.deepEqual(raw.subarray(8 * S, 16 * S), pattern(2, 8, 8));
+  const back = Buffer.alloc(64 * S);
+  await d.read(back, 0);
+  assert.deepEqual(back.subarray(8 * S, 16 * S), pattern(2, 8, 8));
+  assert.equal(p.dev.running, true);
+  // Detaching again is a no-op.
+  await p.dev.detach();
+  await p.registry.stopAll();
+  assertNothingLeft();
+});
+
+test('a detach waits for requests in flight, which complete through the cache', async () => {
+  const p = await makePair({ backing: { writeback: true } });
+  const d = p.dev.device;
+  const writes = Array.from({ length: 16 }, (_, i) => d.write(pattern(3, i * 8, 8), i * 8 * S));
+  const detached = p.dev.detach();
+  await Promise.all(writes);
+  await detached;
+  const raw = Buffer.alloc(128 * S);
+  mem(p.backingDev).readSync(raw, 16 * S);
+  assert.deepEqual(raw, Buffer.concat(Array.from({ length: 16 }, (_, i) => pattern(3, i * 8, 8))));
+  await p.registry.stopAll();
+  assertNothingLeft();
+});
+
+test('stop keeps the attachment: re-registering (in either order) finds the dirty data', async () => {
+  const setUuid = randomBytes(16);
+  const cacheDev = new MemoryBlockDevice(48 * MiB, { name: 'cache' });
+  const backingDev = new MemoryBlockDevice(16 * MiB, { name: 'backing' });
+  const p = await makePair({
+    cacheDev,
+    backingDev,
+    cache: { setUuid },
+    backing: { writeback: true },
+    settings: { writebackRunning: false },
+  });
+  await p.dev.device.write(pattern(5, 256, 32), 256 * S);
+  await p.registry.stopAll();
+  assert.equal(bdevState(sbOf(backingDev)), 2, 'still dirty');
+  assertNothingLeft();
+
+  // Backing device first: it waits for its cache, without a bcache device.
+  const cap = captureLog();
+  const r = new Registry({ deviceSettings: () => ({ writebackRunning: false }) });
+  let b;
+  try {
+    b = await r.register(backingDev.clone());
+    assert.ok(b.kind === 'backing');
+    assert.equal(b.dev.running, false);
+    assert.deepEqual(r.running, []);
+    const c = await r.register(cacheDev.clone());
+    assert.equal(c.kind, 'cache');
+  } finally {
+    cap.restore();
+  }
+  assert.ok(cap.lines.some((l) => l.includes('not running bcache0 until the cache is registered')));
+  assert.equal(b.dev.running, true);
+  assert.equal(b.dev.attached, true);
+  assert.equal(b.dev.dirtySectors, 32);
+  const buf = Buffer.alloc(32 * S);
+  await b.dev.device.read(buf, 256 * S);
+  assert.deepEqual(buf, pattern(5, 256, 32));
+  await r.stopAll();
+  assertNothingLeft();
+});
+
+test('attach rules: a dirty device with no slot is refused; a smaller block size is refused; no cache runs uncached', async () => {
+  const setUuid = randomBytes(16);
+  const cacheDev = new MemoryBlockDevice(48 * MiB, { name: 'cache' });
+  await formatCache(cacheDev, { bucketSize: 128, blockSize: 8, setUuid });
+  const dirty = new MemoryBlockDevice(8 * MiB, { name: 'dirty' });
+  const sb = await formatBacking(dirty, { setUuid });
+  sb.flags = setFlagBits(sb.flags, 61n, 3n, 2);
+  await dirty.write(encodeSuperblock(sb), SB_OFFSET);
+  const small = new MemoryBlockDevice(8 * MiB, { name: 'small' });
+  await formatBacking(small, { setUuid, blockSize: 1 });
+  const loose = new MemoryBlockDevice(8 * MiB, { name: 'loose' });
+  await formatBacking(loose, {});
+  const r = new Registry();
+  const cap = captureLog();
+  try {
+    await r.register(cacheDev);
+    const d1 = await r.register(dirty);
+    const d2 = await r.register(small);
+    const d3 = await r.register(loose);
+    assert.ok(d1.kind === 'backing' && d2.kind === 'backing' && d3.kind === 'backing');
+    assert.equal(d1.dev.attached, false);
+    assert.equal(d1.dev.running, false, 'dirty without its cache data: not run');
+    assert.equal(d2.dev.attached, false);
+    assert.equal(d2.dev.running, true, 'never attached (NONE): runs uncached');
+    assert.equal(d3.dev.running, true, 'no cache: passthrough');
+    assert.deepEqual(
+      r.running.map((d) => d.name),
+      ['bcache1', 'bcache2'],
+    );
+    // A passthrough device reads and writes the backing device at data_offset.
+    await d3.dev.device.write(pattern(9, 0, 8), 0);
+    const raw = Buffer.alloc(8 * S);
+    loose.readSync(raw, 16 * S);
+    assert.deepEqual(raw, pattern(9, 0, 8));
+  } finally {
+    cap.restore();
+  }
+  assert.ok(
+    cap.lines.some((l) => l.includes("Couldn't find uuid for dirty in set")),
+    cap.lines.join('\n'),
+  );
+  assert.ok(cap.lines.some((l) => l.includes("Couldn't attach small: block size less than set's block size")));
+  await r.stopAll();
+  assertNothingLeft();
+});
+
+test('a new attachment fills a slot with uuid, label and times, and writes the backing superblock', async () => {
+  let now = 1700000000;
+  const p = await makePair({ registry: { now: () => now } });
+  const cs = p.set.cs;
+  const e = cs.uuids.get(0);
+  assert.deepEqual(e.uuid, p.dev.sb.uuid);
+  assert.equal(e.firstReg, 1700000000);
+  assert.equal(e.lastReg, 1700000000);
+  const sb = sbOf(p.backingDev);
+  assert.equal(bdevState(sb), 1);
+  assert.deepEqual(sb.setUuid, p.setUuid);
+  await p.registry.stopAll();
+  // Re-attach: same slot, last_reg updated.
+  now += 100;
+  const r = new Registry({ now: () => now });
+  await r.register(mem(p.cacheDev).clone());
+  const b = await r.register(mem(p.backingDev).clone());
+  assert.ok(b.kind === 'backing');
+  assert.equal(b.dev.attachment?.inode, 0);
+  const set = [...r.sets.values()][0];
+  assert.ok(set);
+  assert.equal(set.cs.uuids.get(0).lastReg, 1700000100);
+  assert.equal(set.cs.uuids.get(0).firstReg, 1700000000);
+  await r.stopAll();
+  assertNothingLeft();
+});
+
+test('after a stop nothing is left, and the cache set and devices can be garbage-collected', async (t) => {
+  const gc = (globalThis as { gc?: () => void }).gc;
+  if (!gc) {
+    t.skip('run with --expose-gc');
+    return;
+  }
+  const refs = await (async () => {
+    const p = await makePair({ backing: { writeback: true } });
+    await p.dev.device.write(pattern(1, 0, 64), 0);
+    const buf = Buffer.alloc(64 * S);
+    await p.dev.device.read(buf, 4096 * S);
+    await p.registry.stopAll();
+    return { cs: new WeakRef(p.set.cs), dev: new WeakRef(p.dev), registry: new WeakRef(p.registry) };
+  })();
+  assertNothingLeft();
+  for (let i = 0; i < 10 && (refs.cs.deref() || refs.dev.deref()); i++) {
+    await new Promise((resolve) => setImmediate(resolve));
+    gc();
+  }
+  assert.equal(refs.cs.deref(), undefined, 'the cache set was collected');
+  assert.equal(refs.dev.deref(), undefined, 'the cached device was collected');
+  assert.equal(refs.registry.deref(), undefined);
+});
