@@ -11,32 +11,21 @@
 // same file means more. This is never a pass/fail test.
 
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import {
-  mkdtempSync,
-  rmSync,
-  writeFileSync,
-  readFileSync,
-  existsSync,
-  mkdirSync,
-  openSync,
-  closeSync,
-  ftruncateSync,
-} from 'node:fs';
-import { connect } from 'node:net';
+import { mkdtempSync, rmSync, writeFileSync, existsSync, mkdirSync, openSync, closeSync, ftruncateSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, dirname } from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
-
-const root = join(dirname(fileURLToPath(import.meta.url)), '..');
-
-interface Workload {
-  name: string;
-  rw: string;
-  bs: string;
-  iodepth: number;
-  numjobs: number;
-}
+import { cacheSuite } from './cache.ts';
+import {
+  parseSize,
+  peakRssMiB,
+  requireTools,
+  root,
+  runFio,
+  waitForSocket,
+  type Result,
+  type Workload,
+} from './common.ts';
 
 const workloads: Workload[] = [
   { name: '4k-randread-qd1', rw: 'randread', bs: '4k', iodepth: 1, numjobs: 1 },
@@ -97,110 +86,16 @@ const servers: Server[] = [
   },
 ];
 
-interface Result {
-  server: string;
-  workload: string;
-  iops: number;
-  mibps: number;
-  p99us: number;
-}
-
-function parseSize(s: string): number {
-  const m = /^(\d+)([kmgKMG]?)$/.exec(s);
-  if (!m) throw new Error(`bad size ${s}`);
-  const mult: Record<string, number> = { '': 1, k: 1024, m: 1024 ** 2, g: 1024 ** 3 };
-  return Number(m[1]) * (mult[(m[2] ?? '').toLowerCase()] ?? 1);
-}
-
-async function waitForSocket(path: string, child: ChildProcess, deadlineMs: number): Promise<void> {
-  const until = Date.now() + deadlineMs;
-  for (;;) {
-    if (child.exitCode !== null) throw new Error(`server exited with status ${child.exitCode} before listening`);
-    if (existsSync(path)) {
-      const ok = await new Promise<boolean>((resolve) => {
-        const s = connect(path);
-        s.once('connect', () => {
-          s.destroy();
-          resolve(true);
-        });
-        s.once('error', () => {
-          resolve(false);
-        });
-      });
-      if (ok) return;
-    }
-    if (Date.now() > until) throw new Error(`server did not listen on ${path} in time`);
-    await new Promise((r) => setTimeout(r, 20));
-  }
-}
-
-function peakRssMiB(pid: number): number {
-  try {
-    const status = readFileSync(`/proc/${pid}/status`, 'utf8');
-    const m = /VmHWM:\s+(\d+) kB/.exec(status);
-    return m ? Number(m[1]) / 1024 : NaN;
-  } catch {
-    return NaN;
-  }
-}
-
-interface FioJob {
-  read: { iops: number; bw_bytes: number; clat_ns: { percentile?: Record<string, number> } };
-  write: { iops: number; bw_bytes: number; clat_ns: { percentile?: Record<string, number> } };
-}
-
-function runFio(socket: string, w: Workload, runtime: number, size: number): Omit<Result, 'server' | 'workload'> {
-  const args = [
-    '--name=bench',
-    '--ioengine=nbd',
-    `--uri=nbd+unix:///disk?socket=${socket}`,
-    `--rw=${w.rw}`,
-    `--bs=${w.bs}`,
-    `--iodepth=${w.iodepth}`,
-    `--numjobs=${w.numjobs}`,
-    `--size=${size}`,
-    '--time_based',
-    `--runtime=${runtime}`,
-    '--ramp_time=1',
-    '--group_reporting',
-    '--output-format=json',
-  ];
-  const r = spawnSync('fio', args, { encoding: 'utf8', maxBuffer: 64 * 1024 * 1024 });
-  if (r.status !== 0) throw new Error(`fio failed: ${r.stderr}`);
-  const json = JSON.parse(r.stdout.slice(r.stdout.indexOf('{'))) as { jobs: FioJob[] };
-  const job = json.jobs[0];
-  if (!job) throw new Error('fio printed no job');
-  const side = w.rw.includes('write') ? job.write : job.read;
-  const p99 = side.clat_ns.percentile?.['99.000000'] ?? NaN;
-  return { iops: side.iops, mibps: side.bw_bytes / 1024 / 1024, p99us: p99 / 1000 };
-}
-
-async function main(): Promise<void> {
-  const { values } = parseArgs({
-    options: {
-      runtime: { type: 'string', default: '8' },
-      size: { type: 'string', default: '1G' },
-      only: { type: 'string' },
-      json: { type: 'string' },
-      servers: { type: 'string' },
-    },
-  });
-  for (const tool of ['fio', 'nbdkit', 'qemu-nbd']) {
-    if (spawnSync('sh', ['-c', `command -v ${tool}`]).status !== 0) {
-      console.error(`bench: ${tool} is not installed (apt-get install fio nbdkit qemu-utils)`);
-      process.exit(1);
-    }
-  }
-  if (!existsSync(join(root, 'dist', 'cli', 'main.js'))) {
-    console.error('bench: dist/ is missing; run `npm run build` first');
-    process.exit(1);
-  }
-  const runtime = Number(values.runtime);
-  const size = parseSize(values.size);
-  const chosen = workloads.filter((w) => values.only === undefined || values.only.split(',').includes(w.name));
-  const chosenServers = servers.filter(
-    (s) => values.servers === undefined || values.servers.split(',').includes(s.name),
-  );
+/** The export suite: ubcache export against its peers on one plain file. */
+async function exportSuite(opts: {
+  runtime: number;
+  size: number;
+  only: string | undefined;
+  servers: string | undefined;
+}): Promise<{ lines: string[]; results: Result[]; ubcachePeakRssMiB: number }> {
+  const { runtime, size } = opts;
+  const chosen = workloads.filter((w) => opts.only === undefined || opts.only.split(',').includes(w.name));
+  const chosenServers = servers.filter((s) => opts.servers === undefined || opts.servers.split(',').includes(s.name));
   const dir = mkdtempSync(join(tmpdir(), 'ubcache-bench-'));
   const file = join(dir, 'disk.img');
   const results: Result[] = [];
@@ -227,7 +122,8 @@ async function main(): Promise<void> {
         await waitForSocket(socket, child, 15_000);
         for (const w of chosen) {
           process.stderr.write(`bench: ${server.name} ${w.name} ...\n`);
-          results.push({ server: server.name, workload: w.name, ...runFio(socket, w, runtime, size) });
+          const uri = `nbd+unix:///disk?socket=${socket}`;
+          results.push({ server: server.name, workload: w.name, ...runFio(uri, w, runtime, size) });
         }
         if (server.name === 'ubcache' && child.pid !== undefined) ubcacheRss = peakRssMiB(child.pid);
       } catch (err) {
@@ -260,16 +156,46 @@ async function main(): Promise<void> {
     }
   }
   lines.push('');
-  lines.push(`ubcache peak RSS: ${ubcacheRss.toFixed(0)} MiB`);
-  console.log(lines.join('\n'));
-  const out = values.json ?? join(root, '.bench-out', 'latest.json');
-  mkdirSync(dirname(out), { recursive: true });
-  writeFileSync(
-    out,
-    JSON.stringify({ date: new Date().toISOString(), runtime, size, results, ubcachePeakRssMiB: ubcacheRss }, null, 2) +
-      '\n',
-  );
-  console.error(`bench: figures written to ${out}`);
+  lines.push(`ubcache export peak RSS: ${ubcacheRss.toFixed(0)} MiB`);
+  return { lines, results, ubcachePeakRssMiB: ubcacheRss };
+}
+
+async function main(): Promise<void> {
+  const { values } = parseArgs({
+    options: {
+      suite: { type: 'string', default: 'export,cache' },
+      runtime: { type: 'string', default: '8' },
+      size: { type: 'string', default: '1G' },
+      only: { type: 'string' },
+      json: { type: 'string' },
+      servers: { type: 'string' },
+    },
+  });
+  requireTools(['fio', 'nbdkit', 'qemu-nbd', 'nbdcopy', 'nbdfuse'], 'fio nbdkit qemu-utils libnbd-bin fuse3');
+  if (!existsSync(join(root, 'dist', 'cli', 'main.js'))) {
+    console.error('bench: dist/ is missing; run `npm run build` first');
+    process.exit(1);
+  }
+  const suites = values.suite.split(',');
+  const runtime = Number(values.runtime);
+  const size = parseSize(values.size);
+  const report: Record<string, unknown> = { date: new Date().toISOString(), runtime, size };
+  const out: string[] = [];
+  if (suites.includes('export')) {
+    const r = await exportSuite({ runtime, size, only: values.only, servers: values.servers });
+    out.push('## ubcache export (no cache) vs peers, same file', '', ...r.lines, '');
+    report['export'] = { results: r.results, ubcachePeakRssMiB: r.ubcachePeakRssMiB };
+  }
+  if (suites.includes('cache')) {
+    const r = await cacheSuite({ runtime: Math.max(runtime, 10) });
+    out.push('## ubcache serve (bcache) targets', '', ...r.lines, '');
+    report['cache'] = r.json;
+  }
+  console.log(out.join('\n'));
+  const file = values.json ?? join(root, '.bench-out', 'latest.json');
+  mkdirSync(dirname(file), { recursive: true });
+  writeFileSync(file, JSON.stringify(report, null, 2) + '\n');
+  console.error(`bench: figures written to ${file}`);
 }
 
 main().catch((err: unknown) => {
