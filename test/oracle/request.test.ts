@@ -154,6 +154,12 @@ test("the kernel and ubcache serve and write back each other's dirty data", { sk
       'echo /dev/vdb >/sys/fs/bcache/register',
       'waitfor /sys/block/vdb/bcache/cache || { dmesg | grep bcache; exit 1; }',
       'dev=/dev/$(ls /sys/block/vdb/holders)',
+      // An emulated VM's slow I/O makes bcache think the cache is congested and
+      // bypass it, and dd's writes are sequential: neither may send the
+      // kernel's writes below around the cache (they must be dirty in it).
+      `echo 0 >/sys/fs/bcache/${set}/congested_read_threshold_us`,
+      `echo 0 >/sys/fs/bcache/${set}/congested_write_threshold_us`,
+      'echo 0 >/sys/block/vdb/bcache/sequential_cutoff',
       'echo "state=$(cat /sys/block/vdb/bcache/state)"',
       'echo "dirty=$(cat /sys/block/vdb/bcache/dirty_data)"',
     ];
