@@ -283,7 +283,8 @@ export class WritebackRateUpdate {
       try {
         await this.step(signal);
       } catch (err) {
-        if (!signal.aborted) log.error(`${this.dev.name}: writeback rate update: ${errorMessage(err)}`);
+        // A failed step leaves the rate as it was; the next one tries again.
+        log.error(`${this.dev.name}: writeback rate update: ${errorMessage(err)}`);
       }
     }
   }
