@@ -16,6 +16,7 @@ import { log } from '../util/log.ts';
 import type { CachedDev, CachedDevSettings } from './cached-dev.ts';
 import type { RegisteredSet, SetSettings } from './registry.ts';
 import { hprint } from './stats.ts';
+import { writebackRateShow } from './writeback-rate.ts';
 
 const UINT_MAX = 0xffffffff;
 const INT_MAX = 0x7fffffff;
@@ -121,6 +122,40 @@ function setting<K extends keyof CachedDevSettings>(dev: CachedDev, key: K, valu
   dev.attachment?.writeback.wake();
 }
 
+function withShow<T>(a: Attribute<T>, show: (t: T) => string): Attribute<T> {
+  return { ...a, show };
+}
+
+type FpTerm = 'writebackRateFpTermLow' | 'writebackRateFpTermMid' | 'writebackRateFpTermHigh';
+
+/**
+ * The fragmentation weights keep low < mid < high: each store is clamped
+ * between its neighbours' current values (low to [1, mid-1], mid to
+ * [low+1, high-1], high to [mid+1, UINT_MAX]), as the kernel clamps them.
+ */
+function fpTerm(name: string, key: FpTerm): Attribute<CachedDev> {
+  const accepts = 'a whole number, kept between the neighbouring fp_term weights';
+  const bounds = (d: CachedDev): [number, number] => {
+    const s = d.settings;
+    if (key === 'writebackRateFpTermLow') return [1, s.writebackRateFpTermMid - 1];
+    if (key === 'writebackRateFpTermMid') return [s.writebackRateFpTermLow + 1, s.writebackRateFpTermHigh - 1];
+    return [s.writebackRateFpTermMid + 1, UINT_MAX];
+  };
+  return {
+    name,
+    accepts,
+    parse(text) {
+      const v = parseUnsigned(name, text, accepts);
+      return (d) => {
+        const [min, max] = bounds(d);
+        setting(d, key, Math.min(max, Math.max(min, v)));
+        return Promise.resolve();
+      };
+    },
+    show: (d) => String(d.settings[key]),
+  };
+}
+
 const STOP_WHEN = ['auto', 'always'] as const;
 const READAHEAD = ['all', 'meta-only'] as const;
 
@@ -170,17 +205,20 @@ export const DEVICE_ATTRIBUTES: ReadonlyArray<Attribute<CachedDev>> = [
       setting(d, 'writebackPercent', v);
     },
   ),
-  unsigned(
-    'writeback_rate',
-    1,
-    INT_MAX,
-    true,
-    (d) => d.settings.writebackRate,
-    (d, v) => {
-      setting(d, 'writebackRate', v);
-    },
-    // Shown in bytes per second, stored in sectors per second.
-    (v) => hprint(v * 512),
+  withShow(
+    unsigned(
+      'writeback_rate',
+      1,
+      INT_MAX,
+      true,
+      (d) => d.settings.writebackRate,
+      (d, v) => {
+        // The controller's next update starts from here (its `change` is relative to it).
+        setting(d, 'writebackRate', v);
+      },
+    ),
+    // Bytes per second, 0 while writeback_running is 0; stored in sectors per second.
+    writebackRateShow,
   ),
   unsigned(
     'writeback_rate_update_seconds',
@@ -222,6 +260,9 @@ export const DEVICE_ATTRIBUTES: ReadonlyArray<Attribute<CachedDev>> = [
       setting(d, 'writebackRateITermInverse', v);
     },
   ),
+  fpTerm('writeback_rate_fp_term_low', 'writebackRateFpTermLow'),
+  fpTerm('writeback_rate_fp_term_mid', 'writebackRateFpTermMid'),
+  fpTerm('writeback_rate_fp_term_high', 'writebackRateFpTermHigh'),
   bool(
     'writeback_metadata',
     (d) => d.settings.writebackMetadata,

@@ -66,6 +66,7 @@ import type { RegisteredSet } from './registry.ts';
 import { RequestPath } from './request.ts';
 import { CacheAccounting } from './stats.ts';
 import { Writeback } from './writeback.ts';
+import { WritebackRateState } from './writeback-rate.ts';
 
 export const CACHE_MODE_WRITETHROUGH = 0;
 export const CACHE_MODE_WRITEBACK = 1;
@@ -81,14 +82,18 @@ export interface CachedDevSettings {
   writebackRunning: boolean;
   /** Seconds to sleep after a full writeback pass. */
   writebackDelay: number;
-  /** Target dirty share of the cache (the PI controller's; kept for it). */
+  /** Target dirty share of the cache (the PI controller's target); 0: no throttle. */
   writebackPercent: number;
-  /** Sectors per second (a fixed rate until the PI controller lands). */
+  /** The current rate, sectors per second: set by the PI controller each update, or by the attribute. */
   writebackRate: number;
   writebackRateUpdateSeconds: number;
   writebackRateMinimum: number;
   writebackRatePTermInverse: number;
   writebackRateITermInverse: number;
+  /** Weights of the fragmentation term (writeback_rate_fp_term_low/mid/high). */
+  writebackRateFpTermLow: number;
+  writebackRateFpTermMid: number;
+  writebackRateFpTermHigh: number;
   writebackMetadata: boolean;
   writebackConsiderFragment: boolean;
   stopWhenCacheSetFailed: 'auto' | 'always';
@@ -108,6 +113,9 @@ export function defaultSettings(): CachedDevSettings {
     writebackRateMinimum: 8,
     writebackRatePTermInverse: 40,
     writebackRateITermInverse: 10000,
+    writebackRateFpTermLow: 1,
+    writebackRateFpTermMid: 10,
+    writebackRateFpTermHigh: 1000,
     writebackMetadata: true,
     writebackConsiderFragment: true,
     stopWhenCacheSetFailed: 'auto',
@@ -170,6 +178,8 @@ export class CachedDev {
   readonly name: string;
   readonly settings: CachedDevSettings;
   readonly stats = new CacheAccounting();
+  /** The writeback rate controller's state; it outlives attachments, as the kernel's does. */
+  readonly writebackRateState = new WritebackRateState();
   readonly request: RequestPath;
   readonly device: BcacheDevice;
   attachment: Attachment | undefined;

@@ -15,9 +15,9 @@
 //      that was in flight during the scan is left for the next pass.
 //   2. copy groups of up to 5 contiguous keys (5000 sectors): read from the
 //      cache, check the pointer is still current, write to the backing
-//      device; at most 64 keys in flight; paced by a fixed rate
-//      (writeback_rate, sectors/s; bch_next_delay) unless detaching or
-//      writeback_percent is 0.
+//      device; at most 64 keys in flight; paced by writeback_rate
+//      (sectors/s; bch_next_delay), which the PI controller of
+//      writeback-rate.ts updates, unless detaching or writeback_percent is 0.
 //   3. flush the backing device (R6), then mark each copied key clean by a
 //      compare-and-insert of its clean copy (replace); a key overwritten
 //      meanwhile is not (writeback_keys_failed).
@@ -42,6 +42,7 @@ import { setFlagBits } from '../format/superblock.ts';
 import { errorMessage, Notifier, sleep, Worker } from '../util/lifecycle.ts';
 import { log } from '../util/log.ts';
 import type { Attachment, CachedDev } from './cached-dev.ts';
+import { type RateLimiter, writebackThrottled, WritebackRateUpdate } from './writeback-rate.ts';
 
 /** KEYBUF_NR */
 const KEYBUF_NR = 500;
@@ -62,23 +63,7 @@ interface WbKey {
   io: Promise<void> | undefined;
 }
 
-/** bch_ratelimit / bch_next_delay(): a token schedule, in ms. */
-export class RateLimiter {
-  private next = 0;
-
-  reset(now: number): void {
-    this.next = now;
-  }
-
-  /** Delay (ms) before the next I/O after `done` sectors at `rate` sectors/s. */
-  delay(done: number, rate: number, now: number): number {
-    if (this.next === 0) this.next = now;
-    this.next += (done * 1000) / Math.max(1, rate);
-    if (this.next > now + 2500) this.next = now + 2500;
-    if (this.next < now - 2000) this.next = now - 2000;
-    return Math.max(0, this.next - now);
-  }
-}
+export { RateLimiter } from './writeback-rate.ts';
 
 export interface WritebackStats {
   /** Keys marked clean (writeback_keys_done, per device; the set sums them). */
@@ -99,13 +84,15 @@ export class Writeback {
   private readonly kick = new Notifier();
   private keybuf: WbKey[] = [];
   private lastScanned = 0;
-  private readonly limiter = new RateLimiter();
+  /** The rate controller's update: runs within this worker's life (writeback-rate.ts). */
+  readonly rateUpdate: WritebackRateUpdate;
   private idleWaiters: Array<() => void> = [];
   readonly stats: WritebackStats = { keysDone: 0, keysFailed: 0, sectorsWritten: 0, passes: 0 };
 
   constructor(dev: CachedDev, att: Attachment) {
     this.dev = dev;
     this.att = att;
+    this.rateUpdate = new WritebackRateUpdate(dev, att);
   }
 
   get running(): boolean {
@@ -126,9 +113,12 @@ export class Writeback {
     }).start();
   }
 
-  /** Stop the worker and wait for it (idempotent). */
+  /** Stop the worker, and with it the rate update, and wait for both (idempotent). */
   async stop(): Promise<void> {
     await this.worker?.stop();
+    // The body stops the rate update as it ends; should the worker have been
+    // given up on past its stop bound, stop it here all the same.
+    await this.rateUpdate.stop();
   }
 
   /**
@@ -175,7 +165,26 @@ export class Writeback {
     return this.att.cs.dirtySectors(this.att.inode) > 0 || this.dev.state === BDEV_STATE_DIRTY;
   }
 
+  private get limiter(): RateLimiter {
+    return this.dev.writebackRateState.limiter;
+  }
+
+  /**
+   * The rate update lives inside this worker's life: started with it, and
+   * stopped (awaited) before it ends however it ends, so it is covered by
+   * this worker's reference on the attachment.
+   */
   private async run(signal: AbortSignal): Promise<void> {
+    this.limiter.reset(Date.now());
+    this.rateUpdate.start();
+    try {
+      await this.loop(signal);
+    } finally {
+      await this.rateUpdate.stop();
+    }
+  }
+
+  private async loop(signal: AbortSignal): Promise<void> {
     const att = this.att;
     const cs = att.cs;
     while (!signal.aborted && !cs.ioDisabled && !cs.stopped) {
@@ -291,8 +300,7 @@ export class Writeback {
         k.io = io;
         ios.push(io);
       }
-      const pace = !att.detaching && this.dev.settings.writebackPercent > 0;
-      if (pace) {
+      if (writebackThrottled(att.detaching, this.dev.settings.writebackPercent)) {
         const ms = this.limiter.delay(sectors, this.dev.settings.writebackRate, Date.now());
         if (ms > 0) await this.kick.wait(signal, ms);
       }

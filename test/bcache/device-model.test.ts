@@ -173,7 +173,7 @@ interface Real {
 async function start(cache: CrashableBlockDevice, backing: CrashableBlockDevice, seed: number): Promise<Real> {
   const registry = new Registry({
     setOptions: { journalDelayMs: seed % 3 === 0 ? 40 : 2, seed, gcSectors: 2048, btreeCacheSize: 64 * 1024 },
-    deviceSettings: () => ({ writebackDelay: 0, writebackRate: 1 << 20, sequentialCutoff: 256 * 1024 }),
+    deviceSettings: () => ({ writebackDelay: 0, writebackPercent: 0, sequentialCutoff: 256 * 1024 }),
   });
   try {
     const c = await registry.register(new JitterDevice(cache, seed));

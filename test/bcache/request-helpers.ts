@@ -70,7 +70,8 @@ export async function makePair(o: PairOptions = {}): Promise<Pair> {
   }
   const registry = new Registry({
     setOptions: { journalDelayMs: 5, ...o.registry?.setOptions },
-    deviceSettings: () => ({ writebackDelay: 0, writebackRate: 1 << 20, ...o.settings }),
+    // writeback_percent 0: writeback unthrottled, whatever the controller would set.
+    deviceSettings: () => ({ writebackDelay: 0, writebackPercent: 0, ...o.settings }),
     ...(o.registry?.now ? { now: o.registry.now } : {}),
   });
   const c = await registry.register(cacheDev);

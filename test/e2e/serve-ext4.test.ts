@@ -104,8 +104,9 @@ test('ext4 on bcache0 in writeback mode survives a serve restart; fsck clean; fi
   mkdirSync(dir);
   const s = await startServe(dir, [
     ...common,
+    // writeback_percent 0: unthrottled; the rate controller would lower a set rate within seconds.
     '--set',
-    'bcache0.writeback_rate=1000000',
+    'bcache0.writeback_percent=0',
     '--set',
     'bcache0.writeback_delay=0',
     cache,

@@ -94,7 +94,7 @@ async function readRaw(path: string, sector: number, sectors: number): Promise<B
 
 async function open(cachePath: string, bdevPath: string, writebackRunning: boolean) {
   const registry = new Registry({
-    deviceSettings: () => ({ writebackRunning, writebackDelay: 0, writebackRate: 1 << 30 }),
+    deviceSettings: () => ({ writebackRunning, writebackDelay: 0, writebackPercent: 0 }),
   });
   await registry.register(await FileBlockDevice.open(cachePath, { exclusive: true }));
   const b = await registry.register(await FileBlockDevice.open(bdevPath, { exclusive: true }));
