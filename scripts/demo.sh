@@ -94,8 +94,8 @@ step "stop with SIGTERM: the backing superblock says dirty"
 stop
 state
 
-step "restart with writeback running; the data is served from the cache, then written back"
-wait_for='marked clean' serve --set bcache0.writeback_delay=0 "$cache" "$backing"
+step "restart with writeback unthrottled (writeback_percent=0); served from the cache, then written back"
+wait_for='marked clean' serve --set bcache0.writeback_delay=0 --set bcache0.writeback_percent=0 "$cache" "$backing"
 grep -E 'replay' "$work/daemon.log" | indent
 nbdcopy "$uri" "$work/readback2"
 cmp -s -n 16777216 "$work/pattern" "$work/readback2" && echo "   bcache0 still reads back the same data"

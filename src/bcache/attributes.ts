@@ -395,6 +395,13 @@ export const SET_ATTRIBUTES: ReadonlyArray<Attribute<RegisteredSet>> = [
       setSetting(s, 'ioErrorHalflife', Math.floor(v / 88) * 88);
     },
   ),
+  bool(
+    'idle_max_writeback_rate',
+    (s) => s.settings.idleMaxWritebackRate,
+    (s, v) => {
+      setSetting(s, 'idleMaxWritebackRate', v);
+    },
+  ),
   choice(
     'errors',
     ERRORS,

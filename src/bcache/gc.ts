@@ -106,6 +106,11 @@ export class Gc {
   sectorsToGc: number;
   private readonly sectorsBetweenRuns: number;
   private running: Promise<void> | undefined;
+
+  /** A pass is in progress. */
+  get inProgress(): boolean {
+    return this.running !== undefined;
+  }
   private waiters: Array<() => void> = [];
   readonly stats: GcStats = { runs: 0, nodes: 0, keys: 0, data: 0, rewrites: 0, lastDurationMs: 0 };
 

@@ -33,6 +33,8 @@ export interface SetSettings {
   ioErrorLimit: number;
   ioErrorHalflife: number;
   errors: 'unregister' | 'panic';
+  /** idle_max_writeback_rate: write back at full speed while the whole set is idle. */
+  idleMaxWritebackRate: boolean;
 }
 
 export function defaultSetSettings(): SetSettings {
@@ -42,6 +44,7 @@ export function defaultSetSettings(): SetSettings {
     ioErrorLimit: 8,
     ioErrorHalflife: 0,
     errors: 'unregister',
+    idleMaxWritebackRate: true,
   };
 }
 
@@ -53,6 +56,13 @@ export class RegisteredSet {
   /** Attached backing devices. */
   readonly devices = new Set<CachedDev>();
   stopping = false;
+  /**
+   * idle_counter: rate updates since the last request on any device of the
+   * set (writeback-rate.ts counts up, every request resets it).
+   */
+  idleCounter = 0;
+  /** at_max_writeback_rate: the idle shortcut has set some device's rate to the maximum. */
+  atMaxWritebackRate = false;
 
   constructor(cs: CacheSet) {
     this.cs = cs;
@@ -60,6 +70,18 @@ export class RegisteredSet {
 
   get uuid(): string {
     return this.cs.uuid;
+  }
+
+  /**
+   * A request arrived on a device of the set (cached_dev_submit_bio): the set
+   * is not idle; if the idle shortcut had raised the rates, every device goes
+   * back to a rate of 1 and the controller takes over from there.
+   */
+  noteRequest(): void {
+    this.idleCounter = 0;
+    if (!this.atMaxWritebackRate) return;
+    this.atMaxWritebackRate = false;
+    for (const d of this.devices) d.settings.writebackRate = 1;
   }
 
   /** writeback_keys_done / writeback_keys_failed (set internal/). */

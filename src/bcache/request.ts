@@ -247,6 +247,7 @@ export class RequestPath {
       att.ref.put();
       throw new IoError('EIO', `${this.dev.name}: cache set ${att.cs.uuid} has I/O disabled`);
     }
+    att.set.noteRequest();
     return att;
   }
 

@@ -298,7 +298,7 @@ export class WritebackRateUpdate {
     const att = this.att;
     const dirty = att.cs.dirtySectors(att.inode) > 0;
     let result: RateStep | undefined;
-    if (dirty && dev.settings.writebackPercent > 0) {
+    if (dirty && dev.settings.writebackPercent > 0 && !atMaxWritebackRate(dev, att)) {
       result = updateWritebackRate(rateInputs(dev, att, this.now()));
       const st = dev.writebackRateState;
       st.integral = result.integral;
@@ -311,6 +311,28 @@ export class WritebackRateUpdate {
     this.steps++;
     this.instrument.afterStep?.(result);
   }
+}
+
+/**
+ * set_at_max_writeback_rate(): while no request has reached any device of the
+ * set for attached² × 6 rate updates (30 s for one device at the default 5 s
+ * period) and GC is not running, write back at the maximum rate instead of
+ * the controller's (idle_max_writeback_rate, on by default). A user expects
+ * an idle cache to clean itself; below target the controller alone would sit
+ * at writeback_rate_minimum (4 KiB/s) forever.
+ */
+function atMaxWritebackRate(dev: CachedDev, att: Attachment): boolean {
+  const set = att.set;
+  if (!set.settings.idleMaxWritebackRate || att.cs.gc.inProgress) return false;
+  const n = Math.max(1, set.devices.size);
+  if (++set.idleCounter < n * n * 6) return false;
+  set.atMaxWritebackRate = true;
+  dev.settings.writebackRate = WRITEBACK_RATE_MAX;
+  const st = dev.writebackRateState;
+  st.proportional = 0;
+  st.integralScaled = 0;
+  st.change = 0;
+  return true;
 }
 
 /** writeback_rate as sysfs shows it: bytes per second, 0 while writeback_running is 0. */

@@ -6,7 +6,7 @@
 import assert from 'node:assert/strict';
 import test from 'node:test';
 import fc from 'fast-check';
-import { DEVICE_ATTRIBUTES, findAttribute } from '../../src/bcache/attributes.ts';
+import { DEVICE_ATTRIBUTES, findAttribute, SET_ATTRIBUTES } from '../../src/bcache/attributes.ts';
 import {
   targetSectors,
   updateWritebackRate,
@@ -374,3 +374,48 @@ test('detaching writes back at full speed whatever the rate', slow, async () => 
   }
   assertNothingLeft();
 });
+
+test(
+  'an idle set writes back at the maximum rate after attached² × 6 updates; the next request hands back to the controller',
+  slow,
+  async () => {
+    const p = await makePair({
+      backing: { writeback: true },
+      settings: { writebackRunning: false, writebackPercent: 10, writebackRateUpdateSeconds: 1, sequentialCutoff: 0 },
+    });
+    try {
+      const d = p.dev;
+      const att = d.attachment;
+      assert.ok(att);
+      const next = stepWatcher(att.writeback.rateUpdate);
+      await writeDirty(p, 16, 5);
+      // Below target: the controller holds the minimum for five updates, the sixth finds the set idle.
+      for (let k = 1; k <= 5; k++) {
+        const r = await next(() => true);
+        assert.ok(r, `update ${k} ran the controller`);
+        assert.equal(d.settings.writebackRate, 8);
+        assert.equal(att.set.atMaxWritebackRate, false);
+      }
+      assert.equal(await next(() => true), undefined, 'the sixth update took the idle shortcut');
+      assert.equal(d.settings.writebackRate, WRITEBACK_RATE_MAX);
+      assert.equal(att.set.atMaxWritebackRate, true);
+      assert.match(writebackRateDebug(d), /proportional:\t0\.0k\nintegral:\t0\.0k\nchange:\t\t0\.0k\/sec/);
+      // Any request on the set ends it: every device back to 1, the controller takes over.
+      await d.device.read(Buffer.alloc(4096), 0);
+      assert.equal(d.settings.writebackRate, 1);
+      assert.equal(att.set.atMaxWritebackRate, false);
+      assert.equal(att.set.idleCounter, 0);
+      assert.ok(await next(() => true), 'the controller runs again');
+      assert.equal(d.settings.writebackRate, 8);
+      // idle_max_writeback_rate 0 turns the shortcut off.
+      await findAttribute(SET_ATTRIBUTES, 'idle_max_writeback_rate', 'set').parse('0')(att.set);
+      assert.equal(findAttribute(SET_ATTRIBUTES, 'idle_max_writeback_rate', 'set').show(att.set), '0');
+      att.set.idleCounter = 100;
+      assert.ok(await next(() => true), 'the controller ran although the set is idle');
+      assert.equal(d.settings.writebackRate, 8);
+    } finally {
+      await p.registry.stopAll();
+    }
+    assertNothingLeft();
+  },
+);
