@@ -49,11 +49,17 @@ test('marks after GC: dirty, clean, metadata and free buckets, and what is avail
 
 test('a leaf whose keys went mostly stale is rewritten by GC', async () => {
   const dev = new MemoryBlockDevice(4 * MiB);
-  await formatCache(dev, { bucketSize: 8, blockSize: 1 });
+  // FIFO replacement: the oldest buckets are reused first, whatever the
+  // priorities GC and the allocator have computed by then (with LRU, which
+  // leaf went stale depended on how far they had got).
+  await formatCache(dev, { bucketSize: 8, blockSize: 1, replacement: 1 });
   const cs = await CacheSet.open(dev, { closeDevice: false, journalDelayMs: 1 });
-  // Many small clean keys in one inode, then enough other clean data to cycle the cache.
+  // Many small clean keys in one inode, then enough other clean data to cycle
+  // the cache. The other data goes in rising order after them, so no insert
+  // lands in the first leaf again (an insert would drop its stale keys): only
+  // GC can clean it.
   for (let i = 0; i < 100; i++) await writeExtent(cs, 0, i * 8, 4, i + 1, false);
-  for (let i = 0; i < 1200; i++) await writeExtent(cs, 1, (i * 8) % 20000, 8, 1000 + i, false);
+  for (let i = 0; i < 1200; i++) await writeExtent(cs, 1, 100_000 + i * 8, 8, 1000 + i, false);
   await cs.runGc();
   await cs.runGc();
   assert.ok(cs.stats.gc.rewrites > 0, `GC rewrote stale leaves (${cs.stats.gc.rewrites})`);
