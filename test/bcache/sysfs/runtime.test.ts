@@ -77,14 +77,26 @@ test('stop a device, unregister a set, stop a set; watchers hear direct stops to
   const id = set.uuid.slice(0, 4);
 
   // unregister: the device is detached and keeps running, the set goes.
-  const gone = new Promise<void>((resolve) => rig.registry.watch({ setGone: () => resolve() }));
+  const gone = new Promise<void>((resolve) =>
+    rig.registry.watch({
+      setGone: () => {
+        resolve();
+      },
+    }),
+  );
   await t.write(`/sys/fs/bcache/${set.uuid}/unregister`, '1');
   await gone;
   assert.equal(t.read(`${D}/state`), 'no cache\n');
   assert.deepEqual(t.list('/sys/fs/bcache'), ['register', 'register_quiet', 'pendings_cleanup']);
 
   // stop: the device goes, and with it the last object: the registry is empty.
-  const stopped = new Promise<void>((resolve) => rig.registry.watch({ deviceStopped: () => resolve() }));
+  const stopped = new Promise<void>((resolve) =>
+    rig.registry.watch({
+      deviceStopped: () => {
+        resolve();
+      },
+    }),
+  );
   await t.write(`${D}/stop`, '1');
   await stopped;
   assert.deepEqual(t.list('/sys/block'), []);
