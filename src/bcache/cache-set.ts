@@ -141,6 +141,8 @@ export interface CacheSetOptions {
    * keys. A cache written this way is not for the kernel.
    */
   btreeNodeSectors?: number;
+  /** The set finished stopping, however stop() was called (the registry forgets it). */
+  onStopped?: (cs: CacheSet) => void;
 }
 
 export interface CacheSetStats {
@@ -738,6 +740,7 @@ export class CacheSet {
     this.openBuckets.closeAll();
     if (this.options.closeDevice !== false) await this.dev.close().catch(() => undefined);
     log.info(`bcache: cache_set_free() Cache set ${this.uuid} unregistered`);
+    this.options.onStopped?.(this);
   }
 
   private async teardown(clean: boolean): Promise<void> {

@@ -166,6 +166,10 @@ export interface CachedDevOptions {
   settings?: Partial<CachedDevSettings>;
   /** Unix seconds (uuid first_reg/last_reg, invalidated). */
   now?: () => number;
+  /** The device started running (it has its bcacheN): the registry exports it. */
+  onRunning?: (dev: CachedDev) => void;
+  /** The device finished stopping, however stop() was called: the registry forgets it. */
+  onStopped?: (dev: CachedDev) => void;
 }
 
 export class CachedDev {
@@ -189,6 +193,8 @@ export class CachedDev {
   /** The BDEV_STATE the superblock on disk has (or is being written with). */
   private durableState: number;
   private readonly nowFn: () => number;
+  private readonly onRunning: ((dev: CachedDev) => void) | undefined;
+  private readonly onStopped: ((dev: CachedDev) => void) | undefined;
 
   constructor(backing: BlockDevice, sb: Superblock, options: CachedDevOptions) {
     if (!isBacking(sb)) throw new Error(`${backing.name}: not a backing device superblock`);
@@ -200,6 +206,8 @@ export class CachedDev {
     this.settings = { ...defaultSettings(), ...options.settings };
     this.durableState = bdevState(sb);
     this.nowFn = options.now ?? (() => Math.floor(Date.now() / 1000));
+    this.onRunning = options.onRunning;
+    this.onStopped = options.onStopped;
     this.request = new RequestPath(this);
     this.device = new BcacheDevice(this);
   }
@@ -459,6 +467,7 @@ export class CachedDev {
       throw new Error(`${this.backingName}: its cache set is not registered; force it with runStale()`);
     }
     this.runningFlag = true;
+    this.onRunning?.(this);
   }
 
   /** `echo 1 > running` on a device whose cache is missing: the superblock goes STALE ("inconsistent"). */
@@ -479,7 +488,9 @@ export class CachedDev {
    * Idempotent.
    */
   stop(options: { closeBacking?: boolean } = {}): Promise<void> {
-    this.stopPromise ??= this.shutdown(options.closeBacking ?? true);
+    this.stopPromise ??= this.shutdown(options.closeBacking ?? true).finally(() => {
+      this.onStopped?.(this);
+    });
     return this.stopPromise;
   }
 

@@ -15,6 +15,13 @@
 // in flight finish, writeback workers stop, attachments end without
 // detaching), then every cache set (GC, dirty nodes, allocator, journal,
 // superblock), closing the devices.
+//
+// Runtime operations (the sysfs files register, attach, detach, stop,
+// unregister) are here too. Whatever starts or stops a device or a set (these
+// operations, shutdown, or a stop() called directly on a CachedDev or a
+// CacheSet, as the failure path does), the registry hears of it from the
+// object itself and tells its watchers: serve adds and removes NBD exports
+// that way, and exits once nothing is left.
 
 import type { BlockDevice } from '../blockdev/types.ts';
 import { BDEV_STATE_NONE, BDEV_STATE_STALE } from '../format/constants.ts';
@@ -23,6 +30,7 @@ import { formatUuid } from '../format/uuid-text.ts';
 import { errorMessage } from '../util/lifecycle.ts';
 import { log } from '../util/log.ts';
 import { CacheSet, type CacheSetOptions } from './cache-set.ts';
+import { parseUuidPrefix } from './sysfs/uuid-parse.ts';
 import { CachedDev, type CachedDevSettings } from './cached-dev.ts';
 import { CacheAccounting } from './stats.ts';
 
@@ -63,6 +71,8 @@ export class RegisteredSet {
   idleCounter = 0;
   /** at_max_writeback_rate: the idle shortcut has set some device's rate to the maximum. */
   atMaxWritebackRate = false;
+  /** Set once cs has stopped and the registry forgot the set. */
+  gone = false;
 
   constructor(cs: CacheSet) {
     this.cs = cs;
@@ -109,6 +119,26 @@ export interface RegistryOptions {
   /** Called for a new set before backing devices attach to it. */
   configureSet?: (set: RegisteredSet) => Promise<void>;
   now?: () => number;
+  /** Opens a path written to /sys/fs/bcache/register (exclusively). */
+  open?: (path: string) => Promise<BlockDevice>;
+}
+
+/** What a registry tells its watchers; fired for every way a device or set starts or stops. */
+export interface RegistryWatcher {
+  deviceRunning?(dev: CachedDev): void;
+  deviceStopped?(dev: CachedDev): void;
+  setRegistered?(set: RegisteredSet): void;
+  setGone?(set: RegisteredSet): void;
+}
+
+/** A refused runtime operation, with the errno the kernel's sysfs store returns. */
+export class RegistryError extends Error {
+  readonly code: 'EINVAL' | 'EBUSY' | 'ENOENT' | 'EIO';
+  constructor(code: RegistryError['code'], message: string, options?: { cause?: unknown }) {
+    super(message, options);
+    this.name = 'RegistryError';
+    this.code = code;
+  }
 }
 
 export type Registered = { kind: 'cache'; set: RegisteredSet } | { kind: 'backing'; dev: CachedDev };
@@ -120,6 +150,7 @@ export class Registry {
   readonly devices: CachedDev[] = [];
   private nextIndex = 0;
   private stopPromise: Promise<void> | undefined;
+  private readonly watchers = new Set<RegistryWatcher>();
 
   constructor(options: RegistryOptions = {}) {
     this.options = options;
@@ -163,6 +194,12 @@ export class Registry {
       index,
       settings: this.options.deviceSettings?.(name) ?? {},
       ...(this.options.now ? { now: this.options.now } : {}),
+      onRunning: (d) => {
+        this.emit((w) => w.deviceRunning?.(d));
+      },
+      onStopped: (d) => {
+        this.deviceGone(d);
+      },
     });
     this.devices.push(cd);
     log.info(`bcache: register_bdev() registered backing device ${dev.name}`);
@@ -191,14 +228,22 @@ export class Registry {
       await dev.close().catch(() => undefined);
       throw new Error(`error ${dev.name}: duplicate cache set member`);
     }
-    const cs = await CacheSet.open(dev, this.options.setOptions ?? {});
+    const holder: { set?: RegisteredSet } = {};
+    const cs = await CacheSet.open(dev, {
+      ...this.options.setOptions,
+      onStopped: () => {
+        if (holder.set) this.setGone(holder.set);
+      },
+    });
     if (this.stopping()) {
       // Stopped while the set came up: it is not ours to keep.
       await cs.stop();
       throw new Error('bcache is shutting down');
     }
     const set = new RegisteredSet(cs);
+    holder.set = set;
     this.sets.set(uuid, set);
+    this.emit((w) => w.setRegistered?.(set));
     await this.options.configureSet?.(set);
     for (const cd of this.devices) {
       if (cd.stopped || cd.attached || cd.setUuid !== uuid) continue;
@@ -216,7 +261,122 @@ export class Registry {
     set.stopping = true;
     await Promise.all([...set.devices].map((d) => d.stop()));
     await set.cs.stop();
+    this.setGone(set);
+  }
+
+  /**
+   * Unregister a cache set: detach every backing device (their dirty data
+   * written back first; they keep running uncached), then stop the set.
+   */
+  async unregisterSet(set: RegisteredSet): Promise<void> {
+    set.stopping = true;
+    await Promise.all([...set.devices].map((d) => d.detach()));
+    await this.stopSet(set);
+  }
+
+  /**
+   * Explicit attach (sysfs `attach`): the set named by `text`, parsed as
+   * bch_parse_uuid does. Throws RegistryError with the kernel's errno.
+   */
+  async attach(dev: CachedDev, text: string): Promise<void> {
+    const uuid = parseUuidPrefix(text);
+    if (uuid === undefined) {
+      throw new RegistryError('EINVAL', `attach: "${text.trim()}" is not a cache set uuid; write the set's uuid`);
+    }
+    const set = this.sets.get(uuid);
+    if (!set || set.gone) {
+      log.error(`bcache: bch_cached_dev_attach() Can't attach ${text.trim()}: cache set not found`);
+      throw new RegistryError('ENOENT', `Can't attach ${text.trim()}: cache set not found`);
+    }
+    try {
+      await dev.attach(set);
+    } catch (err) {
+      const message = errorMessage(err);
+      log.error(`bcache: bch_cached_dev_attach() ${message}`);
+      throw new RegistryError(message.startsWith("Couldn't find uuid") ? 'ENOENT' : 'EINVAL', message, {
+        cause: err,
+      });
+    }
+  }
+
+  /**
+   * Register a device by path (sysfs `register` / `register_quiet`). A path
+   * already registered is EBUSY "device already registered", or success
+   * when quiet.
+   */
+  async registerPath(path: string, options: { quiet?: boolean } = {}): Promise<Registered | undefined> {
+    const open = this.options.open;
+    if (!open) throw new RegistryError('EINVAL', 'this registry cannot open devices by path');
+    if (this.stopping()) throw new RegistryError('EBUSY', 'bcache is shutting down');
+    let dev: BlockDevice;
+    try {
+      dev = await open(path);
+    } catch (err) {
+      const busy = (err as { code?: unknown }).code === 'EBUSY';
+      if (busy && options.quiet === true) return undefined;
+      if (busy) {
+        const ours =
+          this.devices.some((d) => d.backingName === path) ||
+          [...this.sets.values()].some((s) => s.cs.dev.name === path);
+        throw new RegistryError(
+          'EBUSY',
+          `error ${path}: ${ours ? 'device already registered' : `device busy (${errorMessage(err)})`}`,
+          { cause: err },
+        );
+      }
+      throw new RegistryError('EINVAL', `error ${path}: failed to open device: ${errorMessage(err)}`, { cause: err });
+    }
+    try {
+      return await this.register(dev);
+    } catch (err) {
+      const message = errorMessage(err);
+      const already = message.endsWith('device already registered');
+      if (already && options.quiet === true) return undefined;
+      throw new RegistryError(already ? 'EBUSY' : 'EINVAL', message, { cause: err });
+    }
+  }
+
+  /** pendings_cleanup: stop every backing device waiting for a cache set that is not registered. */
+  async stopPending(): Promise<void> {
+    const waiting = this.devices.filter((d) => !d.running && !d.stopped && !this.sets.has(d.setUuid));
+    await Promise.all(waiting.map((d) => d.stop()));
+  }
+
+  /** Subscribe to devices and sets starting and stopping. Returns the unsubscribe function. */
+  watch(watcher: RegistryWatcher): () => void {
+    this.watchers.add(watcher);
+    return () => {
+      this.watchers.delete(watcher);
+    };
+  }
+
+  /** No backing device and no cache set is registered. */
+  get empty(): boolean {
+    return this.devices.length === 0 && this.sets.size === 0;
+  }
+
+  private emit(fn: (w: RegistryWatcher) => void): void {
+    for (const w of [...this.watchers]) {
+      try {
+        fn(w);
+      } catch (err) {
+        log.error(`registry watcher failed: ${errorMessage(err)}`);
+      }
+    }
+  }
+
+  private deviceGone(dev: CachedDev): void {
+    const i = this.devices.indexOf(dev);
+    if (i >= 0) this.devices.splice(i, 1);
+    this.emit((w) => w.deviceStopped?.(dev));
+  }
+
+  private setGone(set: RegisteredSet): void {
+    if (set.gone) return;
+    set.gone = true;
+    set.stopping = true;
     if (this.sets.get(set.uuid) === set) this.sets.delete(set.uuid);
+    this.emit((w) => w.setGone?.(set));
   }
 
   /** As a call, so that checks after an await are not narrowed away. */

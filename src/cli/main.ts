@@ -22,6 +22,10 @@ const subcommands: Record<string, Entry> = {
     summary: 'register bcache devices and serve them over NBD',
     load: async () => (await import('./serve.ts')).run,
   },
+  ctl: {
+    summary: "read and write a running serve's bcache sysfs attributes",
+    load: async () => (await import('./ctl.ts')).run,
+  },
   'show-super': {
     summary: "print a device's bcache superblock (bcache-super-show)",
     load: async () => (await import('./show-super.ts')).run,

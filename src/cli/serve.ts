@@ -11,6 +11,12 @@
 // process then exits by itself with status 0. A second signal exits at once.
 // kill -9 at any moment loses nothing that was flushed (the durability
 // contract, DESIGN.md).
+//
+// While it runs, the control socket serves bcache's sysfs tree (register,
+// attach, detach, stop, unregister, every attribute) and /metrics. Exports
+// follow the devices: one is added when a bcache device starts running and
+// removed when it stops, however it stopped. Once no device and no cache
+// set is left, the daemon shuts down and exits 0 on its own (DESIGN rule 5).
 
 import { parseArgs } from 'node:util';
 import { openBlockDevice } from '../blockdev/open.ts';
@@ -24,7 +30,10 @@ import {
 } from '../bcache/attributes.ts';
 import type { CachedDev } from '../bcache/cached-dev.ts';
 import { Registry, type RegisteredSet, type RegistryOptions } from '../bcache/registry.ts';
-import type { ExportConfig } from '../nbd/exports.ts';
+import { SysfsTree } from '../bcache/sysfs/tree.ts';
+import { defaultControlPath } from '../control/paths.ts';
+import { renderMetrics } from '../control/metrics.ts';
+import { ControlServer } from '../control/server.ts';
 import { formatAddress, NbdServer, type ListenTarget } from '../nbd/server.ts';
 import { deferred, errorMessage } from '../util/lifecycle.ts';
 import { log } from '../util/log.ts';
@@ -46,6 +55,11 @@ Options:
                            authentication: listen on 0.0.0.0 only on a
                            trusted network.
   --socket PATH            listen on a unix socket. Repeatable.
+  --control PATH           the control socket (bcache's sysfs tree over HTTP,
+                           see ubcache ctl); default
+                           $XDG_RUNTIME_DIR/ubcache/control.sock, else
+                           /run/ubcache/control.sock. Mode 0600.
+  --metrics HOST:PORT      also serve /metrics (Prometheus) on loopback TCP.
   --set TARGET.ATTR=VALUE  set a bcache attribute before serving, with
                            bcache's names and sysfs syntax. TARGET is bcacheN
                            (a backing device), "set" (every cache set) or a
@@ -75,6 +89,8 @@ export interface ServePlan {
   devices: string[];
   listen: ListenTarget[];
   sets: SetOption[];
+  control: string;
+  metrics?: { host: string; port: number };
 }
 
 /** Parse one --set TARGET.ATTR=VALUE, checking the attribute and the value. */
@@ -133,6 +149,8 @@ export function parseServeArgs(args: string[]): ServePlan | 'help' {
         listen: { type: 'string', multiple: true },
         socket: { type: 'string', multiple: true },
         set: { type: 'string', multiple: true },
+        control: { type: 'string' },
+        metrics: { type: 'string' },
         help: { type: 'boolean', short: 'h' },
       },
     });
@@ -153,7 +171,19 @@ export function parseServeArgs(args: string[]): ServePlan | 'help' {
   });
   const tcp = (v.listen ?? []).map(parseListen);
   const listen = tcp.length === 0 && sockets.length === 0 ? [DEFAULT_LISTEN] : [...tcp, ...sockets];
-  return { devices, listen, sets: (v.set ?? []).map(parseSetOption) };
+  if (v.control === '') throw new CliError('--control needs a path', { hint: usageHint });
+  const plan: ServePlan = {
+    devices,
+    listen,
+    sets: (v.set ?? []).map(parseSetOption),
+    control: v.control ?? defaultControlPath(),
+  };
+  if (v.metrics !== undefined) {
+    const m = parseListen(v.metrics);
+    if (!('host' in m)) throw new CliError('--metrics takes HOST:PORT on loopback, e.g. 127.0.0.1:9323');
+    plan.metrics = { host: m.host, port: m.port };
+  }
+  return plan;
 }
 
 /** Register every device, applying the --set options as each device or set appears. */
@@ -214,24 +244,31 @@ export const run: Subcommand = async (args) => {
     process.stdout.write(HELP);
     return 0;
   }
-  const registry = new Registry(configure(plan));
+  const registry = new Registry({
+    ...configure(plan),
+    open: (path) => openBlockDevice(path, { exclusive: true }),
+  });
+  const tree = new SysfsTree(registry);
+  const server = new NbdServer([], { ownsDevices: false, allowEmpty: true });
+  const control = new ControlServer({ tree, metrics: () => renderMetrics(registry, server.exports) });
   const stopped = deferred();
-  // An object, not a boolean: the compiler cannot see the handler change it between awaits.
-  const shutdown = { requested: false };
-  const requested = (): boolean => shutdown.requested;
-  let server: NbdServer | undefined;
-  const stopAll = async (): Promise<void> => {
-    if (server) await server.close();
-    await registry.stopAll();
+  // An object, not a boolean: the compiler cannot see the handlers change it between awaits.
+  const state = { requested: false, serving: false };
+  const requested = (): boolean => state.requested;
+  let stopPromise: Promise<void> | undefined;
+  const stopAll = (): Promise<void> => {
+    stopPromise ??= (async () => {
+      const treeStopped = tree.stop();
+      await server.close();
+      await registry.stopAll();
+      await treeStopped;
+      await control.close();
+    })();
+    return stopPromise;
   };
-  // Signals first, so a signal during registration still shuts down in order.
-  const onSignal = (signal: NodeJS.Signals): void => {
-    if (shutdown.requested) {
-      log.error(`${signal} again: exiting at once; requests in flight are abandoned (flushed data is safe)`);
-      process.exit(signal === 'SIGINT' ? 130 : 143);
-    }
-    shutdown.requested = true;
-    log.info(`${signal}: shutting down (finishing requests in flight; send it again to exit at once)`);
+  const shutdown = (why: string): void => {
+    state.requested = true;
+    log.info(why);
     stopAll().then(
       () => {
         stopped.resolve();
@@ -241,10 +278,57 @@ export const run: Subcommand = async (args) => {
       },
     );
   };
+  // Signals first, so a signal during registration still shuts down in order.
+  const onSignal = (signal: NodeJS.Signals): void => {
+    if (state.requested) {
+      log.error(`${signal} again: exiting at once; requests in flight are abandoned (flushed data is safe)`);
+      process.exit(signal === 'SIGINT' ? 130 : 143);
+    }
+    shutdown(`${signal}: shutting down (finishing requests in flight; send it again to exit at once)`);
+  };
   process.on('SIGINT', onSignal);
   process.on('SIGTERM', onSignal);
+  const unwatch = registry.watch({
+    deviceRunning: (d) => {
+      try {
+        server.addExport({
+          name: d.name,
+          description: `${d.name}: ${d.backingName}${d.attachment ? ` cached on set ${d.attachment.cs.uuid}` : ' (no cache)'}`,
+          device: d.device,
+          // Requests must be sector-aligned; those not aligned to the cache block bypass it.
+          blockSize: { min: 512 },
+        });
+        if (state.serving) log.info(`export ${d.name} added (${d.backingName})`);
+      } catch (err) {
+        log.error(`cannot export ${d.name}: ${errorMessage(err)}`);
+      }
+    },
+    deviceStopped: (d) => {
+      if (server.exports.some((e) => e.device === d.device)) {
+        void server.removeExport(d.name).then(() => {
+          log.info(`export ${d.name} removed`);
+        });
+      }
+      lastGone();
+    },
+    setGone: () => {
+      lastGone();
+    },
+  });
+  const lastGone = (): void => {
+    if (state.serving && !state.requested && registry.empty) {
+      shutdown('no bcache device and no cache set is left: shutting down');
+    }
+  };
   try {
     try {
+      await control.listen(plan.control);
+    } catch (err) {
+      await stopAll();
+      throw new CliError(errorMessage(err));
+    }
+    try {
+      tree.start();
       await registerAll(plan, registry);
     } catch (err) {
       if (requested()) {
@@ -252,35 +336,21 @@ export const run: Subcommand = async (args) => {
         await stopped.promise;
         return 0;
       }
-      await registry.stopAll();
+      await stopAll();
       throw err;
     }
-    if (shutdown.requested) {
+    if (state.requested) {
       await stopped.promise;
       return 0;
     }
     const running = registry.running;
     if (running.length === 0) {
-      await registry.stopAll();
-      throw new CliError('no bcache device to serve', {
-        hint:
-          registry.devices.length === 0
-            ? 'Give a backing device too (ubcache make -B), not only a cache device.'
-            : 'The backing devices wait for their cache sets: give their cache devices too.',
-      });
-    }
-    const configs: ExportConfig[] = running.map((d) => ({
-      name: d.name,
-      description: `${d.name}: ${d.backingName}${d.attachment ? ` cached on set ${d.attachment.cs.uuid}` : ' (no cache)'}`,
-      device: d.device,
-      // Requests must be sector-aligned; those not aligned to the cache block bypass it.
-      blockSize: { min: 512 },
-    }));
-    try {
-      server = new NbdServer(configs, { ownsDevices: false });
-    } catch (err) {
-      await registry.stopAll();
-      throw new CliError(errorMessage(err));
+      const hint =
+        registry.devices.length === 0
+          ? 'Give a backing device too (ubcache make -B), not only a cache device.'
+          : 'The backing devices wait for their cache sets: give their cache devices too.';
+      await stopAll();
+      throw new CliError('no bcache device to serve', { hint });
     }
     const exportList = running.map((d) => d.name).join(', ');
     for (const target of plan.listen) {
@@ -295,10 +365,23 @@ export const run: Subcommand = async (args) => {
       log.info(`listening on ${formatAddress(bound)} (exports: ${exportList})`);
       if (requested()) break;
     }
+    if (plan.metrics && !requested()) {
+      try {
+        const m = await control.listenMetrics(plan.metrics.host, plan.metrics.port);
+        log.info(`metrics on http://${formatAddress(m)}/metrics`);
+      } catch (err) {
+        await stopAll();
+        throw new CliError(errorMessage(err));
+      }
+    }
+    if (!requested()) log.info(`control socket ${plan.control}`);
+    state.serving = true;
+    lastGone();
     await stopped.promise;
     log.info('stopped');
     return 0;
   } finally {
+    unwatch();
     process.off('SIGINT', onSignal);
     process.off('SIGTERM', onSignal);
   }

@@ -5,6 +5,7 @@
 
 import type { BlockDevice } from '../blockdev/types.ts';
 import type { BlockSizes } from './codec.ts';
+import { ExportMetrics } from './metrics.ts';
 import { DEFAULT_MAX_PAYLOAD, MAX_STRING_BYTES, TxFlag } from './protocol.ts';
 
 export interface ExportConfig {
@@ -29,6 +30,8 @@ export interface Export {
   readonly size: number;
   /** The 16-bit transmission flags advertised for this export. */
   readonly flags: number;
+  /** Requests served, by command (for /metrics). */
+  readonly metrics: ExportMetrics;
 }
 
 const isPowerOfTwo = (n: number): boolean => Number.isInteger(n) && n > 0 && (n & (n - 1)) === 0;
@@ -72,6 +75,7 @@ export function resolveExport(config: ExportConfig): Export {
     blockSize: { min, preferred, max },
     size: device.size,
     flags: transmissionFlags(device, readOnly),
+    metrics: new ExportMetrics(),
   };
 }
 

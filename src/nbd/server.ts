@@ -47,6 +47,8 @@ class Connection {
   private transmission: Transmission | undefined;
   private handshakeIdle = false;
   private cancelled = false;
+  /** The export chosen, once in transmission. */
+  exportName: string | undefined;
   readonly done: Promise<void>;
 
   constructor(socket: Socket, server: NbdServer, options: ServerOptions, peer: string) {
@@ -143,7 +145,8 @@ class Connection {
     );
     const t = new Transmission(this.socket, negotiated, this.label, handover, this.options);
     this.transmission = t;
-    if (this.server.shuttingDown) t.shutdown();
+    this.exportName = exp.name;
+    if (this.server.shuttingDown || this.server.findExport(exp.name) !== exp) t.shutdown();
     await t.done;
     log.debug(`${this.label}: closed`);
   }
@@ -167,7 +170,7 @@ class Connection {
 }
 
 export class NbdServer {
-  readonly exports: readonly Export[];
+  private readonly exportList: Export[] = [];
   private readonly byName = new Map<string, Export>();
   private readonly options: ServerOptions;
   private readonly listeners: Server[] = [];
@@ -175,17 +178,50 @@ export class NbdServer {
   private shuttingDownFlag = false;
   private closing: Promise<void> | undefined;
 
-  constructor(configs: readonly ExportConfig[], options: ServerOptions = {}) {
-    if (configs.length === 0) throw new Error('the NBD server needs at least one export');
-    const exports: Export[] = [];
+  /**
+   * `configs` may be empty only with `allowEmpty` (exports added later with
+   * addExport, as ubcache serve does when bcache devices start running).
+   */
+  constructor(configs: readonly ExportConfig[], options: ServerOptions & { allowEmpty?: boolean } = {}) {
+    if (configs.length === 0 && options.allowEmpty !== true)
+      throw new Error('the NBD server needs at least one export');
     for (const c of configs) {
       if (this.byName.has(c.name)) throw new Error(`two exports are named '${c.name}'; export names must be unique`);
-      const e = resolveExport(c);
-      exports.push(e);
-      this.byName.set(e.name, e);
+      this.addExport(c);
     }
-    this.exports = exports;
     this.options = options;
+  }
+
+  /** The exports, in the order they were added; the first is the default export. */
+  get exports(): readonly Export[] {
+    return this.exportList;
+  }
+
+  /** Serve one more export (a device that started running). Throws if the name is taken. */
+  addExport(config: ExportConfig): Export {
+    if (this.byName.has(config.name)) {
+      throw new Error(`an export named '${config.name}' already exists; export names must be unique`);
+    }
+    const e = resolveExport(config);
+    this.exportList.push(e);
+    this.byName.set(e.name, e);
+    return e;
+  }
+
+  /**
+   * Stop serving an export (its device stopped): new clients no longer see
+   * it; connected clients have their requests in flight finished, later ones
+   * answered with ESHUTDOWN, and are then disconnected cleanly. Resolves when
+   * they are gone. The device is not closed: its owner stopped it.
+   */
+  async removeExport(name: string): Promise<void> {
+    const e = this.byName.get(name);
+    if (!e) return;
+    this.byName.delete(name);
+    this.exportList.splice(this.exportList.indexOf(e), 1);
+    const users = [...this.connections].filter((c) => c.exportName === name);
+    for (const c of users) c.shutdown();
+    await Promise.all(users.map((c) => c.done));
   }
 
   get shuttingDown(): boolean {
@@ -198,7 +234,7 @@ export class NbdServer {
 
   /** The export named `name`; "" is the default export, the first one. */
   findExport(name: string): Export | undefined {
-    return this.byName.get(name) ?? (name === '' ? this.exports[0] : undefined);
+    return this.byName.get(name) ?? (name === '' ? this.exportList[0] : undefined);
   }
 
   /**
@@ -343,7 +379,7 @@ function describeListenError(err: unknown, target: ListenTarget): Error {
 }
 
 /** A unix socket file nobody accepts on any more (the server that made it died). */
-async function isStaleSocket(path: string): Promise<boolean> {
+export async function isStaleSocket(path: string): Promise<boolean> {
   try {
     if (!lstatSync(path).isSocket()) return false;
   } catch {

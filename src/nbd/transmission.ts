@@ -442,6 +442,8 @@ export class Transmission {
   private async execute(req: Request, payload: Buffer | undefined): Promise<void> {
     const dev = this.exp.device;
     const fua = (req.flags & CmdFlag.FUA) !== 0;
+    const started = performance.now();
+    let ok = true;
     try {
       switch (req.type) {
         case Cmd.READ:
@@ -481,8 +483,10 @@ export class Transmission {
       }
       this.send(encodeSimpleReply(0, req.cookie));
     } catch (err) {
+      ok = false;
       this.failRequest(req, err);
     } finally {
+      this.exp.metrics.observe(req.type, (performance.now() - started) / 1000, req.length, ok);
       this.inflight--;
       this.inflightBytes -= req.cost;
       this.maybeResume();

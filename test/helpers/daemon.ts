@@ -23,6 +23,19 @@ export interface Exit {
   signal: NodeJS.Signals | null;
 }
 
+/**
+ * `serve` without --control would use the one default control socket, and
+ * tests run several daemons at once: give each its own, next to its
+ * --socket (so it lives and goes with the test's temp dir).
+ */
+export function withControl(args: string[]): string[] {
+  if (args[0] !== 'serve' || args.includes('--control')) return args;
+  const i = args.indexOf('--socket');
+  const socket = i >= 0 ? args[i + 1] : undefined;
+  if (socket === undefined) return args;
+  return [...args, '--control', `${socket}.control`];
+}
+
 export class Daemon {
   readonly proc: ChildProcess;
   /** Every stderr line so far. */
@@ -34,7 +47,10 @@ export class Daemon {
 
   constructor(args: string[], env: NodeJS.ProcessEnv = {}) {
     requireBuild();
-    this.proc = spawn(UBCACHE, args, { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, ...env } });
+    this.proc = spawn(UBCACHE, withControl(args), {
+      stdio: ['ignore', 'pipe', 'pipe'],
+      env: { ...process.env, ...env },
+    });
     this.proc.stderr?.setEncoding('utf8');
     this.proc.stderr?.on('data', (text: string) => {
       const parts = (this.partial + text).split('\n');
@@ -125,7 +141,7 @@ export async function startExport(dir: string, args: string[], env: NodeJS.Proce
 /** Run `ubcache ARGS...` to completion. */
 export function ubcache(args: string[]): { status: number | null; stdout: string; stderr: string } {
   requireBuild();
-  const r = spawnSync(UBCACHE, args, { encoding: 'utf8' });
+  const r = spawnSync(UBCACHE, withControl(args), { encoding: 'utf8' });
   return { status: r.status, stdout: r.stdout, stderr: r.stderr };
 }
 

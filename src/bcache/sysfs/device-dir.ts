@@ -1,0 +1,106 @@
+// /sys/block/bcacheN/bcache/: a backing device's attributes (bcache.md §3.5).
+// The settable tunables come from attributes.ts; here are the read-only
+// values, the actions (attach, detach, stop, running, clear_stats) and the
+// stats directories. Every registered backing device has this directory,
+// also one still waiting for its cache set (the kernel shows those under the
+// backing block device; we have no such name, and `running` and `stop` must
+// be reachable for them).
+
+import { basename } from 'node:path';
+import { DEVICE_ATTRIBUTES } from '../attributes.ts';
+import { writebackRateDebug } from '../writeback-rate.ts';
+import type { CachedDev } from '../cached-dev.ts';
+import { RegistryError } from '../registry.ts';
+import { hprint } from '../stats.ts';
+import { statsDirs, type TreeContext } from './context.ts';
+import {
+  attributeFile,
+  dir,
+  link,
+  parseUlong,
+  ro,
+  roRaw,
+  rw,
+  SysfsError,
+  wo,
+  type SysfsDir,
+  type SysfsNode,
+} from './node.ts';
+
+/** A one-stripe device: the kernel's stripe when the backing device reports no optimal I/O size. */
+const DEFAULT_STRIPE_SECTORS = 2 ** 31;
+
+function registryError(err: unknown): never {
+  if (err instanceof RegistryError) throw new SysfsError(err.code, err.message, { cause: err });
+  throw err;
+}
+
+export function deviceDir(ctx: TreeContext, dev: CachedDev): SysfsDir {
+  const settable = DEVICE_ATTRIBUTES.map((a) => {
+    if (a.name === 'writeback_rate') {
+      // Shown as 0 while no writeback runs (not attached, or writeback_running 0).
+      return [
+        a.name,
+        attributeFile(
+          a,
+          () => dev,
+          (d) => (d.attachment && d.settings.writebackRunning ? a.show(d) : hprint(0)),
+        ),
+      ] as const;
+    }
+    return [a.name, attributeFile(a, () => dev)] as const;
+  });
+  return dir(() => {
+    const entries: Array<readonly [string, SysfsNode]> = [
+      [
+        'attach',
+        wo(async (text) => {
+          await ctx.registry.attach(dev, text).catch(registryError);
+        }),
+      ],
+      [
+        'detach',
+        wo(() => {
+          if (dev.attachment) ctx.background(`detaching ${dev.name}`, () => dev.detach());
+        }),
+      ],
+      [
+        'stop',
+        wo(() => {
+          ctx.background(`stopping ${dev.name}`, () => dev.stop());
+        }),
+      ],
+      [
+        'running',
+        rw(
+          () => (dev.running ? '1' : '0'),
+          async (text) => {
+            if (parseUlong('running', text) === 0) return;
+            if (dev.stopped) throw new SysfsError('EIO', `${dev.name} is stopping; register it again to run it`);
+            if (dev.running) throw new SysfsError('EBUSY', `cached dev ${dev.backingName} is running already`);
+            await dev.runStale();
+          },
+        ),
+      ],
+      ['state', ro(() => dev.stateName)],
+      ['dirty_data', ro(() => hprint(dev.dirtySectors * 512))],
+      [
+        'clear_stats',
+        wo(() => {
+          dev.stats.clear();
+        }),
+      ],
+      ['writeback_rate_debug', roRaw(() => writebackRateDebug(dev))],
+      ['stripe_size', ro(() => hprint(DEFAULT_STRIPE_SECTORS * 512))],
+      ['partial_stripes_expensive', ro(() => '0')],
+      ['backing_dev_name', ro(() => basename(dev.backingName))],
+      ['backing_dev_uuid', ro(() => dev.uuid)],
+      ...settable,
+      ...statsDirs(ctx, () => dev.stats),
+    ];
+    if (dev.running) entries.push(['dev', link(`/sys/block/${dev.name}`)]);
+    const att = dev.attachment;
+    if (att) entries.push(['cache', link(`/sys/fs/bcache/${att.set.uuid}`)]);
+    return entries;
+  });
+}

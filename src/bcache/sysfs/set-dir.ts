@@ -1,0 +1,125 @@
+// /sys/fs/bcache/<set-uuid>/ (bcache.md §3.2-3.4): a cache set's attributes,
+// its internal/ directory, cache0/ (the cache device's own attributes; in
+// the kernel a link to /sys/block/<cdev>/bcache, a directory here since the
+// cache device has no block device name of ours) and a bdevN link per
+// attached backing device (N is its uuid slot).
+
+import { CACHE_REPLACEMENT_NAMES } from '../../format/constants.ts';
+import { cacheDiscard, cacheReplacement, cacheSync } from '../../format/superblock.ts';
+import { choiceList, SET_ATTRIBUTES } from '../attributes.ts';
+import { u64sOf } from '../btree-node.ts';
+import type { RegisteredSet } from '../registry.ts';
+import { CUTOFF_WRITEBACK, CUTOFF_WRITEBACK_SYNC } from '../request.ts';
+import { hprint } from '../stats.ts';
+import { statsDirs, type TreeContext } from './context.ts';
+import { attributeFile, dir, link, ro, wo, type SysfsDir, type SysfsNode } from './node.ts';
+
+/** Settable set attributes the kernel keeps under internal/ rather than at the top. */
+const INTERNAL_SETTABLE = new Set(['idle_max_writeback_rate']);
+
+function internalDir(set: RegisteredSet): SysfsDir {
+  const cs = set.cs;
+  const settable = SET_ATTRIBUTES.filter((a) => INTERNAL_SETTABLE.has(a.name)).map(
+    (a) => [a.name, attributeFile(a, () => set)] as const,
+  );
+  return dir(() => [
+    ...settable,
+    ['btree_nodes', ro(() => String(cs.gc.stats.nodes))],
+    ['writeback_keys_done', ro(() => String(set.writebackKeys.done))],
+    ['writeback_keys_failed', ro(() => String(set.writebackKeys.failed))],
+    [
+      'trigger_gc',
+      wo(() => {
+        cs.triggerGc();
+      }),
+    ],
+    ['cutoff_writeback', ro(() => String(CUTOFF_WRITEBACK))],
+    ['cutoff_writeback_sync', ro(() => String(CUTOFF_WRITEBACK_SYNC))],
+  ]);
+}
+
+function cacheDir(set: RegisteredSet): SysfsDir {
+  const cs = set.cs;
+  return dir(() => [
+    ['bucket_size', ro(() => hprint(cs.bucketSize * 512))],
+    ['block_size', ro(() => hprint(cs.blockSize * 512))],
+    ['nbuckets', ro(() => String(cs.buckets.nbuckets))],
+    ['discard', ro(() => (cacheDiscard(cs.sb) ? '1' : '0'))],
+    ['written', ro(() => hprint(cs.io.stats.sectorsWritten * 512))],
+    ['metadata_written', ro(() => hprint(cs.io.stats.metaSectorsWritten * 512))],
+    ['cache_replacement_policy', ro(() => choiceList(CACHE_REPLACEMENT_NAMES, cacheReplacement(cs.sb)))],
+    [
+      'clear_stats',
+      wo(() => {
+        cs.io.stats.sectorsWritten = 0;
+        cs.io.stats.metaSectorsWritten = 0;
+      }),
+    ],
+    ['set', link(`/sys/fs/bcache/${set.uuid}`)],
+  ]);
+}
+
+/** % of the root node's space its keys take (bch_root_usage). */
+function rootUsagePercent(set: RegisteredSet): number {
+  const cs = set.cs;
+  if (!cs.btree.hasRoot) return 0;
+  const bytes = u64sOf(cs.btree.root.keys) * 8;
+  return Math.floor((bytes * 100) / cs.nodeGeo.nodeBytes);
+}
+
+export function setDir(ctx: TreeContext, set: RegisteredSet): SysfsDir {
+  const cs = set.cs;
+  const settable = SET_ATTRIBUTES.filter((a) => !INTERNAL_SETTABLE.has(a.name)).map(
+    (a) => [a.name, attributeFile(a, () => set)] as const,
+  );
+  return dir(() => {
+    const entries: Array<readonly [string, SysfsNode]> = [
+      [
+        'unregister',
+        wo(() => {
+          ctx.background(`unregistering cache set ${set.uuid}`, () => ctx.registry.unregisterSet(set));
+        }),
+      ],
+      [
+        'stop',
+        wo(() => {
+          ctx.background(`stopping cache set ${set.uuid}`, () => ctx.registry.stopSet(set));
+        }),
+      ],
+      ['synchronous', ro(() => (cacheSync(cs.sb) ? '1' : '0'))],
+      ...settable,
+      ['bucket_size', ro(() => hprint(cs.bucketSize * 512))],
+      ['block_size', ro(() => hprint(cs.blockSize * 512))],
+      ['tree_depth', ro(() => String(cs.btree.hasRoot ? cs.btree.root.level : 0))],
+      ['root_usage_percent', ro(() => String(rootUsagePercent(set)))],
+      ['btree_cache_size', ro(() => hprint(cs.btree.cachedNodes * cs.nodeGeo.nodeBytes))],
+      ['cache_available_percent', ro(() => String(cs.cacheAvailablePercent))],
+      [
+        'average_key_size',
+        ro(() => hprint(cs.gc.stats.keys === 0 ? 0 : Math.floor((cs.gc.stats.data * 512) / cs.gc.stats.keys))),
+      ],
+      ['dirty_data', ro(() => hprint([...set.devices].reduce((n, d) => n + d.dirtySectors, 0) * 512))],
+      [
+        'clear_stats',
+        wo(() => {
+          set.stats.clear();
+          for (const d of set.devices) {
+            const wb = d.attachment?.writeback.stats;
+            if (wb) {
+              wb.keysDone = 0;
+              wb.keysFailed = 0;
+            }
+          }
+        }),
+      ],
+      ...statsDirs(ctx, () => set.stats),
+      ['internal', internalDir(set)],
+      ['cache0', cacheDir(set)],
+    ];
+    for (const d of set.devices) {
+      const att = d.attachment;
+      if (att) entries.push([`bdev${att.inode}`, link(`/sys/block/${d.name}/bcache`)]);
+    }
+    return entries;
+  });
+}

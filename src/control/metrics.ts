@@ -1,0 +1,137 @@
+// /metrics in the Prometheus text exposition format (version 0.0.4): the
+// cache counters of every bcache device and cache set, dirty data, the
+// writeback rate, cache availability, and the NBD request counts and
+// latency histograms per export and command.
+
+import type { Registry } from '../bcache/registry.ts';
+import type { Export } from '../nbd/exports.ts';
+import { LATENCY_BUCKETS_S } from '../nbd/metrics.ts';
+import { commandName } from '../nbd/protocol.ts';
+
+type Labels = Record<string, string>;
+
+function labelText(labels: Labels): string {
+  const parts = Object.entries(labels).map(
+    ([k, v]) => `${k}="${v.replace(/\\/g, '\\\\').replace(/"/g, '\\"').replace(/\n/g, '\\n')}"`,
+  );
+  return parts.length === 0 ? '' : `{${parts.join(',')}}`;
+}
+
+class Family {
+  private readonly lines: string[] = [];
+  readonly name: string;
+  private readonly help: string;
+  private readonly type: 'counter' | 'gauge' | 'histogram';
+
+  constructor(name: string, type: Family['type'], help: string) {
+    this.name = name;
+    this.type = type;
+    this.help = help;
+  }
+
+  add(labels: Labels, value: number, suffix = ''): void {
+    this.lines.push(`${this.name}${suffix}${labelText(labels)} ${Number.isFinite(value) ? value : 0}`);
+  }
+
+  text(): string {
+    return `# HELP ${this.name} ${this.help}\n# TYPE ${this.name} ${this.type}\n${this.lines.map((l) => `${l}\n`).join('')}`;
+  }
+}
+
+export function renderMetrics(registry: Registry, exports: readonly Export[]): string {
+  const f = (name: string, type: Family['type'], help: string): Family => new Family(`ubcache_${name}`, type, help);
+  const hits = f(
+    'cache_hits_total',
+    'counter',
+    'Read requests served entirely from the cache (stats_total/cache_hits).',
+  );
+  const misses = f(
+    'cache_misses_total',
+    'counter',
+    'Read requests not entirely in the cache (stats_total/cache_misses).',
+  );
+  const bypassHits = f('cache_bypass_hits_total', 'counter', 'Bypassed read requests found in the cache.');
+  const bypassMisses = f('cache_bypass_misses_total', 'counter', 'Bypassed read requests not in the cache.');
+  const collisions = f('cache_miss_collisions_total', 'counter', 'Miss fills dropped because a write raced them.');
+  const bypassed = f('bypassed_bytes_total', 'counter', 'Bytes of requests that skipped the cache.');
+  const dirty = f('dirty_bytes', 'gauge', 'Dirty data of the device in the cache (dirty_data).');
+  const rate = f('writeback_rate_bytes_per_second', 'gauge', 'Current writeback rate (writeback_rate).');
+  const running = f('device_running', 'gauge', '1 if the bcache device runs (is exported).');
+  const available = f('cache_available_percent', 'gauge', 'Share of cache buckets not holding dirty data or metadata.');
+  const ioDisabled = f('cache_set_io_disabled', 'gauge', '1 once the cache set disabled I/O after a fatal error.');
+  const cacheRead = f('cache_read_bytes_total', 'counter', 'Bytes read from the cache device.');
+  const cacheWritten = f('cache_written_bytes_total', 'counter', 'Data bytes written to the cache device.');
+  const wbDone = f('writeback_keys_done_total', 'counter', 'Dirty extents written back.');
+  const wbFailed = f('writeback_keys_failed_total', 'counter', 'Writebacks that collided with a write or failed.');
+
+  const counters = (labels: Labels, c: import('../bcache/stats.ts').CacheCounters): void => {
+    hits.add(labels, c.cacheHits);
+    misses.add(labels, c.cacheMisses);
+    bypassHits.add(labels, c.cacheBypassHits);
+    bypassMisses.add(labels, c.cacheBypassMisses);
+    collisions.add(labels, c.cacheMissCollisions);
+    bypassed.add(labels, c.sectorsBypassed * 512);
+  };
+  for (const d of registry.devices) {
+    const labels = { device: d.name };
+    counters(labels, d.stats.total);
+    dirty.add(labels, d.dirtySectors * 512);
+    rate.add(labels, d.attachment && d.settings.writebackRunning ? d.settings.writebackRate * 512 : 0);
+    running.add(labels, d.running ? 1 : 0);
+  }
+  for (const s of registry.sets.values()) {
+    const labels = { set: s.uuid };
+    counters(labels, s.stats.total);
+    available.add(labels, s.cs.cacheAvailablePercent);
+    ioDisabled.add(labels, s.cs.ioDisabled ? 1 : 0);
+    cacheRead.add(labels, s.cs.io.stats.sectorsRead * 512);
+    cacheWritten.add(labels, s.cs.io.stats.sectorsWritten * 512);
+    const wb = s.writebackKeys;
+    wbDone.add(labels, wb.done);
+    wbFailed.add(labels, wb.failed);
+  }
+
+  const requests = f('nbd_requests_total', 'counter', 'NBD requests served, by export and command.');
+  const errors = f('nbd_request_errors_total', 'counter', 'NBD requests answered with an error.');
+  const bytes = f('nbd_request_bytes_total', 'counter', 'Bytes named by NBD requests (length field).');
+  const latency = f('nbd_request_duration_seconds', 'histogram', 'Time from dispatch to reply of NBD requests.');
+  for (const e of exports) {
+    for (const [type, c] of e.metrics.commands) {
+      const labels = { export: e.name, command: commandName(type).toLowerCase() };
+      requests.add(labels, c.requests);
+      errors.add(labels, c.errors);
+      bytes.add(labels, c.bytes);
+      let cumulative = 0;
+      LATENCY_BUCKETS_S.forEach((le, i) => {
+        cumulative += c.buckets[i] ?? 0;
+        latency.add({ ...labels, le: String(le) }, cumulative, '_bucket');
+      });
+      latency.add({ ...labels, le: '+Inf' }, c.requests, '_bucket');
+      latency.add(labels, c.seconds, '_sum');
+      latency.add(labels, c.requests, '_count');
+    }
+  }
+  return [
+    hits,
+    misses,
+    bypassHits,
+    bypassMisses,
+    collisions,
+    bypassed,
+    dirty,
+    rate,
+    running,
+    available,
+    ioDisabled,
+    cacheRead,
+    cacheWritten,
+    wbDone,
+    wbFailed,
+    requests,
+    errors,
+    bytes,
+    latency,
+  ]
+    .map((x) => x.text())
+    .join('');
+}
