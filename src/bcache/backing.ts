@@ -11,10 +11,11 @@
 // that will cover them; a miss fill or a writethrough copy over such a chunk
 // waits for that flush before its key goes into the index.
 //
-// Issue 6 adds the backing device's error accounting (io_errors,
-// io_error_limit, io_disable) here, where every backing I/O passes.
+// Every completion, failed or not, is reported to the owner (backing_request_endio,
+// 2018 series #11): the cached device counts the errors (io_errors against
+// io_error_limit) and watches for a device that went away.
 
-import type { BlockDevice, ZeroOptions } from '../blockdev/types.ts';
+import { IoError, type BlockDevice, type ZeroOptions } from '../blockdev/types.ts';
 import { SECTOR_SIZE } from '../format/constants.ts';
 
 const CHUNK_SHIFT = 11;
@@ -28,8 +29,22 @@ export class BackingIo {
   private readonly listeners: Array<(epoch: number) => void> = [];
   readonly stats = { sectorsRead: 0, sectorsWritten: 0, flushes: 0 };
 
-  constructor(dev: BlockDevice) {
+  private readonly done: (err: IoError | undefined) => void;
+
+  constructor(dev: BlockDevice, done: (err: IoError | undefined) => void = () => undefined) {
     this.dev = dev;
+    this.done = done;
+  }
+
+  /** Run one I/O and report how it ended. */
+  private async io(op: () => Promise<void>): Promise<void> {
+    try {
+      await op();
+    } catch (err) {
+      this.done(err instanceof IoError ? err : new IoError('EIO', String(err)));
+      throw err;
+    }
+    this.done(undefined);
   }
 
   get durableEpoch(): number {
@@ -69,29 +84,29 @@ export class BackingIo {
   }
 
   async read(buf: Buffer, sector: number): Promise<void> {
-    await this.dev.read(buf, sector * SECTOR_SIZE);
+    await this.io(() => this.dev.read(buf, sector * SECTOR_SIZE));
     this.stats.sectorsRead += buf.length / SECTOR_SIZE;
   }
 
   async write(buf: Buffer, sector: number, fua = false): Promise<void> {
-    await this.dev.write(buf, sector * SECTOR_SIZE, fua ? { fua: true } : undefined);
+    await this.io(() => this.dev.write(buf, sector * SECTOR_SIZE, fua ? { fua: true } : undefined));
     this.stats.sectorsWritten += buf.length / SECTOR_SIZE;
     if (!fua) this.markVolatile(sector, buf.length / SECTOR_SIZE);
   }
 
   async discard(sector: number, sectors: number): Promise<void> {
-    await this.dev.discard(sector * SECTOR_SIZE, sectors * SECTOR_SIZE);
+    await this.io(() => this.dev.discard(sector * SECTOR_SIZE, sectors * SECTOR_SIZE));
     this.markVolatile(sector, sectors);
   }
 
   async writeZeroes(sector: number, sectors: number, options: ZeroOptions = {}): Promise<void> {
-    await this.dev.writeZeroes(sector * SECTOR_SIZE, sectors * SECTOR_SIZE, options);
+    await this.io(() => this.dev.writeZeroes(sector * SECTOR_SIZE, sectors * SECTOR_SIZE, options));
     if (options.fua !== true) this.markVolatile(sector, sectors);
   }
 
   async flush(): Promise<void> {
     const epoch = ++this.flushesStarted;
-    await this.dev.flush();
+    await this.io(() => this.dev.flush());
     this.stats.flushes++;
     if (epoch <= this.flushedUpTo) return;
     this.flushedUpTo = epoch;

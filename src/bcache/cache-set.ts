@@ -97,7 +97,7 @@ import {
   type Superblock,
 } from '../format/superblock.ts';
 import { formatUuid } from '../format/uuid-text.ts';
-import { errorMessage } from '../util/lifecycle.ts';
+import { errorMessage, WorkerScope } from '../util/lifecycle.ts';
 import { log } from '../util/log.ts';
 import { Allocator, RESERVE_BTREE } from './alloc.ts';
 import { Btree, type InsertResult, type LookupSegment } from './btree.ts';
@@ -169,6 +169,11 @@ export class CacheSet {
   readonly btree: Btree;
   readonly journal: Journal;
   readonly gc: Gc;
+  /** Every worker of the set, its attachments' included: retire stops them all (DESIGN rule 5). */
+  readonly workers: WorkerScope;
+  /** io_error_limit and io_error_halflife; the registry points this at the set's settings. */
+  errorLimits: () => { limit: number; halflife: number } = () => ({ limit: 8, halflife: 0 });
+  private readonly failureListeners: Array<(message: string) => void> = [];
   private readonly options: CacheSetOptions;
   private ioDisabledFlag = false;
   private stopping = false;
@@ -182,6 +187,7 @@ export class CacheSet {
     this.sb = sb;
     this.options = options;
     this.uuid = formatUuid(sb.setUuid);
+    this.workers = new WorkerScope(`cache set ${this.uuid}`);
     this.io = new CacheIo(dev, () => this.ioDisabledFlag);
     this.buckets = new Buckets(sb.nbuckets, sb.bucketSize, sb.firstBucket);
     this.geometry = { bucketSize: sb.bucketSize, firstBucket: sb.firstBucket, nbuckets: sb.nbuckets };
@@ -323,6 +329,23 @@ export class CacheSet {
       options.gcSectors,
     );
     this.rescale = Math.floor((sb.nbuckets * sb.bucketSize) / 1024);
+    this.io.setErrorHooks({
+      limits: () => this.errorLimits(),
+      describe: (sector) => this.describeSector(sector),
+      fatal: (message) => {
+        this.fail(new Error(message));
+      },
+    });
+  }
+
+  /** Which metadata lives at `sector`, for error messages (undefined: data or a btree node). */
+  private describeSector(sector: number): string | undefined {
+    if (sector < this.sb.firstBucket * this.sb.bucketSize) return 'superblock';
+    const b = Math.floor(sector / this.sb.bucketSize);
+    if (this.journal.ring.includes(b)) return 'journal';
+    if (this.prios.current.includes(b) || this.prios.last.includes(b)) return 'priorities';
+    if (this.uuids.bucket === b) return 'uuids';
+    return undefined;
   }
 
   private newJournalBuckets(): number[] {
@@ -352,7 +375,9 @@ export class CacheSet {
     try {
       if (cacheSync(sb)) await cs.bringUpExisting();
       else await cs.bringUpNew();
-      cs.gc.start();
+      cs.workers.run(() => {
+        cs.gc.start();
+      });
       sb.lastMount = cs.now();
       await cs.writeSuperblock();
     } catch (err) {
@@ -410,8 +435,10 @@ export class CacheSet {
     this.allocator.stockPool(REPLAY_POOL);
     const replay = this.journal.resume(r);
     this.journal.reserveOpen = true;
-    this.allocator.start();
-    this.journal.start();
+    this.workers.run(() => {
+      this.allocator.start();
+      this.journal.start();
+    });
     if (j.version < BCACHE_JSET_VERSION_UUIDV1) await this.uuids.write(false);
     await this.replay(replay);
     this.journal.reserveOpen = false;
@@ -488,8 +515,10 @@ export class CacheSet {
     // The prio write above used the prio reserve; nothing holds data yet, so refill it the
     // bring-up way (the kernel's allocator does so in its first round, before CACHE_SYNC is set).
     this.allocator.initialStock();
-    this.allocator.start();
-    this.journal.start();
+    this.workers.run(() => {
+      this.allocator.start();
+      this.journal.start();
+    });
   }
 
   /** bcache_write_super(): seq + 1, version at least 3, in place over the block read. */
@@ -526,8 +555,22 @@ export class CacheSet {
   fail(err: unknown): void {
     if (this.ioDisabledFlag) return;
     this.ioDisabledFlag = true;
-    log.error(`bcache: bch_cache_set_error() error on ${this.uuid}: ${errorMessage(err)}, disabling caching`);
+    const message = errorMessage(err);
+    log.error(`bcache: bch_cache_set_error() error on ${this.uuid}: ${message}, disabling caching`);
     this.allocator.rejectWaiters(new IoError('EIO', `cache set ${this.uuid}: I/O disabled after an error`));
+    for (const l of this.failureListeners.splice(0)) l(message);
+  }
+
+  /** Called once, right after fail() disabled I/O: the owner retires the set. */
+  onFailure(listener: (message: string) => void): void {
+    if (!this.ioDisabledFlag) {
+      this.failureListeners.push(listener);
+      return;
+    }
+    // Failed before anyone listened (between bring-up and registration): tell at once.
+    queueMicrotask(() => {
+      listener(`cache set ${this.uuid} failed`);
+    });
   }
 
   private check(): void {

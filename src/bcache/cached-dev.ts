@@ -58,7 +58,17 @@ import {
   type Superblock,
 } from '../format/superblock.ts';
 import { formatUuid } from '../format/uuid-text.ts';
-import { deferred, errorMessage, Mutex, RefCount, type Deferred } from '../util/lifecycle.ts';
+import {
+  deferred,
+  errorMessage,
+  Mutex,
+  Notifier,
+  RefCount,
+  sleep,
+  Worker,
+  WorkerScope,
+  type Deferred,
+} from '../util/lifecycle.ts';
 import { log } from '../util/log.ts';
 import { BackingIo } from './backing.ts';
 import type { CacheSet } from './cache-set.ts';
@@ -133,6 +143,14 @@ export class Attachment {
   readonly inode: number;
   readonly ref: RefCount;
   readonly writeback: Writeback;
+  /** The attachment's workers (writeback, and whatever the writeback side adds), inside the set's scope. */
+  readonly workers: WorkerScope;
+  /**
+   * Settled once the set failed and its retire decided this device's fate:
+   * true, it keeps serving uncached (requests caught by the failure are
+   * redone in passthrough); false, it stops (they fail).
+   */
+  readonly lossDecided: Deferred<boolean> = deferred();
   detaching = false;
   /** The writeback worker finished a detach: nothing dirty, superblock NONE. */
   detachComplete = false;
@@ -148,6 +166,7 @@ export class Attachment {
       dev.attachmentDrained(this);
     });
     this.writeback = new Writeback(dev, this);
+    this.workers = new WorkerScope(`${dev.name} on ${set.uuid}`, set.cs.workers);
   }
 
   get finished(): Promise<void> {
@@ -170,7 +189,14 @@ export interface CachedDevOptions {
   onRunning?: (dev: CachedDev) => void;
   /** The device finished stopping, however stop() was called: the registry forgets it. */
   onStopped?: (dev: CachedDev) => void;
+  /** How long every I/O to the backing device must fail before its bcache device stops (BACKING_DEV_OFFLINE_TIMEOUT). */
+  backingOfflineMs?: number;
+  /** How often a failing backing device is probed meanwhile. */
+  backingProbeMs?: number;
 }
+
+/** BACKING_DEV_OFFLINE_TIMEOUT: 5 s. */
+export const BACKING_OFFLINE_MS = 5000;
 
 export class CachedDev {
   readonly backing: BlockDevice;
@@ -195,11 +221,21 @@ export class CachedDev {
   private readonly nowFn: () => number;
   private readonly onRunning: ((dev: CachedDev) => void) | undefined;
   private readonly onStopped: ((dev: CachedDev) => void) | undefined;
+  /** io_errors: backing I/O errors, never decayed (bch_count_backing_io_errors). */
+  ioErrors = 0;
+  private readonly offlineMs: number;
+  private readonly probeMs: number;
+  /** When the backing device's current run of failures began (ms, monotonic); undefined while it works. */
+  private failingSince: number | undefined;
+  private readonly backingTrouble = new Notifier();
+  private statusWorker: Worker | undefined;
 
   constructor(backing: BlockDevice, sb: Superblock, options: CachedDevOptions) {
     if (!isBacking(sb)) throw new Error(`${backing.name}: not a backing device superblock`);
     this.backing = backing;
-    this.backingIo = new BackingIo(backing);
+    this.backingIo = new BackingIo(backing, (err) => {
+      this.backingIoDone(err);
+    });
     this.sb = sb;
     this.index = options.index;
     this.name = `bcache${options.index}`;
@@ -208,6 +244,8 @@ export class CachedDev {
     this.nowFn = options.now ?? (() => Math.floor(Date.now() / 1000));
     this.onRunning = options.onRunning;
     this.onStopped = options.onStopped;
+    this.offlineMs = options.backingOfflineMs ?? BACKING_OFFLINE_MS;
+    this.probeMs = options.backingProbeMs ?? Math.min(1000, this.offlineMs);
     this.request = new RequestPath(this);
     this.device = new BcacheDevice(this);
   }
@@ -357,7 +395,7 @@ export class CachedDev {
    * bch_cached_dev_attach(): attach to `set` (whose uuid the caller matched,
    * or an explicit attach). Throws with the kernel's message on refusal.
    */
-  async attach(set: RegisteredSet): Promise<void> {
+  async attach(set: RegisteredSet, options: { force?: boolean } = {}): Promise<void> {
     const cs = set.cs;
     const bdev = this.backingName;
     const gone = (): boolean => this.stopped || cs.stopped || set.stopping;
@@ -381,7 +419,18 @@ export class CachedDev {
     }
     let fresh = false;
     if (slot < 0) {
-      if (state === BDEV_STATE_DIRTY) throw new Error(`Couldn't find uuid for ${bdev} in set`);
+      if (state === BDEV_STATE_DIRTY && options.force !== true) {
+        // The 2018 series' corruption: writes that went around a lost dirty
+        // cache, then the stale dirty data written back over them.
+        throw new Error(
+          `Couldn't find uuid for ${bdev} in set: its superblock says dirty, so part of its data is only in ` +
+            `cache set ${this.setUuid}; register that cache device to write it back, or force the attach ` +
+            `to this set and lose that dirty data`,
+        );
+      }
+      if (state === BDEV_STATE_DIRTY) {
+        log.warn(`${bdev}: attaching by force to ${cs.uuid}; dirty data in cache set ${this.setUuid} is abandoned`);
+      }
       slot = cs.uuids.findEmpty();
       if (slot < 0) throw new Error(`Not caching ${bdev}, no room for UUID`);
       fresh = true;
@@ -409,7 +458,9 @@ export class CachedDev {
     const att = new Attachment(this, set, slot);
     this.attachment = att;
     set.devices.add(this);
-    att.writeback.start();
+    att.workers.run(() => {
+      att.writeback.start();
+    });
     if (!this.runningFlag) this.run();
     log.info(`bcache: bch_cached_dev_attach() Caching ${bdev} as ${this.name} on set ${cs.uuid}`);
   }
@@ -440,6 +491,10 @@ export class CachedDev {
     try {
       // The writeback worker exits before the count can reach zero; make sure it has.
       await att.writeback.stop();
+      // Ended by the set's failure (a detach cut short, the workers gone):
+      // stay linked, so that no request slips through to the backing device
+      // in passthrough, until the retire has decided this device's fate.
+      if (att.cs.ioDisabled && !att.detachComplete) await att.lossDecided.promise;
       this.request.dropDeferred(att);
       if (att.detaching && att.detachComplete && !att.cs.ioDisabled && !att.cs.stopped) {
         att.cs.uuids.invalidate(att.inode, this.now());
@@ -449,7 +504,130 @@ export class CachedDev {
     } finally {
       att.set.devices.delete(this);
       if (this.attachment === att) this.attachment = undefined;
+      att.lossDecided.resolve(false);
       att.settle();
+    }
+  }
+
+  /** Does this device have data only the cache holds (dc->has_dirty), or writes that may make it so? */
+  get hasDirty(): boolean {
+    return this.state === BDEV_STATE_DIRTY || this.dirtySectors > 0 || this.request.dirtyWritesInFlight > 0;
+  }
+
+  /**
+   * Its cache set failed and is retiring (conditional_stop_bcache_device()):
+   * by stop_when_cache_set_failed, stop the device, or keep it serving from
+   * the backing device alone. Called with the set's workers stopped.
+   */
+  async cacheSetFailed(att: Attachment): Promise<void> {
+    const set = att.cs.uuid;
+    if (this.settings.stopWhenCacheSetFailed === 'always') {
+      log.warn(
+        `bcache: conditional_stop_bcache_device() stop_when_cache_set_failed of ${this.name} is "always", stop it for failed cache set ${set}.`,
+      );
+    } else if (this.hasDirty) {
+      log.warn(
+        `bcache: conditional_stop_bcache_device() stop_when_cache_set_failed of ${this.name} is "auto" and cache is dirty, stop it to avoid potential data corruption.`,
+      );
+      // No window in which a write could reach the backing device under the lost dirty data.
+      this.settings.ioDisable = true;
+    } else {
+      log.warn(
+        `bcache: conditional_stop_bcache_device() stop_when_cache_set_failed of ${this.name} is "auto" and cache is clean, keep it alive.`,
+      );
+      if (await this.keepWithoutCache(att)) return;
+    }
+    att.lossDecided.resolve(false);
+    await this.stop();
+  }
+
+  /**
+   * Detach from a failed set and serve uncached. The superblock says NONE
+   * first: the dead cache's clean keys go stale with the first passthrough
+   * write, and if that cache device came back its slot must not be trusted.
+   * Requests see the attachment until then and wait for the decision.
+   */
+  private async keepWithoutCache(att: Attachment): Promise<boolean> {
+    try {
+      await this.updateSuperblock((sb) => {
+        sb.setUuid = Buffer.alloc(16);
+        this.setState(sb, BDEV_STATE_NONE);
+      });
+    } catch (err) {
+      log.error(`${this.name}: cannot mark ${this.backingName} uncached (${errorMessage(err)}): stopping it`);
+      return false;
+    }
+    // From here the backing device alone is the truth: requests caught by the failure go on there.
+    att.lossDecided.resolve(true);
+    await att.writeback.stop();
+    this.request.dropDeferred(att);
+    if (!att.detaching && !att.ref.isZero) att.ref.put();
+    await att.finished;
+    log.info(`bcache: cached_dev_detach_finish() Caching disabled for ${this.backingName}`);
+    return true;
+  }
+
+  // ---------------------------------------------------------------------------
+  // Backing device errors (2018 series #11-#13)
+
+  /** Every backing I/O ends here: errors are counted, and a run of failures is watched. */
+  private backingIoDone(err: IoError | undefined): void {
+    if (err === undefined) {
+      this.failingSince = undefined;
+      return;
+    }
+    // Errors of a device being stopped are the stop's own doing.
+    if (this.stopped || err.code === 'ESHUTDOWN') return;
+    this.failingSince ??= performance.now();
+    this.backingTrouble.notify();
+    const errors = ++this.ioErrors;
+    if (errors < this.settings.ioErrorLimit) {
+      log.error(`bcache: bch_count_backing_io_errors() ${this.backingName}: IO error on backing device, unrecoverable`);
+      return;
+    }
+    this.backingFailed(`stop ${this.name}: too many IO errors on backing device ${this.backingName}`);
+  }
+
+  /** bch_cached_dev_error(): io_disable, then stop the bcache device. */
+  private backingFailed(message: string): void {
+    if (this.stopped) return;
+    this.settings.ioDisable = true;
+    log.error(`bcache: bch_cached_dev_error() ${message}`);
+    if (this.attachment) this.attachment.lossDecided.resolve(false);
+    void this.stop().catch((err: unknown) => {
+      log.error(`${this.name}: stopping after backing device errors: ${errorMessage(err)}`);
+    });
+  }
+
+  /**
+   * bcache_status_update(): while the backing device keeps failing, probe it;
+   * failing for offlineMs in a row, it is offline and the device stops.
+   * Idle (no timer) while the device works.
+   */
+  private async watchBacking(signal: AbortSignal): Promise<void> {
+    const probe = Buffer.alloc(SB_SIZE);
+    while (!signal.aborted) {
+      if (!(await this.backingTrouble.wait(signal))) return;
+      for (;;) {
+        const since = this.failingSince;
+        if (since === undefined) break;
+        const waited = performance.now() - since;
+        if (waited >= this.offlineMs) {
+          log.error(
+            `bcache: bcache_status_update() ${this.backingName}: device offline for ${Math.round(waited / 1000)} seconds`,
+          );
+          this.backingFailed(`${this.name}: disable I/O request due to backing device offline`);
+          return;
+        }
+        if (!(await sleep(Math.min(this.probeMs, this.offlineMs - waited), signal))) return;
+        // Straight to the device: a probe is not an I/O error of a request (io_errors).
+        try {
+          await this.backing.read(probe, SB_OFFSET);
+          this.failingSince = undefined;
+        } catch {
+          // Still failing.
+        }
+      }
     }
   }
 
@@ -468,6 +646,9 @@ export class CachedDev {
     }
     this.runningFlag = true;
     this.onRunning?.(this);
+    this.statusWorker ??= new Worker(`bcache_status_update ${this.name}`, (signal) => this.watchBacking(signal), {
+      stopTimeoutMs: 10_000,
+    }).start();
   }
 
   /** `echo 1 > running` on a device whose cache is missing: the superblock goes STALE ("inconsistent"). */
@@ -499,10 +680,12 @@ export class CachedDev {
     const att = this.attachment;
     if (att) {
       await att.writeback.stop();
+      att.lossDecided.resolve(false);
       if (!att.detaching) att.ref.put();
       await att.finished;
     }
     await this.request.stopWorkers();
+    await this.statusWorker?.stop();
     // A clean stop leaves nothing volatile on the backing device either.
     await this.backingIo.flush().catch((err: unknown) => {
       log.error(`${this.name}: flushing ${this.backingName} at stop: ${errorMessage(err)}`);

@@ -8,9 +8,21 @@
 // flush, and a write remembers `nextFlushEpoch` at its completion to know
 // which flush covers it. This is how a btree node write releases its journal
 // pin only after a flush (R5) without the node waiting for one itself.
+//
+// Error accounting (bch_count_io_errors, bcache.md §1.2 #7 and §1.3): every
+// completed I/O ticks a counter; with an error_decay (io_error_halflife / 88)
+// the error count is multiplied by 127/128 every error_decay I/Os, so old
+// errors fade. Each error adds one; reaching io_error_limit (default 8: an
+// error the host sees means the SSD could no longer remap, so it is dying)
+// calls the cache set error path. A failed metadata write (journal, btree
+// node, prios, uuids, superblock) or a failed flush is fatal at once: the
+// set's on-disk state would no longer be what it believes. Errors after I/O
+// was disabled are teardown noise and are not counted.
 
 import { IoError, type BlockDevice } from '../blockdev/types.ts';
 import { SECTOR_SIZE } from '../format/constants.ts';
+import { errorMessage } from '../util/lifecycle.ts';
+import { log } from '../util/log.ts';
 
 export interface IoStats {
   metaSectorsWritten: number;
@@ -20,9 +32,26 @@ export interface IoStats {
   discards: number;
 }
 
+/** The set's error policy and its reaction, supplied by the cache set. */
+export interface CacheIoErrorHooks {
+  /** io_error_limit and io_error_halflife, read at each error (they are tunable at run time). */
+  limits(): { limit: number; halflife: number };
+  /** The metadata at `sector` (journal, prios, uuids, superblock), for messages; undefined elsewhere. */
+  describe(sector: number): string | undefined;
+  /** bch_cache_set_error(): the set must retire. */
+  fatal(message: string): void;
+}
+
+/** Fractional precision of the decayed error count (IO_ERROR_SHIFT). */
+const IO_ERROR_SHIFT = 20;
+
 export class CacheIo {
   readonly dev: BlockDevice;
   private readonly isDisabled: () => boolean;
+  private hooks: CacheIoErrorHooks | undefined;
+  /** Errors << IO_ERROR_SHIFT, decayed. */
+  private errorsScaled = 0;
+  private ioCount = 0;
   private flushesStarted = 0;
   private flushedUpTo = 0;
   private readonly flushListeners: Array<(epoch: number) => void> = [];
@@ -31,6 +60,56 @@ export class CacheIo {
   constructor(dev: BlockDevice, isDisabled: () => boolean) {
     this.dev = dev;
     this.isDisabled = isDisabled;
+  }
+
+  /** Install the error policy (the cache set does, once its parts exist). */
+  setErrorHooks(hooks: CacheIoErrorHooks): void {
+    this.hooks = hooks;
+  }
+
+  /** The decayed error count (sysfs `errors` of the cache device). */
+  get ioErrors(): number {
+    return Math.floor(this.errorsScaled / (1 << IO_ERROR_SHIFT));
+  }
+
+  /** bch_count_io_errors() for one completed I/O. */
+  private account(err: unknown, what: string, isRead: boolean): void {
+    const hooks = this.hooks;
+    if (!hooks) return;
+    const { limit, halflife } = hooks.limits();
+    const decay = Math.floor(halflife / 88);
+    if (decay > 0) {
+      this.ioCount++;
+      while (this.ioCount > decay) {
+        this.ioCount -= decay;
+        // Multiply by 127/128: a half-life of about 88 refreshes.
+        this.errorsScaled = Math.floor((this.errorsScaled * 127) / 128);
+      }
+    }
+    if (err === undefined || this.isDisabled()) return;
+    this.errorsScaled += 1 << IO_ERROR_SHIFT;
+    const errors = this.ioErrors;
+    if (errors >= limit) {
+      hooks.fatal(`${this.dev.name}: too many IO errors ${what}`);
+      return;
+    }
+    // bch_count_io_errors(): reads are retried from the backing device, hence "recovering".
+    log.error(`bcache: bch_count_io_errors() ${this.dev.name}: IO error on ${what}${isRead ? ', recovering' : ''}.`);
+  }
+
+  /** Run one I/O with its accounting; `fatal` errors retire the set whatever the count. */
+  private async counted(what: string, isRead: boolean, fatal: boolean, io: () => Promise<void>): Promise<void> {
+    try {
+      await io();
+    } catch (err) {
+      if (fatal && !this.isDisabled() && this.hooks) {
+        this.hooks.fatal(`${this.dev.name}: IO error ${what}: ${errorMessage(err)}`);
+      } else {
+        this.account(err, what, isRead);
+      }
+      throw err;
+    }
+    this.account(undefined, what, isRead);
   }
 
   private check(what: string): void {
@@ -52,28 +131,33 @@ export class CacheIo {
 
   async read(buf: Buffer, sector: number): Promise<void> {
     this.check('read');
-    await this.dev.read(buf, sector * SECTOR_SIZE);
+    await this.counted(`reading ${this.hooks?.describe(sector) ?? 'from cache'}`, true, false, () =>
+      this.dev.read(buf, sector * SECTOR_SIZE),
+    );
     this.stats.sectorsRead += buf.length / SECTOR_SIZE;
   }
 
   /** A data write (counted as such). */
   async write(buf: Buffer, sector: number): Promise<void> {
     this.check('write');
-    await this.dev.write(buf, sector * SECTOR_SIZE);
+    await this.counted('writing data to cache', false, false, () => this.dev.write(buf, sector * SECTOR_SIZE));
     this.stats.sectorsWritten += buf.length / SECTOR_SIZE;
   }
 
-  /** A metadata write: btree nodes, journal, prios, uuids, superblock. */
+  /** A metadata write: btree nodes, journal, prios, uuids, superblock. A failure retires the set. */
   async writeMeta(buf: Buffer, sector: number): Promise<void> {
     this.check('metadata write');
-    await this.dev.write(buf, sector * SECTOR_SIZE);
+    await this.counted(`writing ${this.hooks?.describe(sector) ?? 'btree node'}`, false, true, () =>
+      this.dev.write(buf, sector * SECTOR_SIZE),
+    );
     this.stats.metaSectorsWritten += buf.length / SECTOR_SIZE;
   }
 
+  /** A cache flush; a failure retires the set (what it should have made durable may not be). */
   async flush(): Promise<void> {
     this.check('flush');
     const epoch = ++this.flushesStarted;
-    await this.dev.flush();
+    await this.counted('flushing the cache device', false, true, () => this.dev.flush());
     this.stats.flushes++;
     if (epoch > this.flushedUpTo) {
       this.flushedUpTo = epoch;
@@ -83,7 +167,7 @@ export class CacheIo {
 
   async discard(sector: number, sectors: number): Promise<void> {
     this.check('discard');
-    await this.dev.discard(sector * SECTOR_SIZE, sectors * SECTOR_SIZE);
+    await this.counted('discarding', false, false, () => this.dev.discard(sector * SECTOR_SIZE, sectors * SECTOR_SIZE));
     this.stats.discards++;
   }
 }

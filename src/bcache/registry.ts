@@ -11,6 +11,9 @@
 // bcacheN numbers are taken at registration of each backing device, in
 // order, as the kernel's IDA does.
 //
+// A cache set that fails (cs.fail: too many I/O errors, a metadata write
+// error) is retired: retire() below.
+//
 // Teardown (DESIGN rule 5): stopAll() stops every bcache device (requests
 // in flight finish, writeback workers stop, attachments end without
 // detaching), then every cache set (GC, dirty nodes, allocator, journal,
@@ -31,7 +34,7 @@ import { errorMessage } from '../util/lifecycle.ts';
 import { log } from '../util/log.ts';
 import { CacheSet, type CacheSetOptions } from './cache-set.ts';
 import { parseUuidPrefix } from './sysfs/uuid-parse.ts';
-import { CachedDev, type CachedDevSettings } from './cached-dev.ts';
+import { CachedDev, type CachedDevOptions, type CachedDevSettings } from './cached-dev.ts';
 import { CacheAccounting } from './stats.ts';
 
 /** Cache set tunables that live above the engine core (bcache.md §3.2). */
@@ -73,9 +76,12 @@ export class RegisteredSet {
   atMaxWritebackRate = false;
   /** Set once cs has stopped and the registry forgot the set. */
   gone = false;
+  /** Settled when a retire after a fatal error has finished. */
+  retired: Promise<void> | undefined;
 
   constructor(cs: CacheSet) {
     this.cs = cs;
+    cs.errorLimits = () => ({ limit: this.settings.ioErrorLimit, halflife: this.settings.ioErrorHalflife });
   }
 
   get uuid(): string {
@@ -119,6 +125,10 @@ export interface RegistryOptions {
   /** Called for a new set before backing devices attach to it. */
   configureSet?: (set: RegisteredSet) => Promise<void>;
   now?: () => number;
+  /** Options for every backing device (the offline timeout, for tests). */
+  deviceOptions?: Pick<CachedDevOptions, 'backingOfflineMs' | 'backingProbeMs'>;
+  /** errors=panic and a set failed: the daemon decides what a panic is (serve exits). */
+  panic?: (setUuid: string) => void;
   /** Opens a path written to /sys/fs/bcache/register (exclusively). */
   open?: (path: string) => Promise<BlockDevice>;
 }
@@ -200,6 +210,7 @@ export class Registry {
       onStopped: (d) => {
         this.deviceGone(d);
       },
+      ...this.options.deviceOptions,
     });
     this.devices.push(cd);
     log.info(`bcache: register_bdev() registered backing device ${dev.name}`);
@@ -244,6 +255,9 @@ export class Registry {
     holder.set = set;
     this.sets.set(uuid, set);
     this.emit((w) => w.setRegistered?.(set));
+    cs.onFailure(() => {
+      void this.retire(set);
+    });
     await this.options.configureSet?.(set);
     for (const cd of this.devices) {
       if (cd.stopped || cd.attached || cd.setUuid !== uuid) continue;
@@ -258,6 +272,10 @@ export class Registry {
 
   /** Stop one cache set: its bcache devices first (without detaching), then the set (bch_cache_set_stop). */
   async stopSet(set: RegisteredSet): Promise<void> {
+    if (set.retired) {
+      await set.retired;
+      return;
+    }
     set.stopping = true;
     await Promise.all([...set.devices].map((d) => d.stop()));
     await set.cs.stop();
@@ -377,6 +395,48 @@ export class Registry {
     set.stopping = true;
     if (this.sets.get(set.uuid) === set) this.sets.delete(set.uuid);
     this.emit((w) => w.setGone?.(set));
+  }
+
+  /**
+   * The cache set failed (bch_cache_set_error .. bch_cache_set_unregister):
+   * retire it in DESIGN rule 5's order. Its I/O is already disabled (new
+   * requests and internal I/O fail fast); every worker of the set stops
+   * (whoever started it: the set's worker scope holds them all); each
+   * backing device is stopped or kept serving uncached, as its
+   * stop_when_cache_set_failed says; then the set is stopped, which closes
+   * the cache device, and unregistered. Idempotent; bounded by the workers'
+   * and the set's stop bounds.
+   */
+  retire(set: RegisteredSet): Promise<void> {
+    set.retired ??= this.retireSet(set);
+    return set.retired;
+  }
+
+  private async retireSet(set: RegisteredSet): Promise<void> {
+    const cs = set.cs;
+    // bch_cache_set_error(): an orderly stop already under way needs nothing more.
+    if (set.stopping) return;
+    set.stopping = true;
+    if (!cs.ioDisabled) cs.fail(new Error('cache set retired'));
+    if (set.settings.errors === 'panic') {
+      log.error(`bcache: bch_cache_set_error() panic forced after error on ${set.uuid}`);
+      this.options.panic?.(set.uuid);
+    }
+    await cs.workers.stopAll();
+    await Promise.all(
+      [...set.devices].map(async (d) => {
+        const att = d.attachment;
+        if (!att || att.set !== set) return;
+        try {
+          await d.cacheSetFailed(att);
+        } catch (err) {
+          log.error(`${d.name}: leaving failed cache set ${set.uuid}: ${errorMessage(err)}`);
+          await d.stop();
+        }
+      }),
+    );
+    await cs.stop();
+    if (this.sets.get(set.uuid) === set) this.sets.delete(set.uuid);
   }
 
   /** As a call, so that checks after an await are not narrowed away. */

@@ -239,16 +239,34 @@ export class RequestPath {
     return { start, end: start + length / SECTOR_SIZE };
   }
 
-  /** The attachment with a reference taken, or undefined for passthrough. */
-  private acquire(): Attachment | undefined {
+  /**
+   * Run a request on the cached path, or in passthrough when there is no
+   * attachment (or it is ending: its count reached zero). When the cache set
+   * fails under the request, or has failed before it, the set's retire
+   * decides (cacheSetFailed): a device kept alive redoes the request from the
+   * backing device alone, so its clients carry on without noticing; a
+   * device being stopped fails it (CACHE_SET_IO_DISABLE: EIO).
+   */
+  private async withCache(cached: (att: Attachment) => Promise<void>, passthrough: () => Promise<void>): Promise<void> {
     const att = this.dev.attachment;
-    if (!att || !att.ref.tryGet()) return undefined;
-    if (att.cs.ioDisabled) {
+    if (!att || !att.ref.tryGet()) return passthrough();
+    let failure: unknown;
+    try {
+      if (!att.cs.ioDisabled) {
+        att.set.noteRequest();
+        await cached(att);
+        return;
+      }
+      failure = new IoError('EIO', `${this.dev.name}: cache set ${att.cs.uuid} has I/O disabled`);
+    } catch (err) {
+      if (!att.cs.ioDisabled) throw err;
+      failure = err;
+    } finally {
       att.ref.put();
-      throw new IoError('EIO', `${this.dev.name}: cache set ${att.cs.uuid} has I/O disabled`);
     }
-    att.set.noteRequest();
-    return att;
+    // The reference is dropped first: the retire waits for it before it decides.
+    if (!(await att.lossDecided.promise)) throw failure;
+    return passthrough();
   }
 
   private markBypassed(att: Attachment, sectors: number): void {
@@ -305,16 +323,10 @@ export class RequestPath {
     this.enter();
     try {
       if (start === end) return;
-      const att = this.acquire();
-      if (!att) {
-        await this.dev.backingIo.read(buf, start);
-        return;
-      }
-      try {
-        await this.cachedRead(att, buf, start, end);
-      } finally {
-        att.ref.put();
-      }
+      await this.withCache(
+        (att) => this.cachedRead(att, buf, start, end),
+        () => this.dev.backingIo.read(buf, start),
+      );
     } finally {
       this.leave();
     }
@@ -582,21 +594,17 @@ export class RequestPath {
         if (fua) await this.flushAll();
         return;
       }
-      const att = this.acquire();
-      if (!att) {
-        await this.dev.backingIo.write(buf, start, fua);
-        return;
-      }
-      try {
-        const bypass = this.shouldBypass(att, start, end, true, fua);
-        if (!bypass && this.shouldWriteback(att, fua)) {
-          await this.writebackWrite(att, buf, start, end, fua);
-        } else {
-          await this.backingWrite(att, { kind: 'write', buf, fua, cache: !bypass }, start, end);
-        }
-      } finally {
-        att.ref.put();
-      }
+      await this.withCache(
+        async (att) => {
+          const bypass = this.shouldBypass(att, start, end, true, fua);
+          if (!bypass && this.shouldWriteback(att, fua)) {
+            await this.writebackWrite(att, buf, start, end, fua);
+          } else {
+            await this.backingWrite(att, { kind: 'write', buf, fua, cache: !bypass }, start, end);
+          }
+        },
+        () => this.dev.backingIo.write(buf, start, fua),
+      );
     } finally {
       this.leave();
     }
@@ -755,18 +763,14 @@ export class RequestPath {
     this.enter();
     try {
       if (start === end) return;
-      const att = this.acquire();
-      if (!att) {
-        await this.dev.backingIo.discard(start, end - start);
-        return;
-      }
-      try {
-        // Discards always bypass (and never become dirty).
-        this.markBypassed(att, end - start);
-        await this.backingWrite(att, { kind: 'discard' }, start, end);
-      } finally {
-        att.ref.put();
-      }
+      await this.withCache(
+        async (att) => {
+          // Discards always bypass (and never become dirty).
+          this.markBypassed(att, end - start);
+          await this.backingWrite(att, { kind: 'discard' }, start, end);
+        },
+        () => this.dev.backingIo.discard(start, end - start),
+      );
     } finally {
       this.leave();
     }
@@ -786,17 +790,13 @@ export class RequestPath {
       if (start === end) return;
       const noHole = options.noHole === true;
       const fua = options.fua === true;
-      const att = this.acquire();
-      if (!att) {
-        await this.dev.backingIo.writeZeroes(start, end - start, { noHole, fua });
-        return;
-      }
-      try {
-        this.markBypassed(att, end - start);
-        await this.backingWrite(att, { kind: 'zeroes', noHole, fua }, start, end);
-      } finally {
-        att.ref.put();
-      }
+      await this.withCache(
+        async (att) => {
+          this.markBypassed(att, end - start);
+          await this.backingWrite(att, { kind: 'zeroes', noHole, fua }, start, end);
+        },
+        () => this.dev.backingIo.writeZeroes(start, end - start, { noHole, fua }),
+      );
     } finally {
       this.leave();
     }
@@ -816,16 +816,12 @@ export class RequestPath {
   }
 
   private async flushAll(): Promise<void> {
-    const att = this.acquire();
-    if (!att) {
-      await this.dev.backingIo.flush();
-      return;
-    }
-    try {
-      await Promise.all([this.dev.backingIo.flush(), att.cs.flush()]);
-    } finally {
-      att.ref.put();
-    }
+    await this.withCache(
+      async (att) => {
+        await Promise.all([this.dev.backingIo.flush(), att.cs.flush()]);
+      },
+      () => this.dev.backingIo.flush(),
+    );
   }
 }
 

@@ -397,7 +397,10 @@ export class FaultyBlockDevice implements BlockDevice {
    */
   close(): Promise<void> {
     this.closed ??= (async () => {
-      this.stopping.abort();
+      // A plain reason: a default DOMException would keep the stack of whoever
+      // closed the device (its frames' receivers, a whole cache set) alive as
+      // long as this wrapper lives.
+      this.stopping.abort('device closed');
       for (const r of this.rules) {
         if (r instanceof FaultHold) r.release();
       }

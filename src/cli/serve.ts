@@ -19,6 +19,7 @@
 // set is left, the daemon shuts down and exits 0 on its own (DESIGN rule 5).
 
 import { parseArgs } from 'node:util';
+import { parseFaultSpec } from '../blockdev/faulty.ts';
 import { openBlockDevice } from '../blockdev/open.ts';
 import { parseUuid, formatUuid } from '../format/uuid-text.ts';
 import {
@@ -68,6 +69,18 @@ Options:
                              --set bcache0.writeback_running=0
                              --set bcache0.sequential_cutoff=0
                              --set set.journal_delay_ms=10
+  --fault DEV:RULES        inject failures into DEV (one of the DEVICEs, as
+                           given) for failure drills. Repeatable. RULES are
+                           comma-separated ACTION[:QUALIFIER]...; actions:
+                           fail-nth=N, fail-from=N, fail-range=OFF+LEN,
+                           fail, pull-after=N, latency=DURATION; qualifiers:
+                           read/write/flush/discard/zero (which I/O), an
+                           errno (EIO, ENOSPC, ...), range=OFF+LEN, after.
+                           Numbers take k, m, g or s (sectors). Examples:
+                             --fault cache.img:pull-after=2000
+                             --fault cache.img:fail-range=1m+4m:write
+                             --fault disk.img:fail-from=10:write
+                             --fault disk.img:latency=5ms:read
   -h, --help               show this help
 
 Clients:
@@ -91,6 +104,31 @@ export interface ServePlan {
   sets: SetOption[];
   control: string;
   metrics?: { host: string; port: number };
+  /** Fault rules by device, as given (--fault DEV:RULES). */
+  faults?: Map<string, string>;
+}
+
+/** Parse the --fault options against the devices named. */
+function parseFaults(texts: string[], devices: string[]): Map<string, string> {
+  const faults = new Map<string, string>();
+  for (const text of texts) {
+    // The longest device name that prefixes the text: a path may hold colons.
+    const dev = devices.filter((d) => text.startsWith(`${d}:`)).sort((a, b) => b.length - a.length)[0];
+    if (dev === undefined) {
+      throw new CliError(`--fault '${text}' names none of the devices (${devices.join(', ')})`, {
+        hint: 'Write --fault DEVICE:RULES with DEVICE exactly as given, e.g. --fault cache.img:pull-after=1000',
+      });
+    }
+    const rules = text.slice(dev.length + 1);
+    try {
+      parseFaultSpec(rules);
+    } catch (err) {
+      throw new CliError(`--fault ${text}: ${errorMessage(err)}`);
+    }
+    const prev = faults.get(dev);
+    faults.set(dev, prev === undefined ? rules : `${prev},${rules}`);
+  }
+  return faults;
 }
 
 /** Parse one --set TARGET.ATTR=VALUE, checking the attribute and the value. */
@@ -151,6 +189,7 @@ export function parseServeArgs(args: string[]): ServePlan | 'help' {
         set: { type: 'string', multiple: true },
         control: { type: 'string' },
         metrics: { type: 'string' },
+        fault: { type: 'string', multiple: true },
         help: { type: 'boolean', short: 'h' },
       },
     });
@@ -172,11 +211,13 @@ export function parseServeArgs(args: string[]): ServePlan | 'help' {
   const tcp = (v.listen ?? []).map(parseListen);
   const listen = tcp.length === 0 && sockets.length === 0 ? [DEFAULT_LISTEN] : [...tcp, ...sockets];
   if (v.control === '') throw new CliError('--control needs a path', { hint: usageHint });
+  const faults = parseFaults(v.fault ?? [], devices);
   const plan: ServePlan = {
     devices,
     listen,
     sets: (v.set ?? []).map(parseSetOption),
     control: v.control ?? defaultControlPath(),
+    ...(faults.size > 0 ? { faults } : {}),
   };
   if (v.metrics !== undefined) {
     const m = parseListen(v.metrics);
@@ -191,7 +232,8 @@ async function registerAll(plan: ServePlan, registry: Registry): Promise<void> {
   for (const spec of plan.devices) {
     let dev;
     try {
-      dev = await openBlockDevice(spec, { exclusive: true });
+      const rules = plan.faults?.get(spec);
+      dev = await openBlockDevice(rules === undefined ? spec : `faulty:${rules}@${spec}`, { exclusive: true });
     } catch (err) {
       throw new CliError(`cannot register ${spec}: ${errorMessage(err)}`);
     }

@@ -122,6 +122,59 @@ export interface WorkerOptions {
   stopTimeoutMs?: number;
   /** Called once when the body exits (normally, by abort, or by throwing). */
   onExit?: (error: unknown) => void;
+  /** The scope it belongs to; default: the scope running when start() is called (WorkerScope.run). */
+  scope?: WorkerScope;
+}
+
+let currentScope: WorkerScope | undefined;
+
+function runInScope<T>(scope: WorkerScope, fn: () => T): T {
+  const outer = currentScope;
+  currentScope = scope;
+  try {
+    return fn();
+  } finally {
+    currentScope = outer;
+  }
+}
+
+/**
+ * Who owns a group of workers, so that an owner can stop all of them without
+ * keeping a list that goes stale when someone adds a worker (the 2018 series'
+ * lesson: the rate-update work was the one nobody stopped). A worker started
+ * inside scope.run() belongs to that scope; scopes nest (a cache set's scope
+ * holds each attachment's), and stopAll() stops every live worker of the
+ * scope and of its children.
+ */
+export class WorkerScope {
+  readonly name: string;
+  readonly parent: WorkerScope | undefined;
+
+  constructor(name: string, parent?: WorkerScope) {
+    this.name = name;
+    this.parent = parent;
+  }
+
+  /** Run `fn` synchronously; workers it starts belong to this scope. */
+  run<T>(fn: () => T): T {
+    return runInScope(this, fn);
+  }
+
+  /** Is `w` in this scope or one nested in it? */
+  owns(w: Worker): boolean {
+    for (let s = w.scope; s; s = s.parent) if (s === this) return true;
+    return false;
+  }
+
+  /** The workers of this scope (and nested ones) that have started and not ended. */
+  live(): Worker[] {
+    return [...liveWorkers].filter((w) => this.owns(w));
+  }
+
+  /** Stop every live worker of the scope, all at once, each bounded by its own stop timeout. */
+  async stopAll(): Promise<void> {
+    await Promise.all(this.live().map((w) => w.stop()));
+  }
 }
 
 /** Process-wide registry of workers that have started and not yet ended, for tests and leak checks. */
@@ -138,6 +191,9 @@ export class Worker {
   private readonly controller = new AbortController();
   private readonly stopTimeoutMs: number;
   private readonly onExit: ((error: unknown) => void) | undefined;
+  /** Set at start(): the owning scope, if any. */
+  scope: WorkerScope | undefined;
+  private readonly explicitScope: WorkerScope | undefined;
   private statePriv: WorkerState = 'new';
   private endPromise: Promise<void> | undefined;
   /** Number of completed steps (periodic workers) or loop turns reported via step(). */
@@ -148,6 +204,7 @@ export class Worker {
     this.body = body;
     this.stopTimeoutMs = options.stopTimeoutMs ?? 60_000;
     this.onExit = options.onExit;
+    this.explicitScope = options.scope;
   }
 
   /** A worker that runs `step` every `intervalMs()` until stopped (never self-re-arming). */
@@ -191,6 +248,7 @@ export class Worker {
   start(): this {
     if (this.statePriv !== 'new') throw new Error(`worker ${this.name}: start() called in state ${this.statePriv}`);
     this.statePriv = 'running';
+    this.scope = this.explicitScope ?? currentScope;
     liveWorkers.add(this);
     let failure: unknown = undefined;
     this.endPromise = (async () => {
@@ -223,7 +281,10 @@ export class Worker {
       return;
     }
     if (this.statePriv === 'running') this.statePriv = 'stopping';
-    this.controller.abort();
+    // A plain reason: the default DOMException keeps the stack of whoever
+    // stopped the worker, receivers included (a whole cache set), alive as
+    // long as the worker object is.
+    this.controller.abort('worker stopped');
     const end = this.endPromise;
     if (!end) return;
     let timer: NodeJS.Timeout | undefined;
