@@ -32,7 +32,12 @@ function decode(buf: Buffer, block: number): number {
   return buf.equals(content(value, block)) ? value : -1;
 }
 
-async function start(dir: string, cache: string, backing: string, round: number): Promise<{ d: Daemon; socket: string }> {
+async function start(
+  dir: string,
+  cache: string,
+  backing: string,
+  round: number,
+): Promise<{ d: Daemon; socket: string }> {
   const socket = join(dir, `s${round}.sock`);
   const mode = round % 3 === 2 ? 'writethrough' : 'writeback';
   const running = round % 3 === 1 ? '1' : '0';

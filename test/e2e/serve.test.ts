@@ -48,8 +48,14 @@ test('serve: help, and errors that say what is wrong before anything is opened',
   const img = join(tmp.dir, 'x.img');
   const cases: Array<[string[], RegExp]> = [
     [['--set', 'bcache0.cache_size=1', img], /bcache0 has no settable attribute "cache_size"; valid: cache_mode, /],
-    [['--set', 'bcache0.cache_mode=fast', img], /cache_mode: "fast" is not one of: writethrough, writeback, writearound, none/],
-    [['--set', 'bcache0.sequential_cutoff=4M', img], /sequential_cutoff: "4M" is not a whole number from 0 to 4294967295/],
+    [
+      ['--set', 'bcache0.cache_mode=fast', img],
+      /cache_mode: "fast" is not one of: writethrough, writeback, writearound, none/,
+    ],
+    [
+      ['--set', 'bcache0.sequential_cutoff=4M', img],
+      /sequential_cutoff: "4M" is not a whole number from 0 to 4294967295/,
+    ],
     [['--set', 'set.journal_delay_ms=-1', img], /journal_delay_ms: "-1" is not a whole number from 0 to 65535/],
     [['--set', 'disk.cache_mode=none', img], /unknown target 'disk'\n.*bcacheN/],
     [['--set', 'cache_mode=none', img], /--set 'cache_mode=none' is not TARGET\.ATTR=VALUE/],
@@ -108,7 +114,10 @@ test('serve: writeback through NBD, a second daemon refused, SIGTERM leaves the 
   const sb = superblock(backing);
   assert.equal(bdevState(sb), 2, 'dirty: the data is in the cache');
   assert.equal(bdevCacheMode(sb), 1, 'writeback, from --set');
-  assert.ok(rawRead(backing, 8192 + 4 * MiB, MiB).every((b) => b === 0), 'not written back (writeback_running=0)');
+  assert.ok(
+    rawRead(backing, 8192 + 4 * MiB, MiB).every((b) => b === 0),
+    'not written back (writeback_running=0)',
+  );
 
   // Restart with writeback on: the data is served from the cache, then written back.
   const s2 = await startServe(tmp.dir, ['--set', 'bcache0.writeback_rate=100000', cache, backing]);
@@ -130,7 +139,10 @@ test('serve: a backing device whose cache is not given waits, and says so; with 
   await s.daemon.stop().finally(() => s.daemon.kill());
   const alone = ubcache(['serve', '--socket', join(tmp.dir, 'a.sock'), backing]);
   assert.equal(alone.status, 1);
-  assert.match(alone.stderr, /its cache set [0-9a-f-]+ is not registered and its superblock says clean: not running bcache0/);
+  assert.match(
+    alone.stderr,
+    /its cache set [0-9a-f-]+ is not registered and its superblock says clean: not running bcache0/,
+  );
   assert.match(alone.stderr, /no bcache device to serve\n.*give their cache devices too/);
 
   const fresh = join(tmp.dir, 'fresh');
@@ -144,7 +156,10 @@ test('serve: a backing device whose cache is not given waits, and says so; with 
     await c.write(0, Buffer.alloc(4096, 0x5a));
     await c.flush();
     c.close();
-    assert.ok(rawRead(only.backing, 8192, 4096).every((b) => b === 0x5a), 'uncached: straight to the backing device');
+    assert.ok(
+      rawRead(only.backing, 8192, 4096).every((b) => b === 0x5a),
+      'uncached: straight to the backing device',
+    );
   } finally {
     await d.stop().finally(() => d.kill());
   }

@@ -38,6 +38,10 @@ test('a queued writer goes before later readers; readers queued together enter t
 
 test('release without holding throws', () => {
   const l = new RwLock();
-  assert.throws(() => { l.releaseRead(); }, /without a read lock/);
-  assert.throws(() => { l.releaseWrite(); }, /without the write lock/);
+  assert.throws(() => {
+    l.releaseRead();
+  }, /without a read lock/);
+  assert.throws(() => {
+    l.releaseWrite();
+  }, /without the write lock/);
 });
