@@ -10,7 +10,7 @@
 // makes it more current).
 
 import type { CacheAccounting, CacheCounters } from '../stats.ts';
-import { hprint } from '../stats.ts';
+import { hprint, zeroCounters } from '../stats.ts';
 
 export const ACCOUNTING_INTERVAL_MS = (300 * 1000) / 22;
 const FIELDS = [
@@ -26,14 +26,7 @@ class DecayingView {
   private readonly rescaleAt: number;
   private rescale = 0;
   /** Values << 16. */
-  readonly scaled: CacheCounters = {
-    cacheHits: 0,
-    cacheMisses: 0,
-    cacheBypassHits: 0,
-    cacheBypassMisses: 0,
-    cacheMissCollisions: 0,
-    sectorsBypassed: 0,
-  };
+  readonly scaled: CacheCounters = zeroCounters();
 
   constructor(rescaleAt: number) {
     this.rescaleAt = rescaleAt;
