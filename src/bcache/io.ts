@@ -73,7 +73,7 @@ export class CacheIo {
   }
 
   /** bch_count_io_errors() for one completed I/O. */
-  private account(err: unknown, what: string, isRead: boolean): void {
+  private account(err: unknown, what: () => string, isRead: boolean): void {
     const hooks = this.hooks;
     if (!hooks) return;
     const { limit, halflife } = hooks.limits();
@@ -90,26 +90,32 @@ export class CacheIo {
     this.errorsScaled += 1 << IO_ERROR_SHIFT;
     const errors = this.ioErrors;
     if (errors >= limit) {
-      hooks.fatal(`${this.dev.name}: too many IO errors ${what}`);
+      hooks.fatal(`${this.dev.name}: too many IO errors ${what()}`);
       return;
     }
     // bch_count_io_errors(): reads are retried from the backing device, hence "recovering".
-    log.error(`bcache: bch_count_io_errors() ${this.dev.name}: IO error on ${what}${isRead ? ', recovering' : ''}.`);
+    log.error(`bcache: bch_count_io_errors() ${this.dev.name}: IO error on ${what()}${isRead ? ', recovering' : ''}.`);
   }
 
-  /** Run one I/O with its accounting; `fatal` errors retire the set whatever the count. */
-  private async counted(what: string, isRead: boolean, fatal: boolean, io: () => Promise<void>): Promise<void> {
-    try {
-      await io();
-    } catch (err) {
-      if (fatal && !this.isDisabled() && this.hooks) {
-        this.hooks.fatal(`${this.dev.name}: IO error ${what}: ${errorMessage(err)}`);
-      } else {
-        this.account(err, what, isRead);
-      }
-      throw err;
-    }
-    this.account(undefined, what, isRead);
+  /**
+   * Run one I/O with its accounting; `fatal` errors retire the set whatever
+   * the count. `what` names the I/O for messages; it is a function because
+   * only a failure needs it (this is on every cache hit's path).
+   */
+  private counted(what: () => string, isRead: boolean, fatal: boolean, io: Promise<void>): Promise<void> {
+    return io.then(
+      () => {
+        this.account(undefined, what, isRead);
+      },
+      (err: unknown) => {
+        if (fatal && !this.isDisabled() && this.hooks) {
+          this.hooks.fatal(`${this.dev.name}: IO error ${what()}: ${errorMessage(err)}`);
+        } else {
+          this.account(err, what, isRead);
+        }
+        throw err;
+      },
+    );
   }
 
   private check(what: string): void {
@@ -131,7 +137,10 @@ export class CacheIo {
 
   async read(buf: Buffer, sector: number): Promise<void> {
     this.check('read');
-    await this.counted(`reading ${this.hooks?.describe(sector) ?? 'from cache'}`, true, false, () =>
+    await this.counted(
+      () => `reading ${this.hooks?.describe(sector) ?? 'from cache'}`,
+      true,
+      false,
       this.dev.read(buf, sector * SECTOR_SIZE),
     );
     this.stats.sectorsRead += buf.length / SECTOR_SIZE;
@@ -140,14 +149,17 @@ export class CacheIo {
   /** A data write (counted as such). */
   async write(buf: Buffer, sector: number): Promise<void> {
     this.check('write');
-    await this.counted('writing data to cache', false, false, () => this.dev.write(buf, sector * SECTOR_SIZE));
+    await this.counted(() => 'writing data to cache', false, false, this.dev.write(buf, sector * SECTOR_SIZE));
     this.stats.sectorsWritten += buf.length / SECTOR_SIZE;
   }
 
   /** A metadata write: btree nodes, journal, prios, uuids, superblock. A failure retires the set. */
   async writeMeta(buf: Buffer, sector: number): Promise<void> {
     this.check('metadata write');
-    await this.counted(`writing ${this.hooks?.describe(sector) ?? 'btree node'}`, false, true, () =>
+    await this.counted(
+      () => `writing ${this.hooks?.describe(sector) ?? 'btree node'}`,
+      false,
+      true,
       this.dev.write(buf, sector * SECTOR_SIZE),
     );
     this.stats.metaSectorsWritten += buf.length / SECTOR_SIZE;
@@ -157,7 +169,7 @@ export class CacheIo {
   async flush(): Promise<void> {
     this.check('flush');
     const epoch = ++this.flushesStarted;
-    await this.counted('flushing the cache device', false, true, () => this.dev.flush());
+    await this.counted(() => 'flushing the cache device', false, true, this.dev.flush());
     this.stats.flushes++;
     if (epoch > this.flushedUpTo) {
       this.flushedUpTo = epoch;
@@ -167,7 +179,7 @@ export class CacheIo {
 
   async discard(sector: number, sectors: number): Promise<void> {
     this.check('discard');
-    await this.counted('discarding', false, false, () => this.dev.discard(sector * SECTOR_SIZE, sectors * SECTOR_SIZE));
+    await this.counted(() => 'discarding', false, false, this.dev.discard(sector * SECTOR_SIZE, sectors * SECTOR_SIZE));
     this.stats.discards++;
   }
 }
