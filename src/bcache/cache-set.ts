@@ -574,8 +574,15 @@ export class CacheSet {
   }
 
   private check(): void {
-    if (this.ioDisabledFlag) throw new IoError('EIO', `cache set ${this.uuid}: I/O disabled`);
-    if (this.stopping) throw new IoError('ESHUTDOWN', `cache set ${this.uuid}: stopped`);
+    const refused = this.refusal();
+    if (refused) throw refused;
+  }
+
+  /** Why a call is refused now (I/O disabled, stopped), or undefined. */
+  private refusal(): IoError | undefined {
+    if (this.ioDisabledFlag) return new IoError('EIO', `cache set ${this.uuid}: I/O disabled`);
+    if (this.stopping) return new IoError('ESHUTDOWN', `cache set ${this.uuid}: stopped`);
+    return undefined;
   }
 
   get inUse(): number {
@@ -630,8 +637,9 @@ export class CacheSet {
   // ---------------------------------------------------------------------------
   // The index
 
-  async lookup(inode: number, start: number, end: number): Promise<LookupSegment[]> {
-    this.check();
+  lookup(inode: number, start: number, end: number): Promise<LookupSegment[]> {
+    const refused = this.refusal();
+    if (refused) return Promise.reject(refused);
     return this.btree.lookup(inode, start, end);
   }
 
@@ -711,12 +719,14 @@ export class CacheSet {
     this.openBuckets.put(a);
   }
 
-  async readCache(buf: Buffer, sector: number): Promise<void> {
-    await this.io.read(buf, sector);
+  // The data path's entry points return the I/O's own promise (no extra
+  // async frame per cache hit or write).
+  readCache(buf: Buffer, sector: number): Promise<void> {
+    return this.io.read(buf, sector);
   }
 
-  async writeCache(buf: Buffer, sector: number): Promise<void> {
-    await this.io.write(buf, sector);
+  writeCache(buf: Buffer, sector: number): Promise<void> {
+    return this.io.write(buf, sector);
   }
 
   /** bch_rescale_priorities(): age bucket prios as non-bypassed I/O goes by. */

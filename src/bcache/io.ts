@@ -119,7 +119,13 @@ export class CacheIo {
   }
 
   private check(what: string): void {
-    if (this.isDisabled()) throw new IoError('EIO', `${this.dev.name}: ${what} refused: cache set I/O is disabled`);
+    const refused = this.refusal(what);
+    if (refused) throw refused;
+  }
+
+  private refusal(what: string): IoError | undefined {
+    if (!this.isDisabled()) return undefined;
+    return new IoError('EIO', `${this.dev.name}: ${what} refused: cache set I/O is disabled`);
   }
 
   /** The flush that will cover a write completing now. */
@@ -135,15 +141,17 @@ export class CacheIo {
     this.flushListeners.push(listener);
   }
 
-  async read(buf: Buffer, sector: number): Promise<void> {
-    this.check('read');
-    await this.counted(
+  read(buf: Buffer, sector: number): Promise<void> {
+    const refused = this.refusal('read');
+    if (refused) return Promise.reject(refused);
+    // Counted when issued: the sectors a failed read asked for are few and rare.
+    this.stats.sectorsRead += buf.length / SECTOR_SIZE;
+    return this.counted(
       () => `reading ${this.hooks?.describe(sector) ?? 'from cache'}`,
       true,
       false,
       this.dev.read(buf, sector * SECTOR_SIZE),
     );
-    this.stats.sectorsRead += buf.length / SECTOR_SIZE;
   }
 
   /** A data write (counted as such). */
