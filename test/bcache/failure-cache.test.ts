@@ -261,7 +261,7 @@ async function rateStepHeldWhenPulled(rig: Rig): Promise<void> {
   const hold = rig.cache.hold({ ops: ['read'] });
   let stepIo: Promise<unknown> | undefined;
   update.instrument.beforeStep = async () => {
-    update.instrument.beforeStep = undefined;
+    delete update.instrument.beforeStep;
     stepIo = rig.cache.read(Buffer.alloc(S), 0).then(
       () => 'read',
       (err: unknown) => err,
@@ -294,7 +294,7 @@ async function rateStepHeldWhenPulled(rig: Rig): Promise<void> {
   await checkRetired(rig);
   assert.equal(stepsAfter, 0, 'the held step applied nothing');
   assert.equal(update.steps, stepsBefore, 'no step ran afterwards');
-  update.instrument.afterStep = undefined;
+  delete update.instrument.afterStep;
 }
 
 test('the cache device is pulled while a rate update is in progress, its step blocked in I/O: the retire waits for it, then nothing of the set runs', async () => {
