@@ -52,6 +52,12 @@ export class CacheIo {
   /** Errors << IO_ERROR_SHIFT, decayed. */
   private errorsScaled = 0;
   private ioCount = 0;
+  /**
+   * Every cache device I/O error while I/O was enabled, fatal ones included,
+   * never decayed: a counter for /metrics, where an operator alerts on its
+   * increase (the decayed ioErrors drops back and can be missed between scrapes).
+   */
+  errorsTotal = 0;
   private flushesStarted = 0;
   private flushedUpTo = 0;
   private readonly flushListeners: Array<(epoch: number) => void> = [];
@@ -108,6 +114,7 @@ export class CacheIo {
         this.account(undefined, what, isRead);
       },
       (err: unknown) => {
+        if (!this.isDisabled()) this.errorsTotal++;
         if (fatal && !this.isDisabled() && this.hooks) {
           this.hooks.fatal(`${this.dev.name}: IO error ${what()}: ${errorMessage(err)}`);
         } else {

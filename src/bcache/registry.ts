@@ -156,6 +156,8 @@ export type Registered = { kind: 'cache'; set: RegisteredSet } | { kind: 'backin
 export class Registry {
   private readonly options: RegistryOptions;
   readonly sets = new Map<string, RegisteredSet>();
+  /** Cache sets retired after a failure since start (a retired set leaves `sets`; /metrics counts it here). */
+  setsFailed = 0;
   /** Backing devices in registration order. */
   readonly devices: CachedDev[] = [];
   private nextIndex = 0;
@@ -417,6 +419,7 @@ export class Registry {
     // bch_cache_set_error(): an orderly stop already under way needs nothing more.
     if (set.stopping) return;
     set.stopping = true;
+    this.setsFailed++;
     if (!cs.ioDisabled) cs.fail(new Error('cache set retired'));
     if (set.settings.errors === 'panic') {
       log.error(`bcache: bch_cache_set_error() panic forced after error on ${set.uuid}`);

@@ -61,6 +61,28 @@ export function renderMetrics(registry: Registry, exports: readonly Export[]): s
   const ioDisabled = f('cache_set_io_disabled', 'gauge', '1 once the cache set disabled I/O after a fatal error.');
   const cacheRead = f('cache_read_bytes_total', 'counter', 'Bytes read from the cache device.');
   const cacheWritten = f('cache_written_bytes_total', 'counter', 'Data bytes written to the cache device.');
+  const cacheIoErrors = f(
+    'cache_io_errors_total',
+    'counter',
+    'I/O errors of the cache device while its I/O was enabled (fatal metadata errors included).',
+  );
+  const cacheIoErrorsDecayed = f(
+    'cache_io_errors',
+    'gauge',
+    'The decayed cache device error count that io_error_limit is compared with (cache0/io_errors).',
+  );
+  const backingIoErrors = f(
+    'backing_io_errors_total',
+    'counter',
+    'I/O errors of the backing device (io_errors); io_disable at io_error_limit.',
+  );
+  const deviceIoDisabled = f('device_io_disabled', 'gauge', '1 once the backing device disabled I/O (io_disable).');
+  const setsFailed = f(
+    'cache_sets_failed_total',
+    'counter',
+    'Cache sets retired after a fatal error since start (a retired set leaves the other set metrics).',
+  );
+  setsFailed.add({}, registry.setsFailed);
   const wbDone = f('writeback_keys_done_total', 'counter', 'Dirty extents written back.');
   const wbFailed = f('writeback_keys_failed_total', 'counter', 'Writebacks that collided with a write or failed.');
 
@@ -78,6 +100,8 @@ export function renderMetrics(registry: Registry, exports: readonly Export[]): s
     dirty.add(labels, d.dirtySectors * 512);
     rate.add(labels, d.attachment && d.settings.writebackRunning ? d.settings.writebackRate * 512 : 0);
     running.add(labels, d.running ? 1 : 0);
+    backingIoErrors.add(labels, d.ioErrors);
+    deviceIoDisabled.add(labels, d.settings.ioDisable ? 1 : 0);
   }
   for (const s of registry.sets.values()) {
     const labels = { set: s.uuid };
@@ -86,6 +110,8 @@ export function renderMetrics(registry: Registry, exports: readonly Export[]): s
     ioDisabled.add(labels, s.cs.ioDisabled ? 1 : 0);
     cacheRead.add(labels, s.cs.io.stats.sectorsRead * 512);
     cacheWritten.add(labels, s.cs.io.stats.sectorsWritten * 512);
+    cacheIoErrors.add(labels, s.cs.io.errorsTotal);
+    cacheIoErrorsDecayed.add(labels, s.cs.io.ioErrors);
     const wb = s.writebackKeys;
     wbDone.add(labels, wb.done);
     wbFailed.add(labels, wb.failed);
@@ -125,6 +151,11 @@ export function renderMetrics(registry: Registry, exports: readonly Export[]): s
     ioDisabled,
     cacheRead,
     cacheWritten,
+    cacheIoErrors,
+    cacheIoErrorsDecayed,
+    setsFailed,
+    backingIoErrors,
+    deviceIoDisabled,
     wbDone,
     wbFailed,
     requests,

@@ -248,3 +248,73 @@ test('the cache device is pulled while detaching and while writeback_running is 
   await otherServes(rig);
   await finish(rig);
 });
+
+/**
+ * The rate-update scenario up to the checks; its own frame keeps the
+ * references to the set's objects, so they are gone before the collection check.
+ */
+async function rateStepHeldWhenPulled(rig: Rig): Promise<void> {
+  const update = rig.dev.attachment?.writeback.rateUpdate;
+  assert.ok(update?.running, 'the rate update runs with writeback');
+  // The step reads the cache device and that read is held: a step stuck in
+  // I/O, ignoring its abort signal as the kernel's would, when the failure hits.
+  const hold = rig.cache.hold({ ops: ['read'] });
+  let stepIo: Promise<unknown> | undefined;
+  update.instrument.beforeStep = async () => {
+    delete update.instrument.beforeStep;
+    stepIo = rig.cache.read(Buffer.alloc(S), 0).then(
+      () => 'read',
+      (err: unknown) => err,
+    );
+    await stepIo;
+  };
+  let stepsAfter = 0;
+  update.instrument.afterStep = () => stepsAfter++;
+  const stepsBefore = update.steps;
+  await within(10_000, 'the held step', hold.waitForHeld());
+  rig.cache.pull();
+  // A FLUSH meets the pulled device (a cache flush error is fatal): the set
+  // fails and the retire begins; the FLUSH waits for its decision.
+  const flushed = flush(rig);
+  const start = Date.now();
+  while (!rig.set.retired) {
+    assert.ok(Date.now() - start < 10_000, 'the retire began');
+    await new Promise<void>((resolve) => setImmediate(resolve));
+  }
+  let done = false;
+  void rig.set.retired.then(() => (done = true));
+  // Every callback that could finish the retire runs: it still waits for the step.
+  for (let k = 0; k < 20; k++) await new Promise<void>((resolve) => setImmediate(resolve));
+  assert.equal(done, false, 'the retire waits for the step in progress');
+  assert.equal(update.running, false, 'the rate worker is stopping');
+  hold.release();
+  await retired(rig);
+  assert.notEqual(await within(10_000, 'the FLUSH', flushed), 0, 'the FLUSH fails: dirty data, bcache0 stops');
+  assert.ok((await stepIo) instanceof Error, "the step's I/O failed: the device was pulled");
+  await checkRetired(rig);
+  assert.equal(stepsAfter, 0, 'the held step applied nothing');
+  assert.equal(update.steps, stepsBefore, 'no step ran afterwards');
+  delete update.instrument.afterStep;
+}
+
+test('the cache device is pulled while a rate update is in progress, its step blocked in I/O: the retire waits for it, then nothing of the set runs', async () => {
+  const rig = await makeRig({ settings: { writebackRunning: false, writebackRateUpdateSeconds: 1 } });
+  await rig.dev.setCacheMode(1);
+  const a = pattern(12, 0, 128);
+  assert.equal(await write(rig, 0, a), 0);
+  assert.equal(await flush(rig), 0);
+  await rateStepHeldWhenPulled(rig);
+  assert.equal(rig.dev.stopped, true, 'dirty: stopped');
+  await otherServes(rig);
+  await finish(rig);
+  const again = await restart([rig.cacheMem, rig.backingMem]);
+  try {
+    const d = again.devices[0];
+    assert.ok(d?.attached);
+    const buf = Buffer.alloc(a.length);
+    await d.device.read(buf, 0);
+    assert.ok(buf.equals(a), 'flushed dirty data intact');
+  } finally {
+    await again.close();
+  }
+});

@@ -84,6 +84,8 @@ export function deviceDir(ctx: TreeContext, dev: CachedDev): SysfsDir {
       ],
       ['state', ro(() => dev.stateName)],
       ['dirty_data', ro(() => hprint(dev.dirtySectors * 512))],
+      // Backing device errors (dc->io_errors, never decayed); io_disable comes at io_error_limit.
+      ['io_errors', ro(() => String(dev.ioErrors))],
       [
         'clear_stats',
         wo(() => {

@@ -12,7 +12,8 @@ import type { RegisteredSet } from '../registry.ts';
 import { CUTOFF_WRITEBACK, CUTOFF_WRITEBACK_SYNC } from '../request.ts';
 import { hprint } from '../stats.ts';
 import { statsDirs, type TreeContext } from './context.ts';
-import { attributeFile, dir, link, ro, wo, type SysfsDir, type SysfsNode } from './node.ts';
+import { log } from '../../util/log.ts';
+import { attributeFile, dir, link, parseUlong, ro, rw, SysfsError, wo, type SysfsDir, type SysfsNode } from './node.ts';
 
 /** Settable set attributes the kernel keeps under internal/ rather than at the top. */
 const INTERNAL_SETTABLE = new Set(['idle_max_writeback_rate']);
@@ -33,6 +34,34 @@ function internalDir(set: RegisteredSet): SysfsDir {
         cs.triggerGc();
       }),
     ],
+    [
+      // bcache's CACHE_SET_IO_DISABLE switch. Writing 1 is a drill: it runs
+      // the error path a real failure runs (bch_cache_set_error and the
+      // retire), where the kernel's store only sets the bit. Here a failure
+      // starts the retire at once, so 0 can only clear a bit never set; on a
+      // set that is retiring it is refused, as the kernel cannot revive a
+      // retired set either.
+      'io_disable',
+      rw(
+        () => (cs.ioDisabled ? '1' : '0'),
+        (text) => {
+          const v = parseUlong('io_disable', text);
+          if (v !== 0) {
+            if (cs.ioDisabled) log.warn('bcache: io_disable: CACHE_SET_IO_DISABLE already set');
+            else cs.fail(new Error('io_disable set through sysfs'));
+            return;
+          }
+          if (!cs.ioDisabled) {
+            log.warn('bcache: io_disable: CACHE_SET_IO_DISABLE already cleared');
+            return;
+          }
+          throw new SysfsError(
+            'EBUSY',
+            `cache set ${set.uuid} is retiring after an error; register it again to use it`,
+          );
+        },
+      ),
+    ],
     ['cutoff_writeback', ro(() => String(CUTOFF_WRITEBACK))],
     ['cutoff_writeback_sync', ro(() => String(CUTOFF_WRITEBACK_SYNC))],
   ]);
@@ -46,6 +75,8 @@ function cacheDir(set: RegisteredSet): SysfsDir {
     ['nbuckets', ro(() => String(cs.buckets.nbuckets))],
     ['discard', ro(() => (cacheDiscard(cs.sb) ? '1' : '0'))],
     ['written', ro(() => hprint(cs.io.stats.sectorsWritten * 512))],
+    // The decayed count that io_error_limit is compared with (ca->io_errors >> IO_ERROR_SHIFT).
+    ['io_errors', ro(() => String(cs.io.ioErrors))],
     ['metadata_written', ro(() => hprint(cs.io.stats.metaSectorsWritten * 512))],
     ['cache_replacement_policy', ro(() => choiceList(CACHE_REPLACEMENT_NAMES, cacheReplacement(cs.sb)))],
     [

@@ -4,9 +4,12 @@
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
+import { FaultyBlockDevice } from '../../../src/blockdev/faulty.ts';
+import type { MemoryBlockDevice } from '../../../src/blockdev/memory.ts';
 import { splitPath } from '../../../src/bcache/sysfs/tree.ts';
+import { renderMetrics } from '../../../src/control/metrics.ts';
 import { assertNothingLeft } from '../helpers.ts';
-import { mem, pattern } from '../request-helpers.ts';
+import { MiB, mem, pattern } from '../request-helpers.ts';
 import { makeRig, refused, type Rig } from './helpers.ts';
 
 const D = '/sys/block/bcache0/bcache';
@@ -45,6 +48,7 @@ test('a backing device: every attribute reads as bcache prints it', async () => 
     readahead_cache_policy: '[all] meta-only\n',
     io_error_limit: '64\n',
     io_disable: '0\n',
+    io_errors: '0\n',
     label: '\n',
     running: '1\n',
     state: 'clean\n',
@@ -102,6 +106,8 @@ test('a cache set, its internal/ and cache0/: formats', async () => {
     'internal/cutoff_writeback': '40\n',
     'internal/cutoff_writeback_sync': '70\n',
     'internal/writeback_keys_done': '0\n',
+    'internal/io_disable': '0\n',
+    'cache0/io_errors': '0\n',
     'cache0/bucket_size': '64.0k\n',
     'cache0/block_size': '4.0k\n',
     'cache0/nbuckets': `${(48 * 1024 * 1024) / 512 / 128}\n`,
@@ -249,5 +255,57 @@ test('stats_five_minute/hour/day decay as bcache scales them', async () => {
   assert.equal(t.read(`${S}/stats_hour/cache_hits`), '1\n');
   await t.write(`${S}/clear_stats`, '1');
   assert.equal(t.read(`${S}/stats_total/cache_hits`), '0\n');
+  await done(rig);
+});
+
+test('io_errors count cache and backing errors in the tree and in /metrics; internal/io_disable 1 retires the set as a drill', async () => {
+  const rig = await makeRig({ settings: { sequentialCutoff: 0 } });
+  const cache = new FaultyBlockDevice(rig.devices.get('cache') as MemoryBlockDevice, { name: 'cache' });
+  const backing = new FaultyBlockDevice(rig.devices.get('backing') as MemoryBlockDevice, { name: 'backing' });
+  rig.devices.set('cache', cache);
+  rig.devices.set('backing', backing);
+  await rig.registry.registerPath('cache');
+  await rig.registry.registerPath('backing');
+  const t = rig.tree;
+  const uuid = [...rig.registry.sets.keys()][0] ?? '';
+  const S = `/sys/fs/bcache/${uuid}`;
+  const dev = rig.registry.devices[0];
+  assert.ok(dev);
+  const data = pattern(1, 0, 16);
+  await dev.device.write(data, 0);
+  // The writethrough copy reaches the cache when its insert settles.
+  await dev.request.settle();
+  const buf = Buffer.alloc(data.length);
+  // A clean cached read fails on the cache device: recovered from the backing device, counted.
+  cache.failNth(1, { ops: ['read'] });
+  await dev.device.read(buf, 0);
+  assert.ok(buf.equals(data), 'the read was recovered');
+  assert.equal(t.read(`${S}/cache0/io_errors`), '1\n');
+  // A read from the backing device fails (a miss): the client sees it, io_errors counts it.
+  backing.failNth(1, { ops: ['read'] });
+  await assert.rejects(dev.device.read(Buffer.alloc(4096), 4 * MiB));
+  assert.equal(t.read(`${D}/io_errors`), '1\n');
+  const metrics = renderMetrics(rig.registry, []);
+  assert.match(metrics, new RegExp(`^ubcache_cache_io_errors_total\\{set="${uuid}"\\} 1$`, 'm'));
+  assert.match(metrics, new RegExp(`^ubcache_cache_io_errors\\{set="${uuid}"\\} 1$`, 'm'));
+  assert.match(metrics, /^ubcache_backing_io_errors_total\{device="bcache0"\} 1$/m);
+  assert.match(metrics, /^ubcache_device_io_disabled\{device="bcache0"\} 0$/m);
+  assert.match(metrics, /^ubcache_cache_sets_failed_total 0$/m);
+  // 0 on a healthy set changes nothing; 1 runs the error path.
+  await t.write(`${S}/internal/io_disable`, '0');
+  assert.equal(t.read(`${S}/internal/io_disable`), '0\n');
+  await refused(t, `${S}/internal/io_disable`, 'x', 'EINVAL');
+  const set = rig.registry.sets.get(uuid);
+  assert.ok(set);
+  await t.write(`${S}/internal/io_disable`, '1\n');
+  assert.equal(t.read(`${S}/internal/io_disable`), '1\n');
+  await refused(t, `${S}/internal/io_disable`, '0', 'EBUSY', /retiring/);
+  assert.ok(set.retired, 'the retire began');
+  await set.retired;
+  assert.equal(rig.registry.sets.size, 0, 'the set is gone');
+  assert.ok(dev.running && !dev.attached, 'the clean writethrough device serves on uncached');
+  await dev.device.read(buf, 0);
+  assert.ok(buf.equals(data), 'from the backing device');
+  assert.match(renderMetrics(rig.registry, []), /^ubcache_cache_sets_failed_total 1$/m);
   await done(rig);
 });
