@@ -604,10 +604,33 @@ export class CachedDev {
    * failing for offlineMs in a row, it is offline and the device stops.
    * Idle (no timer) while the device works.
    */
+  private async backingGone(): Promise<boolean> {
+    try {
+      return (await this.backing.isGone?.()) ?? false;
+    } catch {
+      return false;
+    }
+  }
+
   private async watchBacking(signal: AbortSignal): Promise<void> {
     const probe = Buffer.alloc(SB_SIZE);
+    let reportedGone = false;
     while (!signal.aborted) {
-      if (!(await this.backingTrouble.wait(signal))) return;
+      // Woken by failing I/O, or every probe period to look whether the
+      // device was removed: a removed file keeps working through our
+      // descriptor, so its I/O alone would never tell (the kernel's
+      // bcache_status_update polls its queue every second the same way).
+      const woke = await this.backingTrouble.wait(signal, this.probeMs);
+      if (!woke) {
+        // A timeout or an abort (the loop condition tells them apart).
+        if (isAborted(signal)) return;
+        if (!(await this.backingGone())) continue;
+        if (!reportedGone) {
+          reportedGone = true;
+          log.warn(`${this.name}: backing device ${this.backingName} was removed`);
+        }
+        this.failingSince ??= performance.now();
+      }
       for (;;) {
         const since = this.failingSince;
         if (since === undefined) break;
@@ -623,7 +646,7 @@ export class CachedDev {
         // Straight to the device: a probe is not an I/O error of a request (io_errors).
         try {
           await this.backing.read(probe, SB_OFFSET);
-          this.failingSince = undefined;
+          if (!(await this.backingGone())) this.failingSince = undefined;
         } catch {
           // Still failing.
         }
@@ -763,4 +786,9 @@ export class BcacheDevice implements BlockDevice {
   close(): Promise<void> {
     return this.dev.stop();
   }
+}
+
+/** As a call, so that a check after an await is not narrowed away. */
+function isAborted(signal: AbortSignal): boolean {
+  return signal.aborted;
 }

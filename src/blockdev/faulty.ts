@@ -208,6 +208,10 @@ export class FaultyBlockDevice implements BlockDevice {
     return this.inner.caps;
   }
 
+  isGone(): Promise<boolean> {
+    return this.inner.isGone?.() ?? Promise.resolve(false);
+  }
+
   // ---- rules -------------------------------------------------------------
 
   addRule(spec: FaultRuleSpec): FaultRule {

@@ -825,6 +825,18 @@ export class FileBlockDevice implements BlockDevice {
     }
   }
 
+  // ---- presence ----------------------------------------------------------
+
+  /** Removed from its directory (no links left) while we hold it open. */
+  isGone(): Promise<boolean> {
+    if (this.closing) return Promise.resolve(false);
+    return new Promise((resolve) => {
+      fs.fstat(this.fd, (err, st) => {
+        resolve(err === null && st.nlink === 0);
+      });
+    });
+  }
+
   // ---- close -------------------------------------------------------------
 
   /** Wait for in-flight operations, fdatasync if writable, close. Idempotent: every call returns the same promise. */

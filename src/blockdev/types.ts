@@ -79,6 +79,12 @@ export interface BlockDevice {
   blockStatus(offset: number, length: number): Promise<Extent[]>;
   /** Release the device. Implementations flush what they buffer; further calls fail with ESHUTDOWN. */
   close(): Promise<void>;
+  /**
+   * Whether the device has disappeared although its I/O may still work (a
+   * file or device node removed: Linux keeps serving an open descriptor).
+   * Optional: devices that cannot disappear that way leave it out.
+   */
+  isGone?(): Promise<boolean>;
 }
 
 /** Throw EINVAL (or ENOSPC for writes) unless [offset, offset+length) lies within a device of `size` bytes. */

@@ -3,14 +3,18 @@
 // the same retire/leak checks as the cache scenarios.
 
 import { test } from 'node:test';
+import { mkdtempSync, rmSync, truncateSync, unlinkSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import assert from 'node:assert/strict';
 import { Cmd } from '../../src/nbd/protocol.ts';
 import { Registry } from '../../src/bcache/registry.ts';
+import { FileBlockDevice } from '../../src/blockdev/file.ts';
 import { MemoryBlockDevice } from '../../src/blockdev/memory.ts';
 import { watchLog } from '../helpers/log-watch.ts';
 import { assertQuiet, checkRetired, makeRig, restart, retired, within } from './failure-rig.ts';
-import { formatCache } from './helpers.ts';
-import { MiB, pattern } from './request-helpers.ts';
+import { assertNothingLeft, formatCache } from './helpers.ts';
+import { formatBacking, MiB, pattern } from './request-helpers.ts';
 
 const S = 512;
 
@@ -154,4 +158,37 @@ test('a backing device whose cache was lost while dirty refuses another cache un
     await registry2.stopAll();
   }
   await assertQuiet();
+});
+
+test('a backing file removed while open stops its bcache device after the offline timeout, though its I/O still works', async () => {
+  const watch = watchLog();
+  const dir = mkdtempSync(join(tmpdir(), 'ubcache-removed-'));
+  try {
+    const cacheMem = new MemoryBlockDevice(40 * MiB, { name: 'cache' });
+    await formatCache(cacheMem, { bucketSize: 128, blockSize: 8, setUuid: Buffer.alloc(16, 7) });
+    const path = join(dir, 'backing.img');
+    writeFileSync(path, Buffer.alloc(0));
+    truncateSync(path, 8 * MiB);
+    const backing = await FileBlockDevice.open(path);
+    await formatBacking(backing, { setUuid: Buffer.alloc(16, 7), uuid: Buffer.alloc(16, 8) });
+    const registry = new Registry({ deviceOptions: { backingOfflineMs: 150, backingProbeMs: 10 } });
+    await registry.register(cacheMem);
+    const b = await registry.register(backing);
+    assert.ok(b.kind === 'backing' && b.dev.attached && b.dev.running);
+    const dev = b.dev;
+    await dev.device.write(pattern(31, 0, 8), 0);
+    unlinkSync(path);
+    // The descriptor still works: only the periodic look notices.
+    await dev.device.read(Buffer.alloc(4096), 0);
+    await watch.waitFor(/bcache0: backing device .*backing\.img was removed/);
+    await watch.waitFor(/backing\.img: device offline for \d+ seconds/);
+    await watch.waitFor(/disable I\/O request due to backing device offline/);
+    await within(10_000, 'the stop', dev.stop());
+    assert.equal(dev.stopped, true);
+    await registry.stopAll();
+    assertNothingLeft();
+  } finally {
+    watch.restore();
+    rmSync(dir, { recursive: true, force: true });
+  }
 });
