@@ -12,6 +12,7 @@ import { jsetBytes, scanJournalBucket, selectReplayEntries, type Jset } from '..
 import { keysU64s } from '../../src/format/bkey.ts';
 import { decodePrioBucket } from '../../src/format/prio.ts';
 import { decodeSuperblock, setMagic, type Superblock } from '../../src/format/superblock.ts';
+import { formatUuid } from '../../src/format/uuid-text.ts';
 import { loadKernelFixture } from '../helpers/fixtures.ts';
 import { ImageDir } from '../helpers/images.ts';
 import { oracleFacts, oracleSkipReason, runOracle, ORACLE_SH_PRELUDE } from '../helpers/oracle.ts';
@@ -91,13 +92,23 @@ test('damaged metadata: the kernel and our decoders agree on what is fatal', { s
       d.file('journal.img', badJournal),
       d.file('bdev.img', bdev),
     ];
+    const setUuid = formatUuid(sb.setUuid);
     const script = `${ORACLE_SH_PRELUDE}
-for dev in vda vdb; do
-  if echo /dev/$dev >/sys/fs/bcache/register 2>/dev/null; then echo "$dev=registered"; else echo "$dev=refused"; fi
-done
+# The three images are copies of one cache: the same set uuid. A refused set
+# is torn down asynchronously; registering the next copy before it is gone
+# would meet the dying set (its I/O already disabled, so the kernel would not
+# log the new error). Wait for each to go, and for its log line.
+waitlog() { i=0; while ! dmesg | grep -q "$1"; do i=$((i+1)); [ $i -gt 100 ] && break; sleep 0.1; done; }
+if echo /dev/vda >/sys/fs/bcache/register 2>/dev/null; then echo "vda=registered"; else echo "vda=refused"; fi
+waitlog 'IO error reading priorities'
+waitgone /sys/fs/bcache/${setUuid}
+if echo /dev/vdb >/sys/fs/bcache/register 2>/dev/null; then echo "vdb=registered"; else echo "vdb=refused"; fi
+waitlog 'bad checksum at bucket'
+waitgone /sys/fs/bcache/${setUuid}
 echo "prio.log=$(dmesg | grep -o 'IO error reading priorities' | head -1)"
 echo "node.log=$(dmesg | grep -o 'bad checksum at bucket [0-9]*, block [0-9]*' | head -1)"
 if echo /dev/vdc >/sys/fs/bcache/register 2>/dev/null; then echo "vdc=registered"; else echo "vdc=refused"; fi
+waitlog 'journal replay done'
 echo "journal.log=$(dmesg | grep -o 'journal replay done, [0-9]* keys in [0-9]* entries, seq [0-9]*' | head -1)"
 echo "journal.bad=$(dmesg | grep -o 'bad csum, [0-9]* bytes, offset [0-9]*' | head -1)"
 `;
