@@ -447,32 +447,19 @@ export class RequestPath {
     win: Window,
     bytes: number,
   ): Promise<void> {
-    const cs = att.cs;
     const allocs: SectorAllocation[] = [];
     const keys: Bkey[] = [];
     let handedOff = false;
     try {
       const writes: Promise<void>[] = [];
+      const placed = { allocs, keys, writes };
       let at = 0;
       for (const p of pieces) {
-        let off = p.start;
-        while (off < p.end && !win.collided) {
-          const a = await cs.allocSectors({
-            inode: att.inode,
-            offset: off,
-            sectors: p.end - off,
-            writePoint: att.inode,
-            wait: false,
-          });
-          if (!a) break;
-          allocs.push(a);
-          writes.push(cs.writeCache(data.subarray(at, at + a.sectors * SECTOR_SIZE), a.ptr.offset));
-          keys.push(makeKey(att.inode, off + a.sectors, a.sectors, false, [a.ptr]));
-          at += a.sectors * SECTOR_SIZE;
-          off += a.sectors;
-        }
-        at += (p.end - off) * SECTOR_SIZE;
-        if (off < p.end) break;
+        const len = (p.end - p.start) * SECTOR_SIZE;
+        const piece = data.subarray(at, at + len);
+        const reached = await this.placeInCache(att, piece, p.start, p.end, { stop: () => win.collided }, placed);
+        at += len;
+        if (reached < p.end) break;
       }
       await settleAll(writes);
       if (keys.length === 0) return;
@@ -610,6 +597,44 @@ export class RequestPath {
     }
   }
 
+  /**
+   * bch_data_insert's allocation loop: place sectors [start, end) of `data`
+   * in the cache, an allocation at a time, starting each write and making its
+   * key (dirty for writeback data, which also waits for the allocator; other
+   * data takes what is free now). Stops early when no space is free or
+   * `stop()` says so, and returns the sector it reached. Allocations, writes
+   * and keys are appended to `out`; the caller puts the allocations back.
+   */
+  private async placeInCache(
+    att: Attachment,
+    data: Buffer,
+    start: number,
+    end: number,
+    o: { dirty?: boolean; stop?: () => boolean },
+    out: { allocs: SectorAllocation[]; keys: Bkey[]; writes: Promise<void>[] },
+  ): Promise<number> {
+    const cs = att.cs;
+    const dirty = o.dirty === true;
+    let off = start;
+    while (off < end && !(o.stop?.() ?? false)) {
+      const a = await cs.allocSectors({
+        inode: att.inode,
+        offset: off,
+        sectors: end - off,
+        writePoint: att.inode,
+        dirty,
+        wait: dirty,
+      });
+      if (!a) break;
+      out.allocs.push(a);
+      const from = (off - start) * SECTOR_SIZE;
+      out.writes.push(cs.writeCache(data.subarray(from, from + a.sectors * SECTOR_SIZE), a.ptr.offset));
+      out.keys.push(makeKey(att.inode, off + a.sectors, a.sectors, dirty, [a.ptr]));
+      off += a.sectors;
+    }
+    return off;
+  }
+
   /** Writeback mode: the data in the cache under dirty keys; the backing device untouched. */
   private async writebackWrite(att: Attachment, buf: Buffer, start: number, end: number, fua: boolean): Promise<void> {
     const cs = att.cs;
@@ -622,23 +647,8 @@ export class RequestPath {
       await this.dev.markDirty();
       const keys: Bkey[] = [];
       const writes: Promise<void>[] = [];
-      let off = start;
-      while (off < end) {
-        const a = await cs.allocSectors({
-          inode: att.inode,
-          offset: off,
-          sectors: end - off,
-          writePoint: att.inode,
-          dirty: true,
-          wait: true,
-        });
-        if (!a) throw new IoError('ENOSPC', `${this.dev.name}: no cache space for a writeback write`);
-        allocs.push(a);
-        const from = (off - start) * SECTOR_SIZE;
-        writes.push(cs.writeCache(buf.subarray(from, from + a.sectors * SECTOR_SIZE), a.ptr.offset));
-        keys.push(makeKey(att.inode, off + a.sectors, a.sectors, true, [a.ptr]));
-        off += a.sectors;
-      }
+      const reached = await this.placeInCache(att, buf, start, end, { dirty: true }, { allocs, keys, writes });
+      if (reached < end) throw new IoError('ENOSPC', `${this.dev.name}: no cache space for a writeback write`);
       await settleAll(writes);
       await cs.insert(keys, { journal: true, fua });
     } finally {
@@ -688,22 +698,7 @@ export class RequestPath {
       // backing device; past it the write just goes uncached.
       const copyBytes = (end - start) * SECTOR_SIZE;
       if (op.kind === 'write' && op.cache && this.fillBytes + copyBytes <= MAX_FILL_BYTES) {
-        let off = start;
-        while (off < end) {
-          const a = await cs.allocSectors({
-            inode: att.inode,
-            offset: off,
-            sectors: end - off,
-            writePoint: att.inode,
-            wait: false,
-          });
-          if (!a) break;
-          allocs.push(a);
-          const from = (off - start) * SECTOR_SIZE;
-          cacheWrites.push(cs.writeCache(op.buf.subarray(from, from + a.sectors * SECTOR_SIZE), a.ptr.offset));
-          keys.push(makeKey(att.inode, off + a.sectors, a.sectors, false, [a.ptr]));
-          off += a.sectors;
-        }
+        await this.placeInCache(att, op.buf, start, end, {}, { allocs, keys, writes: cacheWrites });
       }
       const backingDone = this.backingOp(op, start, end, fua);
       const [cacheResult] = await Promise.all([
