@@ -4,6 +4,7 @@
 import { readFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { parseArgs, type ParseArgsConfig } from 'node:util';
 
 /**
  * An error the user can act on. main() prints `ubcache <cmd>: <message>` and,
@@ -17,6 +18,22 @@ export class CliError extends Error {
     this.name = 'CliError';
     this.status = options.status ?? 1;
     this.hint = options.hint;
+  }
+}
+
+/**
+ * A subcommand's options and operands (strict, operands allowed); anything
+ * parseArgs refuses becomes a CliError carrying the command's usage hint.
+ */
+export function parseCommandArgs<const O extends NonNullable<ParseArgsConfig['options']>>(
+  args: string[],
+  options: O,
+  hint: string,
+) {
+  try {
+    return parseArgs({ args, options, allowPositionals: true as const, strict: true as const });
+  } catch (err) {
+    throw new CliError(err instanceof Error ? err.message : String(err), { hint });
   }
 }
 

@@ -1,11 +1,10 @@
 // `ubcache ctl`: bcache's sysfs tree of a running `ubcache serve`, used as
 // people use sysfs: cat, write (echo >), ls, tree; plus status and stats.
 
-import { parseArgs } from 'node:util';
 import { controlRequest, errorText, type ControlResponse } from '../control/client.ts';
 import { defaultControlPath } from '../control/paths.ts';
 import { errorMessage } from '../util/lifecycle.ts';
-import { CliError, type Subcommand } from './common.ts';
+import { CliError, parseCommandArgs, type Subcommand } from './common.ts';
 
 const HELP = `Usage: ubcache ctl [--control PATH] COMMAND [ARGS]
 
@@ -178,17 +177,11 @@ function stats(root: Json): string {
 }
 
 export const run: Subcommand = async (args) => {
-  let parsed;
-  try {
-    parsed = parseArgs({
-      args,
-      allowPositionals: true,
-      strict: true,
-      options: { control: { type: 'string' }, help: { type: 'boolean', short: 'h' } },
-    });
-  } catch (err) {
-    throw new CliError(errorMessage(err), { hint: "Run 'ubcache ctl --help' for the commands." });
-  }
+  const parsed = parseCommandArgs(
+    args,
+    { control: { type: 'string' }, help: { type: 'boolean', short: 'h' } },
+    "Run 'ubcache ctl --help' for the commands.",
+  );
   if (parsed.values.help === true) {
     process.stdout.write(HELP);
     return 0;

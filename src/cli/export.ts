@@ -4,14 +4,13 @@
 // itself with status 0; a second signal exits at once.
 
 import { basename } from 'node:path';
-import { parseArgs } from 'node:util';
 import { openBlockDevice } from '../blockdev/open.ts';
 import type { BlockDevice } from '../blockdev/types.ts';
 import type { ExportConfig } from '../nbd/exports.ts';
 import { formatAddress, NbdServer, type ListenTarget } from '../nbd/server.ts';
 import { deferred, errorMessage } from '../util/lifecycle.ts';
 import { log } from '../util/log.ts';
-import { CliError, type Subcommand } from './common.ts';
+import { CliError, parseCommandArgs, type Subcommand } from './common.ts';
 
 export const DEFAULT_LISTEN: ListenTarget = { host: '127.0.0.1', port: 10809 };
 
@@ -64,24 +63,18 @@ export function parseListen(spec: string): ListenTarget {
 
 /** Turn the arguments into a plan, or 'help'. Throws CliError on anything wrong. */
 export function parseExportArgs(args: string[]): ExportPlan | 'help' {
-  let parsed;
-  try {
-    parsed = parseArgs({
-      args,
-      allowPositionals: true,
-      strict: true,
-      options: {
-        listen: { type: 'string', multiple: true },
-        socket: { type: 'string', multiple: true },
-        name: { type: 'string', multiple: true },
-        description: { type: 'string', multiple: true },
-        'read-only': { type: 'boolean' },
-        help: { type: 'boolean', short: 'h' },
-      },
-    });
-  } catch (err) {
-    throw new CliError(errorMessage(err), { hint: usageHint });
-  }
+  const parsed = parseCommandArgs(
+    args,
+    {
+      listen: { type: 'string', multiple: true },
+      socket: { type: 'string', multiple: true },
+      name: { type: 'string', multiple: true },
+      description: { type: 'string', multiple: true },
+      'read-only': { type: 'boolean' },
+      help: { type: 'boolean', short: 'h' },
+    },
+    usageHint,
+  );
   const v = parsed.values;
   if (v.help === true) return 'help';
   const files = parsed.positionals;

@@ -18,7 +18,6 @@
 // removed when it stops, however it stopped. Once no device and no cache
 // set is left, the daemon shuts down and exits 0 on its own (DESIGN rule 5).
 
-import { parseArgs } from 'node:util';
 import { parseFaultSpec } from '../blockdev/faulty.ts';
 import { openBlockDevice } from '../blockdev/open.ts';
 import { parseUuid, formatUuid } from '../format/uuid-text.ts';
@@ -38,7 +37,7 @@ import { ControlServer } from '../control/server.ts';
 import { formatAddress, NbdServer, type ListenTarget } from '../nbd/server.ts';
 import { deferred, errorMessage } from '../util/lifecycle.ts';
 import { log } from '../util/log.ts';
-import { CliError, type Subcommand } from './common.ts';
+import { CliError, parseCommandArgs, type Subcommand } from './common.ts';
 import { DEFAULT_LISTEN, parseListen } from './export.ts';
 
 const HELP = `Usage: ubcache serve [options] DEVICE...
@@ -177,25 +176,19 @@ export function parseSetOption(text: string): SetOption {
 
 /** Turn the arguments into a plan, or 'help'. Throws CliError on anything wrong. */
 export function parseServeArgs(args: string[]): ServePlan | 'help' {
-  let parsed;
-  try {
-    parsed = parseArgs({
-      args,
-      allowPositionals: true,
-      strict: true,
-      options: {
-        listen: { type: 'string', multiple: true },
-        socket: { type: 'string', multiple: true },
-        set: { type: 'string', multiple: true },
-        control: { type: 'string' },
-        metrics: { type: 'string' },
-        fault: { type: 'string', multiple: true },
-        help: { type: 'boolean', short: 'h' },
-      },
-    });
-  } catch (err) {
-    throw new CliError(errorMessage(err), { hint: usageHint });
-  }
+  const parsed = parseCommandArgs(
+    args,
+    {
+      listen: { type: 'string', multiple: true },
+      socket: { type: 'string', multiple: true },
+      set: { type: 'string', multiple: true },
+      control: { type: 'string' },
+      metrics: { type: 'string' },
+      fault: { type: 'string', multiple: true },
+      help: { type: 'boolean', short: 'h' },
+    },
+    usageHint,
+  );
   const v = parsed.values;
   if (v.help === true) return 'help';
   const devices = parsed.positionals;
