@@ -31,6 +31,8 @@ export class AttributeError extends Error {
 
 export interface Attribute<Target> {
   readonly name: string;
+  /** Lives in the set's internal/ directory rather than at its top (sysfs placement). */
+  readonly internal?: true;
   /** What a store accepts, for messages. */
   readonly accepts: string;
   /** Parse a stored value (throws AttributeError) and return a function applying it. */
@@ -395,13 +397,16 @@ export const SET_ATTRIBUTES: ReadonlyArray<Attribute<RegisteredSet>> = [
       setSetting(s, 'ioErrorHalflife', Math.floor(v / 88) * 88);
     },
   ),
-  bool(
-    'idle_max_writeback_rate',
-    (s) => s.settings.idleMaxWritebackRate,
-    (s, v) => {
-      setSetting(s, 'idleMaxWritebackRate', v);
-    },
-  ),
+  {
+    ...bool<RegisteredSet>(
+      'idle_max_writeback_rate',
+      (s) => s.settings.idleMaxWritebackRate,
+      (s, v) => {
+        setSetting(s, 'idleMaxWritebackRate', v);
+      },
+    ),
+    internal: true,
+  },
   choice(
     'errors',
     ERRORS,

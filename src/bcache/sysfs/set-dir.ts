@@ -15,12 +15,9 @@ import { statsDirs, type TreeContext } from './context.ts';
 import { log } from '../../util/log.ts';
 import { attributeFile, dir, link, parseUlong, ro, rw, SysfsError, wo, type SysfsDir, type SysfsNode } from './node.ts';
 
-/** Settable set attributes the kernel keeps under internal/ rather than at the top. */
-const INTERNAL_SETTABLE = new Set(['idle_max_writeback_rate']);
-
 function internalDir(set: RegisteredSet): SysfsDir {
   const cs = set.cs;
-  const settable = SET_ATTRIBUTES.filter((a) => INTERNAL_SETTABLE.has(a.name)).map(
+  const settable = SET_ATTRIBUTES.filter((a) => a.internal === true).map(
     (a) => [a.name, attributeFile(a, () => set)] as const,
   );
   return dir(() => [
@@ -100,7 +97,7 @@ function rootUsagePercent(set: RegisteredSet): number {
 
 export function setDir(ctx: TreeContext, set: RegisteredSet): SysfsDir {
   const cs = set.cs;
-  const settable = SET_ATTRIBUTES.filter((a) => !INTERNAL_SETTABLE.has(a.name)).map(
+  const settable = SET_ATTRIBUTES.filter((a) => a.internal !== true).map(
     (a) => [a.name, attributeFile(a, () => set)] as const,
   );
   return dir(() => {
