@@ -59,6 +59,7 @@ import {
 } from '../format/superblock.ts';
 import { formatUuid } from '../format/uuid-text.ts';
 import {
+  aborted,
   deferred,
   errorMessage,
   Mutex,
@@ -623,7 +624,7 @@ export class CachedDev {
       const woke = await this.backingTrouble.wait(signal, this.probeMs);
       if (!woke) {
         // A timeout or an abort (the loop condition tells them apart).
-        if (isAborted(signal)) return;
+        if (aborted(signal)) return;
         if (!(await this.backingGone())) continue;
         if (!reportedGone) {
           reportedGone = true;
@@ -786,9 +787,4 @@ export class BcacheDevice implements BlockDevice {
   close(): Promise<void> {
     return this.dev.stop();
   }
-}
-
-/** As a call, so that a check after an await is not narrowed away. */
-function isAborted(signal: AbortSignal): boolean {
-  return signal.aborted;
 }

@@ -39,7 +39,7 @@ import {
   SECTOR_SIZE,
 } from '../format/constants.ts';
 import { setFlagBits } from '../format/superblock.ts';
-import { errorMessage, Notifier, sleep, Worker } from '../util/lifecycle.ts';
+import { aborted, errorMessage, Notifier, sleep, Worker } from '../util/lifecycle.ts';
 import { log } from '../util/log.ts';
 import type { Attachment, CachedDev } from './cached-dev.ts';
 import { type RateLimiter, writebackThrottled, WritebackRateUpdate } from './writeback-rate.ts';
@@ -350,9 +350,4 @@ export class Writeback {
       log.warn(`${this.dev.name}: writeback of ${k.start}+${k.end - k.start}: ${errorMessage(err)}`);
     }
   }
-}
-
-/** The signal's state as a call, so that checks after an await are not narrowed away. */
-function aborted(signal: AbortSignal): boolean {
-  return signal.aborted;
 }

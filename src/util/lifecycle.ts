@@ -37,6 +37,11 @@ export function sleep(ms: number, signal?: AbortSignal): Promise<boolean> {
   });
 }
 
+/** The signal's state as a call, so that a check after an await is not narrowed away by TypeScript. */
+export function aborted(signal: AbortSignal): boolean {
+  return signal.aborted;
+}
+
 /** A promise with its resolve/reject exposed. */
 export interface Deferred<T> {
   readonly promise: Promise<T>;
