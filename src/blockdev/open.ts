@@ -1,8 +1,10 @@
 // One place that turns a device spec from the command line or a config into a
-// BlockDevice, so every subcommand accepts every kind alike. Later kinds
-// (remote nbd:// exports) plug in here by prefix.
+// BlockDevice, so every subcommand accepts every kind alike.
 //
 //   PATH | file:PATH       a regular file or a block device
+//   nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH
+//                          a remote NBD export (nbds:// and nbds+unix://
+//                          parse, but TLS is refused at connect for now)
 //   faulty:RULES@SPEC      SPEC with failures injected (rule syntax: faulty.ts)
 //
 // A relative path that happens to start with "faulty:" or "file:" can be
@@ -10,11 +12,13 @@
 
 import { FaultyBlockDevice, parseFaultSpec } from './faulty.ts';
 import { FileBlockDevice } from './file.ts';
+import { isNbdUri } from '../nbd/uri.ts';
+import { NbdBlockDevice } from './nbd.ts';
 import type { BlockDevice } from './types.ts';
 
 export interface OpenDeviceOptions {
   readOnly?: boolean;
-  /** Claim the device so nothing else may use it (O_EXCL on block devices). */
+  /** Claim the device so nothing else may use it (O_EXCL on block devices; NBD has no such claim). */
   exclusive?: boolean;
 }
 
@@ -29,6 +33,7 @@ export async function openBlockDevice(spec: string, options: OpenDeviceOptions =
     const inner = await openBlockDevice(body.slice(at + 1), options);
     return new FaultyBlockDevice(inner, { rules });
   }
+  if (isNbdUri(spec)) return NbdBlockDevice.open(spec, options.readOnly === true ? { readOnly: true } : {});
   const path = spec.startsWith('file:') ? spec.slice('file:'.length) : spec;
   if (path === '') throw new Error(`device spec "${spec}" names no path; give a file or block device path`);
   return FileBlockDevice.open(path, options);

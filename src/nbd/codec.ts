@@ -1,10 +1,11 @@
 // Pure encoders and decoders for NBD messages, both directions: the server
-// uses one half, the protocol test client (and later the remote-export block
-// device) the other. No I/O, no state. Decoders of client-supplied data throw
+// uses one half, the client (client.ts, and the protocol test client) the
+// other. No I/O, no state. Decoders of client-supplied data throw
 // CodecError with a message fit to send back in NBD_REP_ERR_INVALID.
 
 import {
   EXPORT_NAME_PADDING,
+  EXPORT_NAME_REPLY_SIZE,
   GREETING_SIZE,
   IHAVEOPT,
   Info,
@@ -298,10 +299,15 @@ export function decodeRepMetaContext(data: Buffer): { id: number; name: string }
 
 /** The reply to NBD_OPT_EXPORT_NAME: size, flags and, unless NO_ZEROES was negotiated, 124 zero bytes. */
 export function encodeExportNameReply(size: number, transmissionFlags: number, noZeroes: boolean): Buffer {
-  const buf = Buffer.alloc(10 + (noZeroes ? 0 : EXPORT_NAME_PADDING));
+  const buf = Buffer.alloc(EXPORT_NAME_REPLY_SIZE + (noZeroes ? 0 : EXPORT_NAME_PADDING));
   writeU64(buf, size, 0);
   buf.writeUInt16BE(transmissionFlags, 8);
   return buf;
+}
+
+/** The client's view of the NBD_OPT_EXPORT_NAME reply (its first EXPORT_NAME_REPLY_SIZE bytes). */
+export function decodeExportNameReply(buf: Buffer): { size: number; flags: number } {
+  return { size: readU64(buf, 0), flags: buf.readUInt16BE(8) };
 }
 
 /** Any option error reply with a human-readable message (bounded by the spec's string limit). */

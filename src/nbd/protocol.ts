@@ -7,6 +7,8 @@
 export const NBD_MAGIC = 0x4e42444d41474943n;
 /** "IHAVEOPT": the second server magic and the prefix of every option request. */
 export const IHAVEOPT = 0x49484156454f5054n;
+/** The second magic of an oldstyle server (the pre-2011 handshake nobody should speak any more). */
+export const OLDSTYLE_MAGIC = 0x00420281861253n;
 /** Prefix of every fixed-newstyle option reply. */
 export const OPTION_REPLY_MAGIC = 0x0003e889045565a9n;
 export const REQUEST_MAGIC = 0x25609513;
@@ -19,6 +21,8 @@ export const OPTION_REPLY_HEADER_SIZE = 20;
 export const REQUEST_HEADER_SIZE = 28;
 export const SIMPLE_REPLY_HEADER_SIZE = 16;
 export const STRUCTURED_REPLY_HEADER_SIZE = 20;
+/** The NBD_OPT_EXPORT_NAME reply before its padding: 64-bit size and 16-bit transmission flags. */
+export const EXPORT_NAME_REPLY_SIZE = 10;
 /** Padding after the NBD_OPT_EXPORT_NAME reply unless NO_ZEROES was negotiated. */
 export const EXPORT_NAME_PADDING = 124;
 /** The spec's limit for any string: export names, descriptions, messages. */
@@ -134,6 +138,9 @@ export function isErrorChunk(type: number): boolean {
   return (type & (1 << 15)) !== 0;
 }
 
+/** The most descriptors one BLOCK_STATUS chunk may carry (proto.md, "Metadata querying"). */
+export const MAX_STATUS_DESCRIPTORS = 1 << 20;
+
 /** base:allocation status flags. */
 export const State = {
   HOLE: 1 << 0,
@@ -175,6 +182,15 @@ const errnoToNbd: Record<string, NbdError> = {
 /** Map a host errno name (IoError.code, a Node fs error's code) to an NBD error; anything unknown is EIO. */
 export function nbdErrorFromErrno(code: string): NbdError {
   return errnoToNbd[code] ?? NbdErr.EIO;
+}
+
+/** The errno names an NBD error value stands for, the other direction of nbdErrorFromErrno. */
+export type NbdErrnoName = keyof typeof NbdErr;
+
+/** The errno name of an NBD error value from the wire; values the spec does not define are EINVAL, as it says. */
+export function errnoFromNbdError(value: number): NbdErrnoName {
+  for (const [name, v] of Object.entries(NbdErr)) if (v === value) return name as NbdErrnoName;
+  return 'EINVAL';
 }
 
 /** Human names for logs and test messages. */

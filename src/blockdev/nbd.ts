@@ -1,0 +1,170 @@
+// A BlockDevice over a remote NBD export, through ubcache's own client
+// (nbd/client.ts): a remote disk as a backing or cache device, with the
+// socket I/O on the event loop.
+//
+// The device promises what the BlockDevice contract says whatever the server
+// offers: FUA without SEND_FUA is a write and then a flush; zeroing without
+// WRITE_ZEROES writes zeroes (but a fast-only zero is refused, as it would
+// not be fast); a discard without TRIM is an accepted no-op. A flush is a
+// no-op only when the server has no SEND_FLUSH, which by the spec means it
+// has no volatile cache: its writes are durable when acknowledged.
+
+import { NbdClient, type NbdClientOptions } from '../nbd/client.ts';
+import { TxFlag } from '../nbd/protocol.ts';
+import { parseNbdUri, type NbdUri } from '../nbd/uri.ts';
+import {
+  checkRange,
+  IoError,
+  type BlockDevice,
+  type BlockDeviceCaps,
+  type Extent,
+  type WriteOptions,
+  type ZeroOptions,
+} from './types.ts';
+
+export interface NbdDeviceOptions extends NbdClientOptions {
+  /** Refuse writes even if the export is writable. */
+  readOnly?: boolean;
+}
+
+/** Zeroes written in pieces of this when the server cannot WRITE_ZEROES. */
+const ZERO_PIECE = 1024 * 1024;
+/** Pieces of written zeroes in flight at once. */
+const ZERO_WINDOW = 8;
+
+let zeroes: Buffer | undefined;
+
+export class NbdBlockDevice implements BlockDevice {
+  /** The URI, as given. */
+  readonly name: string;
+  readonly size: number;
+  readonly logicalBlockSize: number;
+  readonly readOnly: boolean;
+  readonly caps: BlockDeviceCaps;
+  /** The client, for diagnostics (connections, request counts). */
+  readonly client: NbdClient;
+  private closed = false;
+
+  private constructor(client: NbdClient, readOnly: boolean) {
+    this.client = client;
+    this.name = client.name;
+    this.size = client.size;
+    // Without NBD_INFO_BLOCK_SIZE the spec tells clients to use 512-byte alignment, as the Linux nbd driver does.
+    this.logicalBlockSize = client.info.advertisedBlockSize?.min ?? 512;
+    this.readOnly = readOnly || this.has(TxFlag.READ_ONLY);
+    this.caps = {
+      discard: this.has(TxFlag.SEND_TRIM),
+      fastZero: this.has(TxFlag.SEND_FAST_ZERO),
+      blockStatus: client.info.baseAllocationId !== undefined,
+      rotational: this.has(TxFlag.ROTATIONAL),
+    };
+  }
+
+  /** Connect to the export `uri` names. Errors say which server and what went wrong. */
+  static async open(uri: string | NbdUri, options: NbdDeviceOptions = {}): Promise<NbdBlockDevice> {
+    const parsed = typeof uri === 'string' ? parseNbdUri(uri) : uri;
+    const client = await NbdClient.connect(parsed, options);
+    return new NbdBlockDevice(client, options.readOnly ?? false);
+  }
+
+  private has(flag: number): boolean {
+    return (this.client.flags & TxFlag.HAS_FLAGS) !== 0 && (this.client.flags & flag) !== 0;
+  }
+
+  private live(): void {
+    if (this.closed) throw new IoError('ESHUTDOWN', `${this.name}: device is closed`);
+  }
+
+  private writable(offset: number, length: number): void {
+    this.live();
+    if (this.readOnly) throw new IoError('EPERM', `${this.name}: device is read-only`);
+    checkRange(this, offset, length, true);
+  }
+
+  async read(buf: Buffer, offset: number): Promise<void> {
+    this.live();
+    checkRange(this, offset, buf.length);
+    await this.client.read(buf, offset);
+  }
+
+  async write(buf: Buffer, offset: number, options?: WriteOptions): Promise<void> {
+    this.writable(offset, buf.length);
+    const fua = options?.fua === true;
+    if (fua && this.has(TxFlag.SEND_FUA)) {
+      await this.client.write(buf, offset, { fua: true });
+      return;
+    }
+    await this.client.write(buf, offset);
+    if (fua) await this.flush();
+  }
+
+  async flush(): Promise<void> {
+    this.live();
+    if (this.has(TxFlag.SEND_FLUSH)) await this.client.flush();
+  }
+
+  async discard(offset: number, length: number): Promise<void> {
+    this.writable(offset, length);
+    if (!this.caps.discard) return;
+    // A discard is a hint: round inward to what the server can take rather than fail.
+    const a = this.client.alignment;
+    const start = Math.ceil(offset / a) * a;
+    const end = Math.floor((offset + length) / a) * a;
+    if (end > start) await this.client.trim(start, end - start);
+  }
+
+  async writeZeroes(offset: number, length: number, options?: ZeroOptions): Promise<void> {
+    this.writable(offset, length);
+    const fua = options?.fua === true;
+    const nativeFua = fua && this.has(TxFlag.SEND_FUA);
+    if (options?.fastOnly === true && !this.caps.fastZero) {
+      throw new IoError('ENOTSUP', `${this.name}: the server cannot promise a fast zero (no SEND_FAST_ZERO)`);
+    }
+    if (length === 0) return;
+    if (this.has(TxFlag.SEND_WRITE_ZEROES)) {
+      await this.client.writeZeroes(offset, length, {
+        noHole: options?.noHole === true,
+        fastZero: options?.fastOnly === true,
+        fua: nativeFua,
+      });
+    } else {
+      await this.writeZeroBuffers(offset, length);
+    }
+    if (fua && !nativeFua) await this.flush();
+  }
+
+  /** WRITE_ZEROES emulated with writes, a window of pieces at a time. */
+  private async writeZeroBuffers(offset: number, length: number): Promise<void> {
+    const zero = (zeroes ??= Buffer.alloc(ZERO_PIECE));
+    const end = offset + length;
+    let next = offset;
+    const worker = async (): Promise<void> => {
+      while (next < end) {
+        const at = next;
+        const n = Math.min(ZERO_PIECE, end - at);
+        next += n;
+        await this.client.write(n === ZERO_PIECE ? zero : zero.subarray(0, n), at);
+      }
+    };
+    const results = await Promise.allSettled(Array.from({ length: ZERO_WINDOW }, worker));
+    for (const r of results) if (r.status === 'rejected') throw r.reason;
+  }
+
+  async blockStatus(offset: number, length: number): Promise<Extent[]> {
+    this.live();
+    checkRange(this, offset, length);
+    if (length === 0) return [];
+    if (!this.caps.blockStatus) return [{ length, hole: false, zero: false }];
+    return this.client.blockStatus(offset, length);
+  }
+
+  async close(): Promise<void> {
+    this.closed = true;
+    await this.client.close();
+  }
+
+  /** The connection is lost for good (reconnecting is future work): the device is as good as unplugged. */
+  isGone(): Promise<boolean> {
+    return Promise.resolve(!this.closed && this.client.failed !== undefined);
+  }
+}

@@ -1,0 +1,1349 @@
+// An NBD client: the other end of server.ts, so that a remote export can be
+// a backing or cache device (blockdev/nbd.ts) with socket I/O on the event
+// loop, no thread pool and no FUSE.
+//
+// Handshake (fixed newstyle, proto.md "Option haggling"): client flags
+// C_FIXED_NEWSTYLE and C_NO_ZEROES when offered, then STRUCTURED_REPLY,
+// SET_META_CONTEXT base:allocation and GO asking for NBD_INFO_BLOCK_SIZE;
+// a server without GO (ERR_UNSUP), or without fixed newstyle at all, gets
+// EXPORT_NAME, as the spec allows. What the server advertises is obeyed:
+// requests are split at its maximum payload and aligned to its minimum
+// block size, and no command or flag is sent that it did not offer.
+//
+// Transmission: many requests in flight per connection (64 by default; more
+// wait in a queue, which is bounded too), replies matched by cookie in any
+// order, READ data (simple replies, or OFFSET_DATA / OFFSET_HOLE chunks in any
+// order) copied straight from the socket into the caller's buffer. With
+// NBD_FLAG_CAN_MULTI_CONN several connections share the load (least loaded
+// first) and a FLUSH goes to every one of them.
+//
+// A server that breaks the protocol (bad magic, a cookie we never sent or
+// already answered, a chunk larger than its request allows, a chunk that does
+// not fit the request, a connection closed in the middle of a reply) cannot
+// be trusted with the stream any more: the connection is dropped, every
+// request in flight on it fails with EIO and a message saying what the server
+// did, and the client refuses further requests (reconnecting is future work).
+// A request is settled exactly once and its buffer is never touched after.
+
+import { createConnection, type Socket } from 'node:net';
+import { IoError, type Extent } from '../blockdev/types.ts';
+import { errorMessage } from '../util/lifecycle.ts';
+import { log } from '../util/log.ts';
+import {
+  decodeBlockStatusPayload,
+  decodeErrorPayload,
+  decodeExportNameReply,
+  decodeGreeting,
+  decodeInfoReply,
+  decodeOffsetHolePayload,
+  decodeOptionReplyHeader,
+  decodeRepMetaContext,
+  decodeSimpleReplyHeader,
+  decodeStructuredHeader,
+  encodeClientFlags,
+  encodeInfoRequest,
+  encodeMetaContextRequest,
+  encodeOptionRequest,
+  encodeRequestHeader,
+  type BlockSizes,
+  type StatusDescriptor,
+} from './codec.ts';
+import {
+  BASE_ALLOCATION,
+  ClientFlag,
+  Cmd,
+  CmdFlag,
+  commandName,
+  DEFAULT_MAX_PAYLOAD,
+  errnoFromNbdError,
+  EXPORT_NAME_PADDING,
+  EXPORT_NAME_REPLY_SIZE,
+  GREETING_SIZE,
+  HandshakeFlag,
+  IHAVEOPT,
+  Info,
+  isErrorChunk,
+  isErrorReply,
+  MAX_STATUS_DESCRIPTORS,
+  MAX_STRING_BYTES,
+  NBD_MAGIC,
+  NbdErr,
+  nbdErrorName,
+  OLDSTYLE_MAGIC,
+  OPTION_REPLY_HEADER_SIZE,
+  OPTION_REPLY_MAGIC,
+  Opt,
+  optionName,
+  Rep,
+  ReplyFlag,
+  ReplyType,
+  replyTypeName,
+  SIMPLE_REPLY_HEADER_SIZE,
+  SIMPLE_REPLY_MAGIC,
+  State,
+  STRUCTURED_REPLY_HEADER_SIZE,
+  STRUCTURED_REPLY_MAGIC,
+  TxFlag,
+} from './protocol.ts';
+import { ConnectionClosed, SocketReader } from './reader.ts';
+import { describeTransport, parseNbdUri, type NbdTransport, type NbdUri } from './uri.ts';
+
+export interface NbdClientOptions {
+  /** Connections to open when the server advertises CAN_MULTI_CONN (else one). Default 4. */
+  connections?: number;
+  /** Requests in flight per connection; more wait in the queue. Default 64. */
+  maxInflight?: number;
+  /** READ/WRITE payload bytes in flight per connection (one request may exceed it alone). Default 64 MiB. */
+  maxInflightBytes?: number;
+  /** Requests waiting for a slot, over all connections; past it requests fail with ENOMEM. Default 16384. */
+  maxQueued?: number;
+  /** Negotiate structured replies (holes, error messages, block status). Default true. */
+  structuredReplies?: boolean;
+  /** Select base:allocation for blockStatus(). Default true. */
+  blockStatus?: boolean;
+  /** Time allowed for connecting and the handshake. Default 30 s. */
+  handshakeTimeoutMs?: number;
+  /** After NBD_CMD_DISC, how long the server has to close before the socket is destroyed. Default 2 s. */
+  closeTimeoutMs?: number;
+}
+
+const DEFAULTS: Required<NbdClientOptions> = {
+  connections: 4,
+  maxInflight: 64,
+  maxInflightBytes: 64 * 1024 * 1024,
+  maxQueued: 16384,
+  structuredReplies: true,
+  blockStatus: true,
+  handshakeTimeoutMs: 30_000,
+  closeTimeoutMs: 2_000,
+};
+
+/** What the handshake established, the same on every connection of a client. */
+export interface NbdExportInfo {
+  exportName: string;
+  size: number;
+  /** The transmission flags (TxFlag). */
+  flags: number;
+  /** NBD_INFO_BLOCK_SIZE as the server sent it, if it did. */
+  advertisedBlockSize: BlockSizes | undefined;
+  structuredReplies: boolean;
+  /** The context id of base:allocation, if the server selected it. */
+  baseAllocationId: number | undefined;
+  /** How transmission was entered: NBD_OPT_GO, or NBD_OPT_EXPORT_NAME for servers without GO. */
+  via: 'go' | 'export-name';
+}
+
+/** The server broke the protocol during the handshake, or refused us. */
+export class NbdHandshakeError extends Error {
+  constructor(message: string, options?: { cause?: unknown }) {
+    super(message, options);
+    this.name = 'NbdHandshakeError';
+  }
+}
+
+/** Option replies we read into memory; a longer one is a broken server. */
+const MAX_OPTION_REPLY = 64 * 1024;
+/** Replies to one option; a server that sends more is looping. */
+const MAX_OPTION_REPLIES = 4096;
+/** TRIM, WRITE_ZEROES and BLOCK_STATUS carry no payload but a 32-bit length: they go in pieces of this (a multiple of every legal minimum block size). */
+const NO_PAYLOAD_PIECE = 1024 * 1024 * 1024;
+/** An error chunk: error, message length, message (at most a spec string) and an optional offset. */
+const MAX_ERROR_CHUNK = 6 + MAX_STRING_BYTES + 8;
+const MAX_STATUS_CHUNK = 4 + 8 * MAX_STATUS_DESCRIPTORS;
+const COOKIE_LIMIT = 2 ** 32;
+const COOKIE_LIMIT_BIG = 2n ** 32n;
+
+const isPowerOfTwo = (n: number): boolean => Number.isInteger(n) && n > 0 && (n & (n - 1)) === 0;
+
+// ---------------------------------------------------------------------------
+// Handshake
+
+interface OptionReply {
+  type: number;
+  data: Buffer;
+}
+
+/** Send an option and read its replies up to the final one (ACK or an error). */
+async function haggle(socket: Socket, reader: SocketReader, option: number, data?: Buffer): Promise<OptionReply[]> {
+  socket.write(encodeOptionRequest(option, data));
+  const name = optionName(option);
+  const replies: OptionReply[] = [];
+  for (;;) {
+    const h = decodeOptionReplyHeader(await reader.read(OPTION_REPLY_HEADER_SIZE));
+    if (h.magic !== OPTION_REPLY_MAGIC) {
+      throw new NbdHandshakeError(`the server answered ${name} with bad magic 0x${h.magic.toString(16)}`);
+    }
+    if (h.option !== option) {
+      throw new NbdHandshakeError(`the server answered ${name} with a reply to ${optionName(h.option)}`);
+    }
+    if (h.length > MAX_OPTION_REPLY) {
+      throw new NbdHandshakeError(
+        `the server answered ${name} with a ${h.length}-byte reply (at most ${MAX_OPTION_REPLY})`,
+      );
+    }
+    replies.push({ type: h.type, data: h.length > 0 ? await reader.read(h.length) : Buffer.alloc(0) });
+    if (h.type === Rep.ACK || isErrorReply(h.type)) return replies;
+    if (replies.length >= MAX_OPTION_REPLIES) {
+      throw new NbdHandshakeError(`the server sent more than ${MAX_OPTION_REPLIES} replies to ${name}`);
+    }
+  }
+}
+
+function refusal(reply: OptionReply): string {
+  const text = reply.data.toString('utf8', 0, Math.min(reply.data.length, MAX_STRING_BYTES));
+  return `${replyTypeName(reply.type)}${text === '' ? '' : `: ${text}`}`;
+}
+
+function checkBlockSizes(s: BlockSizes): void {
+  if (!isPowerOfTwo(s.min) || s.min > 65536) {
+    throw new NbdHandshakeError(`the server's minimum block size ${s.min} is not a power of two up to 64 KiB`);
+  }
+  if (s.max < s.min) {
+    throw new NbdHandshakeError(`the server's maximum block size ${s.max} is below its minimum ${s.min}`);
+  }
+}
+
+async function negotiate(
+  socket: Socket,
+  reader: SocketReader,
+  exportName: string,
+  opts: Required<NbdClientOptions>,
+): Promise<NbdExportInfo> {
+  const g = decodeGreeting(await reader.read(GREETING_SIZE));
+  if (g.magic !== NBD_MAGIC) {
+    throw new NbdHandshakeError(`not an NBD server: its greeting starts 0x${g.magic.toString(16)}, not NBDMAGIC`);
+  }
+  if (g.optMagic === OLDSTYLE_MAGIC) {
+    throw new NbdHandshakeError(
+      'the server speaks the oldstyle handshake, which has no export names and is not supported; run it in newstyle mode',
+    );
+  }
+  if (g.optMagic !== IHAVEOPT) {
+    throw new NbdHandshakeError(`bad second magic 0x${g.optMagic.toString(16)} in the server's greeting`);
+  }
+  const fixed = (g.handshakeFlags & HandshakeFlag.FIXED_NEWSTYLE) !== 0;
+  const noZeroes = (g.handshakeFlags & HandshakeFlag.NO_ZEROES) !== 0;
+  socket.write(encodeClientFlags((fixed ? ClientFlag.C_FIXED_NEWSTYLE : 0) | (noZeroes ? ClientFlag.C_NO_ZEROES : 0)));
+
+  let structuredReplies = false;
+  let baseAllocationId: number | undefined;
+  if (fixed) {
+    if (opts.structuredReplies) {
+      const r = await haggle(socket, reader, Opt.STRUCTURED_REPLY);
+      // Any refusal just means simple replies (ERR_UNSUP is the usual one).
+      structuredReplies = r[r.length - 1]?.type === Rep.ACK;
+    }
+    if (structuredReplies && opts.blockStatus) {
+      const r = await haggle(
+        socket,
+        reader,
+        Opt.SET_META_CONTEXT,
+        encodeMetaContextRequest({ exportName, queries: [BASE_ALLOCATION] }),
+      );
+      if (r[r.length - 1]?.type === Rep.ACK) {
+        for (const reply of r) {
+          if (reply.type !== Rep.META_CONTEXT) continue;
+          const ctx = decodeRepMetaContext(reply.data);
+          if (ctx.name === BASE_ALLOCATION) baseAllocationId = ctx.id;
+        }
+      }
+    }
+    const r = await haggle(
+      socket,
+      reader,
+      Opt.GO,
+      encodeInfoRequest({ name: exportName, requests: [Info.BLOCK_SIZE] }),
+    );
+    const last = r[r.length - 1];
+    if (last?.type === Rep.ACK) {
+      let size: number | undefined;
+      let flags = 0;
+      let advertisedBlockSize: BlockSizes | undefined;
+      for (const reply of r) {
+        if (reply.type !== Rep.INFO) continue;
+        const info = decodeInfoReply(reply.data);
+        if ('size' in info) {
+          size = info.size;
+          flags = info.flags;
+        } else if ('sizes' in info) {
+          checkBlockSizes(info.sizes);
+          advertisedBlockSize = info.sizes;
+        }
+      }
+      if (size === undefined) throw new NbdHandshakeError('the server accepted NBD_OPT_GO without NBD_INFO_EXPORT');
+      return { exportName, size, flags, advertisedBlockSize, structuredReplies, baseAllocationId, via: 'go' };
+    }
+    if (last?.type !== Rep.ERR_UNSUP) {
+      const hint =
+        last?.type === Rep.ERR_TLS_REQD
+          ? ' (the server requires TLS, which is not supported yet)'
+          : last?.type === Rep.ERR_UNKNOWN
+            ? ' (check the export name in the URI)'
+            : '';
+      throw new NbdHandshakeError(
+        `the server refused export '${exportName}': ${last ? refusal(last) : 'no reply'}${hint}`,
+      );
+    }
+    // A server without NBD_OPT_GO: EXPORT_NAME below, as the spec allows.
+  }
+
+  socket.write(encodeOptionRequest(Opt.EXPORT_NAME, Buffer.from(exportName, 'utf8')));
+  let reply: Buffer;
+  try {
+    reply = await reader.read(EXPORT_NAME_REPLY_SIZE + (noZeroes ? 0 : EXPORT_NAME_PADDING));
+  } catch (err) {
+    if (!(err instanceof ConnectionClosed)) throw err;
+    throw new NbdHandshakeError(
+      `the server closed the connection after NBD_OPT_EXPORT_NAME: it has no export named '${exportName}' or refused it`,
+      { cause: err },
+    );
+  }
+  const { size, flags } = decodeExportNameReply(reply);
+  return {
+    exportName,
+    size,
+    flags,
+    advertisedBlockSize: undefined,
+    structuredReplies,
+    baseAllocationId,
+    via: 'export-name',
+  };
+}
+
+function connectSocket(transport: NbdTransport): Socket {
+  return transport.kind === 'unix'
+    ? createConnection({ path: transport.path })
+    : createConnection({ host: transport.host, port: transport.port, noDelay: true });
+}
+
+/** Connect and run the handshake; resolves with the socket in transmission and what was negotiated. */
+async function open(
+  transport: NbdTransport,
+  exportName: string,
+  opts: Required<NbdClientOptions>,
+): Promise<{ socket: Socket; info: NbdExportInfo; leftover: Buffer[] }> {
+  const socket = connectSocket(transport);
+  const reader = new SocketReader(socket, { highWaterMark: 1024 * 1024 });
+  const timer = setTimeout(() => {
+    reader.fail(new NbdHandshakeError(`no NBD handshake within ${opts.handshakeTimeoutMs} ms`));
+    socket.destroy();
+  }, opts.handshakeTimeoutMs);
+  try {
+    const info = await negotiate(socket, reader, exportName, opts);
+    const { leftover, paused } = reader.detach();
+    if (paused) socket.resume();
+    return { socket, info, leftover };
+  } catch (err) {
+    socket.destroy();
+    if (err instanceof ConnectionClosed) {
+      // The reader words a refused connect as a failed connection; name the real cause (ENOENT, ECONNREFUSED).
+      throw new NbdHandshakeError(
+        err.cause instanceof Error ? err.cause.message : 'the server closed the connection during the handshake',
+        { cause: err },
+      );
+    }
+    throw err;
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Requests
+
+interface Request {
+  type: number;
+  flags: number;
+  offset: number;
+  length: number;
+  /** READ: where the data goes; WRITE: the payload. */
+  buf: Buffer | undefined;
+  cost: number;
+  cookie: number;
+  /** First error chunk (or simple error) of the reply. */
+  error: { value: number; message: string } | undefined;
+  /** The reply came as structured chunks (so a simple reply for it is a violation). */
+  chunked: boolean;
+  /** READ with structured replies: the [start, end) ranges (relative to offset) chunks have filled, flattened. */
+  filled: number[] | undefined;
+  status: StatusDescriptor[] | undefined;
+  settled: boolean;
+  resolve: () => void;
+  reject: (err: Error) => void;
+}
+
+function newRequest(
+  type: number,
+  flags: number,
+  offset: number,
+  length: number,
+  buf: Buffer | undefined,
+): { req: Request; done: Promise<void> } {
+  let resolve!: () => void;
+  let reject!: (err: Error) => void;
+  const done = new Promise<void>((res, rej) => {
+    resolve = res;
+    reject = rej;
+  });
+  const req: Request = {
+    type,
+    flags,
+    offset,
+    length,
+    buf,
+    cost: type === Cmd.READ || type === Cmd.WRITE ? length : 0,
+    cookie: 0,
+    error: undefined,
+    chunked: false,
+    filled: undefined,
+    status: undefined,
+    settled: false,
+    resolve,
+    reject,
+  };
+  return { req, done };
+}
+
+function describe(req: Request): string {
+  return req.type === Cmd.FLUSH ? 'FLUSH' : `${commandName(req.type)} at ${req.offset} length ${req.length}`;
+}
+
+/** Reply parser states. */
+const Parse = {
+  /** Waiting for a reply header (simple or structured). */
+  Header: 0,
+  /** Copying READ data into the request's buffer. */
+  Data: 1,
+  /** Collecting a chunk payload (or an OFFSET_DATA chunk's offset) into `payload`. */
+  Payload: 2,
+} as const;
+type ParseState = (typeof Parse)[keyof typeof Parse];
+
+interface ConnectionOwner {
+  readonly label: string;
+  /** The connection settled a request or finished draining: queued work may move. */
+  onProgress(conn: Connection): void;
+  onFailure(conn: Connection, err: IoError): void;
+  onShutdown(conn: Connection): void;
+}
+
+/** One socket in transmission. */
+class Connection {
+  readonly id: number;
+  readonly info: NbdExportInfo;
+  private readonly socket: Socket;
+  private readonly owner: ConnectionOwner;
+  private readonly opts: Required<NbdClientOptions>;
+  private readonly label: string;
+
+  private readonly inflight = new Map<number, Request>();
+  private inflightBytes = 0;
+  /** Requests not yet sent, oldest first from queueHead (slots before it are spent). */
+  private queue: (Request | undefined)[] = [];
+  private queueHead = 0;
+  private nextCookie = 1;
+  private corked = false;
+  /** Requests sent, by command name. */
+  readonly sent: Record<string, number> = {};
+
+  /** open: takes requests; draining: finishes what it has, then disconnects; then closed or failed. */
+  state: 'open' | 'draining' | 'closed' | 'failed' = 'open';
+  failure: IoError | undefined;
+  private discSent = false;
+  private closeTimer: NodeJS.Timeout | undefined;
+  private resolveClosed!: () => void;
+  readonly closed: Promise<void>;
+
+  // Reply parser.
+  private parse: ParseState = Parse.Header;
+  private readonly header = Buffer.alloc(STRUCTURED_REPLY_HEADER_SIZE);
+  private headerHave = 0;
+  /** The request whose reply is being parsed (Data, Payload). */
+  private current: Request | undefined;
+  private chunkFlags = 0;
+  private chunkType = 0;
+  private dataAt = 0;
+  private dataLeft = 0;
+  private payload: Buffer = Buffer.alloc(0);
+  private payloadHave = 0;
+  /** For OFFSET_DATA: the chunk's data length once its offset is read. */
+  private chunkDataLength = 0;
+
+  constructor(
+    id: number,
+    socket: Socket,
+    info: NbdExportInfo,
+    leftover: Buffer[],
+    owner: ConnectionOwner,
+    opts: Required<NbdClientOptions>,
+  ) {
+    this.id = id;
+    this.socket = socket;
+    this.info = info;
+    this.owner = owner;
+    this.opts = opts;
+    this.label = owner.label;
+    this.closed = new Promise<void>((resolve) => {
+      this.resolveClosed = resolve;
+    });
+    socket.on('data', this.onData);
+    socket.on('end', this.onEnd);
+    socket.on('error', this.onError);
+    socket.on('close', this.onClose);
+    for (const chunk of leftover) this.onData(chunk);
+    if (socket.destroyed) this.onClose();
+  }
+
+  /** Requests in flight plus waiting: how loaded this connection is. */
+  get load(): number {
+    return this.inflight.size + this.queue.length - this.queueHead;
+  }
+
+  get queued(): number {
+    return this.queue.length - this.queueHead;
+  }
+
+  submit(req: Request): void {
+    if (this.queued === 0 && this.canSend(req)) this.send(req);
+    else this.queue.push(req);
+  }
+
+  /** Stop taking requests; finish those in flight and queued, then disconnect. */
+  drain(): void {
+    if (this.state !== 'open') return;
+    this.state = 'draining';
+    this.maybeDisconnect();
+  }
+
+  /** Fail the requests waiting here (not yet sent) with `err`. */
+  rejectQueued(err: IoError): void {
+    const waiting = this.queue.slice(this.queueHead);
+    this.queue = [];
+    this.queueHead = 0;
+    for (const req of waiting) if (req) this.settle(req, err);
+    this.maybeDisconnect();
+  }
+
+  /** Drop the connection: everything in flight and queued fails with EIO saying why. */
+  fail(reason: string): void {
+    if (this.state === 'failed' || this.state === 'closed') return;
+    const pending = this.inflight.size + this.queued;
+    const err = new IoError(
+      'EIO',
+      `${this.label}: ${reason}` + (pending > 0 ? `; ${pending} request(s) on this connection failed` : ''),
+    );
+    this.state = 'failed';
+    this.failure = err;
+    this.current = undefined;
+    this.socket.destroy();
+    const reqs = [...this.inflight.values(), ...this.queue.slice(this.queueHead)];
+    this.inflight.clear();
+    this.inflightBytes = 0;
+    this.queue = [];
+    this.queueHead = 0;
+    for (const req of reqs) if (req) this.settle(req, err);
+    this.owner.onFailure(this, err);
+  }
+
+  private canSend(req: Request): boolean {
+    if (this.state === 'failed' || this.state === 'closed' || this.discSent) return false;
+    if (this.inflight.size >= this.opts.maxInflight) return false;
+    return this.inflight.size === 0 || this.inflightBytes + req.cost <= this.opts.maxInflightBytes;
+  }
+
+  private send(req: Request): void {
+    let cookie = this.nextCookie;
+    while (this.inflight.has(cookie)) cookie = cookie + 1 >= COOKIE_LIMIT ? 1 : cookie + 1;
+    this.nextCookie = cookie + 1 >= COOKIE_LIMIT ? 1 : cookie + 1;
+    req.cookie = cookie;
+    this.inflight.set(cookie, req);
+    this.inflightBytes += req.cost;
+    const name = commandName(req.type);
+    this.sent[name] = (this.sent[name] ?? 0) + 1;
+    // Requests issued in one turn of the event loop leave in one writev.
+    if (!this.corked) {
+      this.corked = true;
+      this.socket.cork();
+      setImmediate(this.uncork);
+    }
+    this.socket.write(
+      encodeRequestHeader({
+        type: req.type,
+        flags: req.flags,
+        cookie: BigInt(cookie),
+        offset: req.offset,
+        length: req.length,
+      }),
+    );
+    if (req.type === Cmd.WRITE && req.buf && req.length > 0) this.socket.write(req.buf);
+  }
+
+  private readonly uncork = (): void => {
+    this.corked = false;
+    if (!this.socket.destroyed) this.socket.uncork();
+  };
+
+  /** Send what the queue holds while there is room. */
+  pump(): void {
+    while (this.queueHead < this.queue.length) {
+      const req = this.queue[this.queueHead];
+      if (!req || !this.canSend(req)) break;
+      this.queue[this.queueHead] = undefined;
+      this.queueHead++;
+      this.send(req);
+    }
+    if (this.queueHead > 1024 && this.queueHead * 2 > this.queue.length) {
+      this.queue = this.queue.slice(this.queueHead);
+      this.queueHead = 0;
+    }
+    this.maybeDisconnect();
+  }
+
+  private maybeDisconnect(): void {
+    if (this.state !== 'draining' || this.discSent || this.inflight.size > 0 || this.queued > 0) return;
+    this.discSent = true;
+    if (!this.socket.destroyed) {
+      this.socket.write(encodeRequestHeader({ type: Cmd.DISC, cookie: 0n, offset: 0, length: 0 }));
+      this.socket.end();
+    }
+    this.closeTimer = setTimeout(() => {
+      log.debug(`${this.label}: connection ${this.id}: the server did not close after NBD_CMD_DISC; dropping it`);
+      this.socket.destroy();
+    }, this.opts.closeTimeoutMs);
+  }
+
+  private settle(req: Request, err?: Error): void {
+    if (req.settled) return;
+    req.settled = true;
+    // The caller owns its buffer again: drop our reference so nothing here can touch it.
+    req.buf = undefined;
+    if (err) req.reject(err);
+    else req.resolve();
+  }
+
+  /** The reply to `req` is complete. */
+  private finish(req: Request): void {
+    this.inflight.delete(req.cookie);
+    this.inflightBytes -= req.cost;
+    this.current = undefined;
+    let err: IoError | undefined;
+    if (req.error) {
+      const code = errnoFromNbdError(req.error.value);
+      err = new IoError(
+        code,
+        `${this.label}: ${describe(req)} failed on the server: ${nbdErrorName(req.error.value)}` +
+          (req.error.message === '' ? '' : ` (${req.error.message})`),
+      );
+      if (req.error.value === NbdErr.ESHUTDOWN) this.owner.onShutdown(this);
+    } else if (req.type === Cmd.READ && req.chunked && req.length > 0 && !this.coversExactly(req)) {
+      this.fail(`the server's reply to ${describe(req)} does not cover the range exactly once`);
+      return;
+    } else if (req.type === Cmd.BLOCK_STATUS && !req.status) {
+      this.fail(`the server answered ${describe(req)} without a block status chunk for base:allocation`);
+      return;
+    }
+    this.settle(req, err);
+    this.owner.onProgress(this);
+  }
+
+  private coversExactly(req: Request): boolean {
+    const f = req.filled ?? [];
+    if (f.length === 2) return f[0] === 0 && f[1] === req.length;
+    const ranges: [number, number][] = [];
+    for (let i = 0; i + 1 < f.length; i += 2) ranges.push([f[i] ?? 0, f[i + 1] ?? 0]);
+    ranges.sort((a, b) => a[0] - b[0]);
+    let at = 0;
+    for (const [start, end] of ranges) {
+      if (start !== at) return false;
+      at = end;
+    }
+    return at === req.length;
+  }
+
+  // -------------------------------------------------------------------------
+  // Socket events and the reply parser
+
+  /** Failed or closed: the parser ignores whatever still arrives. */
+  private get dead(): boolean {
+    return this.state === 'failed' || this.state === 'closed';
+  }
+
+  private readonly onData = (chunk: Buffer): void => {
+    let at = 0;
+    while (at < chunk.length && !this.dead) {
+      switch (this.parse) {
+        case Parse.Header:
+          at = this.parseHeader(chunk, at);
+          break;
+        case Parse.Data: {
+          const req = this.current;
+          if (!req?.buf) {
+            this.fail('internal error: READ data without a buffer');
+            return;
+          }
+          const n = Math.min(this.dataLeft, chunk.length - at);
+          chunk.copy(req.buf, this.dataAt, at, at + n);
+          at += n;
+          this.dataAt += n;
+          this.dataLeft -= n;
+          if (this.dataLeft === 0) this.afterData(req);
+          break;
+        }
+        case Parse.Payload: {
+          const n = Math.min(this.payload.length - this.payloadHave, chunk.length - at);
+          chunk.copy(this.payload, this.payloadHave, at, at + n);
+          at += n;
+          this.payloadHave += n;
+          if (this.payloadHave === this.payload.length) this.afterPayload();
+          break;
+        }
+      }
+    }
+  };
+
+  private parseHeader(chunk: Buffer, at: number): number {
+    if (this.headerHave === 0 && chunk.length - at >= 4) {
+      const need = this.headerSize(chunk.readUInt32BE(at));
+      if (need === 0) return chunk.length;
+      if (chunk.length - at >= need) {
+        this.onHeader(chunk, at);
+        return at + need;
+      }
+    }
+    // Slow path: the header straddles socket chunks. Its magic (the first 4 bytes) says how long it is.
+    const want = this.headerHave < 4 ? 4 : this.headerSize(this.header.readUInt32BE(0));
+    if (want === 0) return chunk.length;
+    const n = Math.min(want - this.headerHave, chunk.length - at);
+    chunk.copy(this.header, this.headerHave, at, at + n);
+    this.headerHave += n;
+    if (this.headerHave === want && want > 4) {
+      this.headerHave = 0;
+      this.onHeader(this.header, 0);
+    }
+    return at + n;
+  }
+
+  /** Header size for a reply magic; 0 (after failing the connection) for anything else. */
+  private headerSize(magic: number): number {
+    if (magic === SIMPLE_REPLY_MAGIC) return SIMPLE_REPLY_HEADER_SIZE;
+    if (magic === STRUCTURED_REPLY_MAGIC) {
+      if (this.info.structuredReplies) return STRUCTURED_REPLY_HEADER_SIZE;
+      this.fail('the server sent a structured reply although structured replies were not negotiated');
+      return 0;
+    }
+    this.fail(`the server sent a reply with bad magic 0x${magic.toString(16).padStart(8, '0')}`);
+    return 0;
+  }
+
+  private lookup(cookie: bigint, what: string): Request | undefined {
+    const req = cookie < COOKIE_LIMIT_BIG ? this.inflight.get(Number(cookie)) : undefined;
+    if (!req) {
+      this.fail(`the server sent ${what} for cookie ${cookie}, which no request in flight has`);
+      return undefined;
+    }
+    return req;
+  }
+
+  private onHeader(buf: Buffer, at: number): void {
+    if (buf.readUInt32BE(at) === SIMPLE_REPLY_MAGIC) {
+      const h = decodeSimpleReplyHeader(buf, at);
+      const req = this.lookup(h.cookie, 'a reply');
+      if (!req) return;
+      if (req.chunked) {
+        this.fail(`the server sent a simple reply to ${describe(req)} in the middle of its structured reply`);
+        return;
+      }
+      if (h.error !== 0) {
+        req.error = { value: h.error, message: '' };
+        this.finish(req);
+        return;
+      }
+      if (req.type === Cmd.BLOCK_STATUS) {
+        this.fail(`the server answered ${describe(req)} with a simple reply, which cannot carry block status`);
+        return;
+      }
+      if (req.type === Cmd.READ && req.length > 0) {
+        this.current = req;
+        this.dataAt = 0;
+        this.dataLeft = req.length;
+        this.parse = Parse.Data;
+        return;
+      }
+      this.finish(req);
+      return;
+    }
+    const h = decodeStructuredHeader(buf, at);
+    const req = this.lookup(h.cookie, `a chunk of type ${h.type}`);
+    if (!req) return;
+    req.chunked = true;
+    this.current = req;
+    this.chunkFlags = h.flags;
+    this.chunkType = h.type;
+    const bad = (why: string): void => {
+      this.fail(`the server sent a chunk of type ${h.type} and ${h.length} bytes for ${describe(req)}: ${why}`);
+    };
+    switch (h.type) {
+      case ReplyType.NONE:
+        if (h.length !== 0) {
+          bad('a NONE chunk carries no payload');
+          return;
+        }
+        if ((h.flags & ReplyFlag.DONE) === 0) {
+          bad('a NONE chunk must be the last');
+          return;
+        }
+        this.endOfChunk(req);
+        return;
+      case ReplyType.OFFSET_DATA:
+        if (req.type !== Cmd.READ) {
+          bad('data for a request that is not a READ');
+          return;
+        }
+        if (h.length <= 8 || h.length - 8 > req.length) {
+          bad(`the most this READ allows is 8 + ${req.length}`);
+          return;
+        }
+        this.chunkDataLength = h.length - 8;
+        this.collect(8);
+        return;
+      case ReplyType.OFFSET_HOLE:
+        if (req.type !== Cmd.READ) {
+          bad('a hole for a request that is not a READ');
+          return;
+        }
+        if (h.length !== 12) {
+          bad('an OFFSET_HOLE chunk is 12 bytes');
+          return;
+        }
+        this.collect(12);
+        return;
+      case ReplyType.BLOCK_STATUS:
+        if (req.type !== Cmd.BLOCK_STATUS) {
+          bad('block status for a request that is not BLOCK_STATUS');
+          return;
+        }
+        if (h.length < 12 || (h.length - 4) % 8 !== 0 || h.length > MAX_STATUS_CHUNK) {
+          bad(`block status is 4 + 8n bytes with 1 <= n <= ${MAX_STATUS_DESCRIPTORS}`);
+          return;
+        }
+        this.collect(h.length);
+        return;
+      default:
+        if (!isErrorChunk(h.type)) {
+          bad('the type is unknown (the spec says to disconnect)');
+          return;
+        }
+        if (h.length < 6 || h.length > MAX_ERROR_CHUNK) {
+          bad(`an error chunk is 6 to ${MAX_ERROR_CHUNK} bytes`);
+          return;
+        }
+        this.collect(h.length);
+        return;
+    }
+  }
+
+  private collect(n: number): void {
+    this.payload = Buffer.allocUnsafe(n);
+    this.payloadHave = 0;
+    this.parse = Parse.Payload;
+  }
+
+  private afterPayload(): void {
+    const req = this.current;
+    if (!req) return;
+    this.parse = Parse.Header;
+    const payload = this.payload;
+    this.payload = Buffer.alloc(0);
+    switch (this.chunkType) {
+      case ReplyType.OFFSET_DATA: {
+        const offset = payload.readUInt32BE(0) * 2 ** 32 + payload.readUInt32BE(4);
+        const rel = offset - req.offset;
+        if (rel < 0 || rel + this.chunkDataLength > req.length) {
+          this.fail(
+            `the server sent data at ${offset} length ${this.chunkDataLength} for ${describe(req)}, outside its range`,
+          );
+          return;
+        }
+        (req.filled ??= []).push(rel, rel + this.chunkDataLength);
+        this.dataAt = rel;
+        this.dataLeft = this.chunkDataLength;
+        this.parse = Parse.Data;
+        return;
+      }
+      case ReplyType.OFFSET_HOLE: {
+        const hole = decodeOffsetHolePayload(payload);
+        const rel = hole.offset - req.offset;
+        if (hole.length === 0 || rel < 0 || rel + hole.length > req.length) {
+          this.fail(
+            `the server sent a hole at ${hole.offset} length ${hole.length} for ${describe(req)}, outside its range`,
+          );
+          return;
+        }
+        (req.filled ??= []).push(rel, rel + hole.length);
+        req.buf?.fill(0, rel, rel + hole.length);
+        break;
+      }
+      case ReplyType.BLOCK_STATUS: {
+        const s = decodeBlockStatusPayload(payload);
+        if (s.contextId !== this.info.baseAllocationId) {
+          this.fail(`the server sent block status for context ${s.contextId}, which was never selected`);
+          return;
+        }
+        if (req.status) {
+          this.fail(`the server sent two block status chunks for base:allocation in one reply`);
+          return;
+        }
+        let total = 0;
+        for (const [i, e] of s.extents.entries()) {
+          if (e.length === 0) {
+            this.fail(`the server sent a zero-length extent for ${describe(req)}`);
+            return;
+          }
+          // Only the last extent may reach past the request (proto.md, BLOCK_STATUS).
+          if (i < s.extents.length - 1 && total + e.length > req.length) {
+            this.fail(`the server's extents for ${describe(req)} run past its end before the last one`);
+            return;
+          }
+          total += e.length;
+        }
+        req.status = s.extents;
+        break;
+      }
+      default: {
+        // An error chunk (ERROR, ERROR_OFFSET, or one this client does not know: the generic layout).
+        let e;
+        try {
+          e = decodeErrorPayload(payload);
+        } catch (err) {
+          this.fail(`the server sent a malformed error chunk for ${describe(req)}: ${errorMessage(err)}`);
+          return;
+        }
+        if (e.error === 0) {
+          this.fail(`the server sent an error chunk with error 0 for ${describe(req)}`);
+          return;
+        }
+        req.error ??= { value: e.error, message: e.message };
+        break;
+      }
+    }
+    this.endOfChunk(req);
+  }
+
+  private afterData(req: Request): void {
+    this.parse = Parse.Header;
+    // A simple reply's data ends the reply; an OFFSET_DATA chunk ends only its chunk.
+    if (req.chunked) this.endOfChunk(req);
+    else this.finish(req);
+  }
+
+  private endOfChunk(req: Request): void {
+    this.parse = Parse.Header;
+    if (this.chunkFlags & ReplyFlag.DONE) this.finish(req);
+    else this.current = undefined;
+  }
+
+  private readonly onEnd = (): void => {
+    this.lost('the server closed the connection');
+  };
+
+  private readonly onError = (err: Error): void => {
+    this.lost(`the connection failed: ${err.message}`);
+  };
+
+  private lost(why: string): void {
+    if (this.state === 'failed' || this.state === 'closed') return;
+    if (this.discSent && this.inflight.size === 0) {
+      this.socket.destroy();
+      return;
+    }
+    const midReply = this.parse !== Parse.Header || this.headerHave > 0;
+    if (this.inflight.size > 0 || midReply) {
+      this.fail(`${why}${midReply ? ' in the middle of a reply' : ''} with ${this.inflight.size} request(s) in flight`);
+    } else {
+      this.fail(why);
+    }
+  }
+
+  private readonly onClose = (): void => {
+    if (this.state !== 'failed') this.lost('the connection was closed');
+    if (this.state !== 'failed') this.state = 'closed';
+    if (this.closeTimer) clearTimeout(this.closeTimer);
+    this.socket.off('data', this.onData);
+    this.resolveClosed();
+  };
+
+  /** Graceful end or not, the socket is gone. */
+  destroy(): void {
+    this.socket.destroy();
+  }
+
+  get isDisconnecting(): boolean {
+    return this.discSent;
+  }
+}
+
+// ---------------------------------------------------------------------------
+// The client: one or more connections to one export
+
+export class NbdClient {
+  /** The URI (or transport) it was opened with, for messages. */
+  readonly name: string;
+  readonly info: NbdExportInfo;
+  /** Minimum block size requests are aligned to (1 when the server sent none: it should accept any). */
+  readonly alignment: number;
+  /** Largest READ/WRITE payload sent, a multiple of the alignment. */
+  readonly maxPayload: number;
+  private readonly opts: Required<NbdClientOptions>;
+  private conns: Connection[] = [];
+  private rr = 0;
+  private closing: Promise<void> | undefined;
+  private failure: IoError | undefined;
+
+  private constructor(name: string, info: NbdExportInfo, opts: Required<NbdClientOptions>) {
+    this.name = name;
+    this.info = info;
+    this.opts = opts;
+    this.alignment = info.advertisedBlockSize?.min ?? 1;
+    const max = Math.min(info.advertisedBlockSize?.max ?? DEFAULT_MAX_PAYLOAD, DEFAULT_MAX_PAYLOAD);
+    this.maxPayload = Math.max(this.alignment, max - (max % this.alignment));
+  }
+
+  /**
+   * Connect to `target` (an NBD URI, or a parsed one) and complete the
+   * handshake on every connection. Rejects with a message naming the server
+   * and what went wrong.
+   */
+  static async connect(target: string | NbdUri, options: NbdClientOptions = {}): Promise<NbdClient> {
+    const uri = typeof target === 'string' ? parseNbdUri(target) : target;
+    const opts = { ...DEFAULTS, ...options };
+    const name = uri.text;
+    if (uri.tls) {
+      throw new Error(
+        `${name}: TLS is not supported yet; use ${uri.scheme.replace('nbds', 'nbd')}:// if the server allows plain connections`,
+      );
+    }
+    const where = describeTransport(uri.transport);
+    const openOne = async (): Promise<{ socket: Socket; info: NbdExportInfo; leftover: Buffer[] }> => {
+      try {
+        return await open(uri.transport, uri.exportName, opts);
+      } catch (err) {
+        throw new Error(`${name}: cannot connect to ${where}: ${errorMessage(err)}`, { cause: err });
+      }
+    };
+    const first = await openOne();
+    const info = first.info;
+    if (!Number.isSafeInteger(info.size)) {
+      first.socket.destroy();
+      throw new Error(`${name}: the export's size ${info.size} is beyond what this client handles`);
+    }
+    const client = new NbdClient(name, info, opts);
+    client.adopt(first);
+    const wanted = info.flags & TxFlag.CAN_MULTI_CONN ? Math.max(1, opts.connections) : 1;
+    if (wanted > 1) {
+      const more = await Promise.allSettled(Array.from({ length: wanted - 1 }, openOne));
+      for (const r of more) {
+        if (r.status === 'rejected') {
+          log.warn(`${name}: an extra connection failed (${errorMessage(r.reason)}); going on with fewer`);
+          continue;
+        }
+        const same =
+          r.value.info.size === info.size &&
+          r.value.info.flags === info.flags &&
+          r.value.info.structuredReplies === info.structuredReplies &&
+          r.value.info.baseAllocationId === info.baseAllocationId &&
+          JSON.stringify(r.value.info.advertisedBlockSize) === JSON.stringify(info.advertisedBlockSize);
+        if (!same) {
+          log.warn(`${name}: an extra connection negotiated different export properties; not using it`);
+          r.value.socket.destroy();
+          continue;
+        }
+        client.adopt(r.value);
+      }
+    }
+    return client;
+  }
+
+  private adopt(o: { socket: Socket; info: NbdExportInfo; leftover: Buffer[] }): void {
+    const owner: ConnectionOwner = {
+      label: this.name,
+      onProgress: (conn) => {
+        conn.pump();
+      },
+      onFailure: (conn, err) => {
+        this.onConnectionFailure(conn, err);
+      },
+      onShutdown: (conn) => {
+        log.info(`${this.name}: the server is shutting down; closing connection ${conn.id}`);
+        conn.rejectQueued(new IoError('ESHUTDOWN', `${this.name}: the server is shutting down`));
+        conn.drain();
+        if (this.live().length === 0) {
+          this.failure ??= new IoError('ESHUTDOWN', `${this.name}: the server is shutting down`);
+        }
+      },
+    };
+    this.conns.push(new Connection(this.conns.length + 1, o.socket, o.info, o.leftover, owner, this.opts));
+  }
+
+  private onConnectionFailure(conn: Connection, err: IoError): void {
+    if (this.closing) return;
+    if (this.failure) return;
+    log.warn(err.message);
+    this.failure = new IoError('EIO', `${this.name}: the connection to the server was lost (${err.message})`);
+    // The server cannot be trusted any more: finish what the other connections have in flight, queue nothing more.
+    for (const c of this.conns) {
+      if (c === conn) continue;
+      c.rejectQueued(this.failure);
+      c.drain();
+    }
+  }
+
+  private live(): Connection[] {
+    return this.conns.filter((c) => c.state === 'open');
+  }
+
+  /** Connections in use (after failures, those still open). */
+  get connections(): number {
+    return this.live().length;
+  }
+
+  /** Requests sent per connection, by command name (for tests and diagnostics). */
+  get requestCounts(): Record<string, number>[] {
+    return this.conns.map((c) => ({ ...c.sent }));
+  }
+
+  /** Set once the client can serve no more requests (connection lost, server shutting down). */
+  get failed(): IoError | undefined {
+    return this.failure;
+  }
+
+  get size(): number {
+    return this.info.size;
+  }
+
+  get flags(): number {
+    return this.info.flags;
+  }
+
+  private has(flag: number): boolean {
+    return (this.info.flags & TxFlag.HAS_FLAGS) !== 0 && (this.info.flags & flag) !== 0;
+  }
+
+  /** Queue a request on the least loaded connection. */
+  private submit(type: number, flags: number, offset: number, length: number, buf?: Buffer): Promise<void> {
+    const { req, done } = newRequest(type, flags, offset, length, buf);
+    this.dispatch(req);
+    return done;
+  }
+
+  /** Hand `req` to the least loaded open connection (round robin among equals), or fail it. */
+  private dispatch(req: Request): void {
+    const refused = this.refusal();
+    if (refused) {
+      req.reject(refused);
+      return;
+    }
+    let total = 0;
+    let best: Connection | undefined;
+    const n = this.conns.length;
+    for (let i = 0; i < n; i++) {
+      const c = this.conns[(this.rr + i) % n];
+      if (!c || c.state !== 'open') continue;
+      total += c.queued;
+      if (!best || c.load < best.load) best = c;
+    }
+    if (!best) {
+      req.reject(new IoError('EIO', `${this.name}: no connection is open`));
+      return;
+    }
+    if (total >= this.opts.maxQueued) {
+      req.reject(new IoError('ENOMEM', `${this.name}: ${total} requests are already waiting to be sent`));
+      return;
+    }
+    this.rr = (this.rr + 1) % n;
+    best.submit(req);
+  }
+
+  private refusal(): IoError | undefined {
+    if (this.closing) return new IoError('ESHUTDOWN', `${this.name}: the client is closed`);
+    return this.failure;
+  }
+
+  private checkRange(offset: number, length: number, write: boolean): void {
+    if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0) {
+      throw new IoError('EINVAL', `${this.name}: invalid range offset=${offset} length=${length}`);
+    }
+    if (offset + length > this.info.size) {
+      throw new IoError(
+        write ? 'ENOSPC' : 'EINVAL',
+        `${this.name}: range ${offset}+${length} extends past the end of the export (${this.info.size} bytes)`,
+      );
+    }
+  }
+
+  private checkAligned(what: string, offset: number, length: number): void {
+    const a = this.alignment;
+    if (a > 1 && (offset % a !== 0 || length % a !== 0)) {
+      throw new IoError(
+        'EINVAL',
+        `${this.name}: ${what} at ${offset} length ${length} is not aligned to the server's minimum block size ${a}`,
+      );
+    }
+  }
+
+  private need(flag: number, what: string): void {
+    if (!this.has(flag)) throw new IoError('EINVAL', `${this.name}: the server does not support ${what}`);
+  }
+
+  private writable(): void {
+    if (this.has(TxFlag.READ_ONLY)) throw new IoError('EPERM', `${this.name}: the export is read-only`);
+  }
+
+  /**
+   * Run `one` over [offset, offset+length) in pieces of at most `piece`
+   * bytes, all at once. Waits for every piece before failing, so no piece
+   * is still using the caller's buffer when the promise settles.
+   */
+  private async pieces(
+    offset: number,
+    length: number,
+    piece: number,
+    one: (at: number, n: number) => Promise<void>,
+  ): Promise<void> {
+    if (length <= piece) return one(offset, length);
+    const all: Promise<void>[] = [];
+    for (let at = offset; at < offset + length; at += piece) all.push(one(at, Math.min(piece, offset + length - at)));
+    const results = await Promise.allSettled(all);
+    for (const r of results) if (r.status === 'rejected') throw r.reason;
+  }
+
+  /** Fill `buf` from `offset`. Unaligned reads are widened to the server's minimum block size. */
+  async read(buf: Buffer, offset: number): Promise<void> {
+    this.checkRange(offset, buf.length, false);
+    if (buf.length === 0) return;
+    const a = this.alignment;
+    if (a > 1 && (offset % a !== 0 || buf.length % a !== 0)) {
+      const start = offset - (offset % a);
+      const end = Math.min(Math.ceil((offset + buf.length) / a) * a, this.info.size);
+      const wide = Buffer.allocUnsafe(end - start);
+      await this.read(wide, start);
+      wide.copy(buf, 0, offset - start, offset - start + buf.length);
+      return;
+    }
+    await this.pieces(offset, buf.length, this.maxPayload, (at, n) =>
+      this.submit(Cmd.READ, 0, at, n, buf.subarray(at - offset, at - offset + n)),
+    );
+  }
+
+  /** Write all of `buf` at `offset`; with `fua` (only if the server offers SEND_FUA) durable on return. */
+  async write(buf: Buffer, offset: number, options: { fua?: boolean } = {}): Promise<void> {
+    this.writable();
+    this.checkRange(offset, buf.length, true);
+    this.checkAligned('WRITE', offset, buf.length);
+    if (options.fua === true) this.need(TxFlag.SEND_FUA, 'FUA');
+    if (buf.length === 0) return;
+    const flags = options.fua === true ? CmdFlag.FUA : 0;
+    await this.pieces(offset, buf.length, this.maxPayload, (at, n) =>
+      this.submit(Cmd.WRITE, flags, at, n, buf.subarray(at - offset, at - offset + n)),
+    );
+  }
+
+  /**
+   * NBD_CMD_FLUSH on every connection: writes completed before the call are
+   * durable when it resolves. With CAN_MULTI_CONN one would do (proto.md); every
+   * one is asked so a server with per-connection caches is covered too.
+   */
+  async flush(): Promise<void> {
+    this.need(TxFlag.SEND_FLUSH, 'FLUSH');
+    const refused = this.refusal();
+    if (refused) throw refused;
+    const all = this.live().map((c) => {
+      const { req, done } = newRequest(Cmd.FLUSH, 0, 0, 0, undefined);
+      c.submit(req);
+      return done;
+    });
+    const results = await Promise.allSettled(all);
+    for (const r of results) if (r.status === 'rejected') throw r.reason;
+  }
+
+  /** NBD_CMD_TRIM over an aligned range (the server may ignore it). */
+  async trim(offset: number, length: number, options: { fua?: boolean } = {}): Promise<void> {
+    this.writable();
+    this.need(TxFlag.SEND_TRIM, 'TRIM');
+    this.checkRange(offset, length, true);
+    this.checkAligned('TRIM', offset, length);
+    if (options.fua === true) this.need(TxFlag.SEND_FUA, 'FUA');
+    if (length === 0) return;
+    const flags = options.fua === true ? CmdFlag.FUA : 0;
+    await this.pieces(offset, length, NO_PAYLOAD_PIECE, (at, n) => this.submit(Cmd.TRIM, flags, at, n));
+  }
+
+  /** NBD_CMD_WRITE_ZEROES; `fastZero` fails with ENOTSUP unless the server can zero faster than writing. */
+  async writeZeroes(
+    offset: number,
+    length: number,
+    options: { noHole?: boolean; fastZero?: boolean; fua?: boolean } = {},
+  ): Promise<void> {
+    this.writable();
+    this.need(TxFlag.SEND_WRITE_ZEROES, 'WRITE_ZEROES');
+    this.checkRange(offset, length, true);
+    this.checkAligned('WRITE_ZEROES', offset, length);
+    if (options.fastZero === true) this.need(TxFlag.SEND_FAST_ZERO, 'FAST_ZERO');
+    if (options.fua === true) this.need(TxFlag.SEND_FUA, 'FUA');
+    if (length === 0) return;
+    const flags =
+      (options.noHole === true ? CmdFlag.NO_HOLE : 0) |
+      (options.fastZero === true ? CmdFlag.FAST_ZERO : 0) |
+      (options.fua === true ? CmdFlag.FUA : 0);
+    await this.pieces(offset, length, NO_PAYLOAD_PIECE, (at, n) => this.submit(Cmd.WRITE_ZEROES, flags, at, n));
+  }
+
+  /** base:allocation over [offset, offset+length), covering it exactly, adjacent runs merged. */
+  async blockStatus(offset: number, length: number): Promise<Extent[]> {
+    this.checkRange(offset, length, false);
+    if (this.info.baseAllocationId === undefined) {
+      throw new IoError('EINVAL', `${this.name}: the server did not select base:allocation`);
+    }
+    const out: Extent[] = [];
+    const end = offset + length;
+    const a = this.alignment;
+    let pos = offset;
+    while (pos < end) {
+      const start = pos - (pos % a);
+      const stop = Math.min(Math.ceil(Math.min(end, start + NO_PAYLOAD_PIECE) / a) * a, this.info.size);
+      const { req, done } = newRequest(Cmd.BLOCK_STATUS, 0, start, stop - start, undefined);
+      this.dispatch(req);
+      await done;
+      let at = start;
+      for (const d of req.status ?? []) {
+        const from = Math.max(at, pos);
+        const to = Math.min(at + d.length, end);
+        at += d.length;
+        if (to <= from) continue;
+        const hole = (d.flags & State.HOLE) !== 0;
+        const zero = (d.flags & State.ZERO) !== 0;
+        const last = out[out.length - 1];
+        if (last && last.hole === hole && last.zero === zero) last.length += to - from;
+        else out.push({ length: to - from, hole, zero });
+      }
+      // Each reply describes at least one non-empty extent, so this always moves forward.
+      pos = Math.max(pos, Math.min(at, end));
+    }
+    return out;
+  }
+
+  /**
+   * Finish every request already accepted, send NBD_CMD_DISC on every
+   * connection and wait for the sockets to close. Later calls fail with
+   * ESHUTDOWN. Idempotent.
+   */
+  close(): Promise<void> {
+    this.closing ??= (async () => {
+      for (const c of this.conns) c.drain();
+      await Promise.all(this.conns.map((c) => c.closed));
+    })();
+    return this.closing;
+  }
+}
+
+/** Is the BLOCK_STATUS / TRIM piece size a multiple of every legal minimum block size? (Checked once, here.) */
+if (NO_PAYLOAD_PIECE % 65536 !== 0) throw new Error('NO_PAYLOAD_PIECE must be a multiple of 64 KiB');
