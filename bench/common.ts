@@ -1,14 +1,22 @@
 // Helpers shared by the benchmark suites: starting servers, waiting for their
-// sockets, running fio's nbd engine and reading its JSON, and a process's
-// peak resident memory.
+// sockets, running fio's nbd engine and reading its JSON, a process's peak
+// resident memory, the control socket, and the rows of the summary table.
+//
+// fio runs asynchronously (never spawnSync): the GC trigger loop, the FUSE
+// page-cache dropper and the hit-ratio snapshots run on this event loop while
+// fio measures.
 
-import { spawnSync, type ChildProcess } from 'node:child_process';
-import { existsSync, readFileSync } from 'node:fs';
+import { spawn, spawnSync, type ChildProcess, type ChildProcessByStdio } from 'node:child_process';
+import { closeSync, existsSync, ftruncateSync, openSync, readFileSync } from 'node:fs';
+import { request } from 'node:http';
 import { connect } from 'node:net';
 import { dirname, join } from 'node:path';
+import type { Readable } from 'node:stream';
 import { fileURLToPath } from 'node:url';
 
 export const root = join(dirname(fileURLToPath(import.meta.url)), '..');
+export const UBCACHE = join(root, 'bin', 'ubcache');
+export const MiB = 1024 * 1024;
 
 export interface Workload {
   name: string;
@@ -35,6 +43,10 @@ export function parseSize(s: string): number {
   return Number(m[1]) * (mult[(m[2] ?? '').toLowerCase()] ?? 1);
 }
 
+export function sleep(ms: number): Promise<void> {
+  return new Promise((r) => setTimeout(r, ms));
+}
+
 export async function waitForSocket(path: string, child: ChildProcess, deadlineMs: number): Promise<void> {
   const until = Date.now() + deadlineMs;
   for (;;) {
@@ -53,11 +65,12 @@ export async function waitForSocket(path: string, child: ChildProcess, deadlineM
       if (ok) return;
     }
     if (Date.now() > until) throw new Error(`server did not listen on ${path} in time`);
-    await new Promise((r) => setTimeout(r, 20));
+    await sleep(20);
   }
 }
 
-export function peakRssMiB(pid: number): number {
+export function peakRssMiB(pid: number | undefined): number {
+  if (pid === undefined) return NaN;
   try {
     const status = readFileSync(`/proc/${pid}/status`, 'utf8');
     const m = /VmHWM:\s+(\d+) kB/.exec(status);
@@ -67,17 +80,116 @@ export function peakRssMiB(pid: number): number {
   }
 }
 
-interface FioJob {
-  read: { iops: number; bw_bytes: number; clat_ns: { percentile?: Record<string, number> } };
-  write: { iops: number; bw_bytes: number; clat_ns: { percentile?: Record<string, number> } };
+/** A sparse file of `size` bytes (created or truncated). */
+export function sparse(path: string, size: number): string {
+  const fd = openSync(path, 'w');
+  ftruncateSync(fd, size);
+  closeSync(fd);
+  return path;
 }
 
-/** fio's nbd engine on `uri` (or, with a path to a regular file, plain pread/pwrite through io_uring). */
-export function runFio(uri: string, w: Workload, runtime: number, size: number): Omit<Result, 'server' | 'workload'> {
+/** Run a short command to completion; its stdout, or an error with its stderr. */
+export function sh(cmd: string, args: string[], opts: { cwd?: string } = {}): string {
+  const r = spawnSync(cmd, args, { encoding: 'utf8', maxBuffer: 64 * MiB, ...opts });
+  if (r.status !== 0) throw new Error(`${cmd} ${args.join(' ')} failed (${r.status ?? r.signal}): ${r.stderr}`);
+  return r.stdout;
+}
+
+/** The same, without blocking the event loop; never throws, the caller looks at `status`. */
+export function run(
+  cmd: string,
+  args: string[],
+  opts: { cwd?: string } = {},
+): Promise<{ status: number | null; stdout: string; stderr: string }> {
+  return new Promise((resolve) => {
+    const child = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'], ...opts });
+    let stdout = '';
+    let stderr = '';
+    child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
+    child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+    child.once('error', (err) => {
+      resolve({ status: -1, stdout, stderr: stderr + err.message });
+    });
+    child.once('close', (status) => {
+      resolve({ status, stdout, stderr });
+    });
+  });
+}
+
+/** A long-running server whose stderr is kept for error messages. */
+export interface Proc {
+  child: ChildProcess;
+  stderr: () => string;
+}
+
+export function startProc(cmd: string, args: string[], env?: NodeJS.ProcessEnv): Proc {
+  const child: ChildProcessByStdio<null, null, Readable> = spawn(cmd, args, {
+    stdio: ['ignore', 'ignore', 'pipe'],
+    ...(env ? { env } : {}),
+  });
+  let text = '';
+  child.stderr.on('data', (d: Buffer) => (text += d.toString()));
+  return { child, stderr: () => text };
+}
+
+export function ubcache(args: string[]): Proc {
+  return startProc(UBCACHE, args);
+}
+
+/**
+ * nbdkit in the foreground on a unix socket, dying with us. --threads 64 so
+ * the delay filter delays each request by itself rather than a queue of them.
+ */
+export function nbdkit(socket: string, args: string[], env?: NodeJS.ProcessEnv): Proc {
+  return startProc('nbdkit', ['--foreground', '--exit-with-parent', '--threads', '64', '-U', socket, ...args], env);
+}
+
+/** Wait for the socket, run `body`, stop the server however `body` ended; errors carry its stderr. */
+export async function withProcess<T>(p: Proc, socket: string, what: string, body: () => Promise<T> | T): Promise<T> {
+  try {
+    await waitForSocket(socket, p.child, 60_000);
+    return await body();
+  } catch (err) {
+    throw new Error(`${what}: ${err instanceof Error ? err.message : String(err)}\n${p.stderr()}`, { cause: err });
+  } finally {
+    await stopChild(p.child);
+  }
+}
+
+export interface FioOptions {
+  /** Seconds of warm-up fio leaves out of its figures; default 1, 0 for runs that measure the cold start. */
+  rampTime?: number;
+  /** fio's --percentile_list, e.g. [50, 99, 99.9]. */
+  percentiles?: number[];
+  /** Log IOPS once a second to `${iopsLog}_iops.1.log` (read back into `series`). */
+  iopsLog?: string;
+}
+
+export interface FioResult {
+  iops: number;
+  mibps: number;
+  p99us: number;
+  /** Completion latency percentiles in µs, keyed as given ("99.9"). */
+  percentiles: Record<string, number>;
+  /** IOPS of each second from the start, when iopsLog was asked for. */
+  series?: number[];
+}
+
+interface FioSide {
+  iops: number;
+  bw_bytes: number;
+  clat_ns: { percentile?: Record<string, number> };
+}
+interface FioJob {
+  read: FioSide;
+  write: FioSide;
+}
+
+function fioArgs(uri: string, w: Workload, runtime: number, size: number, o: FioOptions): string[] {
   const target = uri.startsWith('nbd')
     ? ['--ioengine=nbd', `--uri=${uri}`]
     : ['--ioengine=io_uring', `--filename=${uri}`, '--direct=0'];
-  const args = [
+  return [
     '--name=bench',
     ...target,
     `--rw=${w.rw}`,
@@ -87,19 +199,60 @@ export function runFio(uri: string, w: Workload, runtime: number, size: number):
     `--size=${size}`,
     '--time_based',
     `--runtime=${runtime}`,
-    '--ramp_time=1',
+    `--ramp_time=${o.rampTime ?? 1}`,
     '--group_reporting',
     '--output-format=json',
+    ...(o.percentiles ? [`--percentile_list=${o.percentiles.join(':')}`] : []),
+    ...(o.iopsLog !== undefined ? [`--write_iops_log=${o.iopsLog}`, '--log_avg_msec=1000'] : []),
     ...(w.extra ?? []),
   ];
-  const r = spawnSync('fio', args, { encoding: 'utf8', maxBuffer: 64 * 1024 * 1024 });
-  if (r.status !== 0) throw new Error(`fio failed: ${r.stderr}`);
-  const json = JSON.parse(r.stdout.slice(r.stdout.indexOf('{'))) as { jobs: FioJob[] };
+}
+
+function parseFio(stdout: string, w: Workload, o: FioOptions): FioResult {
+  const json = JSON.parse(stdout.slice(stdout.indexOf('{'))) as { jobs: FioJob[] };
   const job = json.jobs[0];
   if (!job) throw new Error('fio printed no job');
   const side = w.rw.includes('write') ? job.write : job.read;
-  const p99 = side.clat_ns.percentile?.['99.000000'] ?? NaN;
-  return { iops: side.iops, mibps: side.bw_bytes / 1024 / 1024, p99us: p99 / 1000 };
+  const pct = side.clat_ns.percentile ?? {};
+  const percentiles: Record<string, number> = {};
+  for (const [k, v] of Object.entries(pct)) percentiles[String(Number(k))] = v / 1000;
+  const result: FioResult = {
+    iops: side.iops,
+    mibps: side.bw_bytes / MiB,
+    p99us: percentiles['99'] ?? NaN,
+    percentiles,
+  };
+  if (o.iopsLog !== undefined) result.series = readIopsLog(`${o.iopsLog}_iops.1.log`);
+  return result;
+}
+
+/**
+ * fio's iops log with --log_avg_msec=1000: "msec, iops, dir, bs, prio" a line,
+ * one line a second. Sample i (from 0) is the second (i, i+1].
+ */
+export function readIopsLog(path: string): number[] {
+  const series: number[] = [];
+  for (const line of readFileSync(path, 'utf8').split('\n')) {
+    const [ms, iops] = line.split(',').map((s) => Number(s.trim()));
+    if (ms === undefined || iops === undefined || !Number.isFinite(ms) || !Number.isFinite(iops)) continue;
+    const i = Math.max(0, Math.round(ms / 1000) - 1);
+    series[i] = (series[i] ?? 0) + iops;
+  }
+  for (let i = 0; i < series.length; i++) series[i] ??= 0;
+  return series;
+}
+
+/** fio on `uri` (an NBD URI: fio's nbd engine; a path: io_uring on the file), without blocking the event loop. */
+export async function fio(
+  uri: string,
+  w: Workload,
+  runtime: number,
+  size: number,
+  o: FioOptions = {},
+): Promise<FioResult> {
+  const r = await run('fio', fioArgs(uri, w, runtime, size, o));
+  if (r.status !== 0) throw new Error(`fio failed (${r.status}): ${r.stderr}`);
+  return parseFio(r.stdout, w, o);
 }
 
 /** `command -v` for each tool, exiting with a message naming the packages when one is missing. */
@@ -118,4 +271,152 @@ export async function stopChild(child: ChildProcess, signal: NodeJS.Signals = 'S
   const exited = new Promise((r) => child.once('exit', r));
   child.kill(signal);
   await exited;
+}
+
+export function progress(text: string): void {
+  process.stderr.write(`bench: ${text}\n`);
+}
+
+// --- the control socket of `ubcache serve` ---
+
+/** `ubcache ctl --control SOCKET ARGS...`, as a user runs it. */
+export async function ctl(control: string, ...args: string[]): Promise<string> {
+  const r = await run(UBCACHE, ['ctl', '--control', control, ...args]);
+  if (r.status !== 0) throw new Error(`ubcache ctl ${args.join(' ')}: ${r.stderr.trim()}`);
+  return r.stdout;
+}
+
+/**
+ * One HTTP request on the control socket: the request `ubcache ctl` sends,
+ * without starting a node process each time (about 0.2 s of CPU, which on
+ * two cores would weigh on the very figure a loop of them is measuring).
+ */
+export function controlRequest(
+  socketPath: string,
+  method: 'GET' | 'PUT',
+  path: string,
+  body?: string,
+): Promise<string> {
+  return new Promise((resolve, reject) => {
+    const req = request(
+      {
+        socketPath,
+        method,
+        path,
+        headers: body === undefined ? {} : { 'content-type': 'text/plain', 'content-length': Buffer.byteLength(body) },
+      },
+      (res) => {
+        let text = '';
+        res.on('data', (c: Buffer) => (text += c.toString()));
+        res.on('end', () => {
+          if ((res.statusCode ?? 0) >= 400) reject(new Error(`${method} ${path}: HTTP ${res.statusCode}: ${text}`));
+          else resolve(text);
+        });
+        res.on('error', reject);
+      },
+    );
+    req.on('error', reject);
+    req.end(body);
+  });
+}
+
+export interface HitStats {
+  hits: number;
+  misses: number;
+  /** bcache's cache_hit_ratio (integer percent). */
+  ratio: number;
+}
+
+/** bcache0's stats_total hit counters, read with `ubcache ctl tree`. */
+export async function hitStats(control: string, dev = 'bcache0'): Promise<HitStats> {
+  const text = await ctl(control, 'tree', `/sys/block/${dev}/bcache/stats_total`);
+  const get = (name: string): number => {
+    const m = new RegExp(`/${name}: (\\S+)`).exec(text);
+    return m ? Number(m[1]) : NaN;
+  };
+  return { hits: get('cache_hits'), misses: get('cache_misses'), ratio: get('cache_hit_ratio') };
+}
+
+/** The same counters over HTTP, cheap enough to read in the middle of a measurement. */
+export async function hitCounters(control: string, dev = 'bcache0'): Promise<{ hits: number; misses: number }> {
+  const base = `/sys/block/${dev}/bcache/stats_total`;
+  const [h, m] = await Promise.all([
+    controlRequest(control, 'GET', `${base}/cache_hits`),
+    controlRequest(control, 'GET', `${base}/cache_misses`),
+  ]);
+  return { hits: Number(h.trim()), misses: Number(m.trim()) };
+}
+
+/** The uuid of the (only) cache set. */
+export async function setUuid(control: string): Promise<string> {
+  const names = await ctl(control, 'ls', '/sys/fs/bcache');
+  const uuid = names.split(/\s+/).find((n) => /^[0-9a-f]{8}-[0-9a-f]{4}-/.test(n));
+  if (uuid === undefined) throw new Error(`no cache set in /sys/fs/bcache: ${names}`);
+  return uuid;
+}
+
+// --- rows of the summary table ---
+
+export interface Goal {
+  /** What the goal is checked against: the ratio, or the value itself (seconds, MiB). */
+  of: 'ratio' | 'value';
+  op: '>=' | '<=' | '<';
+  limit: number;
+  unit: string;
+}
+
+export interface Row {
+  /** The --only name that selects the measurement. */
+  id: string;
+  what: string;
+  value: string;
+  reference: string;
+  /** value / reference (or reference / value where smaller is better, as the goal says). */
+  ratio: number | undefined;
+  /** The figure the goal is checked against when it is not the ratio. */
+  measured?: number;
+  goal?: Goal;
+  notes?: string;
+}
+
+export function goalText(g: Goal | undefined): string {
+  if (!g) return '—';
+  const op = { '>=': '≥', '<=': '≤', '<': '<' }[g.op];
+  return `${op} ${g.limit}${g.unit === '×' ? '×' : ` ${g.unit}`}`;
+}
+
+export function goalMet(r: Row): string {
+  const g = r.goal;
+  if (!g) return '';
+  const x = g.of === 'ratio' ? r.ratio : r.measured;
+  if (x === undefined || !Number.isFinite(x)) return '?';
+  const ok = g.op === '>=' ? x >= g.limit : g.op === '<=' ? x <= g.limit : x < g.limit;
+  return ok ? 'yes' : 'no';
+}
+
+export function fmtIops(x: number): string {
+  if (!Number.isFinite(x)) return 'n/a';
+  return x >= 10_000 ? `${(x / 1000).toFixed(1)}k` : x.toFixed(0);
+}
+
+export function fmtRatio(x: number | undefined): string {
+  return x === undefined || !Number.isFinite(x) ? '—' : `${x.toFixed(2)}×`;
+}
+
+export function renderRows(rows: Row[]): string[] {
+  const esc = (s: string): string => s.replaceAll('|', '\\|');
+  const lines = ['| what | value | reference | ratio | goal | met | notes |', '|---|---:|---|---:|---:|:---:|---|'];
+  for (const r of rows) {
+    lines.push(
+      `| ${esc(r.what)} | ${esc(r.value)} | ${esc(r.reference)} | ${fmtRatio(r.ratio)} | ${goalText(r.goal)} | ${goalMet(r)} | ${esc(r.notes ?? '')} |`,
+    );
+  }
+  return lines;
+}
+
+/** Which measurements --only asks for (undefined: all). */
+export function selector(only: string | undefined): (id: string) => boolean {
+  if (only === undefined) return () => true;
+  const set = new Set(only.split(',').map((s) => s.trim()));
+  return (id) => set.has(id);
 }
