@@ -26,6 +26,16 @@
  *       the fast path that skips libuv's thread-pool hop for page-cache hits;
  *       a caller falls back to the pool on anything but a full transfer.
  *
+ *   execve(path, argv[], env[]) -> never returns; throws on failure
+ *       Replaces the process image, keeping its pid, its stdio and its
+ *       place under whoever supervises it. The CLI uses it once at startup
+ *       to restart itself with UV_THREADPOOL_SIZE set: libuv sizes its pool
+ *       at the first use, and Node 20's ES module loader uses the pool
+ *       before any of our code runs.
+ *
+ *   uringSetup, uringRead, ... (uring.c, only when built with liburing):
+ *       the io_uring I/O engine.
+ *
  * The asynchronous calls run on libuv's thread pool (napi async work) so a slow punch on a
  * large range never blocks the event loop. Errors reject with an Error whose
  * `code` is the errno name (EOPNOTSUPP, EIO, ...), like Node's own fs errors.
@@ -35,6 +45,7 @@
 #include <fcntl.h>
 #include <linux/fs.h>
 #include <node_api.h>
+#include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <sys/uio.h>
@@ -43,6 +54,8 @@
 #include <sys/file.h>
 #include <sys/ioctl.h>
 #include <unistd.h>
+
+#include "ubcache_native.h"
 
 enum op_kind { OP_FALLOCATE, OP_SEEK, OP_BLKDISCARD, OP_FLOCK };
 
@@ -58,7 +71,7 @@ struct op {
   napi_async_work work;
 };
 
-static const char *errno_name(int e) {
+const char *ubcache_errno_name(int e) {
   switch (e) {
     case EOPNOTSUPP: return "EOPNOTSUPP";
     case EIO: return "EIO";
@@ -77,8 +90,30 @@ static const char *errno_name(int e) {
     case ENOTTY: return "ENOTTY";
     case EAGAIN: return "EAGAIN";
     case ENOLCK: return "ENOLCK";
+    case ENOMEM: return "ENOMEM";
+    case EMFILE: return "EMFILE";
+    case ENFILE: return "ENFILE";
+    case EEXIST: return "EEXIST";
+    case ENOENT: return "ENOENT";
+    case EDQUOT: return "EDQUOT";
+    case ESPIPE: return "ESPIPE";
+    case ECANCELED: return "ECANCELED";
     default: return "EUNKNOWN";
   }
+}
+
+napi_value ubcache_errno_error(napi_env env, int e, const char *what) {
+  napi_value msg, code, error, errnum;
+  const char *name = ubcache_errno_name(e);
+  char text[256];
+  if (what != NULL) snprintf(text, sizeof text, "%s: %s (%s)", name, strerror(e), what);
+  else snprintf(text, sizeof text, "%s: %s", name, strerror(e));
+  napi_create_string_utf8(env, text, NAPI_AUTO_LENGTH, &msg);
+  napi_create_string_utf8(env, name, NAPI_AUTO_LENGTH, &code);
+  napi_create_error(env, code, msg, &error);
+  napi_create_int32(env, -e, &errnum);
+  napi_set_named_property(env, error, "errno", errnum);
+  return error;
 }
 
 static void execute(napi_env env, void *data) {
@@ -115,17 +150,7 @@ static void complete(napi_env env, napi_status status, void *data) {
   struct op *op = data;
   if (status != napi_ok && op->err == 0) op->err = EIO;
   if (op->err != 0) {
-    napi_value msg, code, error;
-    const char *name = errno_name(op->err);
-    char text[160];
-    snprintf(text, sizeof text, "%s: %s", name, strerror(op->err));
-    napi_create_string_utf8(env, text, NAPI_AUTO_LENGTH, &msg);
-    napi_create_string_utf8(env, name, NAPI_AUTO_LENGTH, &code);
-    napi_create_error(env, code, msg, &error);
-    napi_value errnum;
-    napi_create_int32(env, -op->err, &errnum);
-    napi_set_named_property(env, error, "errno", errnum);
-    napi_reject_deferred(env, op->deferred, error);
+    napi_reject_deferred(env, op->deferred, ubcache_errno_error(env, op->err, NULL));
   } else {
     napi_value value;
     if (op->kind == OP_SEEK) napi_create_int64(env, op->result, &value);
@@ -219,6 +244,61 @@ static napi_value nowait(napi_env env, napi_callback_info info, int write) {
 static napi_value js_pread_nowait(napi_env env, napi_callback_info info) { return nowait(env, info, 0); }
 static napi_value js_pwrite_nowait(napi_env env, napi_callback_info info) { return nowait(env, info, 1); }
 
+/* Read a JS array of strings into a NULL-terminated, malloc'd vector; NULL on a wrong type. */
+static char **string_vector(napi_env env, napi_value array) {
+  uint32_t n;
+  bool is_array;
+  if (napi_is_array(env, array, &is_array) != napi_ok || !is_array || napi_get_array_length(env, array, &n) != napi_ok)
+    return NULL;
+  char **v = calloc((size_t)n + 1, sizeof *v);
+  if (v == NULL) return NULL;
+  for (uint32_t i = 0; i < n; i++) {
+    napi_value item;
+    size_t len;
+    if (napi_get_element(env, array, i, &item) != napi_ok ||
+        napi_get_value_string_utf8(env, item, NULL, 0, &len) != napi_ok || (v[i] = malloc(len + 1)) == NULL ||
+        napi_get_value_string_utf8(env, item, v[i], len + 1, &len) != napi_ok) {
+      for (uint32_t j = 0; j <= i; j++) free(v[j]);
+      free(v);
+      return NULL;
+    }
+  }
+  return v;
+}
+
+static void free_vector(char **v) {
+  if (v == NULL) return;
+  for (char **p = v; *p != NULL; p++) free(*p);
+  free(v);
+}
+
+static napi_value js_execve(napi_env env, napi_callback_info info) {
+  size_t argc = 3;
+  napi_value argv[3];
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  char path[4096];
+  size_t len;
+  char **args = NULL, **envp = NULL;
+  if (argc < 3 || napi_get_value_string_utf8(env, argv[0], path, sizeof path, &len) != napi_ok ||
+      len >= sizeof path - 1 || (args = string_vector(env, argv[1])) == NULL ||
+      (envp = string_vector(env, argv[2])) == NULL) {
+    free_vector(args);
+    napi_throw_type_error(env, NULL, "ubcache_native: expected (path, string[], string[])");
+    return NULL;
+  }
+  /* The new image must find stdio where this one had it. */
+  for (int fd = 0; fd <= 2; fd++) {
+    int flags = fcntl(fd, F_GETFD);
+    if (flags >= 0 && (flags & FD_CLOEXEC)) fcntl(fd, F_SETFD, flags & ~FD_CLOEXEC);
+  }
+  execve(path, args, envp);
+  int e = errno;
+  free_vector(args);
+  free_vector(envp);
+  napi_throw(env, ubcache_errno_error(env, e, "execve"));
+  return NULL;
+}
+
 static napi_value init(napi_env env, napi_value exports) {
   napi_property_descriptor props[] = {
     {"fallocate", NULL, js_fallocate, NULL, NULL, NULL, napi_default, NULL},
@@ -227,8 +307,12 @@ static napi_value init(napi_env env, napi_value exports) {
     {"flock", NULL, js_flock, NULL, NULL, NULL, napi_default, NULL},
     {"preadNowait", NULL, js_pread_nowait, NULL, NULL, NULL, napi_default, NULL},
     {"pwriteNowait", NULL, js_pwrite_nowait, NULL, NULL, NULL, napi_default, NULL},
+    {"execve", NULL, js_execve, NULL, NULL, NULL, napi_default, NULL},
   };
   napi_define_properties(env, exports, sizeof props / sizeof props[0], props);
+#ifdef UBCACHE_HAVE_URING
+  ubcache_uring_register(env, exports);
+#endif
   return exports;
 }
 
