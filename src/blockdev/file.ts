@@ -1,15 +1,17 @@
 // A BlockDevice over a regular file or a block device: the hot path of every
 // byte ubcache moves.
 //
-// I/O uses callback fs.read/fs.write promisified by hand: at queue depth they
-// are 2-3x faster than FileHandle (reference/ecosystem.md §7), and they take a
-// position, so concurrent operations never share a file offset. Per I/O the
-// only allocations are the promise and its completion closure.
+// I/O that cannot be done inline goes to the process's I/O engine
+// (io-engine.ts): io_uring when the kernel and the addon have it (many
+// requests in flight, completions on the event loop), else libuv's thread
+// pool. Every transfer is positional, so concurrent operations never share a
+// file offset, and the engine continues partial transfers.
 //
-// Two fast paths skip the thread-pool hop (50-100 us each way on two cores):
-// reads first try preadv2(RWF_NOWAIT), which copies from the page cache or
-// refuses with EAGAIN without blocking; small writes are done inline while
-// inline writes stay fast (see writeInline). Both fall back to the pool.
+// Two fast paths skip the engine: reads first try preadv2(RWF_NOWAIT), which
+// copies from the page cache or refuses with EAGAIN without blocking (cheaper
+// than any round trip, io_uring's included); small writes may be done inline
+// while inline writes stay fast (see writeInline; whether they are depends on
+// the engine, see INLINE_WRITES). Both fall back to the engine.
 //
 // Durability: buffered I/O plus fdatasync. flush() coalesces: callers that
 // arrive while an fdatasync runs cannot be covered by it (their writes may have
@@ -27,6 +29,7 @@ import * as fs from 'node:fs';
 import { stat } from 'node:fs/promises';
 import { deferred, type Deferred } from '../util/lifecycle.ts';
 import { log } from '../util/log.ts';
+import { ioEngine, type IoEngine, type IoEngineName } from './io-engine.ts';
 import {
   FALLOC_FL_KEEP_SIZE,
   FALLOC_FL_PUNCH_HOLE,
@@ -64,8 +67,14 @@ export interface FileOpenOptions {
   exclusive?: boolean;
   /** The native addon to use; null runs on the portable fallbacks. Default: loadNative(). */
   native?: NativeOps | null;
-  /** An inline write slower than this (ms) sends writes to the thread pool for a second. Default 2; -1 never inlines. */
+  /**
+   * An inline write slower than this (ms) sends writes to the engine for a
+   * second. Default 2; -1 never inlines. Without this option, whether small
+   * writes are inlined at all depends on the engine (INLINE_WRITES).
+   */
   inlineWriteSlowMs?: number;
+  /** The I/O engine; default: the process's (ioEngine()). */
+  engine?: IoEngine;
 }
 
 /** Opening failed; `code` is the errno name (ENOENT, EACCES, EBUSY, ...) or EINVAL for an unusable kind of file. */
@@ -90,6 +99,18 @@ const EAGAIN = 11;
 
 /** Writes up to this size may be done inline (see writeInline). */
 const INLINE_WRITE_MAX = 1024 * 1024;
+/**
+ * Whether small writes are done inline by default, per engine (UBCACHE_INLINE_WRITES=0/1 overrides).
+ * PLACEHOLDER: measured below.
+ */
+const INLINE_WRITES: Record<IoEngineName, boolean> = { io_uring: true, threadpool: true };
+
+function inlineWritesDefault(engine: IoEngineName): boolean {
+  const v = process.env['UBCACHE_INLINE_WRITES'];
+  if (v === '0') return false;
+  if (v === '1') return true;
+  return INLINE_WRITES[engine];
+}
 const INLINE_WRITE_SLOW_MS_DEFAULT = 2;
 const INLINE_WRITE_BACKOFF_MS = 1000;
 
@@ -154,15 +175,6 @@ function closeFd(fd: number): Promise<void> {
   });
 }
 
-function fdatasyncFd(fd: number): Promise<void> {
-  return new Promise((resolve, reject) => {
-    fs.fdatasync(fd, (err) => {
-      if (err) reject(err);
-      else resolve();
-    });
-  });
-}
-
 function fstatFd(fd: number): Promise<fs.BigIntStats> {
   return new Promise((resolve, reject) => {
     fs.fstat(fd, { bigint: true }, (err, st) => {
@@ -170,6 +182,19 @@ function fstatFd(fd: number): Promise<fs.BigIntStats> {
       else resolve(st);
     });
   });
+}
+
+function fallocateWith(
+  engine: IoEngine,
+  native: NativeOps,
+  fd: number,
+  mode: number,
+  offset: number,
+  length: number,
+): Promise<void> {
+  return engine.fallocate !== undefined
+    ? engine.fallocate(fd, mode, offset, length)
+    : native.fallocate(fd, mode, offset, length);
 }
 
 function kindOf(st: fs.Stats | fs.BigIntStats): string {
@@ -258,8 +283,11 @@ export class FileBlockDevice implements BlockDevice {
   /** Updated if an operation the open-time probe allowed turns out unsupported, so it keeps telling the truth. */
   readonly caps: BlockDeviceCaps;
   readonly kind: Kind;
+  /** What runs the I/O that is not done inline. */
+  readonly ioEngine: IoEngineName;
   private fd: number;
   private readonly native: NativeOps | null;
+  private readonly engine: IoEngine;
 
   /** Operations currently using the fd; close() waits for zero. */
   private inflight = 0;
@@ -288,11 +316,21 @@ export class FileBlockDevice implements BlockDevice {
   /** Learnt at run time: the file refuses FALLOC_FL_ZERO_RANGE (tmpfs does), so noHole zeroing punches and reallocates. */
   private zeroRangeWorks = true;
 
-  private constructor(name: string, fd: number, readOnly: boolean, native: NativeOps | null, geometry: Geometry) {
+  private constructor(
+    name: string,
+    fd: number,
+    readOnly: boolean,
+    native: NativeOps | null,
+    engine: IoEngine,
+    geometry: Geometry,
+  ) {
     this.name = name;
     this.fd = fd;
     this.readOnly = readOnly;
     this.native = native;
+    this.engine = engine;
+    this.ioEngine = engine.name;
+    if (!inlineWritesDefault(engine.name)) this.inlineWriteSlowMs = -1;
     this.kind = geometry.kind;
     this.size = geometry.size;
     this.logicalBlockSize = geometry.logicalBlockSize;
@@ -309,6 +347,8 @@ export class FileBlockDevice implements BlockDevice {
     const readOnly = options.readOnly ?? false;
     const exclusive = options.exclusive ?? false;
     const native = options.native === undefined ? loadNative() : options.native;
+    // Chosen (and logged) once per process, at the first open; forced but unavailable, it throws here.
+    const engine = options.engine ?? ioEngine();
 
     // Refuse FIFOs and the like before open(): opening a FIFO can block forever.
     let pre: fs.Stats;
@@ -336,8 +376,8 @@ export class FileBlockDevice implements BlockDevice {
     }
     try {
       if (exclusive && pre.isFile()) await lockFile(path, fd, readOnly, native);
-      const geometry = await FileBlockDevice.probe(path, fd, readOnly, native);
-      const dev = new FileBlockDevice(path, fd, readOnly, native, geometry);
+      const geometry = await FileBlockDevice.probe(path, fd, readOnly, native, engine);
+      const dev = new FileBlockDevice(path, fd, readOnly, native, engine, geometry);
       if (options.inlineWriteSlowMs !== undefined) dev.inlineWriteSlowMs = options.inlineWriteSlowMs;
       return dev;
     } catch (err) {
@@ -346,7 +386,13 @@ export class FileBlockDevice implements BlockDevice {
     }
   }
 
-  private static async probe(path: string, fd: number, readOnly: boolean, native: NativeOps | null): Promise<Geometry> {
+  private static async probe(
+    path: string,
+    fd: number,
+    readOnly: boolean,
+    native: NativeOps | null,
+    engine: IoEngine,
+  ): Promise<Geometry> {
     const st = await fstatFd(fd);
     if (st.isBlockDevice()) {
       let q;
@@ -388,7 +434,7 @@ export class FileBlockDevice implements BlockDevice {
     // answers whether the filesystem can punch at all, before a client is told.
     let punch = false;
     if (!readOnly && native !== null) {
-      punch = await native.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, size, 4096).then(
+      punch = await fallocateWith(engine, native, fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, size, 4096).then(
         () => true,
         () => false,
       );
@@ -447,24 +493,53 @@ export class FileBlockDevice implements BlockDevice {
 
   // ---- data transfer -----------------------------------------------------
 
-  // The common case is one pread/pwrite that moves everything, handled by a
-  // small callback; errors and partial transfers go to finish(). (One
-  // self-referencing loop closure for both was measured ~25% slower at QD32.)
-
   /** Read `length` bytes into buf[start..] from `position`. Counts itself in flight. */
   private readAt(buf: Buffer, start: number, length: number, position: number): Promise<void> {
     this.inflight++;
-    return new Promise<void>((resolve, reject) => {
-      fs.read(this.fd, buf, start, length, position, (err, bytes) => {
-        if (err === null && bytes === length) {
-          this.leave();
-          resolve();
-        } else this.finish(false, buf, start, length, position, 0, err, bytes, resolve, reject);
-      });
-    });
+    const target = start === 0 && length === buf.length ? buf : buf.subarray(start, start + length);
+    return this.engine.read(this.fd, target, position).then(
+      (n) => {
+        this.leave();
+        if (n !== length) throw this.short(false, position, length, n);
+      },
+      (err: unknown) => {
+        this.leave();
+        throw this.failure('read', position, length, err);
+      },
+    );
   }
 
   /** Write `length` bytes from buf[start..] at `position`. Counts itself in flight. */
+  private writeAt(buf: Buffer, start: number, length: number, position: number): Promise<void> {
+    this.inflight++;
+    const source = start === 0 && length === buf.length ? buf : buf.subarray(start, start + length);
+    return this.engine.write(this.fd, source, position).then(
+      (n) => {
+        this.leave();
+        if (n !== length) throw this.short(true, position, length, n);
+      },
+      (err: unknown) => {
+        this.leave();
+        throw this.failure('write', position, length, err);
+      },
+    );
+  }
+
+  /**
+   * A transfer the engine ended short: a read that met the end of the file
+   * (the file shrank under us, and zeroes would be a lie), or a write that
+   * made no progress. Both are EIO.
+   */
+  private short(write: boolean, position: number, length: number, done: number): IoError {
+    return new IoError(
+      'EIO',
+      write
+        ? `${this.name}: write at offset ${position + done} made no progress; check the device and dmesg`
+        : `${this.name}: read at offset ${position + done} hit the end of the file, ${length - done} bytes ` +
+            `short; it is smaller than the ${this.size} bytes it had when opened (truncated by something else?)`,
+    );
+  }
+
   private inlineWriteOk(): boolean {
     if (this.inlineWritesFrom === 0) return true;
     if (performance.now() < this.inlineWritesFrom) return false;
@@ -477,8 +552,8 @@ export class FileBlockDevice implements BlockDevice {
    * microseconds, where the thread-pool hop costs tens (it doubles 4 KiB
    * random-write throughput on two cores). But a buffered write can block:
    * dirty-page throttling, a file-system lock. So each one is timed, and one
-   * that takes longer than inlineWriteSlowMs sends writes to the thread
-   * pool for the next INLINE_WRITE_BACKOFF_MS. The event loop is stalled at
+   * that takes longer than inlineWriteSlowMs sends writes to the engine
+   * for the next INLINE_WRITE_BACKOFF_MS. The event loop is stalled at
    * most once per back-off period.
    */
   private writeInline(buf: Buffer, position: number): Promise<void> {
@@ -498,64 +573,9 @@ export class FileBlockDevice implements BlockDevice {
     return this.writeAt(buf, done, buf.length - done, position + done);
   }
 
-  private writeAt(buf: Buffer, start: number, length: number, position: number): Promise<void> {
-    this.inflight++;
-    return new Promise<void>((resolve, reject) => {
-      fs.write(this.fd, buf, start, length, position, (err, bytes) => {
-        if (err === null && bytes === length) {
-          this.leave();
-          resolve();
-        } else this.finish(true, buf, start, length, position, 0, err, bytes, resolve, reject);
-      });
-    });
-  }
-
-  /**
-   * The rare paths of a transfer: an error, or a partial transfer, which
-   * continues until done. A read that meets the end of the file is EIO: the
-   * file shrank under us, and zeroes would be a lie.
-   */
-  private finish(
-    write: boolean,
-    buf: Buffer,
-    start: number,
-    length: number,
-    position: number,
-    done: number,
-    err: NodeJS.ErrnoException | null,
-    bytes: number,
-    resolve: () => void,
-    reject: (err: Error) => void,
-  ): void {
-    if (err !== null) {
-      this.leave();
-      reject(this.failure(write ? 'write' : 'read', position, length, err));
-      return;
-    }
-    if (bytes === 0) {
-      this.leave();
-      reject(
-        new IoError(
-          'EIO',
-          write
-            ? `${this.name}: write at offset ${position + done} made no progress; check the device and dmesg`
-            : `${this.name}: read at offset ${position + done} hit the end of the file, ${length - done} bytes ` +
-                `short; it is smaller than the ${this.size} bytes it had when opened (truncated by something else?)`,
-        ),
-      );
-      return;
-    }
-    const total = done + bytes;
-    if (total === length) {
-      this.leave();
-      resolve();
-      return;
-    }
-    const next = (e: NodeJS.ErrnoException | null, n: number): void => {
-      this.finish(write, buf, start, length, position, total, e, n, resolve, reject);
-    };
-    if (write) fs.write(this.fd, buf, start + total, length - total, position + total, next);
-    else fs.read(this.fd, buf, start + total, length - total, position + total, next);
+  /** fallocate through the engine when it has one, else the addon's (on the thread pool). */
+  private fallocate(native: NativeOps, mode: number, offset: number, length: number): Promise<void> {
+    return fallocateWith(this.engine, native, this.fd, mode, offset, length);
   }
 
   read(buf: Buffer, offset: number): Promise<void> {
@@ -634,31 +654,33 @@ export class FileBlockDevice implements BlockDevice {
   private startSync(): Promise<void> {
     this.syncRunning = true;
     this.syncs++;
-    return new Promise<void>((resolve, reject) => {
-      fs.fdatasync(this.fd, (err) => {
-        this.syncRunning = false;
-        if (err !== null) {
-          const e = this.failure('flush (fdatasync)', 0, this.size, err);
-          this.syncFailure ??= e;
-          reject(e);
-        } else {
-          resolve();
-        }
-        const next = this.syncNext;
-        this.syncNext = undefined;
-        if (next !== undefined) {
-          // Started before our callers' continuations run, while they still hold the device open.
-          this.sync().then(
-            () => {
-              next.resolve();
-            },
-            (e: unknown) => {
-              next.reject(e);
-            },
-          );
-        }
-      });
-    });
+    const ended = (): void => {
+      this.syncRunning = false;
+      const next = this.syncNext;
+      this.syncNext = undefined;
+      if (next !== undefined) {
+        // Started before our callers' continuations run, while they still hold the device open.
+        this.sync().then(
+          () => {
+            next.resolve();
+          },
+          (e: unknown) => {
+            next.reject(e);
+          },
+        );
+      }
+    };
+    return this.engine.fdatasync(this.fd).then(
+      () => {
+        ended();
+      },
+      (err: unknown) => {
+        const e = this.failure('flush (fdatasync)', 0, this.size, err);
+        this.syncFailure ??= e;
+        ended();
+        throw e;
+      },
+    );
   }
 
   // ---- discard, zeroes, block status -------------------------------------
@@ -671,7 +693,7 @@ export class FileBlockDevice implements BlockDevice {
     this.inflight++;
     try {
       if (this.kind === 'file') {
-        await native.fallocate(this.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length);
+        await this.fallocate(native, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length);
       } else if (native.blkdiscard !== null) {
         // A discard is a hint: trim only the whole logical blocks inside the range.
         const lbs = this.logicalBlockSize;
@@ -718,22 +740,21 @@ export class FileBlockDevice implements BlockDevice {
 
   /** Zero a file range with fallocate; false if the filesystem cannot (nothing was changed then). */
   private async zeroFileFast(native: NativeOps, offset: number, length: number, noHole: boolean): Promise<boolean> {
-    const fd = this.fd;
     try {
       if (noHole && this.zeroRangeWorks) {
         try {
-          await native.fallocate(fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length);
+          await this.fallocate(native, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length);
           return true;
         } catch (err) {
           if (!isUnsupported(err)) throw err;
           this.zeroRangeWorks = false;
         }
       }
-      await native.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length);
+      await this.fallocate(native, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length);
       if (noHole) {
         // Put the blocks back (as unwritten extents: they read as zeroes) so the range stays allocated.
         try {
-          await native.fallocate(fd, 0, offset, length);
+          await this.fallocate(native, 0, offset, length);
         } catch (err) {
           if (!isUnsupported(err)) throw err;
           await this.writeZeroBuffers(offset, length);
@@ -763,7 +784,7 @@ export class FileBlockDevice implements BlockDevice {
     if (stop <= start) return false;
     const mode = noHole ? FALLOC_FL_ZERO_RANGE : FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE;
     try {
-      await native.fallocate(this.fd, mode, start, stop - start);
+      await this.fallocate(native, mode, start, stop - start);
     } catch (err) {
       if (!isUnsupported(err)) throw this.failure('write-zeroes', offset, length, err);
       this.caps.fastZero = false;
@@ -858,7 +879,7 @@ export class FileBlockDevice implements BlockDevice {
       if (this.syncFailure !== undefined) failure = this.stickyFailure();
       else {
         try {
-          await fdatasyncFd(fd);
+          await this.engine.fdatasync(fd);
         } catch (err) {
           failure = this.failure('final flush (fdatasync) on close', 0, this.size, err);
         }

@@ -1,5 +1,6 @@
 // The optional native addon (native/ubcache_native.c): fallocate, SEEK_DATA/
-// SEEK_HOLE and BLKDISCARD, which Node has no API for. The addon is an
+// SEEK_HOLE and BLKDISCARD, which Node has no API for, and, when built with
+// liburing, the io_uring engine's primitives (native/uring.c, io-engine.ts). The addon is an
 // optimisation, never a requirement: without it discard is a no-op, write-zeroes
 // writes zero buffers and block status reports everything as data, all of which
 // the NBD spec allows. So loading never throws; it yields null instead.
@@ -45,6 +46,36 @@ export interface NativeOps {
    * addon predates it.
    */
   preadNowait: ((fd: number, buf: Uint8Array, position: number) => number) | null;
+  /**
+   * Replace the process image (execve(2)), keeping the pid and stdio; returns
+   * only by throwing. null when the addon predates it.
+   */
+  execve: ((path: string, argv: string[], env: string[]) => never) | null;
+  /** The io_uring engine's primitives (native/uring.c); null when the addon was built without liburing. */
+  uring: UringOps | null;
+}
+
+/**
+ * The io_uring primitives. Requests are identified by ids the caller manages
+ * (0 .. capacity-1); a request's buffer must stay referenced until its
+ * completion. The queue functions return 0 or -errno and reach the kernel at
+ * the next submit(); completions arrive in batches through the setup
+ * callback: (ids[i], results[i]) for i < n, a result being the bytes moved
+ * (short only at the end of the file or when a write made no progress), 0
+ * for fdatasync and fallocate, or -errno.
+ */
+export interface UringOps {
+  /** Create this environment's ring; the capacity (in-flight limit). Throws an errno-coded Error (ENOSYS, EPERM, ...). */
+  setup: (onComplete: (n: number) => void, ids: Int32Array, results: Float64Array, workers: number) => number;
+  /** position -1: the file's current position (pipes). */
+  read: (id: number, fd: number, buf: Uint8Array, position: number) => number;
+  write: (id: number, fd: number, buf: Uint8Array, position: number) => number;
+  fdatasync: (id: number, fd: number) => number;
+  fallocate: (id: number, fd: number, mode: number, offset: number, length: number) => number;
+  /** Hand the queued requests to the kernel: how many, or -errno. */
+  submit: () => number;
+  /** [requests in flight, continuations after partial transfers, resubmissions after EAGAIN/EINTR]. */
+  counters: () => [number, number, number];
 }
 
 interface RawAddon {
@@ -53,6 +84,38 @@ interface RawAddon {
   blkdiscard?: unknown;
   flock?: unknown;
   preadNowait?: unknown;
+  execve?: unknown;
+  uringSetup?: unknown;
+  uringRead?: unknown;
+  uringWrite?: unknown;
+  uringFdatasync?: unknown;
+  uringFallocate?: unknown;
+  uringSubmit?: unknown;
+  uringCounters?: unknown;
+}
+
+function uringOps(raw: RawAddon): UringOps | null {
+  const { uringSetup, uringRead, uringWrite, uringFdatasync, uringFallocate, uringSubmit, uringCounters } = raw;
+  if (
+    typeof uringSetup !== 'function' ||
+    typeof uringRead !== 'function' ||
+    typeof uringWrite !== 'function' ||
+    typeof uringFdatasync !== 'function' ||
+    typeof uringFallocate !== 'function' ||
+    typeof uringSubmit !== 'function' ||
+    typeof uringCounters !== 'function'
+  ) {
+    return null;
+  }
+  return {
+    setup: uringSetup as UringOps['setup'],
+    read: uringRead as UringOps['read'],
+    write: uringWrite as UringOps['write'],
+    fdatasync: uringFdatasync as UringOps['fdatasync'],
+    fallocate: uringFallocate as UringOps['fallocate'],
+    submit: uringSubmit as UringOps['submit'],
+    counters: uringCounters as UringOps['counters'],
+  };
 }
 
 // src/blockdev/native.ts and dist/blockdev/native.js are both two levels below
@@ -69,13 +132,14 @@ const addonPath = join(
 
 let cached: NativeOps | null | undefined;
 
-function disabledByEnv(): boolean {
+/** UBCACHE_NO_NATIVE is set: the addon is not loaded even when built. */
+export function nativeDisabledByEnv(): boolean {
   const v = process.env['UBCACHE_NO_NATIVE'];
   return v !== undefined && v !== '' && v !== '0';
 }
 
 function load(): NativeOps | null {
-  if (disabledByEnv()) {
+  if (nativeDisabledByEnv()) {
     log.debug('native addon disabled by UBCACHE_NO_NATIVE');
     return null;
   }
@@ -92,7 +156,7 @@ function load(): NativeOps | null {
     }
     return null;
   }
-  const { fallocate, seek, blkdiscard, flock, preadNowait } = raw;
+  const { fallocate, seek, blkdiscard, flock, preadNowait, execve } = raw;
   if (typeof fallocate !== 'function' || typeof seek !== 'function') {
     log.warn(`native addon ${addonPath} lacks fallocate/seek; rebuild it with \`npm run build\``);
     return null;
@@ -103,6 +167,8 @@ function load(): NativeOps | null {
     blkdiscard: typeof blkdiscard === 'function' ? (blkdiscard as NonNullable<NativeOps['blkdiscard']>) : null,
     flock: typeof flock === 'function' ? (flock as NonNullable<NativeOps['flock']>) : null,
     preadNowait: typeof preadNowait === 'function' ? (preadNowait as NonNullable<NativeOps['preadNowait']>) : null,
+    execve: typeof execve === 'function' ? (execve as NonNullable<NativeOps['execve']>) : null,
+    uring: uringOps(raw),
   };
 }
 
