@@ -11,11 +11,11 @@
 // misses pay the delay again, as they do for the peers.
 
 import { spawn, type ChildProcessByStdio } from 'node:child_process';
-import { existsSync, mkdirSync, mkdtempSync, rmSync } from 'node:fs';
+import { existsSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { Readable } from 'node:stream';
-import { nbdkit, run, sleep, stopChild, UBCACHE, waitForSocket } from './common.ts';
+import { nbdkit, run, sleep, stopChild, ubcacheBin, waitForSocket } from './common.ts';
 
 export type BackingMode = 'fuse' | 'nbd';
 
@@ -35,7 +35,7 @@ export async function probeNbdBacking(): Promise<{ mode: BackingMode; why: strin
     await waitForSocket(sock, mem.child, 15_000);
     // cwd is the scratch directory: a build that took the URI for a file
     // name would at worst create it there.
-    const r = await run(UBCACHE, ['make', '-B', slowUri(sock)], { cwd: dir });
+    const r = await run(ubcacheBin(), ['make', '-B', slowUri(sock)], { cwd: dir });
     if (r.status === 0) return { mode: 'nbd', why: 'ubcache make -B nbd+unix:///?socket=… works on this build' };
     const msg = (r.stderr.trim().split('\n')[0] ?? '').slice(0, 160);
     return { mode: 'fuse', why: `ubcache make -B nbd+unix:// failed on this build (${msg})` };
@@ -101,10 +101,4 @@ export async function openBacking(
       rmSync(mnt, { recursive: true, force: true });
     },
   };
-}
-
-/** mkdir -p, returning the path. */
-export function ensureDir(path: string): string {
-  mkdirSync(path, { recursive: true });
-  return path;
 }

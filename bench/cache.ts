@@ -33,7 +33,7 @@ import {
   sleep,
   sparse,
   ubcache,
-  UBCACHE,
+  ubcacheBin,
   withProcess,
   type FioResult,
   type Row,
@@ -89,7 +89,7 @@ export async function cacheSuite(o: CacheSuiteOptions): Promise<SuiteResult> {
   const cache = sparse(join(dir, 'cache.img'), 1024 * MiB);
   const backing = join(dir, 'backing.img');
   sh('dd', ['if=/dev/urandom', `of=${backing}`, 'bs=1M', 'count=264', 'status=none']);
-  sh(UBCACHE, ['make', '-b', '64k', '-C', cache, '-B', backing]);
+  sh(ubcacheBin(), ['make', '-b', '64k', '-C', cache, '-B', backing]);
   const set = join(dir, 'serve.sock');
   const control = join(dir, 'serve-control.sock');
   const region = 256 * MiB;

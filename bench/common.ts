@@ -15,7 +15,40 @@ import type { Readable } from 'node:stream';
 import { fileURLToPath } from 'node:url';
 
 export const root = join(dirname(fileURLToPath(import.meta.url)), '..');
-export const UBCACHE = join(root, 'bin', 'ubcache');
+let ubcachePath = join(root, 'bin', 'ubcache');
+
+/** The ubcache command the suites run: bin/ubcache, or the snapshot of it (snapshotUbcache). */
+export function ubcacheBin(): string {
+  return ubcachePath;
+}
+
+/**
+ * Copy the built ubcache (bin/, dist/, the native addon, package.json) to
+ * `dir` and run that copy from now on: others rebuild dist/ while a long
+ * bench runs, and a rebuild deletes dist/ first, which would fail or mix two
+ * builds in one table. Waits for dist/ to stop changing (a build in
+ * progress) and checks that the copy starts.
+ */
+export async function snapshotUbcache(dir: string): Promise<string> {
+  const count = (): number => {
+    const r = spawnSync('find', [join(root, 'dist'), '-type', 'f'], { encoding: 'utf8' });
+    return r.status === 0 ? r.stdout.split('\n').length : -1;
+  };
+  for (let i = 0; ; i++) {
+    const a = count();
+    await sleep(2000);
+    if (a > 0 && a === count() && existsSync(join(root, 'dist', 'cli', 'main.js'))) break;
+    if (i >= 60) throw new Error('dist/ kept changing (or is missing) for two minutes; run `npm run build`');
+  }
+  sh('mkdir', ['-p', join(dir, 'native', 'build', 'Release')]);
+  sh('cp', ['-a', join(root, 'bin'), join(root, 'dist'), join(root, 'package.json'), dir]);
+  const addon = join(root, 'native', 'build', 'Release', 'ubcache_native.node');
+  if (existsSync(addon)) sh('cp', [addon, join(dir, 'native', 'build', 'Release')]);
+  const bin = join(dir, 'bin', 'ubcache');
+  sh(bin, ['make', '--help']);
+  ubcachePath = bin;
+  return bin;
+}
 export const MiB = 1024 * 1024;
 
 export interface Workload {
@@ -133,7 +166,7 @@ export function startProc(cmd: string, args: string[], env?: NodeJS.ProcessEnv):
 }
 
 export function ubcache(args: string[]): Proc {
-  return startProc(UBCACHE, args);
+  return startProc(ubcacheBin(), args);
 }
 
 /**
@@ -281,7 +314,7 @@ export function progress(text: string): void {
 
 /** `ubcache ctl --control SOCKET ARGS...`, as a user runs it. */
 export async function ctl(control: string, ...args: string[]): Promise<string> {
-  const r = await run(UBCACHE, ['ctl', '--control', control, ...args]);
+  const r = await run(ubcacheBin(), ['ctl', '--control', control, ...args]);
   if (r.status !== 0) throw new Error(`ubcache ctl ${args.join(' ')}: ${r.stderr.trim()}`);
   return r.stdout;
 }

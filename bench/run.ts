@@ -19,14 +19,26 @@
 // every plain fio run (defaults: export 8 s, cache 10 s, slow-writeback 15 s,
 // scale writes 20 s); the Zipf runs last --zipf-runtime seconds (default 90,
 // or 3 x --runtime when that is given), cold and warm being its first and
-// last thirds.
+// last thirds. The suites run a copy of the built ubcache taken at the start
+// (--live-dist runs bin/ubcache itself), so a rebuild meanwhile cannot mix
+// two builds in one table.
 //
 // Figures are ratios from one run on one machine: absolute numbers on a noisy
 // 2-core VM mean little, the ratio against a peer measured minutes apart on the
 // same file means more. This is never a pass/fail test.
 
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { mkdtempSync, rmSync, writeFileSync, existsSync, mkdirSync, openSync, closeSync, ftruncateSync } from 'node:fs';
+import {
+  closeSync,
+  existsSync,
+  ftruncateSync,
+  mkdirSync,
+  mkdtempSync,
+  openSync,
+  rmSync,
+  statSync,
+  writeFileSync,
+} from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, dirname } from 'node:path';
 import { parseArgs } from 'node:util';
@@ -42,6 +54,8 @@ import {
   requireTools,
   root,
   selector,
+  snapshotUbcache,
+  ubcacheBin,
   waitForSocket,
   type Result,
   type Row,
@@ -68,7 +82,7 @@ const servers: Server[] = [
   {
     name: 'ubcache',
     start: (file, socket) =>
-      spawn(join(root, 'bin', 'ubcache'), ['export', '--socket', socket, '--name', 'disk', file], {
+      spawn(ubcacheBin(), ['export', '--socket', socket, '--name', 'disk', file], {
         stdio: ['ignore', 'ignore', 'pipe'],
       }),
   },
@@ -222,6 +236,7 @@ async function main(): Promise<void> {
       backing: { type: 'string' },
       'fuse-drop-ms': { type: 'string', default: '200' },
       chart: { type: 'string', default: join(root, 'docs', 'zipf-warmup.svg') },
+      'live-dist': { type: 'boolean', default: false },
     },
   });
   requireTools(
@@ -265,6 +280,13 @@ async function main(): Promise<void> {
   const details: string[] = [];
   const work = mkdtempSync(join(tmpdir(), 'ubcache-bench-'));
   try {
+    // What was measured: the commit, and when the dist/ in use was built
+    // (others' uncommitted work may be in it).
+    const head = spawnSync('git', ['-C', root, 'rev-parse', '--short', 'HEAD'], { encoding: 'utf8' }).stdout.trim();
+    const built = statSync(join(root, 'dist', 'cli', 'main.js')).mtime.toISOString();
+    report['build'] = { head, distBuilt: built, snapshot: !values['live-dist'] };
+    if (!values['live-dist'])
+      progress(`running a copy of the built ubcache: ${await snapshotUbcache(join(work, 'ubcache'))}`);
     if (suites.includes('export') && workloads.some((w) => want(w.name))) {
       const r = await exportSuite({ runtime: given ?? 8, size, want, servers: values.servers });
       rows.push(...r.rows);
@@ -323,7 +345,7 @@ async function main(): Promise<void> {
   const pool = process.env['UV_THREADPOOL_SIZE'] ?? 'unset (libuv default 4)';
   report['uvThreadpoolSize'] = pool;
   const out = [
-    `## ubcache bench, ${started.toISOString().slice(0, 16)}Z (${minutes.toFixed(1)} min; suites ${suites.join(',')}; UV_THREADPOOL_SIZE ${pool})`,
+    `## ubcache bench, ${started.toISOString().slice(0, 16)}Z (${minutes.toFixed(1)} min; suites ${suites.join(',')}; HEAD ${String((report['build'] as { head?: string } | undefined)?.head)}, dist built ${String((report['build'] as { distBuilt?: string } | undefined)?.distBuilt)}; UV_THREADPOOL_SIZE ${pool})`,
     '',
     ...renderRows(rows),
     '',

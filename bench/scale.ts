@@ -26,7 +26,7 @@ import {
   sh,
   sparse,
   stopChild,
-  UBCACHE,
+  ubcacheBin,
   type FioResult,
   type Proc,
   type Row,
@@ -50,7 +50,7 @@ export interface ScaleSuiteOptions {
 /** Spawn serve and time it to the first byte served; the process is left running. */
 async function startTimed(args: string[], socket: string): Promise<{ p: Proc; ms: number }> {
   const t0 = performance.now();
-  const child = spawn(UBCACHE, args, { stdio: ['ignore', 'ignore', 'pipe'] });
+  const child = spawn(ubcacheBin(), args, { stdio: ['ignore', 'ignore', 'pipe'] });
   let text = '';
   child.stderr.on('data', (d: Buffer) => (text += d.toString()));
   const p: Proc = { child, stderr: () => text };
@@ -77,7 +77,7 @@ export async function scaleSuite(o: ScaleSuiteOptions): Promise<SuiteResult> {
   const backing = sparse(join(dir, 'big-backing.img'), SPAN + 8 * 1024);
   progress('scale: ubcache make -b 512k on a 256 GiB sparse cache ...');
   const t0 = performance.now();
-  sh(UBCACHE, ['make', '-b', '512k', '-C', cache, '-B', backing]);
+  sh(ubcacheBin(), ['make', '-b', '512k', '-C', cache, '-B', backing]);
   const makeMs = performance.now() - t0;
   const socket = join(dir, 'big.sock');
   const args = [
