@@ -42,6 +42,7 @@ import {
 import { BCACHE_BSET_VERSION, SECTOR_SIZE } from '../format/constants.ts';
 import { FormatError, hex } from '../format/errors.ts';
 import { mergeNewer, normalizeSet } from './extents.ts';
+import { KeyList } from './keylist.ts';
 
 export interface NodeGeometry {
   cache: CacheGeometry;
@@ -89,8 +90,8 @@ export class BtreeNode {
   key: Bkey;
   readonly level: number;
   readonly seq: bigint;
-  keys: Bkey[];
-  pending: Bkey[] = [];
+  keys: KeyList;
+  pending = new KeyList();
   /** u64s of `keys` and of `pending`, kept up to date for the fit checks. */
   viewU64s: number;
   pendingU64s = 0;
@@ -110,7 +111,7 @@ export class BtreeNode {
     this.key = key;
     this.level = level;
     this.seq = seq;
-    this.keys = keys;
+    this.keys = KeyList.from(keys);
     this.written = written;
     this.viewU64s = u64sOf(keys);
   }
@@ -128,9 +129,9 @@ export class BtreeNode {
   }
 }
 
-export function u64sOf(keys: readonly Bkey[]): number {
+export function u64sOf(keys: readonly Bkey[] | KeyList): number {
   let n = 0;
-  for (const k of keys) n += bkeyU64s(k);
+  keys.forEach((k) => (n += bkeyU64s(k)));
   return n;
 }
 

@@ -29,7 +29,8 @@ import { FormatError } from '../format/errors.ts';
 import { log } from '../util/log.ts';
 import { RwLock } from '../util/rwlock.ts';
 import type { Buckets } from './buckets.ts';
-import { cutBack, cutFront, firstAfter, insertExtent, type DirtySink } from './extents.ts';
+import { cutBack, cutFront, insertExtent, type DirtySink } from './extents.ts';
+import { KeyList } from './keylist.ts';
 import {
   BtreeNode,
   bsetBlocks,
@@ -56,8 +57,11 @@ export interface BtreeHost {
   io: CacheIo;
   geo: NodeGeometry;
   buckets: Buckets;
-  /** `n` buckets from the btree reserve, marked metadata; waits for the allocator. */
-  allocNodeBuckets(n: number): Promise<number[]>;
+  /**
+   * `n` buckets from the btree reserve, marked metadata; waits for the
+   * allocator, or with `wait` false returns what is ready now (maybe fewer).
+   */
+  allocNodeBuckets(n: number, wait?: boolean): Promise<number[]>;
   /** A bucket from allocNodeBuckets that was not used after all. */
   returnNodeBucket(bucket: number): void;
   /** A node's bucket that no durable tree references any more. */
@@ -276,7 +280,7 @@ export class Btree {
 
   /** Write a node's whole view as its first bset (a new node). */
   async writeNewNode(node: BtreeNode): Promise<void> {
-    const buf = encodeNodeBset(node.keys, node, this.geo);
+    const buf = encodeNodeBset(node.keys.toArray(), node, this.geo);
     await this.host.io.writeMeta(buf, node.bucketSector);
     node.written = buf.length / this.geo.blockBytes;
     this.stats.writes++;
@@ -291,10 +295,9 @@ export class Btree {
     while (node.writing) await node.writing;
     node.queued = false;
     if (node.freed || node.pending.length === 0) return;
-    const keys = node.pending;
-    const buf = encodeNodeBset(keys, node, this.geo);
+    const buf = encodeNodeBset(node.pending.toArray(), node, this.geo);
     const at = node.bucketSector + node.written * (this.geo.blockBytes / 512);
-    node.pending = [];
+    node.pending = new KeyList();
     node.pendingU64s = 0;
     node.writingPin = node.pin;
     node.pin = undefined;
@@ -355,22 +358,19 @@ export class Btree {
     limit: { inode: number; offset: number },
     fn: (k: Bkey) => boolean,
   ): Promise<boolean> {
+    const keys = node.keys;
     if (node.isLeaf) {
       node.lastUse = ++this.clock;
-      const keys = node.keys;
-      for (let i = firstAfter(keys, inode, from); i < keys.length; i++) if (!fn(keys[i] as Bkey)) return true;
+      for (let p = keys.seekAfter(inode, from); p >= 0; p = keys.next(p)) if (!fn(keys.keyAt(p))) return true;
       return false;
     }
-    const keys = node.keys;
-    const first = firstAfter(keys, inode, from);
-    for (let i = first; i < keys.length; i++) {
-      if (i > first) {
-        const prev = keys[i - 1] as Bkey;
-        if (posCmp(prev.inode, prev.offset, limit.inode, limit.offset) >= 0) return true;
-      }
-      const ck = keys[i] as Bkey;
+    let prev: Bkey | undefined;
+    for (let p = keys.seekAfter(inode, from); p >= 0; p = keys.next(p)) {
+      if (prev && posCmp(prev.inode, prev.offset, limit.inode, limit.offset) >= 0) return true;
+      const ck = keys.keyAt(p);
       const child = this.cached(ck) ?? (await this.getNode(ck, node.level - 1));
       if (await this.visit(child, inode, from, limit, fn)) return true;
+      prev = ck;
     }
     return false;
   }
@@ -390,19 +390,18 @@ export class Btree {
     const keys = node.keys;
     if (node.isLeaf) {
       node.lastUse = ++this.clock;
-      for (let i = firstAfter(keys, inode, from); i < keys.length; i++) if (!fn(keys[i] as Bkey)) return 1;
+      for (let p = keys.seekAfter(inode, from); p >= 0; p = keys.next(p)) if (!fn(keys.keyAt(p))) return 1;
       return 0;
     }
-    const first = firstAfter(keys, inode, from);
-    for (let i = first; i < keys.length; i++) {
-      if (i > first) {
-        const prev = keys[i - 1] as Bkey;
-        if (posCmp(prev.inode, prev.offset, limit.inode, limit.offset) >= 0) return 1;
-      }
-      const child = this.cached(keys[i] as Bkey);
+    let prev: Bkey | undefined;
+    for (let p = keys.seekAfter(inode, from); p >= 0; p = keys.next(p)) {
+      if (prev && posCmp(prev.inode, prev.offset, limit.inode, limit.offset) >= 0) return 1;
+      const ck = keys.keyAt(p);
+      const child = this.cached(ck);
       if (!child) return -1;
       const r = this.visitSync(child, inode, from, limit, fn);
       if (r !== 0) return r;
+      prev = ck;
     }
     return 0;
   }
@@ -523,7 +522,7 @@ export class Btree {
     const rec = async (node: BtreeNode): Promise<void> => {
       fn(node);
       if (node.isLeaf) return;
-      for (const k of node.keys) {
+      for (const k of node.keys.toArray()) {
         const child = this.cached(k) ?? (await this.getNode(k, node.level - 1));
         await rec(child);
       }
@@ -545,6 +544,7 @@ export class Btree {
         const where = `node ${keyText(node.key)} level ${node.level}`;
         if (node.viewU64s !== u64sOf(keys)) problems.push(`${where}: viewU64s ${node.viewU64s} != ${u64sOf(keys)}`);
         if (node.pendingU64s !== u64sOf(node.pending)) problems.push(`${where}: pendingU64s wrong`);
+        for (const p of keys.check()) problems.push(`${where}: key list: ${p}`);
         let prev = lo;
         for (const k of keys) {
           if (prev && posCmp(prev.inode, prev.offset, k.inode, k.offset) >= 0) {
@@ -560,12 +560,12 @@ export class Btree {
           prev = k;
         }
         if (node.isLeaf) return;
-        const last = keys[keys.length - 1];
+        const last = keys.last();
         if (!last || posCmp(last.inode, last.offset, node.key.inode, node.key.offset) !== 0) {
           problems.push(`${where}: last child ${last ? keyText(last) : '(none)'} is not at the node's position`);
         }
         let childLo = lo;
-        for (const k of keys) {
+        for (const k of keys.toArray()) {
           const child = this.cached(k) ?? (await this.getNode(k, node.level - 1));
           if (child.level !== node.level - 1) problems.push(`${where}: child at level ${child.level}`);
           if (posCmp(child.key.inode, child.key.offset, k.inode, k.offset) !== 0) {
@@ -596,8 +596,8 @@ export class Btree {
     let node = this.root;
     path.push(node);
     while (!node.isLeaf) {
-      const i = firstAfter(node.keys, inode, sector);
-      const ck = node.keys[i];
+      const at = node.keys.seekAfter(inode, sector);
+      const ck = at >= 0 ? node.keys.keyAt(at) : undefined;
       if (!ck) throw new Error(`btree: no child for ${inode}:${sector} in node ${keyText(node.key)}`);
       node = this.cached(ck) ?? (await this.getNode(ck, node.level - 1));
       path.push(node);
@@ -691,7 +691,7 @@ export class Btree {
               continue;
             }
             const scratch: InsertResult = { sectors: 0, collisions: 0, inserted: [] };
-            const view = leaf.keys.slice();
+            const view = KeyList.from(leaf.keys.toArray());
             const r = insertExtent(view, piece, { replace: options.replace, dirty: this.host.dirty });
             if (r.collision) scratch.collisions++;
             if (r.inserted) {
@@ -701,7 +701,7 @@ export class Btree {
                 this.host.sectorsInserted(r.inserted.size);
               }
             }
-            const freed = await this.rewrite(path, view, spare);
+            const freed = await this.rewrite(path, view.toArray(), spare);
             this.lock.releaseWrite();
             locked = false;
             result.sectors += scratch.sectors;
@@ -749,7 +749,7 @@ export class Btree {
     if (repl.length > 1) this.stats.splits++;
     while (level > 0) {
       const parent = path[level - 1] as BtreeNode;
-      const pkeys = parent.keys.slice();
+      const pkeys = parent.keys.toArray();
       const at = pkeys.findIndex((k) => posCmp(k.inode, k.offset, old.key.inode, old.key.offset) === 0);
       if (at < 0) throw new Error(`btree: node ${keyText(old.key)} not found in its parent`);
       pkeys.splice(at, 1, ...repl.map((n) => n.key));
@@ -783,7 +783,7 @@ export class Btree {
       if (n.writingPin !== undefined) this.host.journalUnpin(n.writingPin);
       n.pin = undefined;
       n.writingPin = undefined;
-      n.pending = [];
+      n.pending = new KeyList();
       n.pendingU64s = 0;
     }
     for (const n of created) {
@@ -830,7 +830,11 @@ export class Btree {
 
   /**
    * Rewrite one leaf as it is (compaction: drops stale keys and the log of
-   * bsets). Used by GC for leaves full of stale keys. Takes the lock.
+   * bsets). Used by GC for leaves full of stale keys, as an optimisation: it
+   * takes only buckets that are ready now and gives up (false) otherwise,
+   * since a GC waiting for the btree reserve could wait for itself (the
+   * reserve is refilled by invalidation, which may need the next GC pass).
+   * Takes the lock.
    */
   async compactLeaf(inode: number, sector: number): Promise<boolean> {
     let spare: number[] = [];
@@ -844,11 +848,13 @@ export class Btree {
           if (spare.length < need) {
             this.lock.releaseWrite();
             locked = false;
-            spare = spare.concat(await this.host.allocNodeBuckets(need - spare.length));
+            const got = await this.host.allocNodeBuckets(need - spare.length, false);
+            spare = spare.concat(got);
+            if (spare.length < need) return false;
             continue;
           }
           const leaf = path[path.length - 1] as BtreeNode;
-          const old = await this.rewrite(path, leaf.keys.slice(), spare);
+          const old = await this.rewrite(path, leaf.keys.toArray(), spare);
           this.lock.releaseWrite();
           locked = false;
           this.finishRewrite(old);

@@ -5,12 +5,15 @@
 // sectors lives on the cache device. Every array handled here is sorted by
 // (inode, offset) and its extents do not overlap.
 //
-// Keys in arrays are never changed in place: cutting creates a new key. Lookup
-// results and dirty-key scans hand out references to keys in the tree (and the
-// writeback code later passes one back as the expected key of a replace), so a
-// key object must keep meaning what it meant when it was handed out.
+// Keys are values: once made, a key object is never changed (cutting creates
+// a new key). Lookup results and dirty-key scans hand out references to keys
+// in the tree (and the writeback code later passes one back as the expected
+// key of a replace), the journal holds the same objects the leaves do, and an
+// inserted key is shared by a leaf's view and its pending set, so a key object
+// must keep meaning what it meant when it was made.
 
 import { cloneKey, posCmp, type Bkey, type BkeyPtr } from '../format/bkey.ts';
+import { KeyList } from './keylist.ts';
 
 /** A change of dirty sectors: `sectors` (signed) at [offset, offset + |sectors|) of `inode`. */
 export type DirtySink = (inode: number, offset: number, sectors: number) => void;
@@ -120,11 +123,11 @@ export interface InsertResult {
  * kernel's sectors_found): overlapping keys are checked in order and the first
  * gap or mismatch ends the run.
  */
-export function replaceableSectors(keys: readonly Bkey[], k: Bkey, expected: Bkey): number {
+export function replaceableSectors(keys: KeyList, k: Bkey, expected: Bkey): number {
   const s = k.offset - k.size;
   let found = 0;
-  for (let i = firstAfter(keys, k.inode, s); i < keys.length; i++) {
-    const x = keys[i] as Bkey;
+  for (let p = keys.seekAfter(k.inode, s); p >= 0; p = keys.next(p)) {
+    const x = keys.keyAt(p);
     const xs = x.offset - x.size;
     if (x.inode !== k.inode || xs >= k.offset) break;
     if (xs > s + found) break;
@@ -135,12 +138,13 @@ export function replaceableSectors(keys: readonly Bkey[], k: Bkey, expected: Bke
 }
 
 /**
- * bch_extent_insert_fixup() on a sorted array: `k` (copied) overwrites the
- * range it covers; keys overlapping it are removed, cut at the front (their
- * pointers advance), cut at the back, or split in two. A key without pointers
- * is an invalidation: it only removes, unless keepEmpty.
+ * bch_extent_insert_fixup() on a sorted list: `k` overwrites the range it
+ * covers; keys overlapping it are removed, cut at the front (their pointers
+ * advance), cut at the back, or split in two. A key without pointers is an
+ * invalidation: it only removes, unless keepEmpty. `k` itself goes into the
+ * list when it is inserted whole (keys are values, see the file comment).
  */
-export function insertExtent(keys: Bkey[], k: Bkey, options: InsertOptions = {}): InsertResult {
+export function insertExtent(keys: KeyList, k: Bkey, options: InsertOptions = {}): InsertResult {
   if (k.size === 0) return { inserted: undefined, collision: false, u64sDelta: 0 };
   let ins = k;
   if (options.replace) {
@@ -148,17 +152,16 @@ export function insertExtent(keys: Bkey[], k: Bkey, options: InsertOptions = {})
     if (found === 0) return { inserted: undefined, collision: true, u64sDelta: 0 };
     if (found < k.size) ins = cutBack(k, k.offset - k.size + found);
   }
-  ins = ins === k ? cloneKey(k) : ins;
   const s = ins.offset - ins.size;
   const e = ins.offset;
-  const i = firstAfter(keys, ins.inode, s);
-  let j = i;
-  const pieces: Bkey[] = [];
+  const at = keys.seekAfter(ins.inode, s);
+  let removed = 0;
+  let head: Bkey | undefined;
   let tail: Bkey | undefined;
   const sink = options.dirty;
   let delta = 0;
-  while (j < keys.length) {
-    const x = keys[j] as Bkey;
+  for (let p = at; p >= 0; p = keys.next(p)) {
+    const x = keys.keyAt(p);
     const xs = x.offset - x.size;
     if (x.inode !== ins.inode || xs >= e) break;
     delta -= 2 + x.ptrs.length;
@@ -166,15 +169,18 @@ export function insertExtent(keys: Bkey[], k: Bkey, options: InsertOptions = {})
       const from = Math.max(xs, s);
       sink(x.inode, from, -(Math.min(x.offset, e) - from));
     }
-    if (xs < s) pieces.push(cutBack(x, s));
+    // Only the first overlapping key can start before `s`, only the last end after `e`.
+    if (xs < s) head = cutBack(x, s);
     if (x.offset > e) tail = cutFront(x, e);
-    j++;
+    removed++;
   }
-  if (ins.ptrs.length > 0 || options.keepEmpty === true) pieces.push(ins);
+  const keep = ins.ptrs.length > 0 || options.keepEmpty === true;
+  const pieces: Bkey[] = [];
+  if (head) pieces.push(head);
+  if (keep) pieces.push(ins);
   if (tail) pieces.push(tail);
   for (const p of pieces) delta += 2 + p.ptrs.length;
-  if (j - i === 0 && pieces.length === 1) keys.splice(i, 0, pieces[0] as Bkey);
-  else keys.splice(i, j - i, ...pieces);
+  if (removed > 0 || pieces.length > 0) keys.splice(at, removed, pieces);
   if (ins.dirty && sink) sink(ins.inode, s, ins.size);
   return { inserted: ins, collision: false, u64sDelta: delta };
 }
@@ -201,9 +207,9 @@ export function isSortedNonOverlapping(keys: readonly Bkey[]): boolean {
 export function normalizeSet(keys: readonly Bkey[]): Bkey[] {
   const nonEmpty = keys.filter((k) => k.size > 0);
   if (isSortedNonOverlapping(nonEmpty)) return nonEmpty;
-  const out: Bkey[] = [];
+  const out = new KeyList();
   for (const k of nonEmpty) insertExtent(out, k, { keepEmpty: true });
-  return out;
+  return out.toArray();
 }
 
 /**

@@ -12,6 +12,7 @@ import {
   mergeNewer,
   normalizeSet,
 } from '../../src/bcache/extents.ts';
+import { KeyList } from '../../src/bcache/keylist.ts';
 
 // The model: per inode, per sector, what the index says about that sector.
 // `id` is the insert that wrote it; a key of the array is a maximal run of
@@ -137,8 +138,9 @@ const opArb: fc.Arbitrary<Op> = fc.oneof(
 
 test('insert and replace match a per-sector model, dirty deltas included', () => {
   fc.assert(
-    fc.property(fc.array(opArb, { maxLength: 70 }), (ops) => {
-      const keys: Bkey[] = [];
+    fc.property(fc.array(opArb, { maxLength: 70 }), fc.integer({ min: 2, max: 6 }), (ops, chunk) => {
+      // Tiny chunks, so that inserts and removals split and merge them all the time.
+      const keys = new KeyList(chunk);
       const model = new Model();
       let dirtyFromDeltas = 0;
       const sink = (_inode: number, _offset: number, sectors: number): void => {
@@ -147,7 +149,7 @@ test('insert and replace match a per-sector model, dirty deltas included', () =>
       let id = 0;
       for (const o of ops) {
         if (o.op === 'insert') {
-          const before = keys.slice();
+          const before = keys.toArray();
           const snapshot = structuredClone(before);
           const r = insertExtent(keys, o.key, { dirty: sink });
           assert.equal(r.collision, false);
@@ -156,7 +158,7 @@ test('insert and replace match a per-sector model, dirty deltas included', () =>
           assert.deepEqual(before, snapshot);
         } else {
           // Expect a key that is (or was) in the array, or a damaged copy of one.
-          const existing = keys.filter((k) => k.ptrs.length > 0);
+          const existing = keys.toArray().filter((k) => k.ptrs.length > 0);
           const base = existing.length > 0 ? existing[o.pick % existing.length] : o.key;
           if (!base || base.ptrs.length === 0) continue;
           const exp = structuredClone(base);
@@ -177,10 +179,11 @@ test('insert and replace match a per-sector model, dirty deltas included', () =>
             model.write(r.inserted, ++id);
           }
         }
-        assert.deepEqual(expand(keys), strip(model));
+        assert.deepEqual(keys.check(), []);
+        assert.deepEqual(expand(keys.toArray()), strip(model));
         assert.equal(dirtyFromDeltas, model.dirty());
         assert.ok(
-          keys.every((k) => k.ptrs.length > 0),
+          keys.toArray().every((k) => k.ptrs.length > 0),
           'invalidations leave holes, not keys',
         );
       }
@@ -191,14 +194,16 @@ test('insert and replace match a per-sector model, dirty deltas included', () =>
 
 test('keepEmpty keeps invalidations as keys that override, and the array stays sorted', () => {
   fc.assert(
-    fc.property(fc.array(keyArb, { maxLength: 60 }), (inserts) => {
-      const pending: Bkey[] = [];
+    fc.property(fc.array(keyArb, { maxLength: 60 }), fc.integer({ min: 2, max: 6 }), (inserts, chunk) => {
+      const list = new KeyList(chunk);
       const model = new Model();
       let id = 0;
       for (const k of inserts) {
-        insertExtent(pending, k, { keepEmpty: true });
+        insertExtent(list, k, { keepEmpty: true });
         model.write(k, ++id);
       }
+      assert.deepEqual(list.check(), []);
+      const pending = list.toArray();
       assert.ok(isSortedNonOverlapping(pending));
       // Every sector written by some insert is covered by exactly one key of the pending set.
       const covered = Array.from({ length: INODES }, () => new Array<boolean>(SECTORS).fill(false));
@@ -216,20 +221,20 @@ test('keepEmpty keeps invalidations as keys that override, and the array stays s
 
 test('mergeNewer is later-wins: the same as inserting the newer set key by key', () => {
   const setArb = fc.array(keyArb, { maxLength: 30 }).map((ks) => {
-    const out: Bkey[] = [];
+    const out = new KeyList();
     for (const k of ks) insertExtent(out, k, { keepEmpty: true });
-    return out;
+    return out.toArray();
   });
   fc.assert(
     fc.property(fc.array(setArb, { minLength: 1, maxLength: 5 }), (sets) => {
       let merged: Bkey[] = [];
-      const byInsert: Bkey[] = [];
+      const byInsert = new KeyList(3);
       for (const s of sets) {
         merged = mergeNewer(merged, s);
         for (const k of s) insertExtent(byInsert, k, { keepEmpty: true });
         assert.ok(isSortedNonOverlapping(merged));
       }
-      assert.deepEqual(merged, byInsert);
+      assert.deepEqual(merged, byInsert.toArray());
     }),
     { numRuns: 300 },
   );
@@ -240,9 +245,9 @@ test('normalizeSet drops empty keys and resolves unsorted input in order', () =>
     fc.property(fc.array(keyArb, { maxLength: 30 }), (ks) => {
       const withEmpty = ks.flatMap((k) => [k, makeKey(k.inode, k.offset, 0, false, [])]);
       const norm = normalizeSet(withEmpty);
-      const byInsert: Bkey[] = [];
+      const byInsert = new KeyList();
       for (const k of ks) insertExtent(byInsert, k, { keepEmpty: true });
-      assert.deepEqual(norm, byInsert);
+      assert.deepEqual(norm, byInsert.toArray());
     }),
     { numRuns: 200 },
   );
@@ -264,9 +269,10 @@ test('cuts: a front cut moves the pointer, a back cut keeps it, neither changes 
 });
 
 test('a key inside another splits it in two with the right pointers', () => {
-  const keys = [makeKey(0, 64, 64, true, [makePtr(0, 1024, 1)])];
+  const list = KeyList.from([makeKey(0, 64, 64, true, [makePtr(0, 1024, 1)])]);
   const deltas: number[] = [];
-  insertExtent(keys, makeKey(0, 40, 8, false, [makePtr(0, 9000, 2)]), { dirty: (_i, _o, s) => deltas.push(s) });
+  insertExtent(list, makeKey(0, 40, 8, false, [makePtr(0, 9000, 2)]), { dirty: (_i, _o, s) => deltas.push(s) });
+  const keys = list.toArray();
   assert.deepEqual(
     keys.map((k) => [k.offset, k.size, k.ptrs[0]?.offset, k.dirty]),
     [
@@ -279,4 +285,7 @@ test('a key inside another splits it in two with the right pointers', () => {
   assert.equal(firstAfter(keys, 0, 32), 1);
   assert.equal(firstAfter(keys, 0, 31), 0);
   assert.equal(firstAfter(keys, 1, 0), 3);
+  assert.equal(list.keyAt(list.seekAfter(0, 32)), keys[1]);
+  assert.equal(list.keyAt(list.seekAfter(0, 31)), keys[0]);
+  assert.equal(list.seekAfter(1, 0), -1);
 });
