@@ -138,6 +138,7 @@ export class Allocator {
     if (r < 0) return -1;
     const b = this.b;
     if (b.pin[r] !== 1) throw new Error(`allocator: bucket ${r} on a free list has pin ${b.pin[r]}, not 1`);
+    b.noteChange(r);
     b.setUsed(r, b.bucketSize);
     if (reserve <= RESERVE_PRIO) {
       b.mark[r] = GC_MARK_METADATA;
@@ -178,6 +179,7 @@ export class Allocator {
   /** Put back a bucket allocated from `reserve` and never used (still pinned, gen unchanged). */
   unalloc(bucket: number, reserve: Reserve): void {
     const b = this.b;
+    b.noteChange(bucket);
     b.mark[bucket] = GC_MARK_FREE;
     b.setUsed(bucket, 0);
     this.avail++;
@@ -192,17 +194,29 @@ export class Allocator {
   /** __bch_bucket_free(): nothing references the bucket any more. */
   freeBucket(bucket: number): void {
     const b = this.b;
+    b.noteChange(bucket);
     b.mark[bucket] = GC_MARK_FREE;
     b.setUsed(bucket, 0);
     if (this.avail < b.nbuckets) this.avail++;
   }
 
+  /**
+   * Hand buckets to the waiters that can have one now, in arrival order. A
+   * waiter whose reserve is empty must not hold up the others behind it: a
+   * btree rewrite waiting for RESERVE_BTREE (which has buckets) behind data
+   * writes waiting for RESERVE_NONE (which only invalidation refills, and
+   * invalidation may need the GC pass that is doing the rewrite) would wait
+   * forever. The kernel wakes every waiter to retry its own reserve.
+   */
   private serveWaiters(): void {
-    while (this.waiters.length > 0) {
-      const w = this.waiters[0] as { reserve: Reserve; d: Deferred<number> };
+    for (let i = 0; i < this.waiters.length; ) {
+      const w = this.waiters[i] as { reserve: Reserve; d: Deferred<number> };
       const r = this.take(w.reserve);
-      if (r < 0) return;
-      this.waiters.shift();
+      if (r < 0) {
+        i++;
+        continue;
+      }
+      this.waiters.splice(i, 1);
       w.d.resolve(r);
     }
   }
@@ -262,6 +276,7 @@ export class Allocator {
     const r = this.pool.pop();
     if (r === undefined) return -1;
     const b = this.b;
+    b.noteChange(r);
     b.setUsed(r, b.bucketSize);
     b.mark[r] = GC_MARK_METADATA;
     b.prio[r] = BTREE_PRIO;

@@ -41,6 +41,14 @@ export class Buckets {
   readonly lastGc: Uint8Array;
   /** Smallest prio of a data bucket since the last rescale (c->min_prio). */
   minPrio = 0;
+  /**
+   * While a GC pass walks the tree (in slices, yielding to I/O), the buckets
+   * whose state the rest of the engine changed meanwhile: pinned or unpinned,
+   * allocated, freed, invalidated. The walk may not have seen their newest
+   * references, so the pass keeps their live state instead of installing
+   * what it computed, as it does for buckets pinned at its end.
+   */
+  private changed: Uint8Array | undefined;
 
   constructor(nbuckets: number, bucketSize: number, firstBucket: number) {
     this.nbuckets = nbuckets;
@@ -89,6 +97,27 @@ export class Buckets {
     this.gen[b] = ((this.gen[b] ?? 0) + 1) & 0xff;
     this.prio[b] = INITIAL_PRIO;
     this.pin[b] = (this.pin[b] ?? 0) + 1;
+    if (this.changed) this.changed[b] = 1;
+  }
+
+  /** A GC pass begins: from now on note every bucket whose state changes (pinned ones count as changed). */
+  gcTrackBegin(): void {
+    const changed = new Uint8Array(this.nbuckets);
+    const pin = this.pin;
+    for (let i = 0; i < this.nbuckets; i++) if ((pin[i] ?? 0) > 0) changed[i] = 1;
+    this.changed = changed;
+  }
+
+  /** The pass ends: the buckets changed since gcTrackBegin(). */
+  gcTrackEnd(): Uint8Array {
+    const changed = this.changed ?? new Uint8Array(this.nbuckets);
+    this.changed = undefined;
+    return changed;
+  }
+
+  /** An allocation, free or mark change outside GC (see `changed`). */
+  noteChange(b: number): void {
+    if (this.changed) this.changed[b] = 1;
   }
 
   setUsed(b: number, sectors: number): void {
@@ -101,12 +130,14 @@ export class Buckets {
 
   pinBucket(b: number): void {
     this.pin[b] = (this.pin[b] ?? 0) + 1;
+    if (this.changed) this.changed[b] = 1;
   }
 
   unpinBucket(b: number): void {
     const n = this.pin[b] ?? 0;
     if (n <= 0) throw new Error(`bucket ${b}: unpinned more often than pinned`);
     this.pin[b] = n - 1;
+    if (this.changed) this.changed[b] = 1;
   }
 
   /** bucket_prio() for the lru policy: cold and empty buckets first. */

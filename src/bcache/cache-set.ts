@@ -129,6 +129,8 @@ export interface CacheSetOptions {
   closeDevice?: boolean;
   /** Sectors inserted between pressure-triggered GC passes (default nbuckets x bucket_size / 16). */
   gcSectors?: number;
+  /** How long one slice of a GC walk marks before yielding to requests (ms; tests use 0: a slice per leaf). */
+  gcSliceMs?: number;
   /** Bound on stop() before it gives up waiting and closes anyway. */
   stopTimeoutMs?: number;
   /** Seed of the random replacement policy. */
@@ -243,13 +245,16 @@ export class CacheSet {
         io: this.io,
         geo: this.nodeGeo,
         buckets: this.buckets,
-        allocNodeBuckets: async (n) => {
+        allocNodeBuckets: async (n, wait = true) => {
           const out: number[] = [];
           try {
             for (let i = 0; i < n; i++) {
               const p = this.allocator.allocPool();
-              const b = p >= 0 ? p : await this.allocator.alloc(RESERVE_BTREE, true);
-              if (b === undefined) throw new IoError('ENOSPC', 'btree: no bucket for a node');
+              const b = p >= 0 ? p : await this.allocator.alloc(RESERVE_BTREE, wait);
+              if (b === undefined) {
+                if (!wait) break;
+                throw new IoError('ENOSPC', 'btree: no bucket for a node');
+              }
               out.push(b);
             }
           } catch (err) {
@@ -327,6 +332,7 @@ export class CacheSet {
         },
       },
       options.gcSectors,
+      options.gcSliceMs,
     );
     this.rescale = Math.floor((sb.nbuckets * sb.bucketSize) / 1024);
     this.io.setErrorHooks({

@@ -3,19 +3,37 @@
 // allocator knows what it may invalidate and gens cannot wrap around under a
 // live pointer.
 //
-// One pass holds the btree's lock shared for the whole walk (inserts wait;
-// lookups go on) and computes into fresh arrays; buckets pinned meanwhile (in
-// flight: free lists, open data buckets, keys written but not inserted) keep
-// their live state. The finish (marking journal, prio and uuid buckets as
-// metadata, counting what is available) runs without an await in between, so
-// nothing changes under it. Leaves that are mostly stale keys are rewritten
-// afterwards. Moving GC is not done (the kernel's is off by default).
+// A pass walks the leaves in key order, a slice at a time: each slice holds
+// the btree's lock shared only while it marks (synchronously) and gives the
+// event loop back after GC_SLICE_MS, so requests never wait behind a whole
+// walk (the kernel's GC stalls I/O for tens to hundreds of ms on fast
+// devices; a 2025 fix cut its batch to 10 nodes per 10 ms). Between slices
+// the tree may change under the walk, which is safe because every change is
+// conservative or kept out of the result:
+//   - the walk resumes by position from the root, so it follows rewrites and
+//     splits, and marks each interior node (its child pointers) once;
+//   - keys inserted behind the walk point into buckets that were pinned or
+//     allocated meanwhile, and the buckets whose state changed during the
+//     pass keep their live state at the end (Buckets.gcTrackBegin), as
+//     pinned ones always did; overwrites behind the walk leave counts too
+//     high, never too low, until the next pass;
+//   - the allocator goes on invalidating during a pass, from the live marks:
+//     those of the previous pass plus every allocation since, which never
+//     call a bucket with live dirty data or metadata free (the kernel must
+//     stop its allocator instead, because its GC rebuilds the live marks in
+//     place); a bucket invalidated meanwhile counts as changed.
+// The computed marks go into fresh arrays and are installed at the end
+// (with the lock held, no await in between), so writes never wait for a
+// pass to end to get a bucket. Leaves that are mostly stale
+// keys are rewritten afterwards. Moving GC is not done (the kernel's is off
+// by default).
 //
 // The worker runs a pass when asked (trigger_gc), when the allocator found
 // nothing to invalidate, and when more than nbuckets x bucket_size / 16
 // sectors were inserted since the last pass.
 
-import { genAfter, ptrAvailable, type Bkey } from '../format/bkey.ts';
+import { MAX_KEY, posCmp, ptrAvailable, type Bkey, type BkeyPtr } from '../format/bkey.ts';
+import { MAX_CACHES_PER_SET } from '../format/constants.ts';
 import { Notifier, Worker, errorMessage } from '../util/lifecycle.ts';
 import { log } from '../util/log.ts';
 import type { Allocator } from './alloc.ts';
@@ -31,6 +49,10 @@ import {
   MAX_GC_SECTORS_USED,
   type Buckets,
 } from './buckets.ts';
+import { monotonicNs, TimeStats } from './time-stats.ts';
+
+/** A slice of the walk marks for at most this long before yielding to I/O (ms). */
+export const GC_SLICE_MS = 1;
 
 export interface MarkArrays {
   mark: Uint8Array;
@@ -38,24 +60,44 @@ export interface MarkArrays {
   lastGc: Uint8Array;
 }
 
+/** What markKey found: no usable pointer, a live key, or a stale one. */
+export const MARK_NONE = 0;
+export const MARK_LIVE = 1;
+export const MARK_STALE = 2;
+
 /**
  * __bch_btree_mark_key(): note the oldest gen the key references, and if its
  * pointers are current, mark their buckets (metadata for node pointers,
- * dirty or reclaimable for data) and count its sectors.
+ * dirty or reclaimable for data) and count its sectors. Runs for every key of
+ * every pass, so it is written as a plain loop over typed arrays.
  */
-export function markKey(b: Buckets, into: MarkArrays, level: number, k: Bkey): void {
-  if (k.inode === 0 && k.offset === 0) return;
-  for (const p of k.ptrs) {
-    if (!ptrAvailable(p)) continue;
-    const i = b.bucketOf(p);
+export function markKey(b: Buckets, into: MarkArrays, level: number, k: Bkey): number {
+  if (k.inode === 0 && k.offset === 0) return MARK_NONE;
+  const ptrs = k.ptrs;
+  const gens = b.gen;
+  const bucketSize = b.bucketSize;
+  let result = MARK_NONE;
+  for (let j = 0; j < ptrs.length; j++) {
+    const p = ptrs[j] as BkeyPtr;
+    if (p.dev >= MAX_CACHES_PER_SET) continue;
+    const i = Math.floor(p.offset / bucketSize);
     if (i >= b.nbuckets) continue;
-    if (genAfter(into.lastGc[i] ?? 0, p.gen)) into.lastGc[i] = p.gen;
-    if (b.stale(p)) continue;
+    // gen_after(lastGc, ptr.gen): this pointer references an older gen.
+    const older = ((into.lastGc[i] as number) - p.gen) & 0xff;
+    if (older !== 0 && older <= 128) into.lastGc[i] = p.gen;
+    const stale = ((gens[i] as number) - p.gen) & 0xff;
+    if (stale !== 0 && stale <= 128) {
+      result = MARK_STALE;
+      continue;
+    }
+    if (result === MARK_NONE) result = MARK_LIVE;
     if (level > 0) into.mark[i] = GC_MARK_METADATA;
     else if (k.dirty) into.mark[i] = GC_MARK_DIRTY;
     else if (into.mark[i] === GC_MARK_FREE) into.mark[i] = GC_MARK_RECLAIMABLE;
-    into.used[i] = Math.min((into.used[i] ?? 0) + k.size, MAX_GC_SECTORS_USED);
+    const used = (into.used[i] as number) + k.size;
+    into.used[i] = used > MAX_GC_SECTORS_USED ? MAX_GC_SECTORS_USED : used;
   }
+  return result;
 }
 
 /**
@@ -95,6 +137,31 @@ export interface GcStats {
   data: number;
   rewrites: number;
   lastDurationMs: number;
+  /** Slices of the last pass, and the longest one (ms): how long requests could wait behind GC. */
+  lastSlices: number;
+  lastMaxPauseMs: number;
+  /** The longest slice of any pass (ms). */
+  maxPauseMs: number;
+  /** Every pass's duration (btree_gc_* in internal/). */
+  time: TimeStats;
+}
+
+/** Where a slice of the walk stopped. */
+type SliceEnd = { done: true } | { done: false; load?: { key: Bkey; level: number } };
+
+/** A pass in progress: the fresh marks and where the walk is. */
+interface PassState {
+  fresh: MarkArrays;
+  /** The walk continues with the leaf holding the first key after this position. */
+  inode: number;
+  offset: number;
+  /** Interior nodes whose child pointers are marked (node objects: a rewrite makes new ones). */
+  interiorSeen: Set<BtreeNode>;
+  rootSeen: BtreeNode | undefined;
+  staleLeaves: BtreeNode[];
+  nodes: number;
+  keys: number;
+  data: number;
 }
 
 export class Gc {
@@ -106,19 +173,32 @@ export class Gc {
   sectorsToGc: number;
   private readonly sectorsBetweenRuns: number;
   private running: Promise<void> | undefined;
+  private readonly sliceMs: number;
 
   /** A pass is in progress. */
   get inProgress(): boolean {
     return this.running !== undefined;
   }
   private waiters: Array<() => void> = [];
-  readonly stats: GcStats = { runs: 0, nodes: 0, keys: 0, data: 0, rewrites: 0, lastDurationMs: 0 };
+  readonly stats: GcStats = {
+    runs: 0,
+    nodes: 0,
+    keys: 0,
+    data: 0,
+    rewrites: 0,
+    lastDurationMs: 0,
+    lastSlices: 0,
+    lastMaxPauseMs: 0,
+    maxPauseMs: 0,
+    time: new TimeStats(),
+  };
 
-  constructor(host: GcHost, sectorsBetweenRuns?: number) {
+  constructor(host: GcHost, sectorsBetweenRuns?: number, sliceMs = GC_SLICE_MS) {
     this.host = host;
     const b = host.buckets;
     this.sectorsBetweenRuns = sectorsBetweenRuns ?? Math.floor((b.nbuckets * b.bucketSize) / 16);
     this.sectorsToGc = this.sectorsBetweenRuns;
+    this.sliceMs = sliceMs;
   }
 
   start(): void {
@@ -164,7 +244,7 @@ export class Gc {
       this.requested = false;
       const waiting = this.waiters.splice(0);
       try {
-        await this.pass();
+        await this.pass(signal);
       } catch (err) {
         if (!stopping()) {
           log.error(`gc: ${errorMessage(err)}`);
@@ -177,9 +257,9 @@ export class Gc {
   }
 
   /** One GC pass. */
-  async pass(): Promise<void> {
+  async pass(signal?: AbortSignal): Promise<void> {
     if (this.running) return this.running;
-    this.running = this.passInner();
+    this.running = this.passInner(signal);
     try {
       await this.running;
     } finally {
@@ -187,64 +267,145 @@ export class Gc {
     }
   }
 
-  private async passInner(): Promise<void> {
-    const { buckets: b, btree, allocator } = this.host;
-    const t0 = Date.now();
-    const fresh: MarkArrays = {
-      mark: new Uint8Array(b.nbuckets),
-      used: new Uint16Array(b.nbuckets),
-      lastGc: Uint8Array.from(b.gen),
+  private async passInner(signal: AbortSignal | undefined): Promise<void> {
+    const { buckets: b, btree } = this.host;
+    const t0 = monotonicNs();
+    const st: PassState = {
+      fresh: {
+        mark: new Uint8Array(b.nbuckets),
+        used: new Uint16Array(b.nbuckets),
+        lastGc: Uint8Array.from(b.gen),
+      },
+      inode: 0,
+      offset: -1,
+      interiorSeen: new Set(),
+      rootSeen: undefined,
+      staleLeaves: [],
+      nodes: 0,
+      keys: 0,
+      data: 0,
     };
-    const staleLeaves: BtreeNode[] = [];
-    let nodes = 0;
-    let keys = 0;
-    let data = 0;
-    await btree.lock.read();
+    b.gcTrackBegin();
+    let slices = 0;
+    let maxPause = 0;
+    let finished = false;
     try {
-      allocator.gcMarkValid = false;
-      markKey(b, fresh, btree.root.level + 1, btree.root.key);
-      await btree.walk((node) => {
-        nodes++;
-        let stale = 0;
-        for (const k of node.keys) {
-          keys++;
-          markKey(b, fresh, node.level, k);
-          if (node.isLeaf) {
-            if (k.ptrs.some((p) => b.stale(p) > 0)) stale++;
-            else data += k.size;
+      for (;;) {
+        if (signal?.aborted === true || this.host.isDisabled()) return;
+        if (!btree.lock.tryRead()) await btree.lock.read();
+        const s0 = performance.now();
+        let end: SliceEnd;
+        try {
+          end = this.slice(st, s0 + this.sliceMs);
+          if (end.done) {
+            // Install with the lock still held: nothing changes between the walk's end and the install.
+            this.finish(st.fresh, b.gcTrackEnd());
+            finished = true;
+          } else if (end.load) {
+            // A node that is not in memory: load it under the lock, as any reader would.
+            await btree.getNode(end.load.key, end.load.level);
           }
+        } finally {
+          btree.lock.releaseRead();
         }
-        if (node.isLeaf && stale > 0 && stale * 2 > node.keys.length) staleLeaves.push(node);
-      });
-      this.finish(fresh);
+        const pause = performance.now() - s0;
+        slices++;
+        if (pause > maxPause) maxPause = pause;
+        if (finished) break;
+        // Let requests run between slices (a macrotask turn: I/O callbacks included).
+        await new Promise<void>((resolve) => setImmediate(resolve));
+      }
     } finally {
-      btree.lock.releaseRead();
+      if (!finished) b.gcTrackEnd();
     }
+    const t1 = monotonicNs();
     this.stats.runs++;
-    this.stats.nodes = nodes;
-    this.stats.keys = keys;
-    this.stats.data = data;
-    this.stats.lastDurationMs = Date.now() - t0;
-    for (const leaf of staleLeaves) {
+    this.stats.nodes = st.nodes;
+    this.stats.keys = st.keys;
+    this.stats.data = st.data;
+    this.stats.lastDurationMs = (t1 - t0) / 1e6;
+    this.stats.lastSlices = slices;
+    this.stats.lastMaxPauseMs = maxPause;
+    if (maxPause > this.stats.maxPauseMs) this.stats.maxPauseMs = maxPause;
+    this.stats.time.update(t0, t1);
+    for (const leaf of st.staleLeaves) {
       if (leaf.freed) continue;
-      const last = leaf.keys[leaf.keys.length - 1];
+      const last = leaf.keys.last();
       const at = last ?? leaf.key;
-      await btree.compactLeaf(at.inode, Math.max(0, at.offset - 1));
-      this.stats.rewrites++;
+      if (await btree.compactLeaf(at.inode, Math.max(0, at.offset - 1))) this.stats.rewrites++;
     }
   }
 
-  /** bch_btree_gc_finish(): install the fresh marks (pinned buckets keep theirs). */
-  private finish(fresh: MarkArrays): void {
+  /**
+   * Mark leaves from the walk's position on, synchronously, until the walk
+   * is done, `deadline` (performance.now()) passes, or a node must be read
+   * from disk first. The caller holds the read lock.
+   */
+  private slice(st: PassState, deadline: number): SliceEnd {
+    const { buckets: b, btree } = this.host;
+    const fresh = st.fresh;
+    for (;;) {
+      let node = btree.root;
+      if (st.rootSeen !== node) {
+        markKey(b, fresh, node.level + 1, node.key);
+        st.rootSeen = node;
+      }
+      while (!node.isLeaf) {
+        if (!st.interiorSeen.has(node)) {
+          const level = node.level;
+          node.keys.forEach((k) => {
+            markKey(b, fresh, level, k);
+          });
+          st.interiorSeen.add(node);
+          st.nodes++;
+        }
+        const at = node.keys.seekAfter(st.inode, st.offset);
+        if (at < 0) return { done: true };
+        const ck = node.keys.keyAt(at);
+        const child = btree.cached(ck);
+        if (!child) return { done: false, load: { key: ck, level: node.level - 1 } };
+        node = child;
+      }
+      let stale = 0;
+      let n = 0;
+      const leaf = node;
+      leaf.keys.forEach((k) => {
+        n++;
+        const r = markKey(b, fresh, 0, k);
+        if (r === MARK_STALE) stale++;
+        else if (r === MARK_LIVE) st.data += k.size;
+      });
+      st.keys += n;
+      st.nodes++;
+      if (stale > 0 && stale * 2 > n) st.staleLeaves.push(leaf);
+      if (posCmp(leaf.key.inode, leaf.key.offset, MAX_KEY.inode, MAX_KEY.offset) >= 0) return { done: true };
+      st.inode = leaf.key.inode;
+      st.offset = leaf.key.offset;
+      if (performance.now() >= deadline) return { done: false };
+    }
+  }
+
+  /**
+   * bch_btree_gc_finish(): install the fresh marks, except for buckets pinned
+   * now or changed during the pass (`changed`), which keep their live state.
+   */
+  private finish(fresh: MarkArrays, changed: Uint8Array): void {
     const { buckets: b, allocator } = this.host;
     for (const i of this.host.metadataBuckets()) if (i > 0 && i < b.nbuckets) fresh.mark[i] = GC_MARK_METADATA;
     let avail = 0;
     for (let i = 0; i < b.nbuckets; i++) {
       b.lastGc[i] = fresh.lastGc[i] ?? 0;
-      if ((b.pin[i] ?? 0) > 0) continue;
-      b.mark[i] = fresh.mark[i] ?? 0;
-      b.used[i] = fresh.used[i] ?? 0;
-      if (i >= b.firstBucket && (b.mark[i] === GC_MARK_FREE || b.mark[i] === GC_MARK_RECLAIMABLE)) avail++;
+      if ((b.pin[i] ?? 0) === 0 && changed[i] === 0) {
+        b.mark[i] = fresh.mark[i] ?? 0;
+        b.used[i] = fresh.used[i] ?? 0;
+      }
+      if (
+        i >= b.firstBucket &&
+        (b.pin[i] ?? 0) === 0 &&
+        (b.mark[i] === GC_MARK_FREE || b.mark[i] === GC_MARK_RECLAIMABLE)
+      ) {
+        avail++;
+      }
     }
     allocator.avail = avail;
     allocator.gcMarkValid = true;

@@ -6,7 +6,14 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { MemoryBlockDevice } from '../../src/blockdev/memory.ts';
 import { Buckets, GC_MARK_DIRTY, GC_MARK_RECLAIMABLE } from '../../src/bcache/buckets.ts';
-import { freeReserveSize, REPLACEMENT_FIFO, REPLACEMENT_LRU, REPLACEMENT_RANDOM } from '../../src/bcache/alloc.ts';
+import {
+  freeReserveSize,
+  REPLACEMENT_FIFO,
+  REPLACEMENT_LRU,
+  REPLACEMENT_RANDOM,
+  RESERVE_BTREE,
+  RESERVE_NONE,
+} from '../../src/bcache/alloc.ts';
 import { CacheSet } from '../../src/bcache/cache-set.ts';
 import { Prng } from '../../src/util/prng.ts';
 import { assertNothingLeft, formatCache } from './helpers.ts';
@@ -91,4 +98,42 @@ test('a bucket is not invalidated while dirty, pinned, or too far ahead of its l
   assert.throws(() => {
     b.unpinBucket(6);
   }, /unpinned more often than pinned/);
+});
+
+test('a waiter whose reserve is empty does not hold up a waiter whose reserve has a bucket', async () => {
+  // Data writes wait for RESERVE_NONE, which only invalidation refills; a
+  // btree rewrite behind them asks for RESERVE_BTREE, which has buckets. If
+  // the rewrite had to wait its turn, and it was the GC pass that
+  // invalidation waits for, nothing would ever move (the hang of a nearly
+  // full cache).
+  const dev = new MemoryBlockDevice(4 * MiB);
+  await formatCache(dev, { bucketSize: 8, blockSize: 1 });
+  const cs = await CacheSet.open(dev, { closeDevice: false, journalDelayMs: 1 });
+  const a = cs.allocator;
+  // Stop refilling: no GC and no invalidation from here on.
+  await cs.gc.stop();
+  await a.stop();
+  try {
+    // Both reserves empty: a data write and then a btree rewrite wait.
+    const spare = a.free[RESERVE_BTREE].pop();
+    assert.ok(spare >= 0, 'the btree reserve had a bucket');
+    for (const fifo of [a.free[RESERVE_NONE], a.free[RESERVE_BTREE], a.freeInc]) {
+      while (!fifo.empty) cs.buckets.unpinBucket(fifo.pop());
+    }
+    // Waiting needs a running worker: one that never refills (nothing is
+    // invalidatable and GC is never asked).
+    a.invalidateNeedsGc = true;
+    a.start();
+    const data = a.alloc(RESERVE_NONE, true);
+    const btree = a.alloc(RESERVE_BTREE, true);
+    // A bucket comes back to the btree reserve: the rewrite gets it, the data write still waits.
+    a.unalloc(spare, RESERVE_BTREE);
+    assert.equal(await btree, spare);
+    a.unalloc(spare, RESERVE_BTREE);
+    await a.stop();
+    await assert.rejects(data, /stopped/);
+  } finally {
+    await cs.stop();
+  }
+  assertNothingLeft();
 });

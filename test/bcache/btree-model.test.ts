@@ -10,7 +10,7 @@ import assert from 'node:assert/strict';
 import { MemoryBlockDevice } from '../../src/blockdev/memory.ts';
 import { CacheSet } from '../../src/bcache/cache-set.ts';
 import { Prng } from '../../src/util/prng.ts';
-import { assertNothingLeft, formatCache } from './helpers.ts';
+import { assertNothingLeft, checkMarks, formatCache } from './helpers.ts';
 import { applyOp, checkRange, IndexModel, randomOp } from './model.ts';
 
 const MiB = 1024 * 1024;
@@ -22,6 +22,8 @@ async function run(seed: number, ops: number, btreeCacheSize?: number): Promise<
     closeDevice: false,
     journalDelayMs: 1,
     gcSectors: 2000,
+    // A GC slice per leaf: inserts, rewrites and splits interleave with every walk.
+    gcSliceMs: 0,
     seed,
     btreeNodeSectors: 2,
     ...(btreeCacheSize === undefined ? {} : { btreeCacheSize }),
@@ -32,7 +34,10 @@ async function run(seed: number, ops: number, btreeCacheSize?: number): Promise<
     for (let i = 0; i < ops; i++) {
       const o = randomOp(rng, model, 8);
       await applyOp(cs, model, o, seed * 100000 + i);
-      if (i % 25 === 0) assert.deepEqual(await cs.btree.verify(), [], `tree invariants after op ${i}`);
+      if (i % 25 === 0) {
+        assert.deepEqual(await cs.btree.verify(), [], `tree invariants after op ${i}`);
+        assert.deepEqual(await checkMarks(cs), [], `bucket marks after op ${i}`);
+      }
     }
     for (let inode = 0; inode < model.inodes; inode++) {
       await checkRange(cs, model, inode, 0, model.sectors);

@@ -172,7 +172,13 @@ interface Real {
 
 async function start(cache: CrashableBlockDevice, backing: CrashableBlockDevice, seed: number): Promise<Real> {
   const registry = new Registry({
-    setOptions: { journalDelayMs: seed % 3 === 0 ? 40 : 2, seed, gcSectors: 2048, btreeCacheSize: 64 * 1024 },
+    setOptions: {
+      journalDelayMs: seed % 3 === 0 ? 40 : 2,
+      seed,
+      gcSectors: 2048,
+      gcSliceMs: 0,
+      btreeCacheSize: 64 * 1024,
+    },
     deviceSettings: () => ({ writebackDelay: 0, writebackPercent: 0, sequentialCutoff: 256 * 1024 }),
   });
   try {

@@ -4,6 +4,8 @@
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import type { BlockDevice } from '../../src/blockdev/types.ts';
+import { GC_MARK_DIRTY, GC_MARK_METADATA, GC_MARK_RECLAIMABLE } from '../../src/bcache/buckets.ts';
+import type { CacheSet } from '../../src/bcache/cache-set.ts';
 import { SB_OFFSET } from '../../src/format/constants.ts';
 import { encodeSuperblock, newCacheSuperblock, type Superblock } from '../../src/format/superblock.ts';
 import { Worker } from '../../src/util/lifecycle.ts';
@@ -49,4 +51,35 @@ export function assertNothingLeft(): void {
   assert.deepEqual(workers, [], 'no worker alive');
   const timers = process.getActiveResourcesInfo().filter((r) => r === 'Timeout' || r === 'Immediate');
   assert.deepEqual(timers, [], 'no timer pending');
+}
+
+/**
+ * The allocator's view agrees with the tree, whatever a GC pass in progress
+ * has seen so far: every node's bucket is metadata, every bucket a live key
+ * points into holds data (dirty if the key is), so nothing live can be
+ * invalidated.
+ */
+export async function checkMarks(cs: CacheSet): Promise<string[]> {
+  const b = cs.buckets;
+  const problems: string[] = [];
+  await cs.btree.lock.read();
+  try {
+    await cs.btree.walk((node) => {
+      const nb = Math.floor(node.bucketSector / b.bucketSize);
+      if (b.mark[nb] !== GC_MARK_METADATA) problems.push(`node bucket ${nb} has mark ${b.mark[nb]}`);
+      if (!node.isLeaf) return;
+      node.keys.forEach((k) => {
+        const p = k.ptrs[0];
+        if (!p || b.stale(p) > 0) return;
+        const i = b.bucketOf(p);
+        const m = b.mark[i];
+        if (k.dirty ? m !== GC_MARK_DIRTY : m !== GC_MARK_RECLAIMABLE && m !== GC_MARK_DIRTY) {
+          problems.push(`bucket ${i} holds a live ${k.dirty ? 'dirty' : 'clean'} key but has mark ${m}`);
+        }
+      });
+    });
+  } finally {
+    cs.btree.lock.releaseRead();
+  }
+  return problems;
 }
