@@ -1,11 +1,15 @@
 // The sector allocator (alloc.c bch_alloc_sectors): buckets open for data,
 // from which writes get their space block by block.
 //
-// A write picks, among the open buckets of its kind (flash volumes and
-// cached devices never share a bucket, so a flash volume's always-dirty data
-// does not pin a cached device's clean data), the one whose last allocation
+// A write picks, among the open buckets of its kind, the one whose last allocation
 // ended where this write starts (sequential streams stay together), else the
 // one last used by the same write point, else the least recently used one.
+// Kinds: flash volumes and cached devices never share a bucket (as in the
+// kernel), and neither do dirty data (writeback) and clean data (miss fills,
+// writethrough copies), which the kernel mixes: one dirty block makes its
+// whole bucket dirty, and a dirty bucket cannot be reused until writeback
+// has copied it, so mixed buckets pin the clean data around the dirty and a
+// read-heavy cache with a few writes ends up with nothing it can reclaim.
 // If the chosen bucket is exhausted it gets a fresh bucket from the `none`
 // reserve. A write larger than what is left gets less and asks again (one key
 // per piece).
@@ -30,6 +34,8 @@ interface OpenBucket {
   lastInode: number;
   lastEnd: number;
   flash: boolean;
+  /** Holds writeback (dirty) data; clean data goes elsewhere. */
+  dirty: boolean;
   lastUse: number;
 }
 
@@ -73,10 +79,11 @@ export class OpenBuckets {
 
   private pick(o: AllocSectorsOptions): OpenBucket | undefined {
     const flash = o.flash === true;
+    const dirty = o.dirty === true;
     let sameTask: OpenBucket | undefined;
     let lru: OpenBucket | undefined;
     for (const ob of this.open) {
-      if (ob.flash !== flash) continue;
+      if (ob.flash !== flash || ob.dirty !== dirty) continue;
       if (ob.sectorsFree > 0 && ob.lastInode === o.inode && ob.lastEnd === o.offset) return ob;
       if (ob.writePoint === (o.writePoint ?? 0) && (!sameTask || ob.lastUse > sameTask.lastUse)) sameTask = ob;
       if (!lru || ob.lastUse < lru.lastUse) lru = ob;
@@ -107,6 +114,7 @@ export class OpenBuckets {
           lastInode: -1,
           lastEnd: -1,
           flash: o.flash === true,
+          dirty: o.dirty === true,
           lastUse: 0,
         };
         if (ob) this.open.splice(this.open.indexOf(ob), 1, fresh);

@@ -49,7 +49,10 @@ import { CollisionTracker, type Window } from './tracker.ts';
 
 /** CUTOFF_CACHE_ADD: above this in_use, nothing new is cached. */
 export const CUTOFF_CACHE_ADD = 95;
-/** bch_cutoff_writeback and bch_cutoff_writeback_sync (module parameters). */
+/**
+ * bch_cutoff_writeback and bch_cutoff_writeback_sync (module parameters),
+ * shown in internal/; NBD writes all count as sync (shouldWriteback).
+ */
 export const CUTOFF_WRITEBACK = 40;
 export const CUTOFF_WRITEBACK_SYNC = 70;
 /** RECENT_IO: streams remembered for sequential detection. */
@@ -307,12 +310,19 @@ export class RequestPath {
     return false;
   }
 
-  /** should_writeback() for a write that is not bypassed. */
-  private shouldWriteback(att: Attachment, fua: boolean): boolean {
+  /**
+   * should_writeback() for a write that is not bypassed. The kernel takes a
+   * write it counts as sync (REQ_SYNC: O_DIRECT, fsync'd data) into the
+   * cache while in_use is at most CUTOFF_WRITEBACK_SYNC, and any other write
+   * only up to CUTOFF_WRITEBACK, because nobody waits on a page cache's
+   * background writeback. Every NBD write has a waiter (it has left the
+   * client's cache: qemu, the kernel's nbd driver and fio each wait on their
+   * requests), and the protocol has nothing that tells the two kinds apart,
+   * so every write counts as sync here; CUTOFF_WRITEBACK is unused.
+   */
+  private shouldWriteback(att: Attachment): boolean {
     if (this.dev.cacheMode !== CACHE_MODE_WRITEBACK || att.detaching) return false;
-    const inUse = att.cs.inUse;
-    if (inUse > CUTOFF_WRITEBACK_SYNC) return false;
-    return fua || inUse <= CUTOFF_WRITEBACK;
+    return att.cs.inUse <= CUTOFF_WRITEBACK_SYNC;
   }
 
   // ---------------------------------------------------------------------------
@@ -584,7 +594,7 @@ export class RequestPath {
       await this.withCache(
         async (att) => {
           const bypass = this.shouldBypass(att, start, end, true, fua);
-          if (!bypass && this.shouldWriteback(att, fua)) {
+          if (!bypass && this.shouldWriteback(att)) {
             await this.writebackWrite(att, buf, start, end, fua);
           } else {
             await this.backingWrite(att, { kind: 'write', buf, fua, cache: !bypass }, start, end);

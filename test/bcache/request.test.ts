@@ -264,3 +264,36 @@ test("a write that lands while a read waits for a btree node wins over that read
   await r.registry.stopAll();
   assertNothingLeft();
 });
+
+test('writeback takes every NBD write as sync: cached up to 70% in use, written through above', async () => {
+  const p = await makePair({
+    backing: { writeback: true },
+    settings: { sequentialCutoff: 0, writebackRunning: false },
+  });
+  const d = p.dev.device;
+  const cs = p.set.cs;
+  const inode = p.dev.attachment?.inode ?? -1;
+  const setInUse = (percent: number): void => {
+    cs.allocator.avail = Math.floor((cs.buckets.nbuckets * (100 - percent)) / 100);
+  };
+  // 55% in use: past the kernel's CUTOFF_WRITEBACK (40) for a write that is not sync, below the sync cutoff.
+  setInUse(55);
+  assert.ok(cs.inUse > 40 && cs.inUse <= 70, `in_use ${cs.inUse}`);
+  await d.write(pattern(1, 0, 8), 0);
+  const dirty = await cs.btree.keysIn(inode, 0, 1 << 30);
+  assert.deepEqual(
+    dirty.map((k) => k.dirty),
+    [true],
+    'a write at 55% in use is cached dirty',
+  );
+  // 75% in use: written through (to the backing device), not dirty.
+  setInUse(75);
+  await d.write(pattern(2, 8, 8), 8 * S);
+  const after = await cs.btree.keysIn(inode, 0, 1 << 30);
+  assert.ok(!after.some((k) => k.dirty && k.offset > 16 + 8), 'the write at 75% in use is not dirty in the cache');
+  const onBacking = Buffer.alloc(8 * S);
+  mem(p.backingDev).readSync(onBacking, (16 + 8) * S);
+  assert.deepEqual(onBacking, pattern(2, 8, 8), 'it is on the backing device');
+  await p.registry.stopAll();
+  assertNothingLeft();
+});
