@@ -324,7 +324,7 @@ async function main(): Promise<void> {
       });
       rmSync(dir, { recursive: true, force: true });
       rows.push(...r.rows);
-      details.push('### slow suite: Zipf runs', '', ...r.lines);
+      details.push(`### slow suite: ubcache reached the slow device through ${backing} (${why})`, '', ...r.lines);
       report['slow'] = r.json;
     }
     if (suites.includes('scale') && want('scale')) {
