@@ -100,10 +100,16 @@ const EAGAIN = 11;
 /** Writes up to this size may be done inline (see writeInline). */
 const INLINE_WRITE_MAX = 1024 * 1024;
 /**
- * Whether small writes are done inline by default, per engine (UBCACHE_INLINE_WRITES=0/1 overrides).
- * PLACEHOLDER: measured below.
+ * Whether small writes are done inline by default, per engine; measured
+ * (docs/io-engine.md): with io_uring, 4 KiB random writes at QD32 through
+ * `ubcache export` ran at 33-42k IOPS as ring writes against 16-28k inline
+ * (the copy runs on an io-wq thread, on the other core, while the loop
+ * serves the next requests; and a slow inline write does not stall the loop),
+ * and `ubcache serve` in writeback mode, CPU-bound in the engine, was the
+ * same either way. Through the thread pool, inline writes stay faster than
+ * the hop. UBCACHE_INLINE_WRITES=0/1 overrides.
  */
-const INLINE_WRITES: Record<IoEngineName, boolean> = { io_uring: true, threadpool: true };
+const INLINE_WRITES: Record<IoEngineName, boolean> = { io_uring: false, threadpool: true };
 
 function inlineWritesDefault(engine: IoEngineName): boolean {
   const v = process.env['UBCACHE_INLINE_WRITES'];

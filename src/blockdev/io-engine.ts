@@ -421,7 +421,7 @@ function choose(): { engine: IoEngine; status: IoEngineStatus } {
   }
   const u = tryUring();
   if ('engine' in u) {
-    const reason = forced === 'io_uring' ? 'UBCACHE_IO_ENGINE=io_uring' : 'available';
+    const reason = forced === 'io_uring' ? 'UBCACHE_IO_ENGINE=io_uring' : 'the kernel and the addon support it';
     return { engine: u.engine, status: { name: 'io_uring', reason } };
   }
   if (forced === 'io_uring') {
@@ -462,8 +462,7 @@ function describe(status: IoEngineStatus): string {
   if (status.name === 'io_uring') {
     return `I/O engine: io_uring (${status.reason}; up to ${URING_CAPACITY} requests in flight)`;
   }
-  const size = poolNote ?? `${threadPoolSize()} threads`;
-  return `I/O engine: thread pool, ${size} (${status.reason})`;
+  return `I/O engine: thread pool (${status.reason}); ${poolNote ?? `${threadPoolSize()} threads`}`;
 }
 
 /** The process's engine, chosen on first use; the choice and its reason are logged once. */

@@ -1,9 +1,10 @@
-// /metrics in the Prometheus text exposition format (version 0.0.4): the
+// /metrics in the Prometheus text exposition format (version 0.0.4): the I/O engine, the
 // cache counters of every bcache device and cache set, dirty data, the
 // writeback rate, cache availability, and the NBD request counts and
 // latency histograms per export and command.
 
 import type { Registry } from '../bcache/registry.ts';
+import { ioEngineStatus, type IoEngineName } from '../blockdev/io-engine.ts';
 import type { Export } from '../nbd/exports.ts';
 import { LATENCY_BUCKETS_S } from '../nbd/metrics.ts';
 import { commandName } from '../nbd/protocol.ts';
@@ -137,7 +138,22 @@ export function renderMetrics(registry: Registry, exports: readonly Export[]): s
       latency.add(labels, c.requests, '_count');
     }
   }
+  const engine = f(
+    'io_engine',
+    'gauge',
+    'The I/O engine of the file devices: 1 for the one in use (io_uring or threadpool).',
+  );
+  let engineName: IoEngineName | undefined;
+  try {
+    engineName = ioEngineStatus().name;
+  } catch {
+    // A forced engine that is unavailable: serve refused to start, so no one scrapes this.
+  }
+  if (engineName !== undefined) {
+    for (const name of ['io_uring', 'threadpool'] as const) engine.add({ engine: name }, name === engineName ? 1 : 0);
+  }
   return [
+    engine,
     hits,
     misses,
     bypassHits,
