@@ -37,7 +37,7 @@ export async function probeNbdBacking(): Promise<{ mode: BackingMode; why: strin
     // name would at worst create it there.
     const r = await run(ubcacheBin(), ['make', '-B', slowUri(sock)], { cwd: dir });
     if (r.status === 0) return { mode: 'nbd', why: 'ubcache make -B nbd+unix:///?socket=… works on this build' };
-    const msg = (r.stderr.trim().split('\n')[0] ?? '').slice(0, 160);
+    const msg = (r.stderr.trim().split('\n')[0] ?? '').replaceAll(sock, 'PATH').slice(0, 160);
     return { mode: 'fuse', why: `ubcache make -B nbd+unix:// failed on this build (${msg})` };
   } finally {
     await stopChild(mem.child);

@@ -26,6 +26,7 @@ import {
   fio,
   fmtIops,
   hitCounters,
+  ioEngineOf,
   MiB,
   peakRssMiB,
   progress,
@@ -134,7 +135,7 @@ export async function cacheSuite(o: CacheSuiteOptions): Promise<SuiteResult> {
       progress(`hit path: ubcache serve 4k randread QD32 (${runtime} s) ...`);
       const before = await hitCounters(control);
       hit = await fio(bcache0, randread, runtime, region, { percentiles: PERCENTILES });
-      hitNote = `${hitRatioNote(before, await hitCounters(control))}; ${warmNote}`;
+      hitNote = `${hitRatioNote(before, await hitCounters(control))}; ${warmNote}; file I/O engine ${await ioEngineOf(control)}`;
       progress(`hit path: ${fmtIops(hit.iops)} IOPS, p99.9 ${pct(hit, '99.9').toFixed(0)} µs, ${hitNote}`);
     }
     if (wantGc) {

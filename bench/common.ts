@@ -380,6 +380,16 @@ export async function hitCounters(control: string, dev = 'bcache0'): Promise<{ h
   return { hits: Number(h.trim()), misses: Number(m.trim()) };
 }
 
+/** The I/O engine serve's file devices use (io_uring or threadpool), from its /metrics. */
+export async function ioEngineOf(control: string): Promise<string> {
+  try {
+    const m = /io_engine\{engine="([^"]+)"\} 1\b/.exec(await controlRequest(control, 'GET', '/metrics'));
+    return m?.[1] ?? 'not in /metrics';
+  } catch (err) {
+    return `unknown (${err instanceof Error ? err.message : String(err)})`;
+  }
+}
+
 /** The uuid of the (only) cache set. */
 export async function setUuid(control: string): Promise<string> {
   const names = await ctl(control, 'ls', '/sys/fs/bcache');

@@ -340,9 +340,9 @@ async function main(): Promise<void> {
   const minutes = (Date.now() - started.getTime()) / 60_000;
   report['rows'] = rows;
   report['minutes'] = minutes;
-  // ubcache does its file I/O on libuv's thread pool, which the environment
-  // sizes (default 4): over a slow file it bounds the backing reads in flight.
-  const pool = process.env['UV_THREADPOOL_SIZE'] ?? 'unset (libuv default 4)';
+  // The thread pool size the children inherit: with the threadpool I/O
+  // engine it bounds the file I/O in flight, so a value set by hand is named.
+  const pool = process.env['UV_THREADPOOL_SIZE'] ?? 'unset';
   report['uvThreadpoolSize'] = pool;
   const out = [
     `## ubcache bench, ${started.toISOString().slice(0, 16)}Z (${minutes.toFixed(1)} min; suites ${suites.join(',')}; HEAD ${String((report['build'] as { head?: string } | undefined)?.head)}, dist built ${String((report['build'] as { distBuilt?: string } | undefined)?.distBuilt)}; UV_THREADPOOL_SIZE ${pool})`,
