@@ -605,6 +605,54 @@ export class Btree {
     return path;
   }
 
+  /** leafPath() without awaits: undefined if a node on the way is not in memory. */
+  private leafPathNow(inode: number, sector: number): BtreeNode[] | undefined {
+    let node = this.root;
+    const path = [node];
+    while (!node.isLeaf) {
+      const at = node.keys.seekAfter(inode, sector);
+      if (at < 0) return undefined;
+      const child = this.cached(node.keys.keyAt(at));
+      if (!child) return undefined;
+      node = child;
+      path.push(node);
+    }
+    return path;
+  }
+
+  /**
+   * The common insert, without a single await or promise: applies keys in
+   * order while the lock is free, every node on the way is in memory and
+   * each leaf has room, and returns what is left (empty when all went in)
+   * for insert() to finish. A key crossing a leaf boundary may leave its
+   * tail. The caller passes the result to collect into.
+   */
+  insertNow(keys: readonly Bkey[], options: InsertOptions, result: InsertResult): Bkey[] {
+    if (!this.lock.tryWrite()) return keys.slice();
+    try {
+      for (let i = 0; i < keys.length; i++) {
+        const key = keys[i] as Bkey;
+        let rest: Bkey | undefined = key.size > 0 ? key : undefined;
+        while (rest) {
+          const path = this.leafPathNow(rest.inode, rest.offset - rest.size);
+          const leaf = path?.[path.length - 1];
+          let piece = rest;
+          let next: Bkey | undefined;
+          if (leaf && posCmp(rest.inode, rest.offset, leaf.key.inode, leaf.key.offset) > 0) {
+            piece = cutBack(rest, leaf.key.offset);
+            next = cutFront(rest, leaf.key.offset);
+          }
+          if (!leaf || !this.fits(leaf, piece)) return [rest, ...keys.slice(i + 1)];
+          this.applyToLeaf(leaf, piece, options, result);
+          rest = next;
+        }
+      }
+      return [];
+    } finally {
+      this.lock.releaseWrite();
+    }
+  }
+
   private fits(leaf: BtreeNode, k: Bkey): boolean {
     const extra = bkeyU64s(k) + KEY_MAX_U64S;
     if (leaf.viewU64s + extra > this.capacity) return false;
@@ -655,6 +703,13 @@ export class Btree {
    */
   async insert(keys: readonly Bkey[], options: InsertOptions = {}): Promise<InsertResult> {
     const result: InsertResult = { sectors: 0, collisions: 0, inserted: [] };
+    const left = this.insertNow(keys, options, result);
+    if (left.length > 0) await this.insertRest(left, options, result);
+    return result;
+  }
+
+  /** The rest of an insert that insertNow() could not do: node reads, rewrites, a busy lock. */
+  async insertRest(keys: readonly Bkey[], options: InsertOptions, result: InsertResult): Promise<void> {
     let spare: number[] = [];
     try {
       for (const key of keys) {
@@ -717,7 +772,6 @@ export class Btree {
     } finally {
       for (const b of spare) this.host.returnNodeBucket(b);
     }
-    return result;
   }
 
   /**

@@ -97,7 +97,7 @@ import {
   type Superblock,
 } from '../format/superblock.ts';
 import { formatUuid } from '../format/uuid-text.ts';
-import { errorMessage, WorkerScope } from '../util/lifecycle.ts';
+import { errorMessage, Mutex, WorkerScope } from '../util/lifecycle.ts';
 import { log } from '../util/log.ts';
 import { Allocator, RESERVE_BTREE } from './alloc.ts';
 import { Btree, type InsertResult, type LookupSegment } from './btree.ts';
@@ -116,6 +116,9 @@ export type { SectorAllocation, AllocSectorsOptions } from './open-buckets.ts';
 
 /** Buckets set aside at bring-up for the btree rewrites of journal replay. */
 const REPLAY_POOL = 64;
+
+/** Keys journaled per entry by one insert call (an entry holds a bounded number). */
+const INSERT_CHUNK = 64;
 
 /** bch_data_invalidate chunks: at most 2^15 sectors per key. */
 const INVALIDATE_CHUNK = 1 << 15;
@@ -183,6 +186,11 @@ export class CacheSet {
   private readonly dirty = new Map<number, number>();
   private readonly dirtyListeners: DirtySink[] = [];
   private rescale: number;
+  /** Held from a grant of node buckets until it comes back (allocNodeBuckets). */
+  private readonly nodeGrants = new Mutex();
+  private nodeGrantRelease: (() => void) | undefined;
+  /** Moves each time a grant comes back: a rewrite went in, or buckets were returned unused. */
+  private nodeGrantEpoch = 0;
 
   private constructor(dev: BlockDevice, sb: Superblock, options: CacheSetOptions) {
     this.dev = dev;
@@ -245,26 +253,10 @@ export class CacheSet {
         io: this.io,
         geo: this.nodeGeo,
         buckets: this.buckets,
-        allocNodeBuckets: async (n, wait = true) => {
-          const out: number[] = [];
-          try {
-            for (let i = 0; i < n; i++) {
-              const p = this.allocator.allocPool();
-              const b = p >= 0 ? p : await this.allocator.alloc(RESERVE_BTREE, wait);
-              if (b === undefined) {
-                if (!wait) break;
-                throw new IoError('ENOSPC', 'btree: no bucket for a node');
-              }
-              out.push(b);
-            }
-          } catch (err) {
-            for (const b of out) this.allocator.unalloc(b, RESERVE_BTREE);
-            throw err;
-          }
-          return out;
-        },
+        allocNodeBuckets: (n, wait = true) => this.allocNodeBuckets(n, wait),
         returnNodeBucket: (b) => {
           this.allocator.unalloc(b, RESERVE_BTREE);
+          this.nodeGrantBack();
         },
         freeNodeBucket: (b) => {
           this.allocator.freeBucket(b);
@@ -280,6 +272,8 @@ export class CacheSet {
         },
         afterCommit: (fn) => {
           this.journal.afterCommit(fn);
+          // Only a rewrite that has just swapped its nodes in asks this.
+          this.nodeGrantBack();
         },
         nodeNeedsWrite: (node) => {
           this.journal.queueNode(node);
@@ -669,31 +663,74 @@ export class CacheSet {
    * a cache fill or a writeback completion, which is redone). With `fua`,
    * resolves once the journal entry holding the keys is durable.
    */
-  async insert(
+  insert(
     keys: readonly Bkey[],
     options: { replace?: Bkey; journal?: boolean; fua?: boolean; guard?: () => boolean } = {},
   ): Promise<InsertResult> {
-    this.check();
+    const refused = this.refusal();
+    if (refused) return Promise.reject(refused);
     const journaled = options.replace === undefined && options.journal !== false;
     if (!journaled) return this.btree.insert(keys, { replace: options.replace, guard: options.guard });
+    // The common case, a write's few keys into leaves in memory, runs without
+    // a promise until the caller's own await (this is on every write's path).
+    if (keys.length <= INSERT_CHUNK) {
+      let entry: JournalEntry | undefined;
+      try {
+        entry = this.journal.addNow(keys);
+      } catch (err) {
+        return Promise.reject(err instanceof Error ? err : new Error(String(err)));
+      }
+      if (entry) {
+        const result: InsertResult = { sectors: 0, collisions: 0, inserted: [] };
+        let left: Bkey[];
+        try {
+          left = this.btree.insertNow(keys, { journal: entry }, result);
+        } catch (err) {
+          this.journal.unpin(entry);
+          return Promise.reject(err instanceof Error ? err : new Error(String(err)));
+        }
+        if (left.length === 0) {
+          this.journal.unpin(entry);
+          if (options.fua !== true) return Promise.resolve(result);
+          return this.journal.commit(entry).then(() => result);
+        }
+        return this.insertJournaledRest(entry, left, result, options.fua === true);
+      }
+    }
+    return this.insertJournaled(keys, options.fua === true);
+  }
+
+  /** The part of a journaled insert that waits: node reads, rewrites, the btree lock. */
+  private async insertJournaledRest(
+    entry: JournalEntry,
+    left: Bkey[],
+    result: InsertResult,
+    fua: boolean,
+  ): Promise<InsertResult> {
+    try {
+      await this.btree.insertRest(left, { journal: entry }, result);
+    } finally {
+      this.journal.unpin(entry);
+    }
+    if (fua) await this.journal.commit(entry);
+    return result;
+  }
+
+  private async insertJournaled(keys: readonly Bkey[], fua: boolean): Promise<InsertResult> {
     const total: InsertResult = { sectors: 0, collisions: 0, inserted: [] };
     // One journal entry holds a bounded number of keys: insert in chunks.
-    const chunk = 64;
     const entries: JournalEntry[] = [];
-    for (let i = 0; i < keys.length; i += chunk) {
-      const part = keys.slice(i, i + chunk);
+    for (let i = 0; i < keys.length; i += INSERT_CHUNK) {
+      const part = keys.slice(i, i + INSERT_CHUNK);
       const entry = await this.journal.add(part);
       try {
-        const r = await this.btree.insert(part, { journal: entry });
-        total.sectors += r.sectors;
-        total.collisions += r.collisions;
-        total.inserted.push(...r.inserted);
+        await this.btree.insertRest(part, { journal: entry }, total);
       } finally {
         this.journal.unpin(entry);
       }
       entries.push(entry);
     }
-    if (options.fua === true) for (const e of entries) await this.journal.commit(e);
+    if (fua) for (const e of entries) await this.journal.commit(e);
     return total;
   }
 
@@ -719,6 +756,12 @@ export class CacheSet {
   async allocSectors(o: AllocSectorsOptions): Promise<SectorAllocation | undefined> {
     this.check();
     return this.openBuckets.alloc(o);
+  }
+
+  /** allocSectors() when space is ready now (no waiting, no promise); undefined otherwise. */
+  allocSectorsNow(o: AllocSectorsOptions): SectorAllocation | undefined {
+    this.check();
+    return this.openBuckets.allocNow(o);
   }
 
   putAllocation(a: SectorAllocation): void {
@@ -750,6 +793,78 @@ export class CacheSet {
       }
     }
     b.minPrio = min === 0xffff ? 0 : min;
+  }
+
+  // ---------------------------------------------------------------------------
+  // Buckets for btree rewrites
+
+  /**
+   * `n` buckets for a btree rewrite (BtreeHost.allocNodeBuckets), granted to
+   * one rewrite at a time: the next request waits until the grant comes back
+   * (the rewrite swapped its nodes in, or gave the buckets back unused), and
+   * then, if anything came back since it asked, gets nothing and looks at its
+   * leaf again (Btree.insert asks again if the leaf still needs a rewrite).
+   *
+   * Why not every request at once, a bucket at a time: when a leaf is full,
+   * every insert that reaches it (a burst of fills, the writes of a
+   * sequential stream) asks for a whole rewrite's worth (2 x depth + 1).
+   * Taking them a bucket at a time, each behind all the others, none gets
+   * its set until all of them have got nearly theirs: dozens of partial sets,
+   * drawn from the allocator round after round. Each round is a prio write
+   * and a journal commit (R3), and each waiting insert holds its journal
+   * entry pinned (CacheSet.insert) - so the rounds fill the journal ring up
+   * to the oldest waiter's entry, the next prio commit waits for ring space
+   * (Journal.makeRoom), the allocator waits for that commit, and the waiters
+   * wait for the allocator: a deadlock, with the cache drained into partial
+   * sets (cache_available_percent near 0). One grant at a time needs a
+   * rewrite's worth, of which all but the nodes it writes come back; the
+   * inserts behind it then find room in the new leaf and need nothing.
+   *
+   * Without `wait` (GC compaction, an optimisation): what is ready now, and
+   * nothing while a grant is out or rewrites wait for one.
+   */
+  private async allocNodeBuckets(n: number, wait: boolean): Promise<number[]> {
+    const seen = this.nodeGrantEpoch;
+    if (!wait && this.nodeGrants.isLocked) return [];
+    const release = await this.nodeGrants.lock();
+    if (this.nodeGrantEpoch !== seen) {
+      // A grant came back while this one waited: the caller's leaf may have room now.
+      release();
+      return [];
+    }
+    this.nodeGrantRelease = release;
+    const out: number[] = [];
+    try {
+      for (let i = 0; i < n; i++) {
+        const p = this.allocator.allocPool();
+        const b = p >= 0 ? p : await this.allocator.alloc(RESERVE_BTREE, wait);
+        if (b === undefined) {
+          if (!wait) break;
+          throw new IoError('ENOSPC', 'btree: no bucket for a node');
+        }
+        out.push(b);
+      }
+    } catch (err) {
+      for (const b of out) this.allocator.unalloc(b, RESERVE_BTREE);
+      this.nodeGrantBack();
+      throw err;
+    }
+    if (out.length === 0) this.nodeGrantBack();
+    return out;
+  }
+
+  /**
+   * A grant came back: buckets were returned, or a rewrite went in. Whose is
+   * not known (nor needed): a holder asks again while its grant is out only
+   * when another rewrite grew the tree meanwhile, and that rewrite's coming
+   * back is what lets it in; at worst a stray return lets the next request
+   * in early, and two grants are out at once.
+   */
+  private nodeGrantBack(): void {
+    this.nodeGrantEpoch++;
+    const release = this.nodeGrantRelease;
+    this.nodeGrantRelease = undefined;
+    release?.();
   }
 
   // ---------------------------------------------------------------------------

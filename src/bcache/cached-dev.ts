@@ -349,6 +349,11 @@ export class CachedDev {
    * R7: before the first writeback-mode write since the device was clean is
    * acknowledged, the superblock says DIRTY on disk. Free when it already does.
    */
+  /** The superblock does not say DIRTY durably yet: a writeback write must call markDirty() first (R7). */
+  get needsMarkDirty(): boolean {
+    return this.durableState !== BDEV_STATE_DIRTY;
+  }
+
   async markDirty(): Promise<void> {
     if (this.durableState === BDEV_STATE_DIRTY) return;
     await this.sbLock.run(async () => {

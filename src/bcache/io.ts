@@ -108,10 +108,17 @@ export class CacheIo {
    * the count. `what` names the I/O for messages; it is a function because
    * only a failure needs it (this is on every cache hit's path).
    */
-  private counted(what: () => string, isRead: boolean, fatal: boolean, io: Promise<void>): Promise<void> {
+  private counted(
+    what: () => string,
+    isRead: boolean,
+    fatal: boolean,
+    io: Promise<void>,
+    onSuccess?: () => void,
+  ): Promise<void> {
     return io.then(
       () => {
         this.account(undefined, what, isRead);
+        onSuccess?.();
       },
       (err: unknown) => {
         if (!this.isDisabled()) this.errorsTotal++;
@@ -161,11 +168,19 @@ export class CacheIo {
     );
   }
 
-  /** A data write (counted as such). */
-  async write(buf: Buffer, sector: number): Promise<void> {
-    this.check('write');
-    await this.counted(() => 'writing data to cache', false, false, this.dev.write(buf, sector * SECTOR_SIZE));
-    this.stats.sectorsWritten += buf.length / SECTOR_SIZE;
+  /** A data write (counted as such). No async frame of its own: it is on every write's path. */
+  write(buf: Buffer, sector: number): Promise<void> {
+    const refused = this.refusal('write');
+    if (refused) return Promise.reject(refused);
+    return this.counted(
+      () => 'writing data to cache',
+      false,
+      false,
+      this.dev.write(buf, sector * SECTOR_SIZE),
+      () => {
+        this.stats.sectorsWritten += buf.length / SECTOR_SIZE;
+      },
+    );
   }
 
   /** A metadata write: btree nodes, journal, prios, uuids, superblock. A failure retires the set. */

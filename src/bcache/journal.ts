@@ -326,20 +326,28 @@ export class Journal {
       throw new RangeError(`journal: ${keys.length} keys (${u64s} u64s) do not fit one journal entry`);
     }
     for (;;) {
-      this.check();
-      const o = this.open;
-      if (this.blocksFor(o.u64s + u64s) <= this.maxEntryBlocks) {
-        for (const k of keys) o.keys.push(k);
-        o.u64s += u64s;
-        o.pins++;
-        if (o.deadline === 0) {
-          o.deadline = Date.now() + this.delayMs;
-          this.wake.notify();
-        }
-        return o;
-      }
-      await this.commit(o);
+      const o = this.addNow(keys, u64s);
+      if (o) return o;
+      await this.commit(this.open);
     }
+  }
+
+  /**
+   * add() when the keys fit in the open entry: the entry, pinned, at once;
+   * undefined when it is full (add() waits for its commit then).
+   */
+  addNow(keys: readonly Bkey[], u64s = keysU64s(keys)): JournalEntry | undefined {
+    this.check();
+    const o = this.open;
+    if (this.blocksFor(o.u64s + u64s) > this.maxEntryBlocks) return undefined;
+    for (const k of keys) o.keys.push(k);
+    o.u64s += u64s;
+    o.pins++;
+    if (o.deadline === 0) {
+      o.deadline = Date.now() + this.delayMs;
+      this.wake.notify();
+    }
+    return o;
   }
 
   /**

@@ -95,33 +95,54 @@ export class OpenBuckets {
 
   /** Space for a write, or undefined if none is ready and !wait. */
   async alloc(o: AllocSectorsOptions): Promise<SectorAllocation | undefined> {
-    if (o.sectors <= 0) throw new RangeError(`allocSectors: ${o.sectors} sectors`);
-    let ob = this.pick(o);
-    if (!ob || ob.sectorsFree === 0) {
-      const bucket = await this.allocator.alloc(RESERVE_NONE, o.wait === true);
-      if (bucket === undefined) return undefined;
-      // Picked again: another allocation may have run while we waited.
-      ob = this.pick(o);
-      if (ob && ob.sectorsFree > 0) {
-        this.allocator.unalloc(bucket, RESERVE_NONE);
-      } else {
-        const fresh: OpenBucket = {
-          bucket,
-          gen: this.b.gen[bucket] ?? 0,
-          next: this.b.sector(bucket),
-          sectorsFree: this.b.bucketSize,
-          writePoint: o.writePoint ?? 0,
-          lastInode: -1,
-          lastEnd: -1,
-          flash: o.flash === true,
-          dirty: o.dirty === true,
-          lastUse: 0,
-        };
-        if (ob) this.open.splice(this.open.indexOf(ob), 1, fresh);
-        else this.open.push(fresh);
-        ob = fresh;
-      }
+    const now = this.allocNow(o);
+    if (now !== undefined || o.wait !== true) return now;
+    const bucket = await this.allocator.alloc(RESERVE_NONE, true);
+    if (bucket === undefined) return undefined;
+    // Picked again: another allocation may have run while we waited.
+    const ob = this.pick(o);
+    if (ob && ob.sectorsFree > 0) {
+      this.allocator.unalloc(bucket, RESERVE_NONE);
+      return this.carve(ob, o);
     }
+    return this.carve(this.openFresh(bucket, ob, o), o);
+  }
+
+  /**
+   * alloc() without waiting: from an open bucket with room, or a fresh
+   * bucket the allocator has ready; undefined if neither (this is on every
+   * write's and fill's path, so it needs no promise).
+   */
+  allocNow(o: AllocSectorsOptions): SectorAllocation | undefined {
+    if (o.sectors <= 0) throw new RangeError(`allocSectors: ${o.sectors} sectors`);
+    const ob = this.pick(o);
+    if (ob && ob.sectorsFree > 0) return this.carve(ob, o);
+    const bucket = this.allocator.allocNow(RESERVE_NONE);
+    if (bucket < 0) return undefined;
+    return this.carve(this.openFresh(bucket, ob, o), o);
+  }
+
+  /** Open `bucket` for data, in place of `replace` (an exhausted or least recently used one) if given. */
+  private openFresh(bucket: number, replace: OpenBucket | undefined, o: AllocSectorsOptions): OpenBucket {
+    const fresh: OpenBucket = {
+      bucket,
+      gen: this.b.gen[bucket] ?? 0,
+      next: this.b.sector(bucket),
+      sectorsFree: this.b.bucketSize,
+      writePoint: o.writePoint ?? 0,
+      lastInode: -1,
+      lastEnd: -1,
+      flash: o.flash === true,
+      dirty: o.dirty === true,
+      lastUse: 0,
+    };
+    if (replace) this.open.splice(this.open.indexOf(replace), 1, fresh);
+    else this.open.push(fresh);
+    return fresh;
+  }
+
+  /** Take the write's sectors from `ob`. */
+  private carve(ob: OpenBucket, o: AllocSectorsOptions): SectorAllocation {
     const sectors = Math.min(o.sectors, ob.sectorsFree);
     const ptr = makePtr(0, ob.next, ob.gen);
     ob.next += sectors;

@@ -627,14 +627,8 @@ export class RequestPath {
     const dirty = o.dirty === true;
     let off = start;
     while (off < end && !(o.stop?.() ?? false)) {
-      const a = await cs.allocSectors({
-        inode: att.inode,
-        offset: off,
-        sectors: end - off,
-        writePoint: att.inode,
-        dirty,
-        wait: dirty,
-      });
+      const want = { inode: att.inode, offset: off, sectors: end - off, writePoint: att.inode, dirty, wait: dirty };
+      const a = cs.allocSectorsNow(want) ?? (dirty ? await cs.allocSectors(want) : undefined);
       if (!a) break;
       out.allocs.push(a);
       const from = (off - start) * SECTOR_SIZE;
@@ -654,7 +648,7 @@ export class RequestPath {
     this.dirtyWritesInFlight++;
     const allocs: SectorAllocation[] = [];
     try {
-      await this.dev.markDirty();
+      if (this.dev.needsMarkDirty) await this.dev.markDirty();
       const keys: Bkey[] = [];
       const writes: Promise<void>[] = [];
       const reached = await this.placeInCache(att, buf, start, end, { dirty: true }, { allocs, keys, writes });
