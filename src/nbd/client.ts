@@ -623,9 +623,18 @@ class Connection {
 
   /** The reply to `req` is complete. */
   private finish(req: Request): void {
+    this.current = undefined;
+    // A malformed reply fails the connection, this request with the others in flight.
+    if (!req.error && req.type === Cmd.READ && req.chunked && req.length > 0 && !this.coversExactly(req)) {
+      this.fail(`the server's reply to ${describe(req)} does not cover the range exactly once`);
+      return;
+    }
+    if (!req.error && req.type === Cmd.BLOCK_STATUS && !req.status) {
+      this.fail(`the server answered ${describe(req)} without a block status chunk for base:allocation`);
+      return;
+    }
     this.inflight.delete(req.cookie);
     this.inflightBytes -= req.cost;
-    this.current = undefined;
     let err: IoError | undefined;
     if (req.error) {
       const code = errnoFromNbdError(req.error.value);
@@ -635,12 +644,6 @@ class Connection {
           (req.error.message === '' ? '' : ` (${req.error.message})`),
       );
       if (req.error.value === NbdErr.ESHUTDOWN) this.owner.onShutdown(this);
-    } else if (req.type === Cmd.READ && req.chunked && req.length > 0 && !this.coversExactly(req)) {
-      this.fail(`the server's reply to ${describe(req)} does not cover the range exactly once`);
-      return;
-    } else if (req.type === Cmd.BLOCK_STATUS && !req.status) {
-      this.fail(`the server answered ${describe(req)} without a block status chunk for base:allocation`);
-      return;
     }
     this.settle(req, err);
     this.owner.onProgress(this);
