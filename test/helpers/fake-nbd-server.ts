@@ -200,7 +200,11 @@ export async function startFakeServer(dir: string, options: FakeOptions = {}): P
     connections,
     close: async () => {
       for (const c of connections) c.destroy();
-      await new Promise<void>((resolve) => server.close(() => { resolve(); }));
+      await new Promise<void>((resolve) =>
+        server.close(() => {
+          resolve();
+        }),
+      );
     },
   };
 }

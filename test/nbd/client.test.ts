@@ -394,7 +394,9 @@ test("ubcache's own server: many requests, replies out of order, FAST_ZERO, erro
     await Promise.all(blocks.map((b, i) => c.write(b, i * 8 * KiB)));
     const back = blocks.map(() => Buffer.alloc(8 * KiB));
     await Promise.all(back.map((b, i) => c.read(b, i * 8 * KiB)));
-    back.forEach((b, i) => { assert.ok(b.equals(blocks[i] ?? Buffer.alloc(0)), `block ${i}`); });
+    back.forEach((b, i) => {
+      assert.ok(b.equals(blocks[i] ?? Buffer.alloc(0)), `block ${i}`);
+    });
     const direct = Buffer.alloc(8 * KiB);
     await dev.read(direct, 7 * 8 * KiB);
     assert.ok(direct.equals(blocks[7] ?? Buffer.alloc(0)));
