@@ -170,6 +170,7 @@ async function drive(
   const lane = async (): Promise<void> => {
     while (next < ops) await issue(next++);
   };
+
   await Promise.all(Array.from({ length: QD }, lane));
   const c = process.cpuUsage(c0);
   const wall = performance.now() - t0;
@@ -198,9 +199,11 @@ async function round(kind: string, n: number): Promise<{ cpuUs: number; wallUs: 
       const r = Buffer.alloc(BLOCK);
       for (let b = 0; b < ws; b++) await s.device.read(r, b * BLOCK);
       await new Promise((resolve) => setTimeout(resolve, 200));
-      return await drive(OPS, () => s.device.read(Buffer.allocUnsafe(BLOCK), rng.below(ws) * BLOCK), `${kind}-${n}`);
+      const bufs = Array.from({ length: QD }, () => Buffer.alloc(BLOCK));
+      return await drive(OPS, (i) => s.device.read(bufs[i % QD] ?? r, rng.below(ws) * BLOCK), `${kind}-${n}`);
     }
     // Misses: every read a new block of the span (each then filled into the cache).
+    const lanes = Array.from({ length: QD }, () => Buffer.alloc(BLOCK));
     const order = Array.from({ length: Math.min(OPS, blocks) }, (_, i) => i);
     for (let i = order.length - 1; i > 0; i--) {
       const j = rng.below(i + 1);
@@ -208,7 +211,7 @@ async function round(kind: string, n: number): Promise<{ cpuUs: number; wallUs: 
     }
     return await drive(
       order.length,
-      (i) => s.device.read(Buffer.allocUnsafe(BLOCK), (order[i] as number) * BLOCK),
+      (i) => s.device.read(lanes[i % QD] ?? buf, (order[i] as number) * BLOCK),
       `${kind}-${n}`,
     );
   } finally {

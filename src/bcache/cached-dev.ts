@@ -286,8 +286,25 @@ export class CachedDev {
     return Math.max(0, Math.floor(this.backing.size / SECTOR_SIZE) - this.sb.dataOffset);
   }
 
+  /**
+   * The superblock's flags decoded, until they change: the cache mode is read
+   * on every request, and decoding it is BigInt arithmetic.
+   */
+  private decodedFlags = { flags: -1n, mode: 0, state: 0 };
+
+  private flags(): { mode: number; state: number } {
+    const d = this.decodedFlags;
+    const f = this.sb.flags;
+    if (f !== d.flags) {
+      d.flags = f;
+      d.mode = bdevCacheMode(this.sb);
+      d.state = bdevState(this.sb);
+    }
+    return d;
+  }
+
   get cacheMode(): number {
-    return bdevCacheMode(this.sb);
+    return this.flags().mode;
   }
 
   get cacheModeName(): string {
@@ -295,7 +312,7 @@ export class CachedDev {
   }
 
   get state(): number {
-    return bdevState(this.sb);
+    return this.flags().state;
   }
 
   get stateName(): string {
