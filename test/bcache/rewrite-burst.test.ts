@@ -1,0 +1,65 @@
+// A burst of inserts reaching a full leaf at once (the soak's hang, test/crash/
+// soak.test.ts, in the engine alone): every one of them needs a rewrite's worth
+// of node buckets (2 x depth + 1) while holding its journal entry pinned. When
+// each took its buckets a bucket at a time behind all the others, none got a
+// whole set until nearly all had, the allocator went round after round - each
+// round a prio write and a journal commit (R3) - until the journal ring was
+// full up to the waiters' pinned entry; then the allocator's commit waited for
+// ring space, the ring for the pinned entry, and its inserts for the
+// allocator. Node buckets now go to one rewrite at a time, and the inserts
+// behind it look at their leaf again when it is done: they fit.
+
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { MemoryBlockDevice } from '../../src/blockdev/memory.ts';
+import { makeKey } from '../../src/format/bkey.ts';
+import { CacheSet } from '../../src/bcache/cache-set.ts';
+import { assertNothingLeft, formatCache } from './helpers.ts';
+
+const MiB = 1024 * 1024;
+/** Far more than the burst needs (about 0.1 s); the deadlock never ends. */
+const DEADLINE_MS = 20_000;
+
+test('a burst of journaled inserts into a full leaf completes (node buckets go to one rewrite at a time)', async () => {
+  // The soak's geometry: 640 buckets of 64 KiB, so a 5-bucket journal and a 5-bucket btree reserve.
+  const dev = new MemoryBlockDevice(40 * MiB);
+  await formatCache(dev, { bucketSize: 128, blockSize: 8 });
+  // Two-block nodes: a leaf takes one append after a rewrite, so the burst finds it full;
+  // a long journal delay: only the allocator's commits (and the burst's) write entries.
+  const cs = await CacheSet.open(dev, { closeDevice: false, journalDelayMs: 1000, btreeNodeSectors: 16 });
+  const burst = 600;
+  let inserted = 0;
+  const all = Promise.allSettled(
+    Array.from({ length: burst }, async (_, i) => {
+      await cs.insert([makeKey(1, (i + 1) * 8, 8, false, [])]);
+      inserted++;
+    }),
+  );
+  let timer: NodeJS.Timeout | undefined;
+  const inTime = await Promise.race([
+    all.then(() => true),
+    new Promise<boolean>((resolve) => {
+      timer = setTimeout(() => {
+        resolve(false);
+      }, DEADLINE_MS);
+    }),
+  ]);
+  clearTimeout(timer);
+  const state =
+    `${inserted}/${burst} inserted; allocator ${JSON.stringify(cs.stats.allocator)}, ` +
+    `free lists ${cs.allocator.free.map((f) => f.length).join('/')}, ` +
+    `journal ${cs.journal.bucketsInUse}/${cs.journal.ring.length} buckets in use, ${JSON.stringify(cs.stats.journal)}`;
+  if (!inTime) {
+    // Break the deadlock (waiters fail) so that the set can stop, then report it.
+    cs.fail(new Error('test: the burst did not complete'));
+    await all;
+    await cs.stop();
+    assert.fail(`the burst did not complete within ${DEADLINE_MS} ms: ${state}`);
+  }
+  for (const r of await all) assert.equal(r.status, 'fulfilled', state);
+  // A rewrite's worth at a time: a handful of allocator rounds, not one per bucket each insert asked for.
+  assert.ok(cs.stats.allocator.prioWrites < 20, state);
+  assert.deepEqual(await cs.btree.verify(), []);
+  await cs.stop();
+  assertNothingLeft();
+});
