@@ -180,6 +180,26 @@ export const DEVICE_ATTRIBUTES: ReadonlyArray<Attribute<CachedDev>> = [
     },
     (v) => hprint(v),
   ),
+  {
+    // bcache's readahead (Linux before 5.13): d_strtoi_h, a size with an
+    // optional k/M/G suffix (powers of 1024), shown with hprint.
+    name: 'readahead',
+    accepts: 'a size in bytes from 0 to 2147483647, with an optional k, M or G suffix',
+    parse(text) {
+      const accepts = 'a size in bytes from 0 to 2147483647, with an optional k, M or G suffix';
+      const m = /^\+?([0-9]+)([kKmMgG]?)$/.exec(trimNewline(text));
+      if (!m) throw new AttributeError(`readahead: "${text}" is not ${accepts}`);
+      const shift = { '': 0, k: 10, m: 20, g: 30 }[(m[2] ?? '').toLowerCase()] ?? 0;
+      const v = Number(m[1]) * 2 ** shift;
+      if (!Number.isSafeInteger(v) || v > INT_MAX)
+        throw new AttributeError(`readahead: ${text} is too large (${accepts})`);
+      return (d) => {
+        setting(d, 'readahead', v);
+        return Promise.resolve();
+      };
+    },
+    show: (d) => hprint(d.settings.readahead),
+  },
   bool(
     'writeback_running',
     (d) => d.settings.writebackRunning,

@@ -90,6 +90,8 @@ export const BDEV_STATE_NAMES: readonly string[] = ['no cache', 'clean', 'dirty'
 export interface CachedDevSettings {
   /** Bytes; 0 disables sequential bypass. */
   sequentialCutoff: number;
+  /** Bytes a cache miss is rounded up to (bcache's readahead, gone from the kernel in 5.13); 0: none. */
+  readahead: number;
   writebackRunning: boolean;
   /** Seconds to sleep after a full writeback pass. */
   writebackDelay: number;
@@ -116,6 +118,7 @@ export interface CachedDevSettings {
 export function defaultSettings(): CachedDevSettings {
   return {
     sequentialCutoff: 4 * 1024 * 1024,
+    readahead: 0,
     writebackRunning: true,
     writebackDelay: 30,
     writebackPercent: 10,

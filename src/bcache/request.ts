@@ -37,7 +37,7 @@ import { makeKey, type Bkey } from '../format/bkey.ts';
 import { BDEV_STATE_CLEAN, SECTOR_SIZE } from '../format/constants.ts';
 import { deferred, errorMessage, Notifier, sleep, Worker, type Deferred } from '../util/lifecycle.ts';
 import { log } from '../util/log.ts';
-import type { LookupSegment, SectorAllocation } from './cache-set.ts';
+import type { CacheSet, LookupSegment, SectorAllocation } from './cache-set.ts';
 import {
   CACHE_MODE_NONE,
   CACHE_MODE_WRITEAROUND,
@@ -49,6 +49,8 @@ import { CollisionTracker, type Window } from './tracker.ts';
 
 /** CUTOFF_CACHE_ADD: above this in_use, nothing new is cached. */
 export const CUTOFF_CACHE_ADD = 95;
+/** CUTOFF_CACHE_READA: from this in_use on, misses are no longer rounded up by readahead. */
+export const CUTOFF_CACHE_READA = 90;
 /**
  * bch_cutoff_writeback and bch_cutoff_writeback_sync (module parameters),
  * shown in internal/; NBD writes all count as sync (shouldWriteback).
@@ -127,6 +129,13 @@ type BackingOp =
   | { kind: 'write'; buf: Buffer; fua: boolean; cache: boolean }
   | { kind: 'discard' }
   | { kind: 'zeroes'; noHole: boolean; fua: boolean };
+
+/** A miss rounded up by readahead: [start, end) of the backing device, read into `data`. */
+interface Readahead {
+  start: number;
+  end: number;
+  data: Buffer;
+}
 
 /** A clean key waiting for the backing flush that makes its source durable. */
 interface PendingFill {
@@ -349,28 +358,86 @@ export class RequestPath {
     const tracker = this.tracker;
     const epoch = tracker.epoch;
     const raced = !bypass && tracker.activeOver(start, end);
-    const segs = await att.cs.lookup(att.inode, start, end);
+    const cs = att.cs;
+    // Readahead may extend the fill past the request: a write in flight there
+    // rules it out, checked before the lookups for the same reason as `raced`.
+    const raMax = bypass ? 0 : this.readaheadSectors(cs, end);
+    const raRaced = raMax > 0 && tracker.activeOver(end, end + raMax);
+    const segs = await cs.lookup(att.inode, start, end);
     let miss = false;
     for (const s of segs) if (!s.hit) miss = true;
     this.dev.stats.markRead(!miss, bypass);
     att.set.stats.markRead(!miss, bypass);
     let win: Window | undefined;
+    let ra: Readahead | undefined;
     if (miss && !bypass) {
-      win = tracker.openWindow(start, end);
+      const last = segs[segs.length - 1] as LookupSegment;
+      if (!last.hit && raMax > 0 && !raRaced) ra = await this.readaheadRange(att, last.start, end, raMax);
+      win = tracker.openWindow(start, ra ? ra.end : end);
       if (raced || tracker.epoch !== epoch) win.collided = true;
     }
     let filling = false;
     try {
-      if (segs.length === 1) {
+      if (segs.length === 1 && !ra) {
         await this.readSegment(att, buf, start, segs[0] as LookupSegment);
       } else {
-        await Promise.all(segs.map((s) => this.readSegment(att, buf, start, s)));
+        await Promise.all(
+          segs.map((s, i) =>
+            ra && i === segs.length - 1 ? this.readAhead(buf, start, ra) : this.readSegment(att, buf, start, s),
+          ),
+        );
       }
-      if (win && !win.collided) filling = this.startFill(att, buf, start, segs, win);
+      if (win && !win.collided) filling = this.startFill(att, buf, start, segs, win, ra);
       else if (win) this.markCollision(att);
     } finally {
       if (win && !filling) tracker.closeWindow(win);
     }
+  }
+
+  /**
+   * readahead (bcache before Linux 5.13): how far past `end` a miss may be
+   * rounded up, in sectors, or 0: the device's readahead, while the cache is
+   * below CUTOFF_CACHE_READA in use, not past the device's end.
+   */
+  private readaheadSectors(cs: CacheSet, end: number): number {
+    const bytes = this.dev.settings.readahead;
+    if (bytes === 0 || cs.inUse >= CUTOFF_CACHE_READA) return 0;
+    const deviceEnd = this.dev.dataOffset + this.dev.sectors;
+    return Math.max(0, Math.min(Math.floor(bytes / SECTOR_SIZE), deviceEnd - end));
+  }
+
+  /**
+   * The readahead of a read whose last segment [missStart, end) is a miss:
+   * up to `raMax` sectors more, stopping at the first cached data (it never
+   * overlaps what the cache holds), whole cache blocks only.
+   */
+  private async readaheadRange(
+    att: Attachment,
+    missStart: number,
+    end: number,
+    raMax: number,
+  ): Promise<Readahead | undefined> {
+    const cs = att.cs;
+    const after = await cs.lookup(att.inode, end, end + raMax);
+    let raEnd = end + raMax;
+    for (const s of after) {
+      if (s.hit) {
+        raEnd = s.start;
+        break;
+      }
+    }
+    raEnd = Math.floor(raEnd / cs.blockSize) * cs.blockSize;
+    if (raEnd <= end) return undefined;
+    this.dev.stats.markReadahead();
+    att.set.stats.markReadahead();
+    return { start: missStart, end: raEnd, data: Buffer.allocUnsafe((raEnd - missStart) * SECTOR_SIZE) };
+  }
+
+  /** The last miss segment with its readahead: one backing read, the request's part copied out. */
+  private async readAhead(buf: Buffer, bufStart: number, ra: Readahead): Promise<void> {
+    await this.dev.backingIo.read(ra.data, ra.start);
+    const wanted = buf.length - (ra.start - bufStart) * SECTOR_SIZE;
+    ra.data.copy(buf, (ra.start - bufStart) * SECTOR_SIZE, 0, wanted);
   }
 
   private readSegment(att: Attachment, buf: Buffer, bufStart: number, s: LookupSegment): Promise<void> {
@@ -414,21 +481,35 @@ export class RequestPath {
   }
 
   /**
-   * Begin filling the misses of a read into the cache, after its reply.
-   * Returns whether it did (and so owns `win`).
+   * Begin filling the misses of a read into the cache, after its reply (the
+   * last one with its readahead, if any). Returns whether it did (and so owns
+   * `win`).
    */
-  private startFill(att: Attachment, buf: Buffer, bufStart: number, segs: LookupSegment[], win: Window): boolean {
+  private startFill(
+    att: Attachment,
+    buf: Buffer,
+    bufStart: number,
+    segs: LookupSegment[],
+    win: Window,
+    ra: Readahead | undefined,
+  ): boolean {
     const cs = att.cs;
     if (cs.stopped || cs.ioDisabled || this.closing) return false;
     const bs = cs.blockSize;
-    const pieces: Array<{ start: number; end: number }> = [];
+    const pieces: Array<{ start: number; end: number; src: Buffer; srcStart: number }> = [];
     let sectors = 0;
-    for (const s of segs) {
+    for (let i = 0; i < segs.length; i++) {
+      const s = segs[i] as LookupSegment;
       if (s.hit) continue;
+      const last = ra !== undefined && i === segs.length - 1;
       const a = Math.ceil(s.start / bs) * bs;
-      const b = Math.floor(s.end / bs) * bs;
+      const b = Math.floor((last ? ra.end : s.end) / bs) * bs;
       if (b > a) {
-        pieces.push({ start: a, end: b });
+        pieces.push(
+          last
+            ? { start: a, end: b, src: ra.data, srcStart: ra.start }
+            : { start: a, end: b, src: buf, srcStart: bufStart },
+        );
         sectors += b - a;
       }
     }
@@ -439,7 +520,7 @@ export class RequestPath {
     const data = Buffer.allocUnsafe(bytes);
     let at = 0;
     for (const p of pieces) {
-      buf.copy(data, at, (p.start - bufStart) * SECTOR_SIZE, (p.end - bufStart) * SECTOR_SIZE);
+      p.src.copy(data, at, (p.start - p.srcStart) * SECTOR_SIZE, (p.end - p.srcStart) * SECTOR_SIZE);
       at += (p.end - p.start) * SECTOR_SIZE;
     }
     this.inflight++;

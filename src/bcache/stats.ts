@@ -19,6 +19,8 @@ export interface CacheCounters {
   cacheBypassHits: number;
   cacheBypassMisses: number;
   cacheMissCollisions: number;
+  /** Misses rounded up by readahead (cache_readaheads of kernels before 5.13; /metrics only). */
+  cacheReadaheads: number;
   /** Sectors (reads and writes) that skipped the cache. */
   sectorsBypassed: number;
 }
@@ -30,6 +32,7 @@ export function zeroCounters(): CacheCounters {
     cacheBypassHits: 0,
     cacheBypassMisses: 0,
     cacheMissCollisions: 0,
+    cacheReadaheads: 0,
     sectorsBypassed: 0,
   };
 }
@@ -67,6 +70,12 @@ export class CacheAccounting {
   markCollision(): void {
     this.total.cacheMissCollisions++;
     this.pending.cacheMissCollisions++;
+  }
+
+  /** bch_mark_cache_readahead() (kernels before 5.13) */
+  markReadahead(): void {
+    this.total.cacheReadaheads++;
+    this.pending.cacheReadaheads++;
   }
 
   /** bch_mark_sectors_bypassed() */

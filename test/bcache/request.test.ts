@@ -297,3 +297,61 @@ test('writeback takes every NBD write as sync: cached up to 70% in use, written 
   await p.registry.stopAll();
   assertNothingLeft();
 });
+
+test('readahead rounds a miss up to its size, never over cached data, never past the end', async () => {
+  // 512 KiB buckets: every fill of the test fits the first open bucket (a clean
+  // fill takes only space that is ready; it never waits for the allocator).
+  const p = await makePair({
+    cacheBytes: 300 * MiB,
+    cache: { bucketSize: 1024 },
+    settings: { sequentialCutoff: 0, readahead: 64 * 1024 },
+  });
+  const d = p.dev.device;
+  const cs = p.set.cs;
+  const inode = p.dev.attachment?.inode ?? -1;
+  const backing = mem(p.backingDev);
+  const base = 16; // data offset: bcache sector 0 is key-space sector 16
+  // Distinct data on the backing device, so that what the cache holds can be told apart.
+  for (let s = 0; s < 512; s += 8) backing.writeSync(pattern(9, s, 8), (base + s) * S);
+  // Something cached at 48 KiB (sectors 96-104; written, so that no readahead follows it):
+  // the readahead of a miss at 0 must stop there.
+  await d.write(pattern(9, 96, 8), 96 * S);
+  await p.dev.request.settle();
+  const got = await readDev(d, 0, 8);
+  assert.deepEqual(got, pattern(9, 0, 8), 'the reader gets exactly its 4 KiB');
+  await p.dev.request.settle();
+  const keys = await cs.btree.keysIn(inode, 0, 1 << 30);
+  assert.deepEqual(
+    keys.map((k) => [k.offset - k.size - base, k.offset - base]),
+    [
+      [0, 96],
+      [96, 104],
+    ],
+    'the miss at 0 was filled up to the cached block at 96, not 128 sectors',
+  );
+  // The readahead part is a hit now, with the backing device's data.
+  const before = p.dev.stats.total.cacheHits;
+  assert.deepEqual(await readDev(d, 40, 8), pattern(9, 40, 8));
+  assert.equal(p.dev.stats.total.cacheHits, before + 1);
+  assert.equal(p.dev.stats.total.cacheReadaheads, 1);
+  // Near the end of the device: no readahead past it.
+  const lastBlock = d.size / S - 8;
+  await readDev(d, lastBlock, 8);
+  await p.dev.request.settle();
+  const tail = await cs.btree.keysIn(inode, base + lastBlock - 8, 1 << 30);
+  assert.deepEqual(
+    tail.map((k) => k.offset - base),
+    [lastBlock + 8],
+  );
+  // readahead 0: a miss fills just itself.
+  p.dev.settings.readahead = 0;
+  await readDev(d, 200, 8);
+  await p.dev.request.settle();
+  const one = await cs.btree.keysIn(inode, base + 200, base + 208);
+  assert.deepEqual(
+    one.map((k) => [k.offset - k.size - base, k.offset - base]),
+    [[200, 208]],
+  );
+  await p.registry.stopAll();
+  assertNothingLeft();
+});
