@@ -22,8 +22,9 @@ export class TimeStats {
   /** Monotonic time (ns) of the last completion; 0: never. */
   private lastNs = 0;
   count = 0;
-  /** The newest duration (ns), for /metrics. */
+  /** The newest duration and the sum of all (ns), for /metrics. */
   lastDurationNs = 0;
+  totalNs = 0;
 
   /** One run of the activity, from `startNs` to `endNs` (monotonic ns). */
   update(startNs: number, endNs: number): void {
@@ -38,6 +39,7 @@ export class TimeStats {
     }
     this.lastNs = endNs;
     this.lastDurationNs = duration;
+    this.totalNs += duration;
     this.count++;
   }
 

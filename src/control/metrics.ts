@@ -54,6 +54,11 @@ export function renderMetrics(registry: Registry, exports: readonly Export[]): s
   const bypassHits = f('cache_bypass_hits_total', 'counter', 'Bypassed read requests found in the cache.');
   const bypassMisses = f('cache_bypass_misses_total', 'counter', 'Bypassed read requests not in the cache.');
   const collisions = f('cache_miss_collisions_total', 'counter', 'Miss fills dropped because a write raced them.');
+  const readaheads = f(
+    'cache_readaheads_total',
+    'counter',
+    'Read misses rounded up by readahead (cache_readaheads of kernels before 5.13).',
+  );
   const bypassed = f('bypassed_bytes_total', 'counter', 'Bytes of requests that skipped the cache.');
   const dirty = f('dirty_bytes', 'gauge', 'Dirty data of the device in the cache (dirty_data).');
   const rate = f('writeback_rate_bytes_per_second', 'gauge', 'Current writeback rate (writeback_rate).');
@@ -84,6 +89,18 @@ export function renderMetrics(registry: Registry, exports: readonly Export[]): s
     'Cache sets retired after a fatal error since start (a retired set leaves the other set metrics).',
   );
   setsFailed.add({}, registry.setsFailed);
+  const gcRuns = f('gc_runs_total', 'counter', 'Garbage collection passes over the btree.');
+  const gcSeconds = f(
+    'gc_duration_seconds_total',
+    'counter',
+    'Time spent in GC passes, start to end (requests run between slices).',
+  );
+  const gcLast = f('gc_last_duration_seconds', 'gauge', 'Duration of the last GC pass.');
+  const gcPause = f(
+    'gc_pause_seconds_max',
+    'gauge',
+    'The longest stretch a GC pass held the event loop (one slice of its walk), over all passes.',
+  );
   const wbDone = f('writeback_keys_done_total', 'counter', 'Dirty extents written back.');
   const wbFailed = f('writeback_keys_failed_total', 'counter', 'Writebacks that collided with a write or failed.');
 
@@ -93,6 +110,7 @@ export function renderMetrics(registry: Registry, exports: readonly Export[]): s
     bypassHits.add(labels, c.cacheBypassHits);
     bypassMisses.add(labels, c.cacheBypassMisses);
     collisions.add(labels, c.cacheMissCollisions);
+    readaheads.add(labels, c.cacheReadaheads);
     bypassed.add(labels, c.sectorsBypassed * 512);
   };
   for (const d of registry.devices) {
@@ -113,6 +131,11 @@ export function renderMetrics(registry: Registry, exports: readonly Export[]): s
     cacheWritten.add(labels, s.cs.io.stats.sectorsWritten * 512);
     cacheIoErrors.add(labels, s.cs.io.errorsTotal);
     cacheIoErrorsDecayed.add(labels, s.cs.io.ioErrors);
+    const gc = s.cs.gc.stats;
+    gcRuns.add(labels, gc.runs);
+    gcSeconds.add(labels, gc.time.totalNs / 1e9);
+    gcLast.add(labels, gc.time.lastDurationNs / 1e9);
+    gcPause.add(labels, gc.maxPauseMs / 1000);
     const wb = s.writebackKeys;
     wbDone.add(labels, wb.done);
     wbFailed.add(labels, wb.failed);
@@ -159,6 +182,7 @@ export function renderMetrics(registry: Registry, exports: readonly Export[]): s
     bypassHits,
     bypassMisses,
     collisions,
+    readaheads,
     bypassed,
     dirty,
     rate,
@@ -172,6 +196,10 @@ export function renderMetrics(registry: Registry, exports: readonly Export[]): s
     setsFailed,
     backingIoErrors,
     deviceIoDisabled,
+    gcRuns,
+    gcSeconds,
+    gcLast,
+    gcPause,
     wbDone,
     wbFailed,
     requests,

@@ -11,6 +11,7 @@ import { u64sOf } from '../btree-node.ts';
 import type { RegisteredSet } from '../registry.ts';
 import { CUTOFF_WRITEBACK, CUTOFF_WRITEBACK_SYNC } from '../request.ts';
 import { hprint } from '../stats.ts';
+import { monotonicNs } from '../time-stats.ts';
 import { statsDirs, type TreeContext } from './context.ts';
 import { log } from '../../util/log.ts';
 import { attributeFile, dir, link, parseUlong, ro, rw, SysfsError, wo, type SysfsDir, type SysfsNode } from './node.ts';
@@ -23,6 +24,13 @@ function internalDir(set: RegisteredSet): SysfsDir {
   return dir(() => [
     ...settable,
     ['btree_nodes', ro(() => String(cs.gc.stats.nodes))],
+    // sysfs_print_time_stats(&c->btree_gc_time, btree_gc, sec, ms)
+    ['btree_gc_average_duration_ms', ro(() => String(cs.gc.stats.time.view(monotonicNs()).averageDurationMs))],
+    ['btree_gc_average_frequency_sec', ro(() => String(cs.gc.stats.time.view(monotonicNs()).averageFrequencySec))],
+    ['btree_gc_last_sec', ro(() => String(cs.gc.stats.time.view(monotonicNs()).lastSec))],
+    ['btree_gc_max_duration_ms', ro(() => String(cs.gc.stats.time.view(monotonicNs()).maxDurationMs))],
+    // Not in the kernel: the longest a pass held requests up (one slice of its walk), in ms.
+    ['btree_gc_max_pause_ms', ro(() => String(Math.ceil(cs.gc.stats.maxPauseMs)))],
     ['writeback_keys_done', ro(() => String(set.writebackKeys.done))],
     ['writeback_keys_failed', ro(() => String(set.writebackKeys.failed))],
     [

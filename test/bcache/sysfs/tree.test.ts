@@ -119,6 +119,21 @@ test('a cache set, its internal/ and cache0/: formats', async () => {
     const v = Number(t.read(`${S}/${name}`).trimEnd());
     assert.ok(Number.isInteger(v) && v >= 0 && v <= 100, `${name} is a percentage`);
   }
+  // btree_gc_*: -1 (never) until a pass ran, then the time since it (s) and its durations (ms).
+  const set = [...rig.registry.sets.values()][0];
+  assert.ok(set);
+  const gcRunsBefore = set.cs.gc.stats.runs;
+  if (gcRunsBefore === 0) assert.equal(t.read(`${S}/internal/btree_gc_last_sec`), '-1\n');
+  await set.cs.runGc();
+  assert.equal(t.read(`${S}/internal/btree_gc_last_sec`), '0\n');
+  for (const name of [
+    'btree_gc_average_duration_ms',
+    'btree_gc_max_duration_ms',
+    'btree_gc_average_frequency_sec',
+    'btree_gc_max_pause_ms',
+  ]) {
+    assert.match(t.read(`${S}/internal/${name}`), /^\d+\n$/, name);
+  }
   assert.match(t.read(`${S}/btree_cache_size`), /^\d+\.\d[kM]\n$/);
   assert.match(t.read(`${S}/average_key_size`), /^\d+\.\d[kM?]\n$/);
   assert.match(t.read(`${S}/cache0/written`), /^\d+\.\d[kM]\n$/);
