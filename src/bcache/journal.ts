@@ -27,6 +27,7 @@ import { keysU64s, type Bkey } from '../format/bkey.ts';
 import { BCACHE_JSET_VERSION, JSET_MAX_BYTES, MAX_CACHES_PER_SET } from '../format/constants.ts';
 import { FormatError } from '../format/errors.ts';
 import {
+  decodeJset,
   encodeJset,
   JSET_HEADER_BYTES,
   jsetBytes,
@@ -163,20 +164,39 @@ export class Journal {
     ring: readonly number[],
     g: { bucketSize: number; blockSize: number; setMagic: bigint },
   ): Promise<JournalReadResult | undefined> {
+    // Every entry of the ring is checked, but only the ones replayed (from the
+    // newest entry's last_seq) need their keys: a ring of 256 buckets can hold
+    // hundreds of thousands of keys already in written nodes, and decoding
+    // them all was most of a large cache's bring-up. So the first pass reads
+    // headers, the second decodes the replayed entries from their buckets.
     const all: Jset[] = [];
+    const where = new Map<Jset, { bucket: number; offset: number }>();
     const bucketSeq: number[] = [];
     const buf = Buffer.allocUnsafe(g.bucketSize * 512);
     for (const bucket of ring) {
       await io.read(buf, bucket * g.bucketSize);
-      const scan = scanJournalBucket(buf, { setMagic: g.setMagic, blockSize: g.blockSize });
+      const scan = scanJournalBucket(buf, { setMagic: g.setMagic, blockSize: g.blockSize, headerOnly: true });
       let max = 0;
-      for (const j of scan.entries) {
+      scan.entries.forEach((j, i) => {
         all.push(j);
+        where.set(j, { bucket, offset: scan.offsets[i] ?? 0 });
         max = Math.max(max, j.seq);
-      }
+      });
       bucketSeq.push(max);
     }
-    const replay = selectReplayEntries(all);
+    const headers = selectReplayEntries(all);
+    if (headers.length === 0) return undefined;
+    const replay: Jset[] = [];
+    let loaded = -1;
+    for (const h of headers) {
+      const at = where.get(h);
+      if (!at) throw new Error(`journal: entry ${h.seq} lost its place`);
+      if (at.bucket !== loaded) {
+        await io.read(buf, at.bucket * g.bucketSize);
+        loaded = at.bucket;
+      }
+      replay.push(decodeJset(buf, at.offset, { setMagic: g.setMagic }));
+    }
     const newest = replay[replay.length - 1];
     if (!newest) return undefined;
     const gaps = missingJournalRanges(replay);

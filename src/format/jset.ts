@@ -71,6 +71,11 @@ function decodePaddedKey(buf: Buffer, pos: number, field: string): Bkey {
 
 export interface DecodeJsetOptions {
   setMagic: bigint;
+  /**
+   * Check the entry and decode its header but not its keys (`keys` is empty):
+   * bring-up reads every entry of the ring but replays only the newest few.
+   */
+  headerOnly?: boolean;
 }
 
 /**
@@ -108,7 +113,7 @@ export function decodeJset(buf: Buffer, pos: number, options: DecodeJsetOptions)
     btreeRoot: decodePaddedKey(buf, pos + BTREE_ROOT_AT, 'btree_root'),
     btreeLevel: buf.readUInt16LE(pos + BTREE_LEVEL_AT),
     prioBucket,
-    keys: decodeKeys(buf, pos + JSET_HEADER_BYTES, pos + bytes, S),
+    keys: options.headerOnly === true ? [] : decodeKeys(buf, pos + JSET_HEADER_BYTES, pos + bytes, S),
     header: Buffer.from(buf.subarray(pos, pos + JSET_HEADER_BYTES)),
   };
 }
@@ -157,6 +162,8 @@ export interface BucketScanEnd {
 
 export interface JournalBucketScan {
   entries: Jset[];
+  /** Byte offset of each entry in the bucket. */
+  offsets: number[];
   end: BucketScanEnd;
 }
 
@@ -166,24 +173,29 @@ export interface JournalBucketScan {
  * first bad magic, oversized entry or bad checksum ends the bucket (it is
  * where writing stopped, not an error).
  */
-export function scanJournalBucket(bucket: Buffer, options: { setMagic: bigint; blockSize: number }): JournalBucketScan {
+export function scanJournalBucket(
+  bucket: Buffer,
+  options: { setMagic: bigint; blockSize: number; headerOnly?: boolean },
+): JournalBucketScan {
   const blockBytes = options.blockSize * SECTOR_SIZE;
   const magic = jsetMagic(options.setMagic);
   const entries: Jset[] = [];
+  const offsets: number[] = [];
   let offset = 0;
   while (offset + JSET_HEADER_BYTES <= bucket.length) {
-    if (bucket.readBigUInt64LE(offset + 8) !== magic) return { entries, end: { offset, reason: 'bad magic' } };
+    if (bucket.readBigUInt64LE(offset + 8) !== magic) return { entries, offsets, end: { offset, reason: 'bad magic' } };
     const bytes = jsetBytes(bucket.readUInt32LE(offset + 28));
     if (bytes > JSET_MAX_BYTES || offset + bytes > bucket.length)
-      return { entries, end: { offset, reason: 'too big' } };
+      return { entries, offsets, end: { offset, reason: 'too big' } };
     if (bucket.readBigUInt64LE(offset) !== bchCrc64(bucket, offset + 8, offset + bytes)) {
-      return { entries, end: { offset, reason: 'bad csum' } };
+      return { entries, offsets, end: { offset, reason: 'bad csum' } };
     }
     // Past the checks above, a decoding error is corruption the checksum did not catch: it propagates.
     entries.push(decodeJset(bucket, offset, options));
+    offsets.push(offset);
     offset += Math.ceil(bytes / blockBytes) * blockBytes;
   }
-  return { entries, end: { offset, reason: 'end of bucket' } };
+  return { entries, offsets, end: { offset, reason: 'end of bucket' } };
 }
 
 /**
