@@ -20,6 +20,11 @@ export interface ServerProcess {
   stop(): Promise<void>;
 }
 
+export interface ChildServer extends ServerProcess {
+  /** SIGKILL: the server vanishes without closing anything (nbdkit waits for its clients on SIGTERM). */
+  kill(): Promise<void>;
+}
+
 export const tools = {
   nbdkit: have('nbdkit'),
   qemuNbd: have('qemu-nbd'),
@@ -50,9 +55,13 @@ async function readyOrExit(what: string, ready: Promise<void>, exited: Promise<n
   if (outcome !== 'ready') throw new Error(`${what} exited (${outcome}) before it was ready:\n${stderr()}`);
 }
 
-function stopper(child: ChildProcess, exited: Promise<number | null>): () => Promise<void> {
+function stopper(
+  child: ChildProcess,
+  exited: Promise<number | null>,
+  signal: NodeJS.Signals = 'SIGTERM',
+): () => Promise<void> {
   return async () => {
-    if (child.exitCode === null && child.signalCode === null) child.kill('SIGTERM');
+    if (child.exitCode === null && child.signalCode === null) child.kill(signal);
     await exited;
   };
 }
@@ -65,7 +74,7 @@ export async function startNbdkit(
   dir: string,
   args: string[],
   options: { name?: string; log?: boolean } = {},
-): Promise<ServerProcess & { log(): string }> {
+): Promise<ChildServer & { log(): string }> {
   const name = options.name ?? 'nbdkit';
   const socket = join(dir, `${name}.sock`);
   const pidFile = join(dir, `${name}.pid`);
@@ -82,6 +91,7 @@ export async function startNbdkit(
     uri: (exportName = '') => unixUri(socket, exportName),
     stderr,
     stop: stopper(child, exited),
+    kill: stopper(child, exited, 'SIGKILL'),
     log: () => {
       try {
         return readFileSync(logFile, 'utf8');
