@@ -1,15 +1,22 @@
 #!/usr/bin/env node
 // The test command (`npm test`): build, typecheck, lint, then every test file
 // under test/ with node's built-in runner (through tsx, since Node 20 cannot
-// strip types) under c8 for coverage. Prints one closing line
+// strip types) with V8 coverage (reported by c8). Prints one closing line
 // "N passed, N failed, N skipped".
 //
-//   node scripts/test.mjs [--no-checks] [--only unit|e2e|oracle|crash] [--no-coverage] [FILE...]
+// The suites whose I/O goes through the I/O engine (test/blockdev, and the
+// engine's test/bcache and test/crash) run twice: with the default engine
+// (io_uring where the kernel allows it) and again with
+// UBCACHE_IO_ENGINE=threadpool, the fallback, so both stay correct; the
+// closing line counts both runs. --one-engine skips the second run (so does
+// setting UBCACHE_IO_ENGINE yourself: then one run, on your engine).
+//
+//   node scripts/test.mjs [--no-checks] [--only unit|e2e|oracle|crash] [--no-coverage] [--one-engine] [FILE...]
 //
 // Tests that need a tool the machine lacks (qemu, nbdkit, /dev/fuse, ...) skip
 // themselves and say why; .ci/run installs everything, so in CI they all run.
 import { spawn, spawnSync } from 'node:child_process';
-import { readdirSync, statSync, existsSync } from 'node:fs';
+import { readdirSync, statSync, existsSync, rmSync } from 'node:fs';
 import { join, relative, dirname } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
@@ -17,6 +24,7 @@ const root = join(dirname(fileURLToPath(import.meta.url)), '..');
 const args = process.argv.slice(2);
 const noChecks = args.includes('--no-checks');
 const noCoverage = args.includes('--no-coverage');
+const oneEngine = args.includes('--one-engine') || process.env.UBCACHE_IO_ENGINE !== undefined;
 const onlyIdx = args.indexOf('--only');
 const only = onlyIdx >= 0 ? args[onlyIdx + 1] : undefined;
 const explicit = args.filter((a, i) => !a.startsWith('--') && args[i - 1] !== '--only');
@@ -66,7 +74,10 @@ if (files.length === 0) {
   process.exit(1);
 }
 
-const nodeArgs = [
+/** The files that run a second time, on the thread-pool engine: their I/O goes through the engine. */
+const enginePass = (file) => /^test\/(blockdev|bcache|crash)\/[^/]+\.test\.ts$/.test(relative(root, file));
+
+const nodeArgs = (list) => [
   '--import',
   'tsx',
   '--expose-gc',
@@ -74,32 +85,65 @@ const nodeArgs = [
   '--test-reporter=spec',
   `--test-concurrency=${process.env.UBCACHE_TEST_CONCURRENCY ?? '3'}`,
   '--test-timeout=600000',
-  ...files.map((f) => relative(root, f)),
+  ...list.map((f) => relative(root, f)),
 ];
-const c8 = join(root, 'node_modules/c8/bin/c8.js');
-const [cmd, cmdArgs] = noCoverage
-  ? [process.execPath, nodeArgs]
-  : [
-      process.execPath,
-      [c8, '--reporter=text-summary', '--include=src/**', '--exclude=src/cli/main.ts', process.execPath, ...nodeArgs],
-    ];
+
+// Coverage: every test process writes V8 coverage into one directory over
+// both runs (what c8 does when it wraps a command); one report at the end.
+const coverageDir = join(root, 'coverage', 'tmp');
+if (!noCoverage) rmSync(coverageDir, { recursive: true, force: true });
+
+/** One `node --test` run over `list`; resolves with its exit code and counts. */
+function runTests(label, list, env) {
+  const t0 = Date.now();
+  const childEnv = { ...process.env, ...env };
+  if (!noCoverage) childEnv.NODE_V8_COVERAGE = coverageDir;
+  const child = spawn(process.execPath, nodeArgs(list), {
+    cwd: root,
+    stdio: ['ignore', 'pipe', 'inherit'],
+    env: childEnv,
+  });
+  let tail = '';
+  child.stdout.on('data', (chunk) => {
+    process.stdout.write(chunk);
+    tail = (tail + chunk.toString()).slice(-4000);
+  });
+  return new Promise((resolve) => {
+    child.on('close', (code) => {
+      const num = (name) => {
+        const m = new RegExp(`(?:ℹ|#) ${name} (\\d+)`).exec(tail);
+        return m ? Number(m[1]) : 0;
+      };
+      const counts = { pass: num('pass'), fail: num('fail') + num('cancelled'), skipped: num('skipped') + num('todo') };
+      const secs = ((Date.now() - t0) / 1000).toFixed(0);
+      console.error(`${label}: ${counts.pass} passed, ${counts.fail} failed, ${counts.skipped} skipped (${secs} s)`);
+      resolve({ code, ...counts });
+    });
+  });
+}
 
 const t0 = Date.now();
-const child = spawn(cmd, cmdArgs, { cwd: root, stdio: ['ignore', 'pipe', 'inherit'] });
-let tail = '';
-child.stdout.on('data', (chunk) => {
-  process.stdout.write(chunk);
-  tail = (tail + chunk.toString()).slice(-4000);
-});
-child.on('close', (code) => {
-  const num = (label) => {
-    const m = new RegExp(`(?:ℹ|#) ${label} (\\d+)`).exec(tail);
-    return m ? Number(m[1]) : 0;
-  };
-  const pass = num('pass');
-  const fail = num('fail') + num('cancelled');
-  const skipped = num('skipped') + num('todo');
-  console.error(`tests took ${((Date.now() - t0) / 1000).toFixed(0)} s`);
-  console.log(`${pass} passed, ${fail} failed, ${skipped} skipped`);
-  process.exit(code === 0 && fail === 0 ? 0 : 1);
-});
+const runs = [await runTests('default engine', files, {})];
+const again = oneEngine ? [] : files.filter(enginePass);
+if (again.length > 0) {
+  console.error(`\nagain on the thread-pool engine (UBCACHE_IO_ENGINE=threadpool): ${again.length} files\n`);
+  runs.push(await runTests('thread-pool engine', again, { UBCACHE_IO_ENGINE: 'threadpool' }));
+}
+if (!noCoverage) {
+  spawnSync(
+    process.execPath,
+    [
+      join(root, 'node_modules/c8/bin/c8.js'),
+      'report',
+      `--temp-directory=${coverageDir}`,
+      '--reporter=text-summary',
+      '--include=src/**',
+      '--exclude=src/cli/main.ts',
+    ],
+    { cwd: root, stdio: 'inherit' },
+  );
+}
+const sum = (key) => runs.reduce((n, r) => n + r[key], 0);
+console.error(`tests took ${((Date.now() - t0) / 1000).toFixed(0)} s`);
+console.log(`${sum('pass')} passed, ${sum('fail')} failed, ${sum('skipped')} skipped`);
+process.exit(runs.every((r) => r.code === 0) && sum('fail') === 0 ? 0 : 1);

@@ -59,7 +59,7 @@ export class IoEngineError extends Error {
 
 // ---- the thread pool ---------------------------------------------------------
 
-class ThreadPoolEngine implements IoEngine {
+export class ThreadPoolEngine implements IoEngine {
   readonly name = 'threadpool';
 
   read(fd: number, buf: Uint8Array, position: number): Promise<number> {
@@ -404,7 +404,9 @@ function tryUring(): { engine: UringEngine } | { why: string } {
       const where =
         sysctl !== undefined && sysctl !== '0'
           ? `kernel.io_uring_disabled is ${sysctl}`
-          : 'the kernel lacks it or a seccomp filter (a container runtime) blocks it';
+          : code === 'EPERM'
+            ? 'a seccomp filter refuses it (container runtimes often do)'
+            : 'the kernel was built without it, or a seccomp filter refuses it';
       return { why: `io_uring is unavailable (${detail}): ${where}` };
     }
     return { why: `io_uring setup failed (${detail})` };
