@@ -1,15 +1,24 @@
 // A device named on the command line, opened for the one-shot tools (make,
 // show-super): a regular file or a block device, with its size and block
-// sizes. Synchronous I/O: these tools do one thing and exit.
+// sizes, or a remote NBD export named by its URI. Files use synchronous I/O
+// (these tools do one thing and exit); a remote export cannot, so it has the
+// *Async functions, which take files too, and the tools use those when a URI
+// is among their devices.
 
 import { closeSync, fstatSync, openSync, readFileSync, readSync, writeSync, fsyncSync, constants } from 'node:fs';
 import { spawnSync } from 'node:child_process';
+import { NbdBlockDevice } from '../blockdev/nbd.ts';
+import { describeTransport, isNbdUri, parseNbdUri } from '../nbd/uri.ts';
+import { errorMessage } from '../util/lifecycle.ts';
 import { CliError } from './common.ts';
 
 export interface DeviceFile {
   path: string;
+  /** -1 for a remote export. */
   fd: number;
-  kind: 'file' | 'block';
+  kind: 'file' | 'block' | 'nbd';
+  /** The connection to a remote export (kind 'nbd'). */
+  remote?: NbdBlockDevice;
   /** Size in bytes. */
   size: number;
   /** Logical block size in bytes (512 for regular files). */
@@ -173,8 +182,85 @@ function hintFor(err: unknown, path: string): string {
   }
 }
 
+/** A remote device's error without the URI it starts with (the caller names the device already). */
+export function remoteError(path: string, err: unknown): string {
+  const message = errorMessage(err);
+  return message.startsWith(`${path}: `) ? message.slice(path.length + 2) : message;
+}
+
+/** Is `path` a remote export (an NBD URI) rather than a file? */
+export function isRemote(path: string): boolean {
+  return isNbdUri(path);
+}
+
+/**
+ * Open a file, a block device or a remote NBD export. Files go through
+ * openDevice(); an export is connected (one connection: these tools do a few
+ * small I/Os) and described like a file: its size, the server's minimum
+ * block size as the logical block size, its preferred block size (or 4 KiB).
+ */
+export async function openDeviceAsync(path: string, options: OpenOptions): Promise<DeviceFile> {
+  if (!isRemote(path)) return openDevice(path, options);
+  let remote: NbdBlockDevice;
+  let identity: string;
+  try {
+    const uri = parseNbdUri(path);
+    identity = `nbd:${describeTransport(uri.transport)}/${uri.exportName}`;
+    remote = await NbdBlockDevice.open(uri, { connections: 1, ...(options.write ? {} : { readOnly: true }) });
+  } catch (err) {
+    throw new CliError(`cannot open ${path}: ${remoteError(path, err)}`, {
+      hint: 'Check that the NBD server is running and serves that export (nbdinfo URI shows what it serves).',
+    });
+  }
+  if (options.write && remote.readOnly) {
+    await remote.close().catch(() => undefined);
+    throw new CliError(`cannot open ${path}: the NBD server exports it read-only`, {
+      hint: 'Serve the export writable (e.g. without -r / --read-only).',
+    });
+  }
+  return {
+    path,
+    fd: -1,
+    kind: 'nbd',
+    remote,
+    size: remote.size,
+    logicalBlockSize: remote.logicalBlockSize,
+    preferredBlockSize: remote.client.info.advertisedBlockSize?.preferred ?? 4096,
+    identity,
+  };
+}
+
+/** readAt() for any device; the result is shorter at the end of the device. */
+export async function readAtAsync(dev: DeviceFile, length: number, position: number): Promise<Buffer> {
+  if (!dev.remote) return readAt(dev, length, position);
+  const n = Math.max(0, Math.min(length, dev.size - position));
+  const buf = Buffer.alloc(n);
+  if (n > 0) await dev.remote.read(buf, position);
+  return buf;
+}
+
+export async function writeAtAsync(dev: DeviceFile, buf: Buffer, position: number): Promise<void> {
+  if (dev.remote) await dev.remote.write(buf, position);
+  else writeAt(dev, buf, position);
+}
+
+export async function syncDeviceAsync(dev: DeviceFile): Promise<void> {
+  if (dev.remote) await dev.remote.flush();
+  else syncDevice(dev);
+}
+
+export async function closeDeviceAsync(dev: DeviceFile): Promise<void> {
+  if (dev.remote) await dev.remote.close();
+  else closeDevice(dev);
+}
+
+function syncOnly(dev: DeviceFile): void {
+  if (dev.kind === 'nbd') throw new Error(`${dev.path}: a remote export needs the asynchronous device functions`);
+}
+
 /** Read up to `length` bytes at `position`; the result is shorter at the end of the device. */
 export function readAt(dev: DeviceFile, length: number, position: number): Buffer {
+  syncOnly(dev);
   const buf = Buffer.alloc(length);
   let done = 0;
   while (done < length) {
@@ -186,6 +272,7 @@ export function readAt(dev: DeviceFile, length: number, position: number): Buffe
 }
 
 export function writeAt(dev: DeviceFile, buf: Buffer, position: number): void {
+  syncOnly(dev);
   let done = 0;
   while (done < buf.length) {
     done += writeSync(dev.fd, buf, done, buf.length - done, position + done);
@@ -193,9 +280,11 @@ export function writeAt(dev: DeviceFile, buf: Buffer, position: number): void {
 }
 
 export function syncDevice(dev: DeviceFile): void {
+  syncOnly(dev);
   fsyncSync(dev.fd);
 }
 
 export function closeDevice(dev: DeviceFile): void {
+  syncOnly(dev);
   closeSync(dev.fd);
 }

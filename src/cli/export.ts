@@ -1,11 +1,15 @@
-// `ubcache export`: serve files or block devices over NBD until told to stop.
+// `ubcache export`: serve files, block devices or remote NBD exports (a proxy)
+// over NBD until told to stop.
 // SIGINT or SIGTERM shuts down in order (requests in flight finish, new ones
 // get ESHUTDOWN, devices are flushed and closed) and the process then exits by
 // itself with status 0; a second signal exits at once.
 
 import { basename } from 'node:path';
 import { openBlockDevice } from '../blockdev/open.ts';
+import { NbdBlockDevice } from '../blockdev/nbd.ts';
 import type { BlockDevice } from '../blockdev/types.ts';
+import type { BlockSizes } from '../nbd/codec.ts';
+import { isNbdUri, parseNbdUri } from '../nbd/uri.ts';
 import type { ExportConfig } from '../nbd/exports.ts';
 import { formatAddress, NbdServer, type ListenTarget } from '../nbd/server.ts';
 import { deferred, errorMessage } from '../util/lifecycle.ts';
@@ -16,8 +20,9 @@ export const DEFAULT_LISTEN: ListenTarget = { host: '127.0.0.1', port: 10809 };
 
 const HELP = `Usage: ubcache export [options] FILE...
 
-Serve each FILE (a regular file or a block device) as an NBD export until
-SIGINT or SIGTERM.
+Serve each FILE (a regular file, a block device, or another server's export
+named by its NBD URI, nbd://HOST[:PORT]/NAME or nbd+unix:///NAME?socket=PATH)
+as an NBD export until SIGINT or SIGTERM.
 
 Options:
   --listen HOST:PORT   listen on TCP; default 127.0.0.1:10809 when no --socket
@@ -25,7 +30,8 @@ Options:
                        interfaces (there is no authentication). Repeatable.
   --socket PATH        listen on a unix socket. Repeatable.
   --name NAME          name of the next FILE's export, in order (default: the
-                       file's base name). Repeatable.
+                       file's base name; for a URI its export name, or
+                       "nbd" if that is empty). Repeatable.
   --description TEXT   description of the next FILE's export, in order.
                        Repeatable.
   --read-only          serve every FILE read-only
@@ -59,6 +65,19 @@ export function parseListen(spec: string): ListenTarget {
     });
   }
   return { host, port };
+}
+
+/** A FILE's export name when --name gives none: the file's base name, or a remote export's own name. */
+function defaultName(file: string): string {
+  if (!isNbdUri(file)) return basename(file);
+  try {
+    const name = parseNbdUri(file).exportName;
+    return name === '' ? 'nbd' : name;
+  } catch (err) {
+    throw new CliError(errorMessage(err), {
+      hint: 'Write a remote export as nbd://HOST[:PORT]/NAME or nbd+unix:///NAME?socket=PATH.',
+    });
+  }
 }
 
 /** Turn the arguments into a plan, or 'help'. Throws CliError on anything wrong. */
@@ -95,7 +114,7 @@ export function parseExportArgs(args: string[]): ExportPlan | 'help' {
       hint: 'Each --description describes the next FILE in order; give at most one per FILE.',
     });
   }
-  const names = files.map((f, i) => givenNames[i] ?? basename(f));
+  const names = files.map((f, i) => givenNames[i] ?? defaultName(f));
   const seen = new Map<string, string>();
   names.forEach((n, i) => {
     const file = files[i] ?? '';
@@ -122,6 +141,18 @@ export function parseExportArgs(args: string[]): ExportPlan | 'help' {
   };
 }
 
+/**
+ * A proxied export passes on the constraints of the server behind it, so
+ * clients align to what that server takes; without any, the defaults hold.
+ */
+function upstreamBlockSize(device: NbdBlockDevice): BlockSizes | undefined {
+  const up = device.client.info.advertisedBlockSize;
+  if (!up) return undefined;
+  const min = up.min;
+  const preferred = Math.max(min, 512, (up.preferred & (up.preferred - 1)) === 0 ? up.preferred : 4096);
+  return { min, preferred, max: Math.max(preferred, device.client.maxPayload) };
+}
+
 async function openAll(plan: ExportPlan): Promise<ExportConfig[]> {
   const configs: ExportConfig[] = [];
   const opened: BlockDevice[] = [];
@@ -130,11 +161,13 @@ async function openAll(plan: ExportPlan): Promise<ExportConfig[]> {
       const device = await openBlockDevice(file, { readOnly: plan.readOnly, exclusive: true });
       opened.push(device);
       const description = plan.descriptions[i];
+      const blockSize = device instanceof NbdBlockDevice ? upstreamBlockSize(device) : undefined;
       configs.push({
         name: plan.names[i] ?? file,
         device,
         readOnly: plan.readOnly,
         ...(description !== undefined ? { description } : {}),
+        ...(blockSize ? { blockSize } : {}),
       });
     }
     return configs;

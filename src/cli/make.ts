@@ -16,6 +16,9 @@
 // earlier cache with the same set UUID can ever be replayed.
 
 import { randomUUID } from 'node:crypto';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import {
   BDEV_DATA_START_DEFAULT,
@@ -31,7 +34,20 @@ import {
 import { encodeSuperblock, newBackingSuperblock, newCacheSuperblock, type Superblock } from '../format/superblock.ts';
 import { formatUuid, isZeroUuid, parseUuid } from '../format/uuid-text.ts';
 import { CliError, type Subcommand } from './common.ts';
-import { closeDevice, openDevice, readAt, syncDevice, writeAt, type DeviceFile } from './device-file.ts';
+import {
+  closeDevice,
+  closeDeviceAsync,
+  isRemote,
+  openDevice,
+  openDeviceAsync,
+  readAt,
+  readAtAsync,
+  syncDevice,
+  syncDeviceAsync,
+  writeAt,
+  writeAtAsync,
+  type DeviceFile,
+} from './device-file.ts';
 import {
   bcacheSignature,
   blkidProbe,
@@ -253,13 +269,28 @@ interface Plan {
   zero: Array<[number, number]>;
 }
 
-/** Refuse the device if anything is on it, unless it is bcache and --wipe-bcache was given. */
-function checkSignatures(dev: DeviceFile, wipeBcache: boolean): void {
-  const head = readAt(dev, Math.min(PROBE_BYTES, dev.size), 0);
+/**
+ * blkid(8) on what is there: the device itself, or for a remote export (which
+ * blkid cannot open) a copy of its first PROBE_BYTES in a temporary file.
+ */
+function blkidSignatures(dev: DeviceFile, head: Buffer): Signature[] {
+  if (dev.kind !== 'nbd') return blkidProbe(dev.path).signatures;
+  const dir = mkdtempSync(join(tmpdir(), 'ubcache-probe-'));
+  try {
+    const copy = join(dir, 'head');
+    writeFileSync(copy, head);
+    return blkidProbe(copy).signatures;
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+/** Refuse the device if anything is on it (`head` is its start), unless it is bcache and --wipe-bcache was given. */
+function checkSignatures(dev: DeviceFile, head: Buffer, wipeBcache: boolean): void {
   const own = bcacheSignature(head);
   const found: Signature[] = findSignatures(head);
   if (own && !isBcacheSignature(own)) found.unshift(own);
-  for (const s of blkidProbe(dev.path).signatures) {
+  for (const s of blkidSignatures(dev, head)) {
     if (!found.some((f) => f.type === s.type)) found.push(s);
   }
   const first = found[0];
@@ -399,7 +430,13 @@ function plan(options: Options, devs: DeviceFile[]): Plan[] {
   });
 }
 
-function zeroRanges(p: Plan, output: Output): void {
+/**
+ * The writes that format one device, in order: zeroes over its ranges (with
+ * progress on stderr), then the superblock last, so an interrupted make leaves
+ * no superblock over a half-prepared device. The sync and async drivers
+ * perform them.
+ */
+function* formatWrites(p: Plan, output: Output): Generator<[Buffer, number]> {
   const total = p.zero.reduce((n, [a, b]) => n + (b - a), 0);
   const progress = new Progress(`zeroing ${p.dev.path}`, total, { stream: output.stderr });
   const chunk = Buffer.alloc(ZERO_CHUNK);
@@ -407,12 +444,47 @@ function zeroRanges(p: Plan, output: Output): void {
   for (const [start, end] of p.zero) {
     for (let at = start; at < end; at += ZERO_CHUNK) {
       const len = Math.min(ZERO_CHUNK, end - at);
-      writeAt(p.dev, len === ZERO_CHUNK ? chunk : chunk.subarray(0, len), at);
+      yield [len === ZERO_CHUNK ? chunk : chunk.subarray(0, len), at];
       done += len;
       progress.update(done);
     }
   }
   progress.finish();
+  yield [encodeSuperblock(p.sb), SB_OFFSET];
+}
+
+/** Caches first, then backing devices, as make-bcache does. */
+function writeOrder(plans: Plan[]): Plan[] {
+  return [...plans.filter((p) => p.role === 'cache'), ...plans.filter((p) => p.role === 'backing')];
+}
+
+function writeFailure(err: unknown, ordered: Plan[], p: Plan): CliError {
+  if (err instanceof CliError) return err;
+  const done = ordered.slice(0, ordered.indexOf(p)).map((q) => q.dev.path);
+  return new CliError(`writing ${p.dev.path} failed: ${err instanceof Error ? err.message : String(err)}`, {
+    hint: done.length > 0 ? `${done.join(', ')} were formatted before the failure.` : 'Nothing was formatted.',
+  });
+}
+
+function sameDevice(devs: DeviceFile[], dev: DeviceFile): void {
+  const twin = devs.find((o) => o !== dev && o.identity === dev.identity);
+  if (twin) throw new CliError(`${dev.path} and ${twin.path} are the same device`, { hint: 'Name each device once.' });
+}
+
+/** Parse and check the arguments that need no device: the options, or 'help'. */
+function prepare(args: string[]): Options | 'help' {
+  const options = parseOptions(args);
+  if (options === 'help') return options;
+  const caches = options.devices.filter((d) => d.role === 'cache');
+  if (caches.length > 1) {
+    throw new CliError(
+      `${caches.map((d) => d.path).join(' and ')} would be two caches of one set; a cache set holds one cache device`,
+      {
+        hint: 'Linux (since 5.10) refuses a second cache in a set: format each cache with its own command.',
+      },
+    );
+  }
+  return options;
 }
 
 function report(p: Plan): string {
@@ -433,49 +505,33 @@ function report(p: Plan): string {
 /**
  * The command, writing to `output`; returns the exit status. Errors are
  * thrown as CliError (main() prints them); nothing is written to any device
- * unless every argument and every device passed its checks.
+ * unless every argument and every device passed its checks. Files and block
+ * devices only: with a remote export (an NBD URI) among the devices, use
+ * makeAsync(), which is what the command runs.
  */
 export function make(args: string[], output: Output = processOutput): number {
-  const options = parseOptions(args);
+  const options = prepare(args);
   if (options === 'help') {
     output.stdout.write(HELP);
     return 0;
   }
-  const caches = options.devices.filter((d) => d.role === 'cache');
-  if (caches.length > 1) {
-    throw new CliError(
-      `${caches.map((d) => d.path).join(' and ')} would be two caches of one set; a cache set holds one cache device`,
-      {
-        hint: 'Linux (since 5.10) refuses a second cache in a set: format each cache with its own command.',
-      },
-    );
-  }
+  const remote = options.devices.find((d) => isRemote(d.path));
+  if (remote) throw new Error(`make(): ${remote.path} is a remote export; use makeAsync()`);
   const devs: DeviceFile[] = [];
   try {
     for (const d of options.devices) {
       const dev = openDevice(d.path, { write: true });
       devs.push(dev);
-      const twin = devs.find((o) => o !== dev && o.identity === dev.identity);
-      if (twin)
-        throw new CliError(`${d.path} and ${twin.path} are the same device`, { hint: 'Name each device once.' });
+      sameDevice(devs, dev);
     }
-    for (const dev of devs) checkSignatures(dev, options.wipeBcache);
-    const plans = plan(options, devs);
-    // Caches first, then backing devices, as make-bcache does. The superblock
-    // goes last, after the zeroing, so an interrupted make leaves no
-    // superblock over a half-prepared device.
-    const ordered = [...plans.filter((p) => p.role === 'cache'), ...plans.filter((p) => p.role === 'backing')];
+    for (const dev of devs) checkSignatures(dev, readAt(dev, Math.min(PROBE_BYTES, dev.size), 0), options.wipeBcache);
+    const ordered = writeOrder(plan(options, devs));
     for (const p of ordered) {
       try {
-        zeroRanges(p, output);
-        writeAt(p.dev, encodeSuperblock(p.sb), SB_OFFSET);
+        for (const [buf, at] of formatWrites(p, output)) writeAt(p.dev, buf, at);
         syncDevice(p.dev);
       } catch (err) {
-        if (err instanceof CliError) throw err;
-        const done = ordered.slice(0, ordered.indexOf(p)).map((q) => q.dev.path);
-        throw new CliError(`writing ${p.dev.path} failed: ${err instanceof Error ? err.message : String(err)}`, {
-          hint: done.length > 0 ? `${done.join(', ')} were formatted before the failure.` : 'Nothing was formatted.',
-        });
+        throw writeFailure(err, ordered, p);
       }
       output.stdout.write(report(p));
     }
@@ -485,4 +541,38 @@ export function make(args: string[], output: Output = processOutput): number {
   }
 }
 
-export const run: Subcommand = (args) => Promise.resolve().then(() => make(args));
+/**
+ * make() for any devices, remote NBD exports (nbd://, nbd+unix://) among
+ * them: the same checks, plan and writes, with the I/O awaited. Without a
+ * remote device it is make() itself.
+ */
+export async function makeAsync(args: string[], output: Output = processOutput): Promise<number> {
+  const options = prepare(args);
+  if (options === 'help' || !options.devices.some((d) => isRemote(d.path))) return make(args, output);
+  const devs: DeviceFile[] = [];
+  try {
+    for (const d of options.devices) {
+      const dev = await openDeviceAsync(d.path, { write: true });
+      devs.push(dev);
+      sameDevice(devs, dev);
+    }
+    for (const dev of devs) {
+      checkSignatures(dev, await readAtAsync(dev, Math.min(PROBE_BYTES, dev.size), 0), options.wipeBcache);
+    }
+    const ordered = writeOrder(plan(options, devs));
+    for (const p of ordered) {
+      try {
+        for (const [buf, at] of formatWrites(p, output)) await writeAtAsync(p.dev, buf, at);
+        await syncDeviceAsync(p.dev);
+      } catch (err) {
+        throw writeFailure(err, ordered, p);
+      }
+      output.stdout.write(report(p));
+    }
+    return 0;
+  } finally {
+    for (const d of devs) await closeDeviceAsync(d).catch(() => undefined);
+  }
+}
+
+export const run: Subcommand = (args) => makeAsync(args);

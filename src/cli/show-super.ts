@@ -32,7 +32,8 @@ import {
   type SuperblockFields,
 } from '../format/superblock.ts';
 import { formatUuid } from '../format/uuid-text.ts';
-import { strerror } from './device-file.ts';
+import { NbdBlockDevice } from '../blockdev/nbd.ts';
+import { isRemote, remoteError, strerror } from './device-file.ts';
 import type { Subcommand } from './common.ts';
 import { processOutput, type Output } from './output.ts';
 
@@ -218,10 +219,16 @@ export function describeSuperblock(block: Buffer, path: string, forceCsum: boole
   return { lines, json, status: 0 };
 }
 
-export const run: Subcommand = (args) => Promise.resolve(showSuper(args));
+export const run: Subcommand = (args) => showSuperAsync(args);
 
-/** The command, writing to `output`; returns the exit status. */
-export function showSuper(args: string[], output: Output = processOutput): number {
+interface Request {
+  path: string;
+  json: boolean;
+  force: boolean;
+}
+
+/** The arguments, or the exit status when there is nothing more to do (help, bad usage). */
+function parseShowSuperArgs(args: string[], output: Output): Request | number {
   const out = (text: string): void => {
     output.stdout.write(text);
   };
@@ -253,17 +260,53 @@ export function showSuper(args: string[], output: Output = processOutput): numbe
     err(`${USAGE}\n`);
     return 1;
   }
-  const json = parsed.values.json === true;
-  const force = parsed.values['force-csum'] === true;
+  return { path, json: parsed.values.json === true, force: parsed.values['force-csum'] === true };
+}
 
+/** bcache-super-show's answer when the device cannot be opened: on stdout, status 2. */
+function cannotOpen(req: Request, output: Output, reason: string): number {
+  const message = `Can't open dev ${req.path}: ${reason}`;
+  if (req.json) output.stdout.write(`${JSON.stringify({ device: req.path, error: message }, null, 2)}\n`);
+  else output.stdout.write(`${message}\n`);
+  return 2;
+}
+
+/** Print what `block` (the bytes read at SB_OFFSET, fewer if the device is short) holds; returns the exit status. */
+function print(req: Request, block: Buffer, output: Output): number {
+  const { path, json } = req;
+  const out = (text: string): void => {
+    output.stdout.write(text);
+  };
+  const err = (text: string): void => {
+    output.stderr.write(text);
+  };
+  if (block.length < TOOLS_SB_BYTES) {
+    if (json) out(`${JSON.stringify({ device: path, error: "Couldn't read" }, null, 2)}\n`);
+    err(`Couldn't read\nubcache show-super: ${path} is too short to hold a bcache superblock (or cannot be read).\n`);
+    return 2;
+  }
+  const report = describeSuperblock(block, path, req.force);
+  if (json) out(`${JSON.stringify(report.json, null, 2)}\n`);
+  else out(report.lines.map((l) => `${l}\n`).join(''));
+  if (report.error) err(`${report.error.message}\nubcache show-super: ${report.error.advice}\n`);
+  return report.status;
+}
+
+/**
+ * The command, writing to `output`; returns the exit status. Files and block
+ * devices only: for a remote export (an NBD URI) use showSuperAsync(), which
+ * is what the command runs.
+ */
+export function showSuper(args: string[], output: Output = processOutput): number {
+  const req = parseShowSuperArgs(args, output);
+  if (typeof req === 'number') return req;
+  const { path } = req;
+  if (isRemote(path)) return cannotOpen(req, output, 'a remote export needs showSuperAsync()');
   let fd: number;
   try {
     fd = openSync(path, constants.O_RDONLY);
   } catch (e) {
-    const message = `Can't open dev ${path}: ${strerror(e)}`;
-    if (json) out(`${JSON.stringify({ device: path, error: message }, null, 2)}\n`);
-    else out(`${message}\n`);
-    return 2;
+    return cannotOpen(req, output, strerror(e));
   }
   let block: Buffer;
   try {
@@ -282,14 +325,28 @@ export function showSuper(args: string[], output: Output = processOutput): numbe
   } finally {
     closeSync(fd);
   }
-  if (block.length < TOOLS_SB_BYTES) {
-    if (json) out(`${JSON.stringify({ device: path, error: "Couldn't read" }, null, 2)}\n`);
-    err(`Couldn't read\nubcache show-super: ${path} is too short to hold a bcache superblock (or cannot be read).\n`);
-    return 2;
+  return print(req, block, output);
+}
+
+/** showSuper() for any device, remote NBD exports (nbd://, nbd+unix://) too. */
+export async function showSuperAsync(args: string[], output: Output = processOutput): Promise<number> {
+  const req = parseShowSuperArgs(args, output);
+  if (typeof req === 'number') return req;
+  if (!isRemote(req.path)) return showSuper(args, output);
+  let dev: NbdBlockDevice;
+  try {
+    dev = await NbdBlockDevice.open(req.path, { readOnly: true, connections: 1 });
+  } catch (e) {
+    return cannotOpen(req, output, remoteError(req.path, e));
   }
-  const report = describeSuperblock(block, path, force);
-  if (json) out(`${JSON.stringify(report.json, null, 2)}\n`);
-  else out(report.lines.map((l) => `${l}\n`).join(''));
-  if (report.error) err(`${report.error.message}\nubcache show-super: ${report.error.advice}\n`);
-  return report.status;
+  // As for a file: whatever the device holds of the block; a failed read counts as nothing read.
+  let block = Buffer.alloc(Math.max(0, Math.min(SB_SIZE, dev.size - SB_OFFSET)));
+  try {
+    if (block.length > 0) await dev.read(block, SB_OFFSET);
+  } catch {
+    block = Buffer.alloc(0);
+  } finally {
+    await dev.close().catch(() => undefined);
+  }
+  return print(req, block, output);
 }
