@@ -310,19 +310,55 @@ async function negotiate(
   };
 }
 
-function connectSocket(transport: NbdTransport): Socket {
-  return transport.kind === 'unix'
-    ? createConnection({ path: transport.path })
-    : createConnection({ host: transport.host, port: transport.port, noDelay: true });
+/** Where a connection's incoming bytes go once it is in transmission. */
+interface ReadSink {
+  /** The buffer the next read fills. */
+  readBuffer(): Buffer;
+  /** `n` bytes arrived in `buf`, the buffer readBuffer() returned last. */
+  received(n: number, buf: Buffer): void;
+}
+
+/** Reads at most this much into the reused scratch buffer: many small replies per read. */
+const SCRATCH_SIZE = 64 * 1024;
+/** READ data at least this long is read straight into the caller's buffer; shorter data comes via the scratch. */
+const DIRECT_READ_MIN = 16 * 1024;
+
+/**
+ * Open the socket with Node's `onread`, so that each read fills a buffer we
+ * choose: in transmission the connection points reads of READ data straight
+ * at the caller's buffer (no staging buffer per read and no copy), and
+ * everything else at one reused scratch buffer. During the handshake the
+ * bytes are copied out and emitted as 'data' for the SocketReader.
+ */
+function connectSocket(transport: NbdTransport): { socket: Socket; route: { sink: ReadSink | undefined } } {
+  const scratch = Buffer.allocUnsafe(SCRATCH_SIZE);
+  const route: { sink: ReadSink | undefined } = { sink: undefined };
+  const onread = {
+    buffer: (): Buffer => route.sink?.readBuffer() ?? scratch,
+    callback: (n: number, buf: Uint8Array): boolean => {
+      if (route.sink) route.sink.received(n, buf as Buffer);
+      else socket.emit('data', Buffer.from(buf.subarray(0, n)));
+      return true;
+    },
+  };
+  const socket =
+    transport.kind === 'unix'
+      ? createConnection({ path: transport.path, onread })
+      : createConnection({ host: transport.host, port: transport.port, noDelay: true, onread });
+  return { socket, route };
+}
+
+interface Opened {
+  socket: Socket;
+  route: { sink: ReadSink | undefined };
+  info: NbdExportInfo;
+  /** Bytes that arrived with the end of the handshake, for the transmission parser. */
+  leftover: Buffer[];
 }
 
 /** Connect and run the handshake; resolves with the socket in transmission and what was negotiated. */
-async function open(
-  transport: NbdTransport,
-  exportName: string,
-  opts: Required<NbdClientOptions>,
-): Promise<{ socket: Socket; info: NbdExportInfo; leftover: Buffer[] }> {
-  const socket = connectSocket(transport);
+async function open(transport: NbdTransport, exportName: string, opts: Required<NbdClientOptions>): Promise<Opened> {
+  const { socket, route } = connectSocket(transport);
   const reader = new SocketReader(socket, { highWaterMark: 1024 * 1024 });
   const timer = setTimeout(() => {
     reader.fail(new NbdHandshakeError(`no NBD handshake within ${opts.handshakeTimeoutMs} ms`));
@@ -332,7 +368,7 @@ async function open(
     const info = await negotiate(socket, reader, exportName, opts);
     const { leftover, paused } = reader.detach();
     if (paused) socket.resume();
-    return { socket, info, leftover };
+    return { socket, route, info, leftover };
   } catch (err) {
     socket.destroy();
     if (err instanceof ConnectionClosed) {
@@ -428,7 +464,7 @@ interface ConnectionOwner {
 }
 
 /** One socket in transmission. */
-class Connection {
+class Connection implements ReadSink {
   readonly id: number;
   readonly info: NbdExportInfo;
   private readonly socket: Socket;
@@ -468,15 +504,12 @@ class Connection {
   private payloadHave = 0;
   /** For OFFSET_DATA: the chunk's data length once its offset is read. */
   private chunkDataLength = 0;
+  private readonly scratch = Buffer.allocUnsafe(SCRATCH_SIZE);
+  /** The request whose buffer readBuffer() handed to the socket for the next read, if any. */
+  private direct: Request | undefined;
 
-  constructor(
-    id: number,
-    socket: Socket,
-    info: NbdExportInfo,
-    leftover: Buffer[],
-    owner: ConnectionOwner,
-    opts: Required<NbdClientOptions>,
-  ) {
+  constructor(id: number, opened: Opened, owner: ConnectionOwner, opts: Required<NbdClientOptions>) {
+    const { socket, info, leftover } = opened;
     this.id = id;
     this.socket = socket;
     this.info = info;
@@ -486,7 +519,7 @@ class Connection {
     this.closed = new Promise<void>((resolve) => {
       this.resolveClosed = resolve;
     });
-    socket.on('data', this.onData);
+    opened.route.sink = this;
     socket.on('end', this.onEnd);
     socket.on('error', this.onError);
     socket.on('close', this.onClose);
@@ -669,6 +702,30 @@ class Connection {
   /** Failed or closed: the parser ignores whatever still arrives. */
   private get dead(): boolean {
     return this.state === 'failed' || this.state === 'closed';
+  }
+
+  readBuffer(): Buffer {
+    const req = this.current;
+    if (this.parse === Parse.Data && this.dataLeft >= DIRECT_READ_MIN && req?.buf && !this.dead) {
+      this.direct = req;
+      return req.buf.subarray(this.dataAt, this.dataAt + this.dataLeft);
+    }
+    this.direct = undefined;
+    return this.scratch;
+  }
+
+  received(n: number, buf: Buffer): void {
+    const req = this.direct;
+    this.direct = undefined;
+    if (!req) {
+      this.onData(buf.subarray(0, n));
+      return;
+    }
+    // The bytes went straight into the request's buffer, where the parser expected them.
+    if (this.dead || req !== this.current || this.parse !== Parse.Data) return;
+    this.dataAt += n;
+    this.dataLeft -= n;
+    if (this.dataLeft === 0) this.afterData(req);
   }
 
   private readonly onData = (chunk: Buffer): void => {
@@ -971,7 +1028,6 @@ class Connection {
     if (this.state !== 'failed') this.lost('the connection was closed');
     if (this.state !== 'failed') this.state = 'closed';
     if (this.closeTimer) clearTimeout(this.closeTimer);
-    this.socket.off('data', this.onData);
     this.resolveClosed();
   };
 
@@ -1026,7 +1082,7 @@ export class NbdClient {
       );
     }
     const where = describeTransport(uri.transport);
-    const openOne = async (): Promise<{ socket: Socket; info: NbdExportInfo; leftover: Buffer[] }> => {
+    const openOne = async (): Promise<Opened> => {
       try {
         return await open(uri.transport, uri.exportName, opts);
       } catch (err) {
@@ -1066,7 +1122,7 @@ export class NbdClient {
     return client;
   }
 
-  private adopt(o: { socket: Socket; info: NbdExportInfo; leftover: Buffer[] }): void {
+  private adopt(o: Opened): void {
     const owner: ConnectionOwner = {
       label: this.name,
       onProgress: (conn) => {
@@ -1084,7 +1140,7 @@ export class NbdClient {
         }
       },
     };
-    this.conns.push(new Connection(this.conns.length + 1, o.socket, o.info, o.leftover, owner, this.opts));
+    this.conns.push(new Connection(this.conns.length + 1, o, owner, this.opts));
   }
 
   private onConnectionFailure(conn: Connection, err: IoError): void {

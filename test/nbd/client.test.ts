@@ -538,6 +538,42 @@ test('hostile: the server closes in the middle of a reply: EIO for all in flight
   }
 });
 
+test('large replies (read straight into the caller buffer): chunks out of order, simple and structured back to back, a close mid-data', async () => {
+  using tmp = tempDir();
+  const big = randomBytes(512 * KiB);
+  let n = 0;
+  const { c, close } = await hostile(tmp.dir, (req, conn) => {
+    n++;
+    const rel = (at: number, len: number): Buffer => big.subarray(at - req.offset, at - req.offset + len);
+    if (n === 1) {
+      // Second half first, then the first half, in odd-sized pieces; the next reply follows in the same write.
+      const h = 200 * KiB + 3;
+      conn.send(
+        dataChunk(req.cookie, req.offset + h, rel(req.offset + h, req.length - h), false),
+        dataChunk(req.cookie, req.offset, rel(req.offset, h), true),
+      );
+    } else if (n === 2) {
+      conn.send(simple(req.cookie, 0, rel(req.offset, req.length)));
+    } else {
+      // Part of the data, then hang up while the client reads straight into the caller's buffer.
+      const reply = dataChunk(req.cookie, req.offset, rel(req.offset, req.length), true);
+      conn.send(reply.subarray(0, 100 * KiB));
+      conn.socket.end();
+    }
+  });
+  try {
+    const a = Buffer.alloc(big.length);
+    await c.read(a, 0);
+    assert.ok(a.equals(big), 'out-of-order chunks reassembled');
+    const b = Buffer.alloc(big.length);
+    await c.read(b, 0);
+    assert.ok(b.equals(big), 'a simple reply with its data');
+    await rejectsWith(c.read(Buffer.alloc(big.length), 0), 'EIO', /in the middle of a reply/);
+  } finally {
+    await close();
+  }
+});
+
 test('scripted: chunks out of order, holes, interleaved replies, error chunks with messages, ESHUTDOWN', async () => {
   using tmp = tempDir();
   const pending: Array<{ cookie: bigint; offset: number; length: number; type: number }> = [];
