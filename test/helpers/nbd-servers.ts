@@ -35,14 +35,21 @@ function unixUri(socket: string, name: string): string {
   return `nbd+unix:///${encodeURIComponent(name)}?socket=${socket}`;
 }
 
-/** Collect a child's stderr and resolve `exited` on its exit. */
-function watchChild(child: ChildProcess): { stderr: () => string; exited: Promise<number | null> } {
+/**
+ * Collect a child's stderr and resolve `exited` once it has exited and its
+ * output is all read ('close'), or at its exit alone for qemu-nbd --fork,
+ * whose daemon keeps the parent's stderr.
+ */
+function watchChild(
+  child: ChildProcess,
+  event: 'close' | 'exit' = 'close',
+): { stderr: () => string; exited: Promise<number | null> } {
   let text = '';
   child.stderr?.setEncoding('utf8');
   child.stderr?.on('data', (t: string) => (text += t));
   child.stdout?.resume();
   const exited = new Promise<number | null>((resolve) => {
-    child.once('exit', (code) => {
+    child.once(event, (code: number | null) => {
       resolve(code);
     });
   });
@@ -111,7 +118,7 @@ export async function startQemuNbd(dir: string, file: string, extra: string[] = 
     ['--fork', '--persistent', '--shared=8', '-f', 'raw', '-k', socket, '--pid-file', pidFile, ...extra, file],
     { stdio: ['ignore', 'pipe', 'pipe'] },
   );
-  const { stderr, exited } = watchChild(parent);
+  const { stderr, exited } = watchChild(parent, 'exit');
   const code = await exited;
   if (code !== 0) throw new Error(`qemu-nbd failed (${code}):\n${stderr()}`);
   const pid = Number(readFileSync(pidFile, 'utf8').trim());
