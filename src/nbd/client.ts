@@ -722,7 +722,11 @@ class Connection implements ReadSink {
       return;
     }
     // The bytes went straight into the request's buffer, where the parser expected them.
-    if (this.dead || req !== this.current || this.parse !== Parse.Data) return;
+    if (this.dead) return;
+    if (req !== this.current || this.parse !== Parse.Data) {
+      this.fail('internal error: data was read for a request the parser is not reading');
+      return;
+    }
     this.dataAt += n;
     this.dataLeft -= n;
     if (this.dataLeft === 0) this.afterData(req);
