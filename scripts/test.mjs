@@ -4,9 +4,9 @@
 // strip types) with V8 coverage (reported by c8). Prints one closing line
 // "N passed, N failed, N skipped".
 //
-// The suites whose I/O goes through the I/O engine (test/blockdev, and the
-// engine's test/bcache and test/crash) run twice: with the default engine
-// (io_uring where the kernel allows it) and again with
+// The suites whose I/O goes through the I/O engine (test/blockdev,
+// test/crash, and those of test/bcache that use files) run twice: with the
+// default engine (io_uring where the kernel allows it) and again with
 // UBCACHE_IO_ENGINE=threadpool, the fallback, so both stay correct; the
 // closing line counts both runs. --one-engine skips the second run (so does
 // setting UBCACHE_IO_ENGINE yourself: then one run, on your engine).
@@ -16,7 +16,7 @@
 // Tests that need a tool the machine lacks (qemu, nbdkit, /dev/fuse, ...) skip
 // themselves and say why; .ci/run installs everything, so in CI they all run.
 import { spawn, spawnSync } from 'node:child_process';
-import { readdirSync, statSync, existsSync, rmSync } from 'node:fs';
+import { readdirSync, readFileSync, statSync, existsSync, rmSync } from 'node:fs';
 import { join, relative, dirname } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
@@ -74,8 +74,19 @@ if (files.length === 0) {
   process.exit(1);
 }
 
-/** The files that run a second time, on the thread-pool engine: their I/O goes through the engine. */
-const enginePass = (file) => /^test\/(blockdev|bcache|crash)\/[^/]+\.test\.ts$/.test(relative(root, file));
+/**
+ * The files that run a second time, on the thread-pool engine: the
+ * BlockDevice suites and the crash suites (which run `ubcache serve`) all,
+ * and of the engine's suites those that reach the I/O engine, i.e. open a
+ * file device or run the daemon. The others build on memory devices, so a
+ * second run would prove nothing about the engine and cost a minute.
+ */
+const enginePass = (file) => {
+  const rel = relative(root, file);
+  if (/^test\/(blockdev|crash)\/[^/]+\.test\.ts$/.test(rel)) return true;
+  if (!/^test\/bcache\/[^/]+\.test\.ts$/.test(rel)) return false;
+  return /\b(FileBlockDevice|openBlockDevice|Daemon)\b/.test(readFileSync(file, 'utf8'));
+};
 
 const nodeArgs = (list) => [
   '--import',

@@ -100,16 +100,18 @@ const EAGAIN = 11;
 /** Writes up to this size may be done inline (see writeInline). */
 const INLINE_WRITE_MAX = 1024 * 1024;
 /**
- * Whether small writes are done inline by default, per engine; measured
- * (docs/io-engine.md): with io_uring, 4 KiB random writes at QD32 through
- * `ubcache export` ran at 33-42k IOPS as ring writes against 16-28k inline
- * (the copy runs on an io-wq thread, on the other core, while the loop
- * serves the next requests; and a slow inline write does not stall the loop),
- * and `ubcache serve` in writeback mode, CPU-bound in the engine, was the
- * same either way. Through the thread pool, inline writes stay faster than
- * the hop. UBCACHE_INLINE_WRITES=0/1 overrides.
+ * Whether small writes are done inline by default, per engine. Measured
+ * (docs/io-engine.md, 4 KiB random writes at QD32): with io_uring, ring
+ * writes to an ext4 file go through an io-wq thread (ext4 has no
+ * non-blocking buffered writes) and cost ~24 us of CPU per write against
+ * ~17 us inline; `ubcache serve` in writeback mode, CPU-bound, did 21k IOPS
+ * with ring writes and 25k inline, and `ubcache export` 45-68k against
+ * 57-68k. (Under heavy load from other processes the export order flipped:
+ * inline writes were preempted past their slow mark and backed off.) Through
+ * the thread pool the hop costs more still. UBCACHE_INLINE_WRITES=0/1
+ * overrides.
  */
-const INLINE_WRITES: Record<IoEngineName, boolean> = { io_uring: false, threadpool: true };
+const INLINE_WRITES: Record<IoEngineName, boolean> = { io_uring: true, threadpool: true };
 
 function inlineWritesDefault(engine: IoEngineName): boolean {
   const v = process.env['UBCACHE_INLINE_WRITES'];
