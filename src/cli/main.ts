@@ -52,7 +52,7 @@ const POOL_SIZED_MARK = 'UBCACHE_POOL_SIZED';
  * -9 to notice) with the variable set, once.
  */
 async function prepareIoEngine(cmd: string, rest: string[]): Promise<void> {
-  if (cmd !== 'serve' && cmd !== 'export') return;
+  if ((cmd !== 'serve' && cmd !== 'export') || rest.includes('--help') || rest.includes('-h')) return;
   const engines = await import('../blockdev/io-engine.ts');
   const status = engines.ioEngineStatus();
   const sized = process.env[POOL_SIZED_MARK];
