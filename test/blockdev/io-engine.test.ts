@@ -51,10 +51,10 @@ const uring = processEngine instanceof UringEngine ? processEngine : undefined;
 /** The process's engine, and the thread pool beside it when that is io_uring: every contract test runs on both. */
 const engines: IoEngine[] = uring === undefined ? [processEngine] : [processEngine, new ThreadPoolEngine()];
 const NOT_URING = `the process engine is ${processEngine.name} (${ioEngineStatus().reason})`;
-/** Process-wide selection is tested in children with their own environment; once is enough. */
+/** Whole-process behaviour is tested in children with their own environment; once is enough. */
 const SELECTION_ONCE =
   process.env['UBCACHE_IO_ENGINE'] !== undefined
-    ? 'engine selection runs in children with their own environment: covered by the run without UBCACHE_IO_ENGINE'
+    ? 'runs in child processes with their own environment: covered by the run without UBCACHE_IO_ENGINE'
     : undefined;
 
 let fileNo = 0;
