@@ -10,8 +10,9 @@
 // valid into data written after it.
 //
 // Reserves (cache_alloc): btree = the journal bucket count (at least 8), prio
-// = the number of prio buckets, movinggc = none = roundup_pow_of_two(nbuckets)
-// >> 10; free_inc = 4 x that. alloc() takes from `none` first, then from the
+// = the number of prio buckets, movinggc = roundup_pow_of_two(nbuckets) >> 10
+// as the kernel sizes them; free_inc and none larger than the kernel's on
+// small caches (freeIncSize). alloc() takes from `none` first, then from the
 // requested reserve, as bch_bucket_alloc does.
 
 import { IoError } from '../blockdev/types.ts';
@@ -63,9 +64,24 @@ export interface AllocatorStats {
   gcRequests: number;
 }
 
-/** roundup_pow_of_two(nbuckets) >> 10: the size of the movinggc and none reserves. */
+/** roundup_pow_of_two(nbuckets) >> 10: the size of the movinggc reserve (and the kernel's none). */
 export function freeReserveSize(nbuckets: number): number {
   return 2 ** Math.ceil(Math.log2(nbuckets)) / 1024;
+}
+
+/**
+ * free_inc: how many buckets one prio write makes usable. The kernel takes 4
+ * x freeReserveSize, about nbuckets / 256, which for a small cache is a
+ * handful of buckets (16 of a 256 MiB cache in 64 KiB buckets) for a prio
+ * write and a journal commit: three fdatasyncs for every megabyte written,
+ * which capped writeback writes at a few thousand a second. So at least
+ * nbuckets / 32 (at most 256) go through each prio write here, and the none
+ * reserve, which writes take from while the next prio write runs, holds half
+ * as many. Departs from the kernel in size only: the same buckets are
+ * invalidated, by the same policy, and none is used before its gen is durable.
+ */
+export function freeIncSize(nbuckets: number): number {
+  return Math.max(freeReserveSize(nbuckets) * 4, Math.min(256, Math.floor(nbuckets / 32)));
 }
 
 export class Allocator {
@@ -97,10 +113,10 @@ export class Allocator {
       new Fifo(host.journalBucketCount || 8),
       new Fifo(host.prioBucketCount),
       new Fifo(free),
-      new Fifo(free),
+      new Fifo(Math.max(free, Math.floor(freeIncSize(this.b.nbuckets) / 2))),
     ];
-    this.freeInc = new Fifo(free * 4);
-    this.heapCap = free * 8;
+    this.freeInc = new Fifo(freeIncSize(this.b.nbuckets));
+    this.heapCap = Math.max(free * 8, this.freeInc.capacity * 2);
     this.fifoLast = this.b.firstBucket;
     this.rng = new Prng(seed);
   }
@@ -209,7 +225,7 @@ export class Allocator {
    * forever. The kernel wakes every waiter to retry its own reserve.
    */
   private serveWaiters(): void {
-    for (let i = 0; i < this.waiters.length; ) {
+    for (let i = 0; i < this.waiters.length;) {
       const w = this.waiters[i] as { reserve: Reserve; d: Deferred<number> };
       const r = this.take(w.reserve);
       if (r < 0) {

@@ -13,6 +13,10 @@
 //   lastGc  u8   the oldest gen any pointer referenced at the last GC: the
 //                gen-wrap guard (a bucket may be invalidated only while
 //                gen - lastGc < 96)
+//   dirty   i32  sectors of dirty keys pointing into it, kept exactly as keys
+//                come and go (not by GC): when writeback cleans a bucket's
+//                last dirty key it is reclaimable at once, where the kernel
+//                waits for the next GC to find out
 
 import { genAfter, ptrBucket, type BkeyPtr } from '../format/bkey.ts';
 import { BTREE_PRIO, INITIAL_PRIO } from '../format/constants.ts';
@@ -39,6 +43,7 @@ export class Buckets {
   readonly used: Uint16Array;
   readonly pin: Int32Array;
   readonly lastGc: Uint8Array;
+  readonly dirty: Int32Array;
   /** Smallest prio of a data bucket since the last rescale (c->min_prio). */
   minPrio = 0;
   /**
@@ -60,6 +65,7 @@ export class Buckets {
     this.used = new Uint16Array(nbuckets);
     this.pin = new Int32Array(nbuckets);
     this.lastGc = new Uint8Array(nbuckets);
+    this.dirty = new Int32Array(nbuckets);
   }
 
   /** The bucket a pointer points into. */

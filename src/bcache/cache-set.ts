@@ -102,7 +102,7 @@ import { log } from '../util/log.ts';
 import { Allocator, RESERVE_BTREE } from './alloc.ts';
 import { Btree, type InsertResult, type LookupSegment } from './btree.ts';
 import { BtreeNode, nodeGeometry, type NodeGeometry } from './btree-node.ts';
-import { Buckets } from './buckets.ts';
+import { Buckets, GC_MARK_DIRTY, GC_MARK_RECLAIMABLE } from './buckets.ts';
 import { type DirtySink } from './extents.ts';
 import { Gc, initialGcFinish, initialMarkKey } from './gc.ts';
 import { CacheIo } from './io.ts';
@@ -281,8 +281,8 @@ export class CacheSet {
         sectorsInserted: (sectors) => {
           this.gc.inserted(sectors);
         },
-        dirty: (inode, offset, sectors) => {
-          this.dirtyAdd(inode, offset, sectors);
+        dirty: (inode, offset, sectors, ptr) => {
+          this.dirtyAdd(inode, offset, sectors, ptr);
         },
         fail: (err) => {
           this.fail(err);
@@ -456,7 +456,15 @@ export class CacheSet {
       if (isRoot) this.btree.setRoot(node);
       else this.btree.adopt(node);
       if (level === 0) {
-        for (const k of node.keys) if (k.dirty) this.dirty.set(k.inode, (this.dirty.get(k.inode) ?? 0) + k.size);
+        for (const k of node.keys) {
+          if (!k.dirty) continue;
+          this.dirty.set(k.inode, (this.dirty.get(k.inode) ?? 0) + k.size);
+          const p = k.ptrs[0];
+          if (p && ptrAvailable(p)) {
+            const i = b.bucketOf(p);
+            if (i < b.nbuckets) b.dirty[i] = (b.dirty[i] ?? 0) + k.size;
+          }
+        }
         return;
       }
       for (const child of node.keys) await visit(child, level - 1, false);
@@ -614,11 +622,35 @@ export class CacheSet {
   // ---------------------------------------------------------------------------
   // Dirty accounting
 
-  private dirtyAdd(inode: number, offset: number, sectors: number): void {
+  private dirtyAdd(inode: number, offset: number, sectors: number, ptr: BkeyPtr | undefined): void {
     const n = (this.dirty.get(inode) ?? 0) + sectors;
     if (n === 0) this.dirty.delete(inode);
     else this.dirty.set(inode, n);
-    for (const l of this.dirtyListeners) l(inode, offset, sectors);
+    for (const l of this.dirtyListeners) l(inode, offset, sectors, ptr);
+    if (ptr && ptrAvailable(ptr)) this.bucketDirtyAdd(this.buckets.bucketOf(ptr), sectors);
+  }
+
+  /**
+   * A bucket's dirty sectors changed. When writeback has cleaned the last of
+   * them, an unpinned dirty bucket holds only clean data: reclaimable now,
+   * not at the next GC (the kernel learns it only from GC, so a cache whose
+   * writeback is draining it kept refusing writes until a pass ran).
+   */
+  private bucketDirtyAdd(i: number, sectors: number): void {
+    const b = this.buckets;
+    if (i >= b.nbuckets) return;
+    const left = (b.dirty[i] ?? 0) + sectors;
+    b.dirty[i] = left;
+    if (left < 0) {
+      log.error(`bcache: bucket ${i} has ${left} dirty sectors; keeping it dirty until GC`);
+      return;
+    }
+    if (left === 0 && b.mark[i] === GC_MARK_DIRTY && b.pin[i] === 0) {
+      b.noteChange(i);
+      b.mark[i] = GC_MARK_RECLAIMABLE;
+      this.allocator.avail++;
+      this.allocator.notify();
+    }
   }
 
   dirtySectors(inode: number): number {

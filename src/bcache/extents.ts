@@ -15,8 +15,11 @@
 import { cloneKey, posCmp, type Bkey, type BkeyPtr } from '../format/bkey.ts';
 import { KeyList } from './keylist.ts';
 
-/** A change of dirty sectors: `sectors` (signed) at [offset, offset + |sectors|) of `inode`. */
-export type DirtySink = (inode: number, offset: number, sectors: number) => void;
+/**
+ * A change of dirty sectors: `sectors` (signed) at [offset, offset + |sectors|)
+ * of `inode`, in the cache where `ptr` (the key's pointer) points.
+ */
+export type DirtySink = (inode: number, offset: number, sectors: number, ptr: BkeyPtr | undefined) => void;
 
 export function start(k: Bkey): number {
   return k.offset - k.size;
@@ -167,7 +170,7 @@ export function insertExtent(keys: KeyList, k: Bkey, options: InsertOptions = {}
     delta -= 2 + x.ptrs.length;
     if (x.dirty && sink) {
       const from = Math.max(xs, s);
-      sink(x.inode, from, -(Math.min(x.offset, e) - from));
+      sink(x.inode, from, -(Math.min(x.offset, e) - from), x.ptrs[0]);
     }
     // Only the first overlapping key can start before `s`, only the last end after `e`.
     if (xs < s) head = cutBack(x, s);
@@ -181,7 +184,7 @@ export function insertExtent(keys: KeyList, k: Bkey, options: InsertOptions = {}
   if (tail) pieces.push(tail);
   for (const p of pieces) delta += 2 + p.ptrs.length;
   if (removed > 0 || pieces.length > 0) keys.splice(at, removed, pieces);
-  if (ins.dirty && sink) sink(ins.inode, s, ins.size);
+  if (ins.dirty && sink) sink(ins.inode, s, ins.size, ins.ptrs[0]);
   return { inserted: ins, collision: false, u64sDelta: delta };
 }
 

@@ -46,17 +46,8 @@ import {
   type CachedDev,
 } from './cached-dev.ts';
 import { CollisionTracker, type Window } from './tracker.ts';
+import { CUTOFF_CACHE_ADD, CUTOFF_CACHE_READA, CUTOFF_WRITEBACK_SYNC } from './cutoffs.ts';
 
-/** CUTOFF_CACHE_ADD: above this in_use, nothing new is cached. */
-export const CUTOFF_CACHE_ADD = 95;
-/** CUTOFF_CACHE_READA: from this in_use on, misses are no longer rounded up by readahead. */
-export const CUTOFF_CACHE_READA = 90;
-/**
- * bch_cutoff_writeback and bch_cutoff_writeback_sync (module parameters),
- * shown in internal/; NBD writes all count as sync (shouldWriteback).
- */
-export const CUTOFF_WRITEBACK = 40;
-export const CUTOFF_WRITEBACK_SYNC = 70;
 /** RECENT_IO: streams remembered for sequential detection. */
 const RECENT_IO = 128;
 /** How long a stream stays recent (ms). */

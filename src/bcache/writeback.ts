@@ -25,6 +25,17 @@
 //      NONE with a zero set uuid, and exit. Otherwise, after a full pass,
 //      sleep writeback_delay seconds (not when detaching).
 //
+// Under pressure (ubcache's departure from the kernel): once the set's
+// in_use reaches WRITEBACK_PRESSURE_IN_USE, writes are close to the cutoff
+// past which they go around the cache, and the kernel's PI controller, which
+// aims at writeback_percent dirty data a little at a time, lets a densely
+// written cache sit there for minutes (its fragmentation term only acts on
+// buckets sparsely dirty). So under pressure writeback is not paced and does
+// not sleep writeback_delay: the cache frees buckets as fast as the backing
+// device takes the copies, and writes keep landing in it. Dirty data past
+// the controller's target also ends the writeback_delay sleep early (the
+// kernel sleeps it out, however much piles up meanwhile).
+//
 // Writes and writeback: a write that overlaps a key queued in this pass
 // takes it out of the pass (bch_keybuf_check_overlapping); a write that goes
 // to the backing device and overlaps a key whose copy is in flight waits for
@@ -42,7 +53,14 @@ import { setFlagBits } from '../format/superblock.ts';
 import { aborted, errorMessage, Notifier, sleep, Worker } from '../util/lifecycle.ts';
 import { log } from '../util/log.ts';
 import type { Attachment, CachedDev } from './cached-dev.ts';
-import { type RateLimiter, writebackThrottled, WritebackRateUpdate } from './writeback-rate.ts';
+import { CUTOFF_WRITEBACK_SYNC } from './cutoffs.ts';
+import {
+  rateInputs,
+  targetSectors,
+  type RateLimiter,
+  writebackThrottled,
+  WritebackRateUpdate,
+} from './writeback-rate.ts';
 
 /** KEYBUF_NR */
 const KEYBUF_NR = 500;
@@ -52,6 +70,17 @@ const MAX_GROUP_KEYS = 5;
 const MAX_GROUP_SECTORS = 5000;
 /** The in_flight semaphore of read_dirty. */
 const MAX_IN_FLIGHT = 64;
+/**
+ * Under pressure: copies in flight. A backing device far away (an NBD export
+ * with 5 ms of latency) writes as many at once as it is given, and 64 at a
+ * time caps writeback at about 12,000 4 KiB keys a second there.
+ */
+const MAX_IN_FLIGHT_PRESSURE = 256;
+/**
+ * in_use (percent) from which writeback runs unpaced: 10 below
+ * CUTOFF_WRITEBACK_SYNC, past which writes stop landing in the cache.
+ */
+export const WRITEBACK_PRESSURE_IN_USE = CUTOFF_WRITEBACK_SYNC - 10;
 
 type KeyState = 'queued' | 'started' | 'copied' | 'failed' | 'skipped';
 
@@ -82,6 +111,8 @@ export class Writeback {
   private readonly wakeup = new Notifier();
   /** Cuts the writeback_delay sleep short: detach, settings, stop. */
   private readonly kick = new Notifier();
+  /** In the writeback_delay sleep: the dirty sectors (the controller's target) past which it ends. */
+  private delayingUntilDirty: number | undefined;
   private keybuf: WbKey[] = [];
   private lastScanned = 0;
   /** The rate controller's update: runs within this worker's life (writeback-rate.ts). */
@@ -142,7 +173,19 @@ export class Writeback {
   /** Dirty data was added (bch_writeback_add). */
   dirtied(): void {
     // With writeback off the worker would only go back to sleep; turning it on wakes it.
-    if (this.dev.settings.writebackRunning || this.att.detaching) this.wakeup.notify();
+    if (!this.dev.settings.writebackRunning && !this.att.detaching) return;
+    this.wakeup.notify();
+    // A writeback_delay sleep ends early once dirty data is past the target or the cache is under pressure.
+    const t = this.delayingUntilDirty;
+    if (t !== undefined && (this.underPressure() || this.att.cs.dirtySectors(this.att.inode) > t)) {
+      this.delayingUntilDirty = undefined;
+      this.kick.notify();
+    }
+  }
+
+  /** The set is close to the cutoff past which writes go around the cache. */
+  private underPressure(): boolean {
+    return this.att.cs.inUse >= WRITEBACK_PRESSURE_IN_USE;
   }
 
   /**
@@ -224,8 +267,15 @@ export class Writeback {
       }
       this.keybuf = [];
       this.stats.passes++;
-      if (r.full && !att.detaching) {
-        await this.kick.wait(signal, this.dev.settings.writebackDelay * 1000);
+      if (r.full && !att.detaching && !this.underPressure()) {
+        // bch_writeback_thread's writeback_delay after a full pass, cut short (dirtied()) by dirty
+        // data past the controller's target or by pressure.
+        this.delayingUntilDirty = targetSectors(rateInputs(this.dev, att, Date.now()));
+        try {
+          await this.kick.wait(signal, this.dev.settings.writebackDelay * 1000);
+        } finally {
+          this.delayingUntilDirty = undefined;
+        }
         this.limiter.reset(Date.now());
       }
     }
@@ -269,6 +319,7 @@ export class Writeback {
     const att = this.att;
     const keys = this.keybuf;
     let inFlight = 0;
+    const maxInFlight = this.underPressure() ? MAX_IN_FLIGHT_PRESSURE : MAX_IN_FLIGHT;
     let slot: (() => void) | undefined;
     const ios: Promise<void>[] = [];
     let i = 0;
@@ -285,7 +336,7 @@ export class Writeback {
         i++;
       }
       for (const k of group) {
-        while (inFlight >= MAX_IN_FLIGHT) {
+        while (inFlight >= maxInFlight) {
           await new Promise<void>((resolve) => (slot = resolve));
         }
         if (k.state !== 'queued') continue;
@@ -300,7 +351,7 @@ export class Writeback {
         k.io = io;
         ios.push(io);
       }
-      if (writebackThrottled(att.detaching, this.dev.settings.writebackPercent)) {
+      if (writebackThrottled(att.detaching, this.dev.settings.writebackPercent) && !this.underPressure()) {
         const ms = this.limiter.delay(sectors, this.dev.settings.writebackRate, Date.now());
         if (ms > 0) await this.kick.wait(signal, ms);
       }

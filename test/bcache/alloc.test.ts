@@ -7,6 +7,7 @@ import assert from 'node:assert/strict';
 import { MemoryBlockDevice } from '../../src/blockdev/memory.ts';
 import { Buckets, GC_MARK_DIRTY, GC_MARK_RECLAIMABLE } from '../../src/bcache/buckets.ts';
 import {
+  freeIncSize,
   freeReserveSize,
   REPLACEMENT_FIFO,
   REPLACEMENT_LRU,
@@ -61,7 +62,7 @@ for (const [name, policy] of [
   });
 }
 
-test('reserves are sized as the kernel sizes them', async () => {
+test('reserves are sized as the kernel sizes them, free_inc and none larger on small caches', async () => {
   assert.equal(freeReserveSize(1024), 1);
   assert.equal(freeReserveSize(1025), 2);
   assert.equal(freeReserveSize(200000), 256);
@@ -69,11 +70,14 @@ test('reserves are sized as the kernel sizes them', async () => {
   await formatCache(dev, { bucketSize: 16 });
   const cs = await CacheSet.open(dev, { closeDevice: false });
   const a = cs.allocator;
+  // 8192 buckets: the kernel's free_inc would be 32 (4 x 8); a prio write makes 256 usable here, none holds 128.
+  assert.equal(freeIncSize(8192), 256);
+  assert.equal(freeIncSize(200000), 1024, 'large caches keep the kernel size');
   assert.deepEqual(
     a.free.map((f) => f.capacity),
-    [cs.journal.ring.length, cs.prios.count, 8, 8],
+    [cs.journal.ring.length, cs.prios.count, 8, 128],
   );
-  assert.equal(a.freeInc.capacity, 32);
+  assert.equal(a.freeInc.capacity, 256);
   await cs.stop();
 });
 

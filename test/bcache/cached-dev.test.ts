@@ -2,6 +2,7 @@
 // worker, two-phase detach, stop and re-registration, and the lifecycle
 // rules (nothing left after a stop; a stopped set can be collected).
 
+import { WRITEBACK_PRESSURE_IN_USE } from '../../src/bcache/writeback.ts';
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
@@ -305,4 +306,62 @@ test('after a stop nothing is left, and the cache set and devices can be garbage
   assert.equal(refs.cs.deref(), undefined, 'the cache set was collected');
   assert.equal(refs.dev.deref(), undefined, 'the cached device was collected');
   assert.equal(refs.registry.deref(), undefined);
+});
+
+test('under pressure writeback is not paced and does not sleep writeback_delay; cleaned buckets are reclaimable at once', async () => {
+  // The rate at its minimum (8 sectors a second) and a 30 s writeback_delay:
+  // paced, the dirty data here would take hours to go back. No GC pass runs
+  // (gcSectors huge), so buckets can only become reclaimable as their last
+  // dirty key is cleaned.
+  const p = await makePair({
+    backingBytes: 64 * MiB,
+    backing: { writeback: true },
+    registry: { setOptions: { gcSectors: 1 << 30 } },
+    settings: {
+      sequentialCutoff: 0,
+      writebackPercent: 10,
+      writebackRate: 8,
+      writebackRateMinimum: 8,
+      writebackDelay: 30,
+    },
+  });
+  const d = p.dev.device;
+  const cs = p.set.cs;
+  const wb = p.dev.attachment?.writeback;
+  assert.ok(wb);
+  // 64 KiB writes (a bucket each) until the cache is past the pressure threshold.
+  let n = 0;
+  while (cs.inUse < WRITEBACK_PRESSURE_IN_USE + 3) {
+    await d.write(pattern(n, n * 128, 128), n * 128 * S);
+    n++;
+  }
+  const t0 = Date.now();
+  const relieved = new Promise<void>((resolve) => {
+    const off = cs.onDirtyChange(() => {
+      if (cs.inUse < WRITEBACK_PRESSURE_IN_USE) {
+        off();
+        resolve();
+      }
+    });
+  });
+  wb.wake();
+  let timer: NodeJS.Timeout | undefined;
+  const ok = await Promise.race([
+    relieved.then(() => true),
+    new Promise<boolean>((r) => {
+      timer = setTimeout(() => {
+        r(false);
+      }, 15_000);
+    }),
+  ]);
+  clearTimeout(timer);
+  assert.ok(
+    ok,
+    `in_use still ${cs.inUse} after 15 s: writeback was paced or slept under pressure (it needs well under a second)`,
+  );
+  assert.ok(Date.now() - t0 < 15_000);
+  assert.ok(p.dev.dirtySectors < n * 128, 'some dirty data went back');
+  assert.equal(cs.gc.stats.runs, 0, 'buckets came back without a GC pass');
+  await p.registry.stopAll();
+  assertNothingLeft();
 });

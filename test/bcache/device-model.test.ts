@@ -32,7 +32,7 @@ import {
 import { Registry } from '../../src/bcache/registry.ts';
 import { Worker } from '../../src/util/lifecycle.ts';
 import { setLogSink } from '../../src/util/log.ts';
-import { assertNothingLeft, formatCache } from './helpers.ts';
+import { assertNothingLeft, checkMarks, formatCache } from './helpers.ts';
 import { formatBacking, JitterDevice } from './request-helpers.ts';
 
 const S = 512;
@@ -278,9 +278,15 @@ async function run(ops: Op[], mode: number, seed: number, blockSize: number): Pr
       case 'mode':
         await real.dev.setCacheMode(op.mode);
         break;
-      case 'gc':
-        await real.dev.attachment?.cs.runGc();
+      case 'gc': {
+        const cs = real.dev.attachment?.cs;
+        if (cs) {
+          await cs.runGc();
+          // Whatever the mode switches, restarts and power cuts before: marks and dirty counts agree with the tree.
+          assert.deepEqual(await checkMarks(cs), [], 'bucket marks and dirty counts');
+        }
         break;
+      }
       case 'batch': {
         // Old values of sectors being written: a concurrent read may see them.
         const old = new Map<number, number>();

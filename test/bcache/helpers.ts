@@ -57,14 +57,24 @@ export function assertNothingLeft(): void {
  * The allocator's view agrees with the tree, whatever a GC pass in progress
  * has seen so far: every node's bucket is metadata, every bucket a live key
  * points into holds data (dirty if the key is), so nothing live can be
- * invalidated.
+ * invalidated, and each bucket's dirty count is what its dirty keys add up to.
  */
 export async function checkMarks(cs: CacheSet): Promise<string[]> {
   const b = cs.buckets;
   const problems: string[] = [];
+  const dirtyFound = new Int32Array(b.nbuckets);
   await cs.btree.lock.read();
   try {
     await cs.btree.walk((node) => {
+      if (node.isLeaf) {
+        node.keys.forEach((k) => {
+          const p = k.ptrs[0];
+          if (k.dirty && p) {
+            const i = b.bucketOf(p);
+            dirtyFound[i] = (dirtyFound[i] ?? 0) + k.size;
+          }
+        });
+      }
       const nb = Math.floor(node.bucketSector / b.bucketSize);
       if (b.mark[nb] !== GC_MARK_METADATA) problems.push(`node bucket ${nb} has mark ${b.mark[nb]}`);
       if (!node.isLeaf) return;
@@ -78,6 +88,11 @@ export async function checkMarks(cs: CacheSet): Promise<string[]> {
         }
       });
     });
+    // Every bucket's dirty count is exactly the dirty keys pointing into it.
+    for (let i = 0; i < b.nbuckets; i++) {
+      if (dirtyFound[i] !== b.dirty[i])
+        problems.push(`bucket ${i}: ${b.dirty[i]} dirty sectors counted, ${dirtyFound[i]} in the tree`);
+    }
   } finally {
     cs.btree.lock.releaseRead();
   }

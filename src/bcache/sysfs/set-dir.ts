@@ -9,7 +9,7 @@ import { cacheDiscard, cacheReplacement, cacheSync } from '../../format/superblo
 import { choiceList, SET_ATTRIBUTES } from '../attributes.ts';
 import { u64sOf } from '../btree-node.ts';
 import type { RegisteredSet } from '../registry.ts';
-import { CUTOFF_WRITEBACK, CUTOFF_WRITEBACK_SYNC } from '../request.ts';
+import { CUTOFF_WRITEBACK, CUTOFF_WRITEBACK_SYNC } from '../cutoffs.ts';
 import { hprint } from '../stats.ts';
 import { monotonicNs } from '../time-stats.ts';
 import { statsDirs, type TreeContext } from './context.ts';
