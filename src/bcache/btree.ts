@@ -115,6 +115,14 @@ export interface InsertOptions {
    * a write that overlapped the fill since it began wins (docs/engine.md §3).
    */
   guard?: (() => boolean) | undefined;
+  /**
+   * Never wait for node buckets: when a rewrite cannot have them at once,
+   * insertRest() stops and returns the keys left. A journaled insert holds a
+   * pin on its journal entry, and waiting for the allocator with it held can
+   * close a circle (the allocator waits for a journal commit, the commit for
+   * ring space, the ring for that pin); the cache set waits with no pin.
+   */
+  bucketsNow?: boolean | undefined;
 }
 
 export interface InsertResult {
@@ -708,11 +716,16 @@ export class Btree {
     return result;
   }
 
-  /** The rest of an insert that insertNow() could not do: node reads, rewrites, a busy lock. */
-  async insertRest(keys: readonly Bkey[], options: InsertOptions, result: InsertResult): Promise<void> {
+  /**
+   * The rest of an insert that insertNow() could not do: node reads,
+   * rewrites, a busy lock. Returns the keys left over (empty unless
+   * `bucketsNow` stopped it: see InsertOptions).
+   */
+  async insertRest(keys: readonly Bkey[], options: InsertOptions, result: InsertResult): Promise<Bkey[]> {
     let spare: number[] = [];
     try {
-      for (const key of keys) {
+      for (let ki = 0; ki < keys.length; ki++) {
+        const key = keys[ki] as Bkey;
         let rest: Bkey | undefined = key.size > 0 ? key : undefined;
         while (rest) {
           await this.takeWrite();
@@ -737,7 +750,10 @@ export class Btree {
             if (spare.length < need) {
               this.lock.releaseWrite();
               locked = false;
-              spare = spare.concat(await this.host.allocNodeBuckets(need - spare.length));
+              const wait = options.bucketsNow !== true;
+              const got = await this.host.allocNodeBuckets(need - spare.length, wait);
+              spare = spare.concat(got);
+              if (!wait && got.length === 0 && spare.length < need) return [rest, ...keys.slice(ki + 1)];
               continue;
             }
             if (options.guard && !options.guard()) {
@@ -772,6 +788,7 @@ export class Btree {
     } finally {
       for (const b of spare) this.host.returnNodeBucket(b);
     }
+    return [];
   }
 
   /**

@@ -739,12 +739,8 @@ export class CacheSet {
     result: InsertResult,
     fua: boolean,
   ): Promise<InsertResult> {
-    try {
-      await this.btree.insertRest(left, { journal: entry }, result);
-    } finally {
-      this.journal.unpin(entry);
-    }
-    if (fua) await this.journal.commit(entry);
+    const last = await this.insertPinned(entry, left, result);
+    if (fua) await this.journal.commit(last);
     return result;
   }
 
@@ -754,16 +750,42 @@ export class CacheSet {
     const entries: JournalEntry[] = [];
     for (let i = 0; i < keys.length; i += INSERT_CHUNK) {
       const part = keys.slice(i, i + INSERT_CHUNK);
-      const entry = await this.journal.add(part);
-      try {
-        await this.btree.insertRest(part, { journal: entry }, total);
-      } finally {
-        this.journal.unpin(entry);
-      }
-      entries.push(entry);
+      entries.push(await this.insertPinned(await this.journal.add(part), part, total));
     }
     if (fua) for (const e of entries) await this.journal.commit(e);
     return total;
+  }
+
+  /**
+   * Insert `keys`, journaled in `entry` (pinned by the caller; this unpins
+   * it), and return the entry that holds them in the end. A rewrite whose
+   * node buckets are not ready is not waited for with the pin held (see
+   * InsertOptions.bucketsNow): the pin goes, the buckets are waited for, and
+   * the keys left are journaled again in a newer entry. Until they are in the
+   * tree the write has not been acknowledged, so whether a crash replays the
+   * first entry's copy of them or not, it reads back as old or new.
+   */
+  private async insertPinned(entry: JournalEntry, keys: readonly Bkey[], result: InsertResult): Promise<JournalEntry> {
+    let pinned = entry;
+    let left = keys;
+    for (;;) {
+      try {
+        left = await this.btree.insertRest(left, { journal: pinned, bucketsNow: true }, result);
+      } finally {
+        this.journal.unpin(pinned);
+      }
+      if (left.length === 0) return pinned;
+      await this.waitForNodeBuckets(2 * this.btree.depth + 1);
+      pinned = await this.journal.add(left);
+    }
+  }
+
+  /** Until `n` node buckets are ready (taken and given back, so the insert that retries finds them). */
+  private async waitForNodeBuckets(n: number): Promise<void> {
+    const got = await this.allocNodeBuckets(n, true);
+    if (got.length === 0) return; // a grant came back meanwhile: the retry may not need any
+    for (const b of got) this.allocator.unalloc(b, RESERVE_BTREE);
+    this.nodeGrantBack();
   }
 
   /** Make [start, end) of `inode` a hole (bch_data_invalidate): journaled zero-pointer keys. */

@@ -14,6 +14,7 @@ import assert from 'node:assert/strict';
 import { MemoryBlockDevice } from '../../src/blockdev/memory.ts';
 import { makeKey } from '../../src/format/bkey.ts';
 import { CacheSet } from '../../src/bcache/cache-set.ts';
+import { RESERVE_BTREE, RESERVE_NONE } from '../../src/bcache/alloc.ts';
 import { assertNothingLeft, formatCache } from './helpers.ts';
 
 const MiB = 1024 * 1024;
@@ -59,6 +60,66 @@ test('a burst of journaled inserts into a full leaf completes (node buckets go t
   for (const r of await all) assert.equal(r.status, 'fulfilled', state);
   // A rewrite's worth at a time: a handful of allocator rounds, not one per bucket each insert asked for.
   assert.ok(cs.stats.allocator.prioWrites < 20, state);
+  assert.deepEqual(await cs.btree.verify(), []);
+  await cs.stop();
+  assertNothingLeft();
+});
+
+test('an insert that waits for node buckets holds no journal pin meanwhile, and goes in once they come', async () => {
+  // A waiting insert with its entry pinned keeps the journal from reclaiming
+  // that entry; the allocator's prio writes need journal commits, so a
+  // full ring could then stop everything. The insert must let go of its pin.
+  const dev = new MemoryBlockDevice(40 * MiB);
+  await formatCache(dev, { bucketSize: 128, blockSize: 1 });
+  const cs = await CacheSet.open(dev, {
+    closeDevice: false,
+    journalDelayMs: 1,
+    btreeNodeSectors: 2,
+    gcSectors: 1 << 30,
+  });
+  // Nothing refills the reserves from here on: GC and the allocator stopped, the btree reserve emptied.
+  await cs.gc.stop();
+  await cs.allocator.stop();
+  const a = cs.allocator;
+  for (const fifo of [a.free[RESERVE_NONE], a.free[RESERVE_BTREE], a.freeInc]) {
+    while (!fifo.empty) cs.buckets.unpinBucket(fifo.pop());
+  }
+  a.invalidateNeedsGc = true;
+  a.start();
+  // Keys into one leaf until one needs a rewrite: its insert cannot finish.
+  let i = 0;
+  let entry = cs.journal.openEntry;
+  let waiting: Promise<unknown> | undefined;
+  while (!waiting) {
+    await cs.journal.commit();
+    entry = cs.journal.openEntry;
+    const before = cs.stats.allocator.allocWaits;
+    const p = cs.insert([makeKey(1, (i + 1) * 8, 8, false, [])]);
+    i++;
+    const state = { settled: false };
+    void p.then(
+      () => (state.settled = true),
+      () => (state.settled = true),
+    );
+    // Let it run until it either completes or waits for the allocator.
+    for (let turn = 0; turn < 200 && !state.settled && cs.stats.allocator.allocWaits === before; turn++) {
+      await new Promise((r) => setImmediate(r));
+    }
+    if (!state.settled) waiting = p;
+    assert.ok(i < 500, 'a leaf of 1 KiB fills within 500 keys');
+  }
+  assert.ok(cs.stats.allocator.allocWaits > 0, 'the insert waits for the allocator');
+  assert.equal(entry.pins, 1, 'only the entry’s own reference is left: the waiting insert let go of it');
+  // Buckets come back: the insert goes in (journaled again in a newer entry).
+  for (let b = cs.buckets.firstBucket; b < cs.buckets.nbuckets && a.free[RESERVE_BTREE].length < 8; b++) {
+    if (cs.buckets.canInvalidate(b) && cs.buckets.mark[b] === 0) {
+      cs.buckets.invalidate(b);
+      a.unalloc(b, RESERVE_BTREE);
+    }
+  }
+  await waiting;
+  const keys = await cs.btree.keysIn(1, 0, 1 << 30);
+  assert.equal(keys.length, 0, 'invalidations leave holes');
   assert.deepEqual(await cs.btree.verify(), []);
   await cs.stop();
   assertNothingLeft();
