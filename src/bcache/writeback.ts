@@ -195,9 +195,21 @@ export class Writeback {
    * device must wait for.
    */
   overlapping(start: number, end: number): Promise<void>[] | undefined {
+    // The keybuf is in LBA order and its keys do not overlap (they are the
+    // tree's): a binary search finds the first that ends after `start`. This
+    // runs for every write, against up to KEYBUF_NR keys.
+    const keys = this.keybuf;
+    let lo = 0;
+    let hi = keys.length;
+    while (lo < hi) {
+      const mid = (lo + hi) >>> 1;
+      if ((keys[mid] as WbKey).end <= start) lo = mid + 1;
+      else hi = mid;
+    }
     let waits: Promise<void>[] | undefined;
-    for (const k of this.keybuf) {
-      if (k.start >= end || start >= k.end) continue;
+    for (let i = lo; i < keys.length; i++) {
+      const k = keys[i] as WbKey;
+      if (k.start >= end) break;
       if (k.state === 'queued') k.state = 'skipped';
       else if (k.state === 'started' && k.io) (waits ??= []).push(k.io);
     }
