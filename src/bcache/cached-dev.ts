@@ -25,9 +25,10 @@
 //   uuid slot is invalidated and written, and the device keeps serving in
 //   passthrough ("Caching disabled for ...").
 // - stop() (the device's own stop, or its set's) refuses new requests, waits
-//   for those in flight, stops the writeback worker and drops the
-//   attachment's reference without detaching: the slot and the superblock
-//   state survive, so the next registration re-attaches with the cache intact.
+//   for those in flight (within a bound: see stop()), stops the writeback
+//   worker and drops the attachment's reference without detaching: the slot
+//   and the superblock state survive, so the next registration re-attaches
+//   with the cache intact.
 //
 // Issue 5 drives attach/detach/stop from the control socket, issue 6 adds
 // io_disable, io_errors and stop_when_cache_set_failed; both only call what
@@ -70,6 +71,7 @@ import {
   WorkerScope,
   type Deferred,
 } from '../util/lifecycle.ts';
+import { msLeft, settledWithin } from '../util/deadline.ts';
 import { log } from '../util/log.ts';
 import { BackingIo } from './backing.ts';
 import type { CacheSet } from './cache-set.ts';
@@ -197,10 +199,19 @@ export interface CachedDevOptions {
   backingOfflineMs?: number;
   /** How often a failing backing device is probed meanwhile. */
   backingProbeMs?: number;
+  /**
+   * Bound on each wait of stop() (DESIGN rule 1): the requests in flight and
+   * the attachment's references together, then the backing device's flush,
+   * then its close; past it, stop() logs and goes on (default 20 s).
+   */
+  stopTimeoutMs?: number;
 }
 
 /** BACKING_DEV_OFFLINE_TIMEOUT: 5 s. */
 export const BACKING_OFFLINE_MS = 5000;
+
+/** The default bound on each wait of CachedDev.stop(). */
+export const DEVICE_STOP_TIMEOUT_MS = 20_000;
 
 export class CachedDev {
   readonly backing: BlockDevice;
@@ -229,6 +240,8 @@ export class CachedDev {
   ioErrors = 0;
   private readonly offlineMs: number;
   private readonly probeMs: number;
+  /** Bound on each wait of stop(), and on stopping the device's own workers. */
+  readonly stopTimeoutMs: number;
   /** When the backing device's current run of failures began (ms, monotonic); undefined while it works. */
   private failingSince: number | undefined;
   private readonly backingTrouble = new Notifier();
@@ -250,6 +263,7 @@ export class CachedDev {
     this.onStopped = options.onStopped;
     this.offlineMs = options.backingOfflineMs ?? BACKING_OFFLINE_MS;
     this.probeMs = options.backingProbeMs ?? Math.min(1000, this.offlineMs);
+    this.stopTimeoutMs = options.stopTimeoutMs ?? DEVICE_STOP_TIMEOUT_MS;
     this.request = new RequestPath(this);
     this.device = new BcacheDevice(this);
   }
@@ -508,6 +522,11 @@ export class CachedDev {
 
   /** The attachment's count reached zero (cached_dev_detach_finish / the unlink of a stop). */
   attachmentDrained(att: Attachment): void {
+    if (att.ended) {
+      // The last reference of a request that outlived stop()'s bound: stop ended the attachment without it.
+      log.debug(`${this.name}: a request stuck past the stop ended; its attachment was ended already`);
+      return;
+    }
     void this.finishAttachment(att).catch((err: unknown) => {
       log.error(`${this.name}: ending the attachment failed: ${errorMessage(err)}`);
     });
@@ -696,7 +715,7 @@ export class CachedDev {
     this.runningFlag = true;
     this.onRunning?.(this);
     this.statusWorker ??= new Worker(`bcache_status_update ${this.name}`, (signal) => this.watchBacking(signal), {
-      stopTimeoutMs: 10_000,
+      stopTimeoutMs: this.stopTimeoutMs,
     }).start();
   }
 
@@ -715,7 +734,13 @@ export class CachedDev {
    * Stop the bcache device (bcache_device_stop .. cached_dev_free): new
    * requests fail, those in flight finish, the writeback worker stops, the
    * attachment ends without detaching, the backing device is closed.
-   * Idempotent.
+   * Idempotent, never rejects, and bounded (DESIGN rule 1): requests in
+   * flight and the attachment's references get stopTimeoutMs together, the
+   * backing flush and close stopTimeoutMs each; past a bound it logs and goes
+   * on. Requests stuck past it (below the device: a backing device that never
+   * answers, a wait on the cache that only the set's own stop ends) are left
+   * to end on their own, and their ending is harmless (RequestPath.close,
+   * attachmentDrained).
    */
   stop(options: { closeBacking?: boolean } = {}): Promise<void> {
     this.stopPromise ??= this.shutdown(options.closeBacking ?? true).finally(() => {
@@ -725,27 +750,67 @@ export class CachedDev {
   }
 
   private async shutdown(closeBacking: boolean): Promise<void> {
-    await this.request.close();
+    const bound = this.stopTimeoutMs;
+    const deadline = performance.now() + bound;
+    if (!(await this.request.close(bound))) {
+      log.warn(
+        `${this.name}: ${this.request.requestsInFlight} request(s) still in flight after ${bound} ms; ` +
+          'stopping without them (they fail or end on their own; none was acknowledged)',
+      );
+    }
     const att = this.attachment;
     if (att) {
       await att.writeback.stop();
       att.lossDecided.resolve(false);
-      if (!att.detaching) att.ref.put();
-      await att.finished;
+      if (!att.detaching && !att.ref.isZero) att.ref.put();
+      // References still held are requests stuck past the bound above: wait
+      // only for what is left of it. At zero the attachment's end is running
+      // (a detach's last uuid write, say): that gets a bound of its own.
+      const inTime = await settledWithin(att.finished, att.ref.isZero ? bound : msLeft(deadline));
+      if (!inTime) {
+        log.warn(
+          `${this.name}: the attachment to cache set ${att.cs.uuid} still has ${att.ref.count} reference(s) ` +
+            `after ${bound} ms; ending it without them`,
+        );
+        this.abandonAttachment(att);
+      }
     }
     await this.request.stopWorkers();
     await this.statusWorker?.stop();
     // A clean stop leaves nothing volatile on the backing device either.
-    await this.backingIo.flush().catch((err: unknown) => {
+    const flushed = this.backingIo.flush().catch((err: unknown) => {
       log.error(`${this.name}: flushing ${this.backingName} at stop: ${errorMessage(err)}`);
     });
+    if (!(await settledWithin(flushed, bound))) {
+      log.warn(`${this.name}: flushing ${this.backingName} at stop: no answer within ${bound} ms; going on`);
+    }
     if (this.runningFlag) log.info(`bcache: bcache_device_free() ${this.name} stopped`);
     this.runningFlag = false;
     if (closeBacking) {
-      await this.backing.close().catch((err: unknown) => {
+      // A device's close waits for its I/O in flight (so that no late I/O
+      // reaches a reused descriptor); one that never ends is left to it.
+      const closed = this.backing.close().catch((err: unknown) => {
         log.error(`${this.name}: closing ${this.backingName}: ${errorMessage(err)}`);
       });
+      if (!(await settledWithin(closed, bound))) {
+        log.warn(`${this.name}: closing ${this.backingName}: I/O still in flight after ${bound} ms; going on`);
+      }
     }
+  }
+
+  /**
+   * stop() gave up on the attachment's last references (requests stuck
+   * below): unlink it now, as its end would have. When those requests end,
+   * their last put finds it ended and does nothing (attachmentDrained), and
+   * they leave the set's state alone (RequestPath.putAllocations): only
+   * their own bookkeeping and promises nobody awaits any more are touched.
+   */
+  private abandonAttachment(att: Attachment): void {
+    this.request.dropDeferred(att);
+    att.set.devices.delete(this);
+    if (this.attachment === att) this.attachment = undefined;
+    att.lossDecided.resolve(false);
+    att.settle();
   }
 }
 

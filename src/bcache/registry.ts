@@ -17,7 +17,13 @@
 // Teardown (DESIGN rule 5): stopAll() stops every bcache device (requests
 // in flight finish, writeback workers stop, attachments end without
 // detaching), then every cache set (GC, dirty nodes, allocator, journal,
-// superblock), closing the devices.
+// superblock), closing the devices. Every step is bounded (DESIGN rule 1):
+// devices that have not stopped within deviceStopTimeoutMs have requests
+// stuck below them, and the ones stuck on the cache (a write waiting for the
+// allocator, say) only end when the cache set fails them; so their cache
+// sets are stopped under them first (the set's own bounded stop rejects the
+// allocator's waiters and refuses cache I/O), then the devices finish
+// stopping (their own stop is bounded too: CachedDev.stop).
 //
 // Runtime operations (the sysfs files register, attach, detach, stop,
 // unregister) are here too. Whatever starts or stops a device or a set (these
@@ -30,6 +36,7 @@ import type { BlockDevice } from '../blockdev/types.ts';
 import { BDEV_STATE_NONE, BDEV_STATE_STALE } from '../format/constants.ts';
 import { isBacking, type Superblock } from '../format/superblock.ts';
 import { formatUuid } from '../format/uuid-text.ts';
+import { settledWithin } from '../util/deadline.ts';
 import { errorMessage } from '../util/lifecycle.ts';
 import { log } from '../util/log.ts';
 import { CacheSet, type CacheSetOptions } from './cache-set.ts';
@@ -125,8 +132,13 @@ export interface RegistryOptions {
   /** Called for a new set before backing devices attach to it. */
   configureSet?: (set: RegisteredSet) => Promise<void>;
   now?: () => number;
-  /** Options for every backing device (the offline timeout, for tests). */
-  deviceOptions?: Pick<CachedDevOptions, 'backingOfflineMs' | 'backingProbeMs'>;
+  /** Options for every backing device (the offline timeout and the stop bound, for tests and serve). */
+  deviceOptions?: Pick<CachedDevOptions, 'backingOfflineMs' | 'backingProbeMs' | 'stopTimeoutMs'>;
+  /**
+   * How long stopAll() and stopSet() wait for the bcache devices to stop
+   * before they stop the cache sets under them (default 10 s).
+   */
+  deviceStopTimeoutMs?: number;
   /** errors=panic and a set failed: the daemon decides what a panic is (serve exits). */
   panic?: (setUuid: string) => void;
   /** Opens a path written to /sys/fs/bcache/register (exclusively). */
@@ -272,16 +284,67 @@ export class Registry {
     return set;
   }
 
-  /** Stop one cache set: its bcache devices first (without detaching), then the set (bch_cache_set_stop). */
+  /**
+   * Stop one cache set: its bcache devices first (without detaching), then
+   * the set (bch_cache_set_stop). Bounded: see stopDevices().
+   */
   async stopSet(set: RegisteredSet): Promise<void> {
     if (set.retired) {
       await set.retired;
       return;
     }
     set.stopping = true;
-    await Promise.all([...set.devices].map((d) => d.stop()));
+    await this.stopDevices([...set.devices]);
     await set.cs.stop();
     this.setGone(set);
+  }
+
+  /**
+   * Stop `devices`. Those not stopped within deviceStopTimeoutMs have
+   * requests stuck below them: stop the cache sets they are attached to,
+   * whose bounded stop fails what waits on the cache (the allocator's
+   * waiters, cache I/O, inserts), and then wait for the devices, whose own
+   * stop is bounded (CachedDev.stop). Acknowledged writes keep their
+   * guarantees: the set's stop still writes its dirty nodes, a final journal
+   * entry and the superblock; only requests never acknowledged fail.
+   */
+  private async stopDevices(devices: readonly CachedDev[]): Promise<void> {
+    if (devices.length === 0) return;
+    const done = new Set<CachedDev>();
+    const all = Promise.all(
+      devices.map((d) =>
+        d.stop().then(
+          () => done.add(d),
+          (err: unknown) => {
+            done.add(d);
+            log.error(`${d.name}: stopping: ${errorMessage(err)}`);
+          },
+        ),
+      ),
+    );
+    const bound = this.options.deviceStopTimeoutMs ?? 10_000;
+    if (await settledWithin(all, bound)) return;
+    const stuck = devices.filter((d) => !done.has(d));
+    const sets = new Set<RegisteredSet>();
+    for (const d of stuck) {
+      const set = d.attachment?.set;
+      if (set && !set.gone) sets.add(set);
+    }
+    log.warn(
+      `bcache: ${stuck.map((d) => d.name).join(', ')} did not stop within ${bound} ms (requests stuck below)` +
+        (sets.size > 0
+          ? `; stopping cache set ${[...sets].map((s) => s.uuid).join(', ')} under them, which fails what waits on the cache`
+          : ''),
+    );
+    await Promise.all(
+      [...sets].map(async (set) => {
+        set.stopping = true;
+        await set.cs.stop().catch((err: unknown) => {
+          log.error(`bcache: stopping cache set ${set.uuid}: ${errorMessage(err)}`);
+        });
+      }),
+    );
+    await all;
   }
 
   /**
@@ -447,14 +510,14 @@ export class Registry {
     return this.stopPromise !== undefined;
   }
 
-  /** Stop everything (shutdown): devices, then sets. Idempotent. */
+  /** Stop everything (shutdown): devices, then sets. Idempotent and bounded (stopDevices()). */
   stopAll(): Promise<void> {
     this.stopPromise ??= this.shutdown();
     return this.stopPromise;
   }
 
   private async shutdown(): Promise<void> {
-    await Promise.all(this.devices.map((d) => d.stop()));
+    await this.stopDevices([...this.devices]);
     await Promise.all([...this.sets.values()].map((s) => this.stopSet(s)));
   }
 }

@@ -29,13 +29,15 @@
 //   flush       the backing device and a journal commit, in parallel.
 //
 // Lifecycle: every request runs inside enter()/leave() (stop waits for
-// them) and, on the cached path, holds a reference on the attachment (detach
-// waits for it); a request that cannot take one is served in passthrough.
+// them, within its bound: see close()) and, on the cached path, holds a
+// reference on the attachment (detach waits for it); a request that cannot
+// take one is served in passthrough.
 
 import { IoError } from '../blockdev/types.ts';
 import { makeKey, type Bkey } from '../format/bkey.ts';
 import { BDEV_STATE_CLEAN, SECTOR_SIZE } from '../format/constants.ts';
 import { deferred, errorMessage, Notifier, sleep, Worker, type Deferred } from '../util/lifecycle.ts';
+import { msLeft, settledWithin } from '../util/deadline.ts';
 import { log } from '../util/log.ts';
 import type { CacheSet, LookupSegment, SectorAllocation } from './cache-set.ts';
 import {
@@ -147,6 +149,8 @@ export class RequestPath {
   private inflight = 0;
   private drained: Deferred<void> | undefined;
   private closing = false;
+  /** stopWorkers() ran: nothing may start a worker any more. */
+  private workersStopped = false;
   private pending: PendingFill[] = [];
   private fillBytes = 0;
   /** Fills (and writethrough copies) between their read or write and their insert. */
@@ -181,24 +185,47 @@ export class RequestPath {
     if (this.inflight === 0 && this.drained) this.drained.resolve();
   }
 
-  /** Refuse new requests and wait for those in flight (fills waiting for a flush included). */
-  async close(): Promise<void> {
+  /**
+   * Refuse new requests and wait for those in flight (fills waiting for a
+   * flush included), at most `timeoutMs` (DESIGN rule 1). Resolves true once
+   * nothing is in flight, false past the bound: what is still in flight is
+   * stuck below (a backing device that never answers, a bug) and is left to
+   * end on its own. Its end is harmless: no new request or fill starts once
+   * closing, stopWorkers() makes later fills drop instead of starting the
+   * flusher, and the device's stop gives up on the attachment's references
+   * the same way; a late completion only releases what it holds and settles
+   * promises nobody awaits any more.
+   */
+  async close(timeoutMs = Infinity): Promise<boolean> {
     this.closing = true;
+    const deadline = performance.now() + timeoutMs;
     if (this.pending.length > 0) {
-      await this.dev.backingIo.flush().catch((err: unknown) => {
-        log.warn(`${this.dev.name}: flushing ${this.dev.backingName} at stop: ${errorMessage(err)}`);
+      const flushed = this.dev.backingIo.flush().then(
+        () => true,
+        (err: unknown) => {
+          log.warn(`${this.dev.name}: flushing ${this.dev.backingName} at stop: ${errorMessage(err)}`);
+          return false;
+        },
+      );
+      const inTime = await settledWithin(flushed, msLeft(deadline));
+      // Fills whose source is not known durable are dropped: a fill is only ever an optimisation.
+      if (!inTime || !(await flushed)) {
+        if (!inTime) log.warn(`${this.dev.name}: flushing ${this.dev.backingName} at stop took over ${timeoutMs} ms`);
         for (const p of this.pending.splice(0)) this.finishFill(p, false);
-      });
+      }
     }
-    if (this.inflight > 0) {
-      this.drained = deferred();
-      await this.drained.promise;
-    }
+    if (this.inflight === 0) return true;
+    this.drained ??= deferred();
+    return settledWithin(this.drained.promise, msLeft(deadline));
   }
 
+  /** Stop the backing flusher; from here on a fill that would wait for it is dropped instead. */
   async stopWorkers(): Promise<void> {
+    this.workersStopped = true;
     await this.flusher?.stop();
     this.flusher = undefined;
+    // Fills of requests that outlived close()'s bound: nothing will flush for them now.
+    for (const p of this.pending.splice(0)) this.finishFill(p, false);
   }
 
   /** Drop the fills of an attachment that ended (detach finished, stop). */
@@ -587,8 +614,18 @@ export class RequestPath {
     }
   }
 
-  private releaseFill(att: Attachment, allocs: SectorAllocation[], win: Window, bytes: number): void {
+  /**
+   * Give back a request's cache allocations, unless the attachment has ended
+   * under it: the request outlived the device's stop (close()), and the
+   * set's state is not its to touch any more (the pins go with the set).
+   */
+  private putAllocations(att: Attachment, allocs: readonly SectorAllocation[]): void {
+    if (att.ended) return;
     for (const a of allocs) att.cs.putAllocation(a);
+  }
+
+  private releaseFill(att: Attachment, allocs: SectorAllocation[], win: Window, bytes: number): void {
+    this.putAllocations(att, allocs);
     this.tracker.closeWindow(win);
     this.fillBytes -= bytes;
     this.fills--;
@@ -616,9 +653,16 @@ export class RequestPath {
   }
 
   private defer(p: PendingFill): void {
+    if (this.workersStopped) {
+      // A request that outlived the device's stop: no worker may start for it.
+      this.finishFill(p, false);
+      return;
+    }
     this.pending.push(p);
     if (!this.flusher) {
-      this.flusher = new Worker(`${this.dev.name} backing flusher`, (signal) => this.runFlusher(signal)).start();
+      this.flusher = new Worker(`${this.dev.name} backing flusher`, (signal) => this.runFlusher(signal), {
+        stopTimeoutMs: this.dev.stopTimeoutMs,
+      }).start();
     }
     this.flusherWake.notify();
   }
@@ -728,7 +772,7 @@ export class RequestPath {
       await settleAll(writes);
       await cs.insert(keys, { journal: true, fua });
     } finally {
-      for (const a of allocs) cs.putAllocation(a);
+      this.putAllocations(att, allocs);
       this.dirtyWritesInFlight--;
       this.tracker.endWrite(w);
     }
@@ -809,7 +853,7 @@ export class RequestPath {
       }
     } finally {
       if (w) this.tracker.endWrite(w);
-      if (!handedOff) for (const a of allocs) cs.putAllocation(a);
+      if (!handedOff) this.putAllocations(att, allocs);
     }
   }
 
