@@ -2,12 +2,16 @@
 // Connection per client, which runs the handshake and then hands the socket to
 // a Transmission. close() is the orderly shutdown: stop listening, refuse new
 // options and requests, let requests in flight finish, close connections, then
-// close the devices (which flushes them).
+// close the devices (which flushes them). It is bounded (DESIGN rule 1): past
+// shutdownTimeoutMs the clients left are dropped and not waited for, whatever
+// their requests are doing below (those are the devices' to end: their own
+// stop is bounded).
 
 import { existsSync, lstatSync, unlinkSync } from 'node:fs';
 import { dirname } from 'node:path';
 import { createConnection, createServer, type AddressInfo, type Server, type Socket } from 'node:net';
 import { errorCode } from '../blockdev/types.ts';
+import { settledWithin } from '../util/deadline.ts';
 import { errorMessage, sleep } from '../util/lifecycle.ts';
 import { log } from '../util/log.ts';
 import { resolveExport, type Export, type ExportConfig } from './exports.ts';
@@ -19,8 +23,9 @@ export interface ServerOptions extends Partial<TransmissionOptions> {
   /** Close the exported devices when the server closes (default true: the server owns them). */
   ownsDevices?: boolean;
   /**
-   * How long close() waits for clients before it drops them: a handshake
-   * stalled mid-option, a WRITE whose payload never comes.
+   * How long close() waits for clients before it drops them (default 30 s): a
+   * handshake stalled mid-option, a WRITE whose payload never comes, a
+   * request stuck in its device. Also the bound on closing each owned device.
    */
   shutdownTimeoutMs?: number;
   /** How long a client may take from connecting to choosing an export (default 10 s). */
@@ -49,7 +54,10 @@ class Connection {
   private cancelled = false;
   /** The export chosen, once in transmission. */
   exportName: string | undefined;
+  /** Resolves when the connection has ended: socket closed and no request in flight. */
   readonly done: Promise<void>;
+  /** Resolves when the socket has closed (requests may still be running in the device). */
+  readonly socketClosed: Promise<void>;
 
   constructor(socket: Socket, server: NbdServer, options: ServerOptions, peer: string) {
     this.socket = socket;
@@ -60,6 +68,7 @@ class Connection {
     socket.on('error', (err: Error) => {
       log.debug(`${this.label}: ${err.message}`);
     });
+    this.socketClosed = this.closed();
     this.done = this.run().catch((err: unknown) => {
       log.error(`${this.label}: ${errorMessage(err)}`);
       this.socket.destroy();
@@ -161,6 +170,11 @@ class Connection {
       this.reader.fail(new ConnectionClosed('the server is shutting down'));
     }
     // Otherwise an option is arriving: it is answered with NBD_REP_ERR_SHUTDOWN and the handshake ends.
+  }
+
+  /** Requests of this client being served now. */
+  get requestsInFlight(): number {
+    return this.transmission?.requestsInFlight ?? 0;
   }
 
   /** Drop the client now (shutdown timeout). */
@@ -310,7 +324,10 @@ export class NbdServer {
   /**
    * Shut down: stop listening, answer new options with ERR_SHUTDOWN and new
    * requests with ESHUTDOWN, wait for requests in flight, close every
-   * connection, then close the devices. Idempotent; every call gets the same promise.
+   * connection, then close the devices. Idempotent; every call gets the same
+   * promise. Bounded: clients not done within shutdownTimeoutMs are dropped
+   * (their sockets destroyed; requests of theirs still running in a device
+   * are not waited for), and each device close gets that long too.
    */
   close(): Promise<void> {
     this.closing ??= this.shutdown();
@@ -336,17 +353,31 @@ export class NbdServer {
     ]);
     timeout.abort();
     if (!inTime) {
-      log.warn(`${this.connections.size} client(s) did not finish within the shutdown timeout; dropping them`);
-      for (const c of this.connections) c.destroy();
-      await all();
+      const dropped = [...this.connections];
+      const requests = dropped.reduce((n, c) => n + c.requestsInFlight, 0);
+      log.warn(
+        `${dropped.length} client(s) did not finish within the shutdown timeout; dropping them` +
+          (requests > 0
+            ? ` (${requests} request(s) still in flight, stuck below: left to their devices' own stop; never acknowledged)`
+            : ''),
+      );
+      for (const c of dropped) c.destroy();
+      // Their sockets, not their `done`: that waits for the requests stuck
+      // below, and their replies have nowhere to go any more. A dropped
+      // connection ends by itself once its requests do; nothing of it needs
+      // the server (its timers go with the socket's close).
+      await Promise.all(dropped.map((c) => c.socketClosed));
     }
     await Promise.all(listenersClosed);
     if (this.options.ownsDevices ?? true) {
+      const bound = this.options.shutdownTimeoutMs ?? 30_000;
       for (const e of this.exports) {
-        try {
-          await e.device.close();
-        } catch (err) {
+        // A device's close waits for its I/O in flight, which may be what is stuck: bounded as well.
+        const closed = e.device.close().catch((err: unknown) => {
           log.error(`export '${e.name}': closing ${e.device.name} failed: ${errorMessage(err)}`);
+        });
+        if (!(await settledWithin(closed, bound))) {
+          log.warn(`export '${e.name}': closing ${e.device.name}: I/O still in flight after ${bound} ms; going on`);
         }
       }
     }

@@ -240,6 +240,57 @@ test('shutdown drops clients that stall mid-option or mid-request once the shutd
   }
 });
 
+test('shutdown does not wait for a request stuck in its device: past the timeout the client is dropped and close() returns; the late end is harmless', async () => {
+  const watch = watchLog();
+  const dev = new ControlledDevice(new MemoryBlockDevice(MiB));
+  const before = await liveHandles();
+  const f = await startServer([{ name: 'disk', device: dev }], { shutdownTimeoutMs: 100 });
+  try {
+    const { client } = await f.open({ structured: true });
+    dev.hold();
+    const stuck = client.readAt(0, 4096).then(
+      () => 'answered',
+      () => 'connection closed',
+    );
+    await dev.started(1);
+    const t0 = performance.now();
+    let timer: NodeJS.Timeout | undefined;
+    const closed = await Promise.race([
+      f.server.close().then(() => true),
+      new Promise<false>((resolve) => {
+        timer = setTimeout(() => {
+          resolve(false);
+        }, 5000);
+      }),
+    ]);
+    clearTimeout(timer);
+    assert.ok(closed, 'close() returns although the request never ends');
+    assert.ok(performance.now() - t0 < 2000);
+    assert.equal(await stuck, 'connection closed', 'the reply has nowhere to go');
+    assert.ok(
+      watch.lines.some((l) =>
+        /1 client\(s\) did not finish within the shutdown timeout; dropping them \(1 request\(s\) still in flight/.test(
+          l,
+        ),
+      ),
+      watch.lines.join('\n'),
+    );
+    assert.equal(dev.closed, true, 'the device was closed all the same');
+    assert.equal(dev.inflight, 1, 'the request is still in the device');
+    // Much later the device answers: the request ends with nobody to reply to, and nothing is left.
+    dev.release();
+    // (A call: the assertion above narrowed the field to 1.)
+    const inflight = (): number => dev.inflight;
+    for (let i = 0; i < 100 && inflight() > 0; i++) await new Promise((resolve) => setImmediate(resolve));
+    assert.equal(inflight(), 0);
+    assert.deepEqual(await liveHandles(), before);
+  } finally {
+    dev.release();
+    watch.restore();
+    await f.cleanup();
+  }
+});
+
 test('with ownsDevices false the server leaves the devices open', async () => {
   const dev = new ControlledDevice(new MemoryBlockDevice(MiB));
   const f = await startServer([{ name: 'disk', device: dev }], { ownsDevices: false });
