@@ -25,7 +25,9 @@ export function slowUri(socket: string): string {
 
 /**
  * Whether this build's `ubcache make -B` takes an nbd+unix:// URI: a make on
- * a throwaway nbdkit memory export. The reason is printed either way.
+ * a throwaway nbdkit memory export. The reason is printed either way. Run
+ * before the suites: --backing nbd (the default) then fails at once on a
+ * build without it, and --backing auto picks fuse there.
  */
 export async function probeNbdBacking(): Promise<{ mode: BackingMode; why: string }> {
   const dir = mkdtempSync(join(tmpdir(), 'ubcache-bench-probe-'));

@@ -17,9 +17,22 @@ import { fileURLToPath } from 'node:url';
 export const root = join(dirname(fileURLToPath(import.meta.url)), '..');
 let ubcachePath = join(root, 'bin', 'ubcache');
 
+/**
+ * Run bin/ubcache of another built tree (bench --from: a private build of a
+ * commit, while others rebuild this tree's dist/ from work in progress).
+ */
+export function useUbcacheTree(tree: string): void {
+  ubcachePath = join(tree, 'bin', 'ubcache');
+}
+
 /** The ubcache command the suites run: bin/ubcache, or the snapshot of it (snapshotUbcache). */
 export function ubcacheBin(): string {
   return ubcachePath;
+}
+
+/** The dist/ beside that command: what engine-micro loads (UBCACHE_DIST), so it measures the same build. */
+export function ubcacheDist(): string {
+  return join(dirname(dirname(ubcachePath)), 'dist');
 }
 
 /**
@@ -29,20 +42,20 @@ export function ubcacheBin(): string {
  * builds in one table. Waits for dist/ to stop changing (a build in
  * progress) and checks that the copy starts.
  */
-export async function snapshotUbcache(dir: string): Promise<string> {
+export async function snapshotUbcache(dir: string, from = root): Promise<string> {
   const count = (): number => {
-    const r = spawnSync('find', [join(root, 'dist'), '-type', 'f'], { encoding: 'utf8' });
+    const r = spawnSync('find', [join(from, 'dist'), '-type', 'f'], { encoding: 'utf8' });
     return r.status === 0 ? r.stdout.split('\n').length : -1;
   };
   for (let i = 0; ; i++) {
     const a = count();
     await sleep(2000);
-    if (a > 0 && a === count() && existsSync(join(root, 'dist', 'cli', 'main.js'))) break;
+    if (a > 0 && a === count() && existsSync(join(from, 'dist', 'cli', 'main.js'))) break;
     if (i >= 60) throw new Error('dist/ kept changing (or is missing) for two minutes; run `npm run build`');
   }
   sh('mkdir', ['-p', join(dir, 'native', 'build', 'Release')]);
-  sh('cp', ['-a', join(root, 'bin'), join(root, 'dist'), join(root, 'package.json'), dir]);
-  const addon = join(root, 'native', 'build', 'Release', 'ubcache_native.node');
+  sh('cp', ['-a', join(from, 'bin'), join(from, 'dist'), join(from, 'package.json'), dir]);
+  const addon = join(from, 'native', 'build', 'Release', 'ubcache_native.node');
   if (existsSync(addon)) sh('cp', [addon, join(dir, 'native', 'build', 'Release')]);
   const bin = join(dir, 'bin', 'ubcache');
   sh(bin, ['make', '--help']);
@@ -132,7 +145,7 @@ export function sh(cmd: string, args: string[], opts: { cwd?: string } = {}): st
 export function run(
   cmd: string,
   args: string[],
-  opts: { cwd?: string } = {},
+  opts: { cwd?: string; env?: NodeJS.ProcessEnv } = {},
 ): Promise<{ status: number | null; stdout: string; stderr: string }> {
   return new Promise((resolve) => {
     const child = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'], ...opts });
@@ -169,12 +182,23 @@ export function ubcache(args: string[]): Proc {
   return startProc(ubcacheBin(), args);
 }
 
-/**
- * nbdkit in the foreground on a unix socket, dying with us. --threads 64 so
- * the delay filter delays each request by itself rather than a queue of them.
- */
-export function nbdkit(socket: string, args: string[], env?: NodeJS.ProcessEnv): Proc {
-  return startProc('nbdkit', ['--foreground', '--exit-with-parent', '--threads', '64', '-U', socket, ...args], env);
+export interface NbdkitOptions {
+  env?: NodeJS.ProcessEnv;
+  /**
+   * nbdkit's --threads: how many requests it serves at once, so that the
+   * delay filter delays each request by itself rather than a queue of them.
+   * Default 64; the slow suite passes its own (--slow-threads).
+   */
+  threads?: number;
+}
+
+/** nbdkit in the foreground on a unix socket, dying with us. */
+export function nbdkit(socket: string, args: string[], o: NbdkitOptions = {}): Proc {
+  return startProc(
+    'nbdkit',
+    ['--foreground', '--exit-with-parent', '--threads', String(o.threads ?? 64), '-U', socket, ...args],
+    o.env,
+  );
 }
 
 /** Wait for the socket, run `body`, stop the server however `body` ended; errors carry its stderr. */
@@ -388,6 +412,16 @@ export async function ioEngineOf(control: string): Promise<string> {
   } catch (err) {
     return `unknown (${err instanceof Error ? err.message : String(err)})`;
   }
+}
+
+/**
+ * One sample of a counter in serve's /metrics (e.g. ubcache_cache_readaheads_total
+ * of bcache0, which has no sysfs file): NaN when it is not there.
+ */
+export async function metricOf(control: string, name: string, device = 'bcache0'): Promise<number> {
+  const text = await controlRequest(control, 'GET', '/metrics');
+  const m = new RegExp(`^${name}\\{device="${device}"\\} (\\S+)$`, 'm').exec(text);
+  return m ? Number(m[1]) : NaN;
 }
 
 /** The uuid of the (only) cache set. */

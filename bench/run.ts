@@ -1,27 +1,40 @@
 // `npm run bench`: every figure ubcache is judged by, each as a ratio against
 // its reference measured in the same run, in one markdown table.
 //
-//   npm run bench [-- --suite export,cache,slow,scale --runtime 10 --only zipf,gc
-//                     --backing fuse|nbd --zipf-runtime 90 --json out.json]
+//   npm run bench [-- --suite micro,export,cache,slow,scale --runtime 10 --only zipf,gc
+//                     --backing nbd|fuse|auto --slow-threads 256 --zipf-runtime 90
+//                     --json out.json]
 //
-// Suites (each runs alone with --suite NAME):
+// Suites (each runs alone with --suite NAME; all of them by default):
+//   micro   the engine alone (engine-micro.ts over memory devices): CPU µs per
+//           writeback write, read hit and read miss, as a table of its own
+//           (micro.ts).
 //   export  fio's nbd engine against `ubcache export` and, on the same file,
 //           nbdkit's file plugin, qemu-nbd and nbdkit's memory plugin (the
 //           protocol ceiling); ratio ubcache / nbdkit-file (this file).
 //   cache   `ubcache serve`: hit path, GC latency, writeback, memory (cache.ts).
 //   slow    caches over a 5 ms NBD device: Zipf cold and warm against qemu's
 //           copy-on-read overlay, nbdkit's cache filter and the device alone,
-//           with an IOPS-over-time chart; writeback over the device (slow.ts).
+//           with an IOPS-over-time chart; the same Zipf run with readahead 64k
+//           against ubcache without it; writeback over the device (slow.ts).
+//           ubcache reaches the device by its nbd+unix:// URI (--backing nbd,
+//           the default: make -B and serve take it), or through nbdfuse
+//           (--backing fuse), or as the probe finds this build able
+//           (--backing auto). The probe also runs before an nbd run, so a
+//           build whose make takes no URI fails at once, not after the other
+//           suites.
 //   scale   a 256 GiB cache: start to first byte, restart, peak RSS (scale.ts).
 //
-// --only takes row names: the export workloads (4k-randread-qd1, ...), hit,
-// gc, writeback, zipf, slow-writeback, scale. --runtime sets the length of
+// --only takes row names: micro, the export workloads (4k-randread-qd1, ...),
+// hit, gc, writeback, zipf, zipf-ra, slow-writeback, scale. --runtime sets the length of
 // every plain fio run (defaults: export 8 s, cache 10 s, slow-writeback 15 s,
 // scale writes 20 s); the Zipf runs last --zipf-runtime seconds (default 90,
 // or 3 x --runtime when that is given), cold and warm being its first and
 // last thirds. The suites run a copy of the built ubcache taken at the start
 // (--live-dist runs bin/ubcache itself), so a rebuild meanwhile cannot mix
-// two builds in one table.
+// two builds in one table. --from DIR takes that copy from another built
+// tree (bin/, dist/, native/build) instead of this one, e.g. a build of
+// `git archive HEAD` while this tree's dist/ holds others' work in progress.
 //
 // Figures are ratios from one run on one machine: absolute numbers on a noisy
 // 2-core VM mean little, the ratio against a peer measured minutes apart on the
@@ -39,11 +52,12 @@ import {
   statSync,
   writeFileSync,
 } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { cpus, loadavg, tmpdir } from 'node:os';
 import { join, dirname } from 'node:path';
 import { parseArgs } from 'node:util';
 import { probeNbdBacking, type BackingMode } from './backing.ts';
 import { cacheSuite } from './cache.ts';
+import { microSuite } from './micro.ts';
 import {
   fio,
   fmtIops,
@@ -55,6 +69,7 @@ import {
   root,
   selector,
   snapshotUbcache,
+  useUbcacheTree,
   ubcacheBin,
   waitForSocket,
   type Result,
@@ -223,34 +238,52 @@ async function exportSuite(opts: {
   return { lines, rows, results, ubcachePeakRssMiB: ubcacheRss };
 }
 
+/**
+ * A tree's commit, and whether tracked files differ from it (others' work in
+ * progress may be in the dist/ built from it): what was measured.
+ */
+function commitOf(dir: string): string {
+  const git = (...args: string[]): string => spawnSync('git', ['-C', dir, ...args], { encoding: 'utf8' }).stdout.trim();
+  const head = git('rev-parse', '--short', 'HEAD');
+  if (head === '') return 'no git commit';
+  return git('status', '--porcelain', '--untracked-files=no') === '' ? head : `${head} + uncommitted changes`;
+}
+
+function fmtLoad(l: number[]): string {
+  return l.map((x) => x.toFixed(2)).join(', ');
+}
+
 async function main(): Promise<void> {
   const { values } = parseArgs({
     options: {
-      suite: { type: 'string', default: 'export,cache,slow,scale' },
+      suite: { type: 'string', default: 'micro,export,cache,slow,scale' },
       runtime: { type: 'string' },
       'zipf-runtime': { type: 'string' },
       size: { type: 'string', default: '1G' },
       only: { type: 'string' },
       json: { type: 'string' },
       servers: { type: 'string' },
-      backing: { type: 'string' },
+      backing: { type: 'string', default: 'nbd' },
+      'slow-threads': { type: 'string', default: '256' },
       'fuse-drop-ms': { type: 'string', default: '200' },
       chart: { type: 'string', default: join(root, 'docs', 'zipf-warmup.svg') },
       'live-dist': { type: 'boolean', default: false },
+      from: { type: 'string', default: root },
     },
   });
   requireTools(
     ['fio', 'nbdkit', 'qemu-nbd', 'qemu-img', 'nbdcopy', 'nbdfuse', 'fusermount3', 'dd'],
     'fio nbdkit qemu-utils libnbd-bin fuse3',
   );
-  if (!existsSync(join(root, 'dist', 'cli', 'main.js'))) {
-    console.error('bench: dist/ is missing; run `npm run build` first');
+  const from = values.from;
+  if (!existsSync(join(from, 'dist', 'cli', 'main.js'))) {
+    console.error(`bench: ${join(from, 'dist')} is missing; run \`npm run build\` first`);
     process.exit(1);
   }
   const suites = values.suite.split(',');
   for (const s of suites) {
-    if (!['export', 'cache', 'slow', 'scale'].includes(s))
-      throw new Error(`unknown suite ${s} (export, cache, slow, scale)`);
+    if (!['micro', 'export', 'cache', 'slow', 'scale'].includes(s))
+      throw new Error(`unknown suite ${s} (micro, export, cache, slow, scale)`);
   }
   const given = values.runtime === undefined ? undefined : Number(values.runtime);
   if (given !== undefined && !(given > 0)) throw new Error(`bad --runtime ${values.runtime}`);
@@ -263,12 +296,17 @@ async function main(): Promise<void> {
   if (!(zipfRuntime >= 3)) throw new Error('--zipf-runtime must be at least 3 s');
   const size = parseSize(values.size);
   const want = selector(values.only);
-  if (values.backing !== undefined && values.backing !== 'fuse' && values.backing !== 'nbd') {
-    throw new Error(`--backing is fuse or nbd, not ${values.backing}`);
+  if (!['nbd', 'fuse', 'auto'].includes(values.backing)) {
+    throw new Error(`--backing is nbd, fuse or auto, not ${values.backing}`);
   }
+  const slowThreads = Number(values['slow-threads']);
+  if (!Number.isInteger(slowThreads) || slowThreads < 1)
+    throw new Error(`bad --slow-threads ${values['slow-threads']}`);
   const outDir = join(root, '.bench-out');
   mkdirSync(outDir, { recursive: true });
   const started = new Date();
+  // The machine is shared: how busy it was is part of every figure.
+  const loadStart = loadavg();
   const report: Record<string, unknown> = {
     date: started.toISOString(),
     suites,
@@ -278,15 +316,37 @@ async function main(): Promise<void> {
   };
   const rows: Row[] = [];
   const details: string[] = [];
+  // The micro suite's own table, printed right after the main one.
+  const micro: string[] = [];
   const work = mkdtempSync(join(tmpdir(), 'ubcache-bench-'));
   try {
     // What was measured: the commit, and when the dist/ in use was built
     // (others' uncommitted work may be in it).
-    const head = spawnSync('git', ['-C', root, 'rev-parse', '--short', 'HEAD'], { encoding: 'utf8' }).stdout.trim();
-    const built = statSync(join(root, 'dist', 'cli', 'main.js')).mtime.toISOString();
-    report['build'] = { head, distBuilt: built, snapshot: !values['live-dist'] };
-    if (!values['live-dist'])
-      progress(`running a copy of the built ubcache: ${await snapshotUbcache(join(work, 'ubcache'))}`);
+    const head = commitOf(root);
+    const built = statSync(join(from, 'dist', 'cli', 'main.js')).mtime.toISOString();
+    report['build'] = { head, from, fromCommit: commitOf(from), distBuilt: built, snapshot: !values['live-dist'] };
+    if (values['live-dist']) useUbcacheTree(from);
+    else progress(`running a copy of the built ubcache: ${await snapshotUbcache(join(work, 'ubcache'), from)}`);
+    // How the slow suite reaches its device, settled before any suite runs.
+    let backing: BackingMode = 'fuse';
+    let why = 'chosen with --backing fuse';
+    if (suites.includes('slow') && values.backing !== 'fuse') {
+      const probe = await probeNbdBacking();
+      if (values.backing === 'auto') {
+        ({ mode: backing, why } = probe);
+        why = `--backing auto: ${why}`;
+      } else if (probe.mode === 'nbd') {
+        backing = 'nbd';
+        why = `the default, --backing nbd (${probe.why})`;
+      } else {
+        throw new Error(`--backing nbd: ${probe.why}; use --backing fuse (or auto)`);
+      }
+    }
+    if (suites.includes('micro') && want('micro')) {
+      const r = await microSuite();
+      micro.push(...r.lines);
+      report['micro'] = r.json;
+    }
     if (suites.includes('export') && workloads.some((w) => want(w.name))) {
       const r = await exportSuite({ runtime: given ?? 8, size, want, servers: values.servers });
       rows.push(...r.rows);
@@ -300,15 +360,7 @@ async function main(): Promise<void> {
       rows.push(...r.rows);
       report['cache'] = r.json;
     }
-    if (suites.includes('slow') && ['zipf', 'slow-writeback'].some(want)) {
-      let backing: BackingMode;
-      let why: string;
-      if (values.backing === 'fuse' || values.backing === 'nbd') {
-        backing = values.backing;
-        why = 'chosen with --backing';
-      } else {
-        ({ mode: backing, why } = await probeNbdBacking());
-      }
+    if (suites.includes('slow') && ['zipf', 'zipf-ra', 'slow-writeback'].some(want)) {
       const dir = mkdtempSync(join(work, 'slow-'));
       const r = await slowSuite({
         dir,
@@ -318,6 +370,7 @@ async function main(): Promise<void> {
         zipfRuntime,
         backing,
         backingWhy: why,
+        threads: slowThreads,
         dropMs: Number(values['fuse-drop-ms']),
         want,
         ...(values.servers === undefined ? {} : { systems: values.servers.split(',') }),
@@ -338,6 +391,9 @@ async function main(): Promise<void> {
     rmSync(work, { recursive: true, force: true });
   }
   const minutes = (Date.now() - started.getTime()) / 60_000;
+  const loadEnd = loadavg();
+  report['loadavg'] = { start: loadStart, end: loadEnd, cpus: cpus().length };
+  const build = report['build'] as { head: string; from: string; fromCommit: string; distBuilt: string };
   report['rows'] = rows;
   report['minutes'] = minutes;
   // The thread pool size the children inherit: with the threadpool I/O
@@ -345,10 +401,13 @@ async function main(): Promise<void> {
   const pool = process.env['UV_THREADPOOL_SIZE'] ?? 'unset';
   report['uvThreadpoolSize'] = pool;
   const out = [
-    `## ubcache bench, ${started.toISOString().slice(0, 16)}Z (${minutes.toFixed(1)} min; suites ${suites.join(',')}; HEAD ${String((report['build'] as { head?: string } | undefined)?.head)}, dist built ${String((report['build'] as { distBuilt?: string } | undefined)?.distBuilt)}; UV_THREADPOOL_SIZE ${pool})`,
+    `## ubcache bench, ${started.toISOString().slice(0, 16)}Z (${minutes.toFixed(1)} min; suites ${suites.join(',')}; HEAD ${build.head}, ubcache ${build.from === root ? 'of this tree' : `from ${build.from} at ${build.fromCommit}`}, dist built ${build.distBuilt}; UV_THREADPOOL_SIZE ${pool})`,
+    '',
+    `Load average (1, 5, 15 min) at the start: ${fmtLoad(loadStart)}; at the end: ${fmtLoad(loadEnd)} (${cpus().length} CPUs; others' work shares them).`,
     '',
     ...renderRows(rows),
     '',
+    ...micro,
     ...details,
   ];
   console.log(out.join('\n'));
