@@ -22,6 +22,9 @@
 //               | pull-after=N       N matching I/Os succeed, then the device is pulled:
 //                                    that I/O and everything after it fails, as if unplugged
 //               | latency=DURATION   delay every matching I/O
+//               | hold               hold every matching I/O until the device is closed
+//                                    (then it fails with ESHUTDOWN): an I/O that never
+//                                    answers, for shutdown drills
 //   QUALIFIER  := OP[/OP]...         which I/O: read, write, flush, discard, zero,
 //                                    blockStatus (default: all of them)
 //               | ERRNO              the error to inject: EIO (default), ENOSPC, EPERM,
@@ -431,7 +434,7 @@ const SUFFIX: Record<string, number> = { '': 1, k: 1024, m: 1024 ** 2, g: 1024 *
 
 const GRAMMAR =
   'rules are ACTION[:QUALIFIER]... separated by commas; actions: fail-nth=N, fail-from=N, fail-range=OFFSET+LENGTH, ' +
-  'fail, pull-after=N, latency=DURATION; qualifiers: ops (read/write/flush/discard/zero/blockStatus), an errno ' +
+  'fail, pull-after=N, latency=DURATION, hold; qualifiers: ops (read/write/flush/discard/zero/blockStatus), an errno ' +
   '(EIO, ENOSPC, ...), range=OFFSET+LENGTH, after';
 
 function specError(spec: string, problem: string): Error {
@@ -530,14 +533,18 @@ export function parseFaultSpec(spec: string): FaultRuleSpec[] {
       case 'latency':
         action = { kind: 'latency', ms: parseDuration(spec, needArg()) };
         break;
+      case 'hold':
+        if (arg !== undefined) throw specError(spec, `"hold" takes no value`);
+        action = { kind: 'hold' };
+        break;
       default:
         throw specError(spec, `unknown action "${name}"`);
     }
-    if ((action.kind === 'latency' || action.kind === 'pull-after') && after) {
+    if ((action.kind === 'latency' || action.kind === 'pull-after' || action.kind === 'hold') && after) {
       throw specError(spec, `"after" only applies to fail rules`);
     }
-    if (action.kind === 'latency' && code !== undefined)
-      throw specError(spec, `latency injects no error; drop ${code}`);
+    if ((action.kind === 'latency' || action.kind === 'hold') && code !== undefined)
+      throw specError(spec, `${action.kind} injects no error; drop ${code}`);
     const rule: FaultRuleSpec = { action };
     if (ops !== undefined) rule.ops = ops;
     if (range !== undefined) rule.range = range;

@@ -12,6 +12,22 @@
 // kill -9 at any moment loses nothing that was flushed (the durability
 // contract, DESIGN.md).
 //
+// Every step is bounded (DESIGN rule 1), so SIGTERM ends the process whatever
+// is stuck below: clients get --shutdown-timeout, then are dropped; devices
+// get --stop-timeout, then their cache sets are stopped under them (which
+// fails requests waiting on the cache), and each wait of a device's own stop
+// is bounded by twice that. The exit status (a decision, see README):
+// - 0 when the stop ran to its end, even if it had to drop clients or give up
+//   on requests stuck below (each logged as a warning). Those requests were
+//   never acknowledged, and everything acknowledged keeps its guarantee: the
+//   sets still wrote their journal and superblocks. Failing a stuck request
+//   is what the durability contract allows, not a failed shutdown.
+// - 1 when even the bounded stop did not finish by its last-resort deadline
+//   (a bug: every step has its own, smaller bound): the process exits without
+//   it, as after a crash (the next start replays the journal; flushed data is
+//   safe).
+// - 130/143 on a second SIGINT/SIGTERM, which exits at once.
+//
 // While it runs, the control socket serves bcache's sysfs tree (register,
 // attach, detach, stop, unregister, every attribute) and /metrics. Exports
 // follow the devices: one is added when a bcache device starts running and
@@ -68,11 +84,23 @@ Options:
                              --set bcache0.writeback_running=0
                              --set bcache0.sequential_cutoff=0
                              --set set.journal_delay_ms=10
+  --shutdown-timeout DURATION
+                           at SIGINT/SIGTERM, how long clients' requests in
+                           flight get to finish before the clients are
+                           dropped (default 30s). DURATION is a number of
+                           seconds, or a number with ms or s (500ms, 2s).
+  --stop-timeout DURATION  then, how long the bcache devices get to stop
+                           before their cache sets are stopped under them,
+                           failing requests stuck waiting on the cache
+                           (default 10s); each wait of a device's own stop
+                           (requests, backing flush, backing close) gets twice
+                           that and each cache set's stop six times that.
   --fault DEV:RULES        inject failures into DEV (one of the DEVICEs, as
                            given) for failure drills. Repeatable. RULES are
                            comma-separated ACTION[:QUALIFIER]...; actions:
                            fail-nth=N, fail-from=N, fail-range=OFF+LEN,
-                           fail, pull-after=N, latency=DURATION; qualifiers:
+                           fail, pull-after=N, latency=DURATION, hold (never
+                           completes until the device is closed); qualifiers:
                            read/write/flush/discard/zero (which I/O), an
                            errno (EIO, ENOSPC, ...), range=OFF+LEN, after.
                            Numbers take k, m, g or s (sectors). Examples:
@@ -105,6 +133,54 @@ export interface ServePlan {
   metrics?: { host: string; port: number };
   /** Fault rules by device, as given (--fault DEV:RULES). */
   faults?: Map<string, string>;
+  /** --shutdown-timeout: clients' time to finish at shutdown (ms). */
+  shutdownTimeoutMs: number;
+  /** --stop-timeout: the engine's stop bound (ms); see stopBounds(). */
+  stopTimeoutMs: number;
+}
+
+export const DEFAULT_SHUTDOWN_TIMEOUT_MS = 30_000;
+export const DEFAULT_STOP_TIMEOUT_MS = 10_000;
+
+/**
+ * The bounds of the engine's stop derived from --stop-timeout T: devices get
+ * T before their sets are stopped under them (the registry), each wait of a
+ * device's own stop 2T (so that the sets' stop, at T, can still end a
+ * request waiting on the cache before the device gives up on it), each cache
+ * set's stop 6T (60 s by default, the engine's own: writing a large cache's
+ * dirty btree nodes takes time).
+ */
+export function stopBounds(stopTimeoutMs: number): { registry: number; device: number; set: number } {
+  return { registry: stopTimeoutMs, device: 2 * stopTimeoutMs, set: 6 * stopTimeoutMs };
+}
+
+/**
+ * The last resort: past this the stop has outlived every bound of its own
+ * steps together (clients, devices whose waits and workers are each bounded,
+ * sets), which only a bug can do; the process exits with status 1.
+ */
+export function lastResortMs(plan: Pick<ServePlan, 'shutdownTimeoutMs' | 'stopTimeoutMs'>): number {
+  return plan.shutdownTimeoutMs + 20 * plan.stopTimeoutMs + 60_000;
+}
+
+/** After the stop finished, how long the process may take to exit by itself (I/O stuck in a thread, say). */
+const EXIT_GRACE_MS = 2000;
+
+/** A --shutdown-timeout / --stop-timeout value: seconds, or a number with ms or s. */
+export function parseDurationOption(option: string, text: string): number {
+  const m = /^(\d+(?:\.\d+)?)(ms|s)?$/.exec(text.trim());
+  const n = Number(m?.[1]);
+  if (!m || !Number.isFinite(n)) {
+    throw new CliError(`${option} '${text}' is not a duration`, {
+      hint: `Write seconds or a number with ms or s, e.g. ${option} 30 or ${option} 500ms.`,
+    });
+  }
+  const ms = Math.round(m[2] === 'ms' ? n : n * 1000);
+  // setTimeout's limit (about 24.8 days); a bound of 0 would give up on every step at once.
+  if (ms < 1 || ms > 2 ** 31 - 1) {
+    throw new CliError(`${option} ${text}: must be at least 1ms and at most 24 days`);
+  }
+  return ms;
 }
 
 /** Parse the --fault options against the devices named. */
@@ -185,6 +261,8 @@ export function parseServeArgs(args: string[]): ServePlan | 'help' {
       control: { type: 'string' },
       metrics: { type: 'string' },
       fault: { type: 'string', multiple: true },
+      'shutdown-timeout': { type: 'string' },
+      'stop-timeout': { type: 'string' },
       help: { type: 'boolean', short: 'h' },
     },
     usageHint,
@@ -205,12 +283,19 @@ export function parseServeArgs(args: string[]): ServePlan | 'help' {
   const listen = tcp.length === 0 && sockets.length === 0 ? [DEFAULT_LISTEN] : [...tcp, ...sockets];
   if (v.control === '') throw new CliError('--control needs a path', { hint: usageHint });
   const faults = parseFaults(v.fault ?? [], devices);
+  const shutdownText = v['shutdown-timeout'];
+  const stopText = v['stop-timeout'];
   const plan: ServePlan = {
     devices,
     listen,
     sets: (v.set ?? []).map(parseSetOption),
     control: v.control ?? defaultControlPath(),
     ...(faults.size > 0 ? { faults } : {}),
+    shutdownTimeoutMs:
+      shutdownText === undefined
+        ? DEFAULT_SHUTDOWN_TIMEOUT_MS
+        : parseDurationOption('--shutdown-timeout', shutdownText),
+    stopTimeoutMs: stopText === undefined ? DEFAULT_STOP_TIMEOUT_MS : parseDurationOption('--stop-timeout', stopText),
   };
   if (v.metrics !== undefined) {
     const m = parseListen(v.metrics);
@@ -279,12 +364,20 @@ export const run: Subcommand = async (args) => {
     process.stdout.write(HELP);
     return 0;
   }
+  const bounds = stopBounds(plan.stopTimeoutMs);
   const registry = new Registry({
     ...configure(plan),
     open: (path) => openBlockDevice(path, { exclusive: true }),
+    deviceStopTimeoutMs: bounds.registry,
+    deviceOptions: { stopTimeoutMs: bounds.device },
+    setOptions: { stopTimeoutMs: bounds.set },
   });
   const tree = new SysfsTree(registry);
-  const server = new NbdServer([], { ownsDevices: false, allowEmpty: true });
+  const server = new NbdServer([], {
+    ownsDevices: false,
+    allowEmpty: true,
+    shutdownTimeoutMs: plan.shutdownTimeoutMs,
+  });
   const control = new ControlServer({ tree, metrics: () => renderMetrics(registry, server.exports) });
   const stopped = deferred();
   // An object, not a boolean: the compiler cannot see the handlers change it between awaits.
@@ -293,11 +386,35 @@ export const run: Subcommand = async (args) => {
   let stopPromise: Promise<void> | undefined;
   const stopAll = (): Promise<void> => {
     stopPromise ??= (async () => {
-      const treeStopped = tree.stop();
-      await server.close();
-      await registry.stopAll();
-      await treeStopped;
-      await control.close();
+      const deadline = lastResortMs(plan);
+      let phase = 'the NBD clients';
+      // Unref'd: it must not keep a finished daemon alive, only end one that cannot finish.
+      const lastResort = setTimeout(() => {
+        log.error(
+          `shutdown did not finish within ${deadline} ms (still waiting for ${phase}); exiting without it: ` +
+            'the next start recovers as after a crash (flushed data is safe)',
+        );
+        process.exit(1);
+      }, deadline).unref();
+      try {
+        const treeStopped = tree.stop();
+        await server.close();
+        phase = 'the bcache devices and cache sets';
+        await registry.stopAll();
+        phase = 'the control socket';
+        await treeStopped;
+        await control.close();
+      } finally {
+        clearTimeout(lastResort);
+      }
+      // Everything is stopped and closed. Should something still hold the
+      // event loop (an I/O that never completed, in a thread or a ring), the
+      // process would never exit by itself: exit anyway, with the status the
+      // command settled on.
+      setTimeout(() => {
+        log.warn('stopped, but I/O that never completed is still pending below; exiting without it');
+        process.exit();
+      }, EXIT_GRACE_MS).unref();
     })();
     return stopPromise;
   };

@@ -2,6 +2,7 @@ import { test, after } from 'node:test';
 import assert from 'node:assert/strict';
 import fc from 'fast-check';
 import {
+  FaultHold,
   FaultyBlockDevice,
   FAULT_OPS,
   describeRule,
@@ -314,4 +315,22 @@ test('openBlockDevice builds a faulty device from faulty:RULES@SPEC', async () =
   const nested = await openBlockDevice(`faulty:latency=1ms@faulty:fail:read@file:${path}`, { readOnly: true });
   await assert.rejects(nested.read(Buffer.alloc(1), 0), { code: 'EIO' });
   await nested.close();
+});
+
+test('parseFaultSpec: hold, an I/O that never answers until the device is closed', async () => {
+  const rules = parseFaultSpec('hold:read');
+  assert.deepEqual(rules, [{ action: { kind: 'hold' }, ops: ['read'] }]);
+  assert.equal(describeRule(rules[0] as FaultRuleSpec), 'hold:read');
+  assert.throws(() => parseFaultSpec('hold=1'), /"hold" takes no value/);
+  assert.throws(() => parseFaultSpec('hold:EIO'), /injects no error/);
+  assert.throws(() => parseFaultSpec('hold:after'), /only applies to fail rules/);
+  // As --fault gives it: a read waits until close, then fails; writes pass.
+  const dev = new FaultyBlockDevice(new MemoryBlockDevice(1 << 20), { rules });
+  const read = dev.read(Buffer.alloc(4096), 0);
+  await dev.write(Buffer.alloc(4096, 1), 4096);
+  const hold = dev.activeRules[0];
+  assert.ok(hold instanceof FaultHold);
+  await hold.waitForHeld(1);
+  await dev.close();
+  await assert.rejects(read, { code: 'ESHUTDOWN' });
 });
