@@ -9,6 +9,13 @@
 // Errors are JSON {"error": "EINVAL", "message": "..."} with a status that
 // fits the errno; a bad request never affects the daemon. An optional
 // second listener on loopback TCP serves /metrics only.
+//
+// A body larger than a store takes is answered 413 as soon as that is known,
+// and the rest of it is then read and dropped (up to MAX_DISCARD_BYTES) with
+// the connection kept open, as HTTP servers do (RFC 9112 §9.6, nginx's
+// lingering close): closing at once, with the client still sending, resets
+// the connection, and the client gets EPIPE or ECONNRESET instead of the
+// answer it was sent.
 
 import { chmodSync, existsSync, mkdirSync, unlinkSync } from 'node:fs';
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
@@ -230,33 +237,52 @@ function reply(res: ServerResponse, status: number, body: unknown, headers: Reco
   res.end(`${JSON.stringify(body)}\n`);
 }
 
-/** The request body, refusing more than a sysfs store takes without reading it all. */
+/**
+ * A refused body up to this size is read and dropped after the 413, so that
+ * the client, still sending it, reads the answer; past it the connection is
+ * closed (a client sending that much is not listening).
+ */
+const MAX_DISCARD_BYTES = 64 * 1024 * 1024;
+
+/** 413 for a body too large; the rest of it is drained (see the header), or, past MAX_DISCARD_BYTES, the connection closed. */
+function tooLarge(req: IncomingMessage, message: string, seen: number, declared: number): HttpError {
+  if (declared > MAX_DISCARD_BYTES) {
+    req.resume();
+    return new HttpError(413, 'EINVAL', message, { connection: 'close' });
+  }
+  let dropped = seen;
+  req.on('data', (chunk: Buffer) => {
+    dropped += chunk.length;
+    // A body without a length (chunked) that goes on and on.
+    if (dropped > MAX_DISCARD_BYTES) req.socket.destroy();
+  });
+  req.resume();
+  return new HttpError(413, 'EINVAL', message);
+}
+
+/** The request body, refusing more than a sysfs store takes without keeping it. */
 function readBody(req: IncomingMessage): Promise<string> {
   const declared = Number(req.headers['content-length'] ?? '0');
   if (declared > MAX_STORE_BYTES) {
-    req.resume();
     return Promise.reject(
-      new HttpError(413, 'EINVAL', `a value may be at most ${MAX_STORE_BYTES} bytes (got ${declared})`, {
-        connection: 'close',
-      }),
+      tooLarge(req, `a value may be at most ${MAX_STORE_BYTES} bytes (got ${declared})`, 0, declared),
     );
   }
   return new Promise((resolve, reject) => {
     const chunks: Buffer[] = [];
     let size = 0;
     let refused = false;
-    req.on('data', (chunk: Buffer) => {
-      if (refused) return;
+    const onData = (chunk: Buffer): void => {
       size += chunk.length;
       if (size > MAX_STORE_BYTES) {
         refused = true;
-        reject(
-          new HttpError(413, 'EINVAL', `a value may be at most ${MAX_STORE_BYTES} bytes`, { connection: 'close' }),
-        );
+        req.off('data', onData);
+        reject(tooLarge(req, `a value may be at most ${MAX_STORE_BYTES} bytes`, size, declared));
         return;
       }
       chunks.push(chunk);
-    });
+    };
+    req.on('data', onData);
     req.on('end', () => {
       if (!refused) resolve(Buffer.concat(chunks).toString('utf8'));
     });
