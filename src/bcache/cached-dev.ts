@@ -802,8 +802,10 @@ export class CachedDev {
    * stop() gave up on the attachment's last references (requests stuck
    * below): unlink it now, as its end would have. When those requests end,
    * their last put finds it ended and does nothing (attachmentDrained), and
-   * they leave the set's state alone (RequestPath.putAllocations): only
-   * their own bookkeeping and promises nobody awaits any more are touched.
+   * they leave a stopped set's state alone (RequestPath.putAllocations):
+   * only their own bookkeeping and promises nobody awaits any more are
+   * touched (a set still running, after a stop of this device alone, is
+   * served as usual: an insert or a put there is the set's normal work).
    */
   private abandonAttachment(att: Attachment): void {
     this.request.dropDeferred(att);

@@ -615,12 +615,14 @@ export class RequestPath {
   }
 
   /**
-   * Give back a request's cache allocations, unless the attachment has ended
-   * under it: the request outlived the device's stop (close()), and the
-   * set's state is not its to touch any more (the pins go with the set).
+   * Give back a request's cache allocations, unless the request outlived
+   * the device's stop (close(): the attachment ended under it) and the set
+   * has stopped too: a stopped set's state is not its to touch (the pins go
+   * with the set). A set still running (one device stopped by hand) gets
+   * them back as from any request.
    */
   private putAllocations(att: Attachment, allocs: readonly SectorAllocation[]): void {
-    if (att.ended) return;
+    if (att.ended && att.cs.stopped) return;
     for (const a of allocs) att.cs.putAllocation(a);
   }
 
