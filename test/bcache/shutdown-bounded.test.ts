@@ -28,7 +28,7 @@ import { Registry, type RegisteredSet, type RegistryOptions } from '../../src/bc
 import { deferred, Worker, type Deferred } from '../../src/util/lifecycle.ts';
 import { captureLog } from '../../src/util/log.ts';
 import { within } from './failure-rig.ts';
-import { assertNothingLeft, formatCache } from './helpers.ts';
+import { assertNothingLeft, checkMarks, formatCache } from './helpers.ts';
 import { formatBacking, MiB, pattern } from './request-helpers.ts';
 
 const SET_UUID = Buffer.alloc(16, 7);
@@ -308,4 +308,49 @@ test('an I/O that never settles: stop is bounded and leaves nothing; its late en
   const log = cap.lines.join('\n');
   assert.match(log, /bcache0: 2 request\(s\) still in flight after 200 ms/);
   assert.doesNotMatch(log, /worker .* failed|unhandled/i);
+});
+
+test('a device stopped alone while its set runs: a write stuck in the cache device is given up on, and its late end is an ordinary insert into the live set', async () => {
+  const cacheMem = new MemoryBlockDevice(8 * MiB, { name: 'cache' });
+  const backingMem = new MemoryBlockDevice(8 * MiB, { name: 'backing' });
+  await formatCache(cacheMem, { bucketSize: 16, blockSize: 8, setUuid: SET_UUID });
+  await formatBacking(backingMem, { setUuid: SET_UUID, writeback: true });
+  const cache = new FaultyBlockDevice(cacheMem, { name: 'cache' });
+  const cap = captureLog();
+  try {
+    const { registry, set, dev } = await register(cache, backingMem, bounds(200));
+    await dev.device.write(pattern(1, 0, 8), 0);
+    await dev.device.flush();
+    const hold = cache.hold({ ops: ['write'] });
+    const late = track(dev.device.write(pattern(2, 64, 8), 64 * 512));
+    await within(2000, 'the write reaching the cache device', hold.waitForHeld(1));
+
+    const t0 = performance.now();
+    await within(3000, 'the device stop', dev.stop());
+    assert.ok(performance.now() - t0 < 2000);
+    assert.equal(late.state, 'pending');
+    assert.equal(set.devices.size, 0, 'the attachment ended without the write');
+    assert.ok(!set.gone && !set.cs.stopped, 'the set runs on');
+
+    // The cache device answers again: the write ends with an ordinary
+    // insert into the set (journaled, its allocation given back).
+    hold.release();
+    await until(() => late.state !== 'pending', 'the late write ends');
+    assert.equal(late.state, 'fulfilled');
+    assert.deepEqual(await checkMarks(set.cs), [], 'the set is consistent: pins and marks agree with the tree');
+
+    // The device registered again finds both writes in the cache.
+    const again = await registry.register(backingMem.clone());
+    assert.equal(again.kind, 'backing');
+    const got = Buffer.alloc(8 * 512);
+    await again.dev.device.read(got, 64 * 512);
+    assert.ok(got.equals(pattern(2, 64, 8)), 'the late write is there');
+    await again.dev.device.read(got, 0);
+    assert.ok(got.equals(pattern(1, 0, 8)));
+    await within(5000, 'stopAll', registry.stopAll());
+  } finally {
+    cap.restore();
+  }
+  assert.match(cap.lines.join('\n'), /bcache0: 1 request\(s\) still in flight after 200 ms/);
+  assertNothingLeft();
 });
