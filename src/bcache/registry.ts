@@ -336,6 +336,9 @@ export class Registry {
           ? `; stopping cache set ${[...sets].map((s) => s.uuid).join(', ')} under them, which fails what waits on the cache`
           : ''),
     );
+    // DESIGN rule 5's order: the writeback workers (which copy out of the
+    // cache) first, then the set. Idempotent: the devices' stop stops them too.
+    await Promise.all(stuck.map((d) => d.attachment?.writeback.stop() ?? Promise.resolve()));
     await Promise.all(
       [...sets].map(async (set) => {
         set.stopping = true;
