@@ -109,7 +109,8 @@ test('an insert that waits for node buckets holds no journal pin meanwhile, and 
     assert.ok(i < 500, 'a leaf of 1 KiB fills within 500 keys');
   }
   assert.ok(cs.stats.allocator.allocWaits > 0, 'the insert waits for the allocator');
-  assert.equal(entry.pins, 1, 'only the entry’s own reference is left: the waiting insert let go of it');
+  // The entry holds a reference on itself until it is written (the journal worker may have written it by now).
+  assert.equal(entry.pins, entry.durable ? 0 : 1, 'no pin besides the entry’s own: the waiting insert let go of it');
   // Buckets come back: the insert goes in (journaled again in a newer entry).
   for (let b = cs.buckets.firstBucket; b < cs.buckets.nbuckets && a.free[RESERVE_BTREE].length < 8; b++) {
     if (cs.buckets.canInvalidate(b) && cs.buckets.mark[b] === 0) {
