@@ -1,10 +1,10 @@
 // The kernel oracle from tests: boot Debian's stock kernel with its bcache
-// driver in a small VM (../shared/oracle/linux-bcache) over disk images, run
-// a shell script there, and get its output and exit status.
+// driver in a small VM (scripts/linux-bcache) over disk images, run a shell
+// script there, and get its output and exit status.
 //
-// Each boot costs about 12 s, so put several scenarios in one script. Inside
+// Each boot costs 10-20 s, so put several scenarios in one script. Inside
 // the VM the images are /dev/vda, /dev/vdb, ... in the order given and the
-// tools are busybox's. The script must not contain NUL bytes.
+// tools are busybox's.
 //
 //   const skip = oracleSkipReason();
 //   test('...', { skip }, async () => { const r = await runOracle(script, [a, b]); ... });
@@ -17,23 +17,23 @@ import { fileURLToPath } from 'node:url';
 
 const repoRoot = join(dirname(fileURLToPath(import.meta.url)), '..', '..');
 
-/** Where the oracle script is: $LINUX_BCACHE, else ../shared/oracle beside the checkout. */
+/** Where the oracle runner is: $UBCACHE_ORACLE, else the repository's scripts/linux-bcache. */
 export function oraclePath(): string {
-  return process.env['LINUX_BCACHE'] ?? join(repoRoot, '..', 'shared', 'oracle', 'linux-bcache');
-}
-
-function kernelDir(): string {
-  return process.env['LINUX_BCACHE_DIR'] ?? '/var/tmp/linux-bcache';
+  return process.env['UBCACHE_ORACLE'] ?? join(repoRoot, 'scripts', 'linux-bcache');
 }
 
 /** Why oracle tests cannot run here, or false when they can (for node:test's `skip`). */
 export function oracleSkipReason(): string | false {
   if (process.platform !== 'linux') return 'the kernel oracle needs Linux';
-  if (!existsSync(oraclePath())) return `the kernel oracle is not at ${oraclePath()} (set LINUX_BCACHE)`;
-  if (spawnSync('qemu-system-x86_64', ['--version']).status !== 0) return 'qemu-system-x86_64 is not installed';
-  const dir = kernelDir();
-  if (!existsSync(join(dir, 'vmlinuz')) || !existsSync(join(dir, 'initrd.gz'))) {
-    return `the oracle kernel is not set up in ${dir} (run: linux-bcache setup)`;
+  const runner = oraclePath();
+  if (!existsSync(runner)) return `the kernel oracle is not at ${runner} (set UBCACHE_ORACLE)`;
+  // The runner knows its cache directory and what it needs (qemu, busybox,
+  // the kernel): ask it rather than duplicate that here.
+  const status = spawnSync(runner, ['status'], { encoding: 'utf8' });
+  if (status.error !== undefined) return `the kernel oracle cannot start: ${status.error.message}`;
+  if (status.status !== 0) {
+    const why = `${status.stdout}${status.stderr}`.trim() || `status exited ${String(status.status)}`;
+    return `the kernel oracle is not ready: ${why}`;
   }
   return false;
 }
