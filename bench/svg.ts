@@ -37,7 +37,10 @@ function fmtTick(v: number): string {
 export function lineChart(series: Series[], o: ChartOptions): string {
   const W = 960;
   const H = 520;
-  const m = { left: 80, right: 200, top: 70, bottom: 60 };
+  // The legend sits right of the plot: room for its longest name (about 7 px
+  // a character at 12 px), so "ubcache serve, readahead 64k" is not cut off.
+  const longest = Math.max(0, ...series.map((s) => s.name.length));
+  const m = { left: 80, right: Math.max(200, 56 + 7 * longest), top: 70, bottom: 60 };
   const pw = W - m.left - m.right;
   const ph = H - m.top - m.bottom;
   const seconds = Math.max(1, ...series.map((s) => s.values.length));
