@@ -134,6 +134,12 @@ export interface CacheSetOptions {
   gcSectors?: number;
   /** How long one slice of a GC walk marks before yielding to requests (ms; tests use 0: a slice per leaf). */
   gcSliceMs?: number;
+  /**
+   * What a GC walk awaits between slices (default: one macrotask turn, so
+   * requests and I/O callbacks run). Tests inject their own to make a set
+   * amount of work land during a pass, whatever the machine's speed.
+   */
+  gcYield?: () => Promise<void>;
   /** Bound on stop() before it gives up waiting and closes anyway. */
   stopTimeoutMs?: number;
   /** Seed of the random replacement policy. */
@@ -327,6 +333,7 @@ export class CacheSet {
       },
       options.gcSectors,
       options.gcSliceMs,
+      options.gcYield,
     );
     this.rescale = Math.floor((sb.nbuckets * sb.bucketSize) / 1024);
     this.io.setErrorHooks({

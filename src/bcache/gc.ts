@@ -164,6 +164,9 @@ interface PassState {
   data: number;
 }
 
+/** One macrotask turn: timers and I/O callbacks run before the walk goes on. */
+const nextTurn = (): Promise<void> => new Promise<void>((resolve) => setImmediate(resolve));
+
 export class Gc {
   private readonly host: GcHost;
   private readonly wake = new Notifier();
@@ -174,6 +177,7 @@ export class Gc {
   private readonly sectorsBetweenRuns: number;
   private running: Promise<void> | undefined;
   private readonly sliceMs: number;
+  private readonly yieldBetweenSlices: () => Promise<void>;
 
   /** A pass is in progress. */
   get inProgress(): boolean {
@@ -193,12 +197,18 @@ export class Gc {
     time: new TimeStats(),
   };
 
-  constructor(host: GcHost, sectorsBetweenRuns?: number, sliceMs = GC_SLICE_MS) {
+  constructor(
+    host: GcHost,
+    sectorsBetweenRuns?: number,
+    sliceMs = GC_SLICE_MS,
+    yieldBetweenSlices: () => Promise<void> = nextTurn,
+  ) {
     this.host = host;
     const b = host.buckets;
     this.sectorsBetweenRuns = sectorsBetweenRuns ?? Math.floor((b.nbuckets * b.bucketSize) / 16);
     this.sectorsToGc = this.sectorsBetweenRuns;
     this.sliceMs = sliceMs;
+    this.yieldBetweenSlices = yieldBetweenSlices;
   }
 
   start(): void {
@@ -313,7 +323,7 @@ export class Gc {
         if (pause > maxPause) maxPause = pause;
         if (finished) break;
         // Let requests run between slices (a macrotask turn: I/O callbacks included).
-        await new Promise<void>((resolve) => setImmediate(resolve));
+        await this.yieldBetweenSlices();
       }
     } finally {
       if (!finished) b.gcTrackEnd();
