@@ -41,6 +41,7 @@ import {
   BDEV_STATE_CLEAN,
   BDEV_STATE_DIRTY,
   BDEV_STATE_MASK,
+  BDEV_STATE_NAMES,
   BDEV_STATE_NONE,
   BDEV_STATE_SHIFT,
   BDEV_STATE_STALE,
@@ -80,13 +81,6 @@ import { RequestPath } from './request.ts';
 import { CacheAccounting } from './stats.ts';
 import { Writeback } from './writeback.ts';
 import { WritebackRateState } from './writeback-rate.ts';
-
-export const CACHE_MODE_WRITETHROUGH = 0;
-export const CACHE_MODE_WRITEBACK = 1;
-export const CACHE_MODE_WRITEAROUND = 2;
-export const CACHE_MODE_NONE = 3;
-
-export const BDEV_STATE_NAMES: readonly string[] = ['no cache', 'clean', 'dirty', 'inconsistent'];
 
 /** The backing device's tunables (bcache.md §3.5), with the kernel's defaults. */
 export interface CachedDevSettings {

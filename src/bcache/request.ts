@@ -35,18 +35,18 @@
 
 import { IoError } from '../blockdev/types.ts';
 import { makeKey, type Bkey } from '../format/bkey.ts';
-import { BDEV_STATE_CLEAN, SECTOR_SIZE } from '../format/constants.ts';
+import {
+  BDEV_STATE_CLEAN,
+  CACHE_MODE_NONE,
+  CACHE_MODE_WRITEAROUND,
+  CACHE_MODE_WRITEBACK,
+  SECTOR_SIZE,
+} from '../format/constants.ts';
 import { deferred, errorMessage, Notifier, sleep, Worker, type Deferred } from '../util/lifecycle.ts';
 import { msLeft, settledWithin } from '../util/deadline.ts';
 import { log } from '../util/log.ts';
 import type { CacheSet, LookupSegment, SectorAllocation } from './cache-set.ts';
-import {
-  CACHE_MODE_NONE,
-  CACHE_MODE_WRITEAROUND,
-  CACHE_MODE_WRITEBACK,
-  type Attachment,
-  type CachedDev,
-} from './cached-dev.ts';
+import type { Attachment, CachedDev } from './cached-dev.ts';
 import { CollisionTracker, type Window } from './tracker.ts';
 import { CUTOFF_CACHE_ADD, CUTOFF_CACHE_READA, CUTOFF_WRITEBACK_SYNC } from './cutoffs.ts';
 

@@ -75,6 +75,11 @@ export const CACHE_REPLACEMENT_NAMES: readonly string[] = ['lru', 'fifo', 'rando
 
 /** Backing superblock flags. */
 export const BDEV_CACHE_MODE_MASK = 15n;
+/** The cache modes (CACHE_MODE_* of bcache_ondisk.h), the low bits of a backing superblock's flags. */
+export const CACHE_MODE_WRITETHROUGH = 0;
+export const CACHE_MODE_WRITEBACK = 1;
+export const CACHE_MODE_WRITEAROUND = 2;
+export const CACHE_MODE_NONE = 3;
 export const CACHE_MODE_NAMES: readonly string[] = ['writethrough', 'writeback', 'writearound', 'none'];
 export const BDEV_STATE_SHIFT = 61n;
 export const BDEV_STATE_MASK = 3n;
@@ -82,6 +87,8 @@ export const BDEV_STATE_NONE = 0;
 export const BDEV_STATE_CLEAN = 1;
 export const BDEV_STATE_DIRTY = 2;
 export const BDEV_STATE_STALE = 3;
+/** The backing device's `state` attribute, by BDEV_STATE. */
+export const BDEV_STATE_NAMES: readonly string[] = ['no cache', 'clean', 'dirty', 'inconsistent'];
 
 /** Other structures' magics are these XORed with the set's magic (first 8 bytes of the set uuid, LE). */
 export const JSET_MAGIC = 0x245235c1a3625032n;

@@ -22,13 +22,13 @@ import assert from 'node:assert/strict';
 import fc from 'fast-check';
 import { CrashableBlockDevice } from '../../src/blockdev/crashable.ts';
 import type { BlockDevice } from '../../src/blockdev/types.ts';
+import type { CachedDev } from '../../src/bcache/cached-dev.ts';
 import {
   CACHE_MODE_NONE,
   CACHE_MODE_WRITEAROUND,
   CACHE_MODE_WRITEBACK,
   CACHE_MODE_WRITETHROUGH,
-  type CachedDev,
-} from '../../src/bcache/cached-dev.ts';
+} from '../../src/format/constants.ts';
 import { Registry } from '../../src/bcache/registry.ts';
 import { Worker } from '../../src/util/lifecycle.ts';
 import { setLogSink } from '../../src/util/log.ts';

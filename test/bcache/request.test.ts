@@ -6,9 +6,14 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { FaultyBlockDevice } from '../../src/blockdev/faulty.ts';
 import { MemoryBlockDevice } from '../../src/blockdev/memory.ts';
-import { SB_OFFSET, SB_SIZE } from '../../src/format/constants.ts';
+import {
+  CACHE_MODE_NONE,
+  CACHE_MODE_WRITEAROUND,
+  CACHE_MODE_WRITEBACK,
+  SB_OFFSET,
+  SB_SIZE,
+} from '../../src/format/constants.ts';
 import { bdevState, decodeSuperblock } from '../../src/format/superblock.ts';
-import { CACHE_MODE_NONE, CACHE_MODE_WRITEAROUND, CACHE_MODE_WRITEBACK } from '../../src/bcache/cached-dev.ts';
 import { hitRatio, hprint } from '../../src/bcache/stats.ts';
 import { assertNothingLeft } from './helpers.ts';
 import { makePair, mem, MiB, pattern } from './request-helpers.ts';
