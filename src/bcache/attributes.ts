@@ -1,8 +1,7 @@
 // bcache's sysfs attributes that can be set (bcache.md §3.1-3.5): their
 // names, how a value is parsed as the kernel's store functions parse it, and
-// how it is applied and shown. `ubcache serve --set DEV.ATTR=VALUE` uses them
-// now; issue 5's control socket (the attribute tree) shows and stores the
-// same ones.
+// how it is applied and shown. `ubcache serve --set DEV.ATTR=VALUE` and the
+// control socket's attribute tree (sysfs/) both use them.
 //
 // Parsing follows the kernel: integers are base 10 (kstrtoul: an optional
 // '+', no unit suffixes; sequential_cutoff refuses "4M" as modern kernels
@@ -16,7 +15,6 @@ import { log } from '../util/log.ts';
 import type { CachedDev, CachedDevSettings } from './cached-dev.ts';
 import type { RegisteredSet, SetSettings } from './registry.ts';
 import { hprint } from './stats.ts';
-import { writebackRateShow } from './writeback-rate.ts';
 
 const UINT_MAX = 0xffffffff;
 const INT_MAX = 0x7fffffff;
@@ -122,6 +120,11 @@ function choice<T>(
 function setting<K extends keyof CachedDevSettings>(dev: CachedDev, key: K, value: CachedDevSettings[K]): void {
   dev.settings[key] = value;
   dev.attachment?.writeback.wake();
+}
+
+/** writeback_rate as sysfs shows it: bytes per second, 0 while writeback_running is 0. */
+export function writebackRateShow(dev: CachedDev): string {
+  return hprint(dev.settings.writebackRunning ? dev.settings.writebackRate * 512 : 0);
 }
 
 function withShow<T>(a: Attribute<T>, show: (t: T) => string): Attribute<T> {

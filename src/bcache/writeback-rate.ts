@@ -1,8 +1,9 @@
 // bcache's writeback rate: the token schedule that paces writeback
 // (bch_ratelimit, bch_next_delay), the PI controller that sets its rate
-// (writeback.c __update_writeback_rate, bcache.md §4.8-4.9), the periodic
-// update that runs the controller, and the writeback_rate /
-// writeback_rate_debug attributes (sysfs.c, bcache.md §3.5).
+// (writeback.c __update_writeback_rate, bcache.md §4.8-4.9) and the periodic
+// update that runs the controller. What sysfs prints of it (writeback_rate,
+// writeback_rate_debug) is rendered with the other attributes, in
+// attributes.ts and sysfs/device-dir.ts.
 //
 // The controller is a pure step over plain numbers so that it can be checked
 // against values worked out by hand from the kernel's integer arithmetic
@@ -19,7 +20,6 @@
 import { errorMessage, sleep, Worker } from '../util/lifecycle.ts';
 import { log } from '../util/log.ts';
 import type { Attachment, CachedDev } from './cached-dev.ts';
-import { hprint } from './stats.ts';
 
 /** WRITEBACK_SHARE_SHIFT: a backing device's share of the cache, in 1/16384ths. */
 const SHARE_SHIFT = 14;
@@ -333,32 +333,4 @@ function atMaxWritebackRate(dev: CachedDev, att: Attachment): boolean {
   st.integralScaled = 0;
   st.change = 0;
   return true;
-}
-
-/** writeback_rate as sysfs shows it: bytes per second, 0 while writeback_running is 0. */
-export function writebackRateShow(dev: CachedDev): string {
-  return hprint(dev.settings.writebackRunning ? dev.settings.writebackRate * 512 : 0);
-}
-
-/**
- * writeback_rate_debug (read-only), the kernel's exact text: sizes as
- * bch_hprint prints them, everything but dirty and target 0 while
- * writeback_running is 0; next io is how far the rate limiter's schedule is
- * ahead of now (negative: behind), in whole ms.
- */
-export function writebackRateDebug(dev: CachedDev, nowMs: number = Date.now()): string {
-  const wb = dev.settings.writebackRunning;
-  const st = dev.writebackRateState;
-  const next = st.limiter.next;
-  const nextIo = wb && next !== 0 ? Math.trunc(next - nowMs) : 0;
-  const h = (sectors: number): string => hprint(sectors * 512);
-  return (
-    `rate:\t\t${h(wb ? dev.settings.writebackRate : 0)}/sec\n` +
-    `dirty:\t\t${h(dev.dirtySectors)}\n` +
-    `target:\t\t${h(st.target)}\n` +
-    `proportional:\t${h(wb ? st.proportional : 0)}\n` +
-    `integral:\t${h(wb ? st.integralScaled : 0)}\n` +
-    `change:\t\t${h(wb ? st.change : 0)}/sec\n` +
-    `next io:\t${nextIo}ms\n`
-  );
 }

@@ -12,12 +12,12 @@ import {
   updateWritebackRate,
   updateSecondsClamped,
   WRITEBACK_RATE_MAX,
-  writebackRateDebug,
   writebackThrottled,
   type RateInputs,
   type RateStep,
   type WritebackRateUpdate,
 } from '../../src/bcache/writeback-rate.ts';
+import { writebackRateDebug } from '../../src/bcache/sysfs/device-dir.ts';
 import { Worker } from '../../src/util/lifecycle.ts';
 import { assertNothingLeft, sectorData } from './helpers.ts';
 import { makePair } from './request-helpers.ts';

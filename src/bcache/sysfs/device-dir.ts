@@ -1,6 +1,6 @@
 // /sys/block/bcacheN/bcache/: a backing device's attributes (bcache.md §3.5).
 // The settable tunables come from attributes.ts; here are the read-only
-// values, the actions (attach, detach, stop, running, clear_stats) and the
+// values (writeback_rate_debug's text among them), the actions (attach, detach, stop, running, clear_stats) and the
 // stats directories. Every registered backing device has this directory,
 // also one still waiting for its cache set (the kernel shows those under the
 // backing block device; we have no such name, and `running` and `stop` must
@@ -8,7 +8,6 @@
 
 import { basename } from 'node:path';
 import { DEVICE_ATTRIBUTES } from '../attributes.ts';
-import { writebackRateDebug } from '../writeback-rate.ts';
 import type { CachedDev } from '../cached-dev.ts';
 import { RegistryError } from '../registry.ts';
 import { hprint } from '../stats.ts';
@@ -29,6 +28,29 @@ import {
 
 /** A one-stripe device: the kernel's stripe when the backing device reports no optimal I/O size. */
 const DEFAULT_STRIPE_SECTORS = 2 ** 31;
+
+/**
+ * writeback_rate_debug (read-only), the kernel's exact text: sizes as
+ * bch_hprint prints them, everything but dirty and target 0 while
+ * writeback_running is 0; next io is how far the rate limiter's schedule is
+ * ahead of now (negative: behind), in whole ms.
+ */
+export function writebackRateDebug(dev: CachedDev, nowMs: number = Date.now()): string {
+  const wb = dev.settings.writebackRunning;
+  const st = dev.writebackRateState;
+  const next = st.limiter.next;
+  const nextIo = wb && next !== 0 ? Math.trunc(next - nowMs) : 0;
+  const h = (sectors: number): string => hprint(sectors * 512);
+  return (
+    `rate:\t\t${h(wb ? dev.settings.writebackRate : 0)}/sec\n` +
+    `dirty:\t\t${h(dev.dirtySectors)}\n` +
+    `target:\t\t${h(st.target)}\n` +
+    `proportional:\t${h(wb ? st.proportional : 0)}\n` +
+    `integral:\t${h(wb ? st.integralScaled : 0)}\n` +
+    `change:\t\t${h(wb ? st.change : 0)}/sec\n` +
+    `next io:\t${nextIo}ms\n`
+  );
+}
 
 function registryError(err: unknown): never {
   if (err instanceof RegistryError) throw new SysfsError(err.code, err.message, { cause: err });
