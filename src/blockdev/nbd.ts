@@ -2,6 +2,30 @@
 // (nbd/client.ts): a remote disk as a backing or cache device, with the
 // socket I/O on the event loop.
 //
+// Outages: the client rides out a lost server (client.ts): requests wait
+// while it reconnects with backoff, for up to the outage timeout (30 s by
+// default; `outageTimeoutMs`, or outage-timeout=SECONDS in the URI), and are
+// then sent again, so a restart of the server costs our callers latency, not
+// errors. A server that breaks the protocol, or comes back with a different
+// size, flags or block sizes, fails the device at once. Past the timeout the
+// device is gone: isGone() turns true and every request fails with EIO, so
+// bcache takes its offline path (cached-dev.ts: io_errors, the offline
+// watch) exactly as for a pulled disk. stats() counts reconnects and outage
+// time for /metrics.
+//
+// Durability across a reconnect. What is really at risk is a write the server
+// acknowledged but held in a volatile cache (its own, or its machine's page
+// cache) when it went away: a FLUSH that covered it made it safe, nothing
+// else did. The client keeps every acknowledged write until a FLUSH covers it
+// (bounded: 64 MiB by default, past half of which it flushes by itself) and
+// writes it again after reconnecting, before any other request, so the
+// server holds again everything our callers were told was written; a FLUSH
+// in flight at the loss is re-sent after them and covers them. That loses
+// nothing acknowledged to bcache and lets writeback complete through a
+// restart. Failing the next FLUSH once with EIO (a sticky fdatasync error)
+// would be safe too, but would turn every server restart into an I/O error
+// for bcache (io_errors) and for clients in writethrough mode.
+//
 // The device promises what the BlockDevice contract says whatever the server
 // offers: FUA without SEND_FUA is a write and then a flush; zeroing without
 // WRITE_ZEROES writes zeroes (but a fast-only zero is refused, as it would
@@ -17,6 +41,7 @@ import {
   IoError,
   type BlockDevice,
   type BlockDeviceCaps,
+  type BlockDeviceStats,
   type Extent,
   type WriteOptions,
   type ZeroOptions,
@@ -163,8 +188,21 @@ export class NbdBlockDevice implements BlockDevice {
     await this.client.close();
   }
 
-  /** The connection is lost for good (reconnecting is future work): the device is as good as unplugged. */
+  /** The connection is lost for good (an outage past its timeout, a broken server): the device is as good as unplugged. */
   isGone(): Promise<boolean> {
     return Promise.resolve(!this.closed && this.client.failed !== undefined);
+  }
+
+  /** Reconnects and time spent in outages (reconnecting, or failed past the timeout). */
+  get reconnects(): number {
+    return this.client.reconnects;
+  }
+
+  get outageMs(): number {
+    return this.client.outageMs;
+  }
+
+  stats(): BlockDeviceStats {
+    return { reconnects: this.client.reconnects, outageMs: this.client.outageMs, online: this.client.online };
   }
 }

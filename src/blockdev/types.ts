@@ -52,6 +52,16 @@ export interface BlockDeviceCaps {
   rotational: boolean;
 }
 
+/** Counters of a device that reaches its medium over a network and can ride out outages (a remote NBD export). */
+export interface BlockDeviceStats {
+  /** Outages survived by reconnecting. */
+  reconnects: number;
+  /** Time spent in outages so far, the current one included, in milliseconds. */
+  outageMs: number;
+  /** Connected and serving now: false during an outage, and once the device has failed for good. */
+  online: boolean;
+}
+
 export interface BlockDevice {
   /** Identity for logs and errors: a path, a URI, "memory:...". */
   readonly name: string;
@@ -85,6 +95,8 @@ export interface BlockDevice {
    * Optional: devices that cannot disappear that way leave it out.
    */
   isGone?(): Promise<boolean>;
+  /** Connection counters, for devices that have a connection (/metrics). Optional. */
+  stats?(): BlockDeviceStats;
 }
 
 /** Throw EINVAL (or ENOSPC for writes) unless [offset, offset+length) lies within a device of `size` bytes. */

@@ -83,6 +83,21 @@ export function renderMetrics(registry: Registry, exports: readonly Export[]): s
     'I/O errors of the backing device (io_errors); io_disable at io_error_limit.',
   );
   const deviceIoDisabled = f('device_io_disabled', 'gauge', '1 once the backing device disabled I/O (io_disable).');
+  const backingReconnects = f(
+    'backing_reconnects_total',
+    'counter',
+    'Outages of a remote backing device survived by reconnecting (NBD).',
+  );
+  const backingOutage = f(
+    'backing_outage_seconds_total',
+    'counter',
+    'Time a remote backing device spent unreachable (reconnecting, or failed past its outage timeout).',
+  );
+  const backingOnline = f(
+    'backing_connected',
+    'gauge',
+    '1 while a remote backing device is connected and serving, 0 during an outage or once it failed.',
+  );
   const setsFailed = f(
     'cache_sets_failed_total',
     'counter',
@@ -121,6 +136,12 @@ export function renderMetrics(registry: Registry, exports: readonly Export[]): s
     running.add(labels, d.running ? 1 : 0);
     backingIoErrors.add(labels, d.ioErrors);
     deviceIoDisabled.add(labels, d.settings.ioDisable ? 1 : 0);
+    const remote = d.backing.stats?.();
+    if (remote) {
+      backingReconnects.add(labels, remote.reconnects);
+      backingOutage.add(labels, remote.outageMs / 1000);
+      backingOnline.add(labels, remote.online ? 1 : 0);
+    }
   }
   for (const s of registry.sets.values()) {
     const labels = { set: s.uuid };
@@ -196,6 +217,9 @@ export function renderMetrics(registry: Registry, exports: readonly Export[]): s
     setsFailed,
     backingIoErrors,
     deviceIoDisabled,
+    backingReconnects,
+    backingOutage,
+    backingOnline,
     gcRuns,
     gcSeconds,
     gcLast,

@@ -3,12 +3,14 @@
 // loop, no thread pool and no FUSE.
 //
 // Handshake (fixed newstyle, proto.md "Option haggling"): client flags
-// C_FIXED_NEWSTYLE and C_NO_ZEROES when offered, then STRUCTURED_REPLY,
-// SET_META_CONTEXT base:allocation and GO asking for NBD_INFO_BLOCK_SIZE;
-// a server without GO (ERR_UNSUP), or without fixed newstyle at all, gets
-// EXPORT_NAME, as the spec allows. What the server advertises is obeyed:
-// requests are split at its maximum payload and aligned to its minimum
-// block size, and no command or flag is sent that it did not offer.
+// C_FIXED_NEWSTYLE and C_NO_ZEROES when offered; for nbds:// URIs
+// NBD_OPT_STARTTLS first and the rest inside TLS (tls.ts); then
+// STRUCTURED_REPLY, SET_META_CONTEXT base:allocation and GO asking for
+// NBD_INFO_BLOCK_SIZE; a server without GO (ERR_UNSUP), or without fixed
+// newstyle at all, gets EXPORT_NAME, as the spec allows. What the server
+// advertises is obeyed: requests are split at its maximum payload and aligned
+// to its minimum block size, and no command or flag is sent that it did not
+// offer.
 //
 // Transmission: many requests in flight per connection (64 by default; more
 // wait in a queue, which is bounded too), replies matched by cookie in any
@@ -19,15 +21,47 @@
 //
 // A server that breaks the protocol (bad magic, a cookie we never sent or
 // already answered, a chunk larger than its request allows, a chunk that does
-// not fit the request, a connection closed in the middle of a reply) cannot
-// be trusted with the stream any more: the connection is dropped, every
-// request in flight on it fails with EIO and a message saying what the server
-// did, and the client refuses further requests (reconnecting is future work).
+// not fit the request) cannot be trusted with the stream any more: the
+// connection is dropped, every request in flight on it fails with EIO and a
+// message saying what the server did, and the client refuses further
+// requests. Reconnecting to it would only repeat that.
+//
+// Outages. A connection that is merely lost (EOF or a reset, also in the
+// middle of a reply; no reply bytes for requestTimeoutMs while requests are in
+// flight; an ESHUTDOWN reply from a server going down) starts an outage: the
+// requests it had in flight or queued are kept, not failed; the other
+// connections take nothing new and finish what they have; new requests wait.
+// The client reconnects with exponential backoff (100 ms doubling to 5 s,
+// with jitter) for at most outageTimeoutMs (30 s by default). The new
+// connections must negotiate the same size, flags and block sizes, or the
+// client fails for good (a different disk behind the same name is not ours to
+// write to). Then it re-sends the unflushed writes (below), then every request
+// kept, reads, writes, trims, zeroes and FLUSHes alike: each is idempotent, and
+// the outage only cost latency. Past the timeout the client fails for good:
+// everything waiting fails with EIO, `failed` is set (the device reports
+// itself gone) and nothing reconnects any more.
+//
+// Durability across a reconnect. A write acknowledged but not yet covered by
+// a FLUSH may still be in the server's volatile cache (its own, or the page
+// cache of a machine that reboots); if the connection was lost because the
+// server restarted, it may be gone, though our callers were told it was
+// done, and nothing they do later would tell them (a later FLUSH would succeed
+// on the new server). So the client keeps every acknowledged write until a
+// FLUSH covers it (unflushed.ts: the newest content per range, copied; zeroes
+// and trims as ranges) and, after reconnecting and before anything else,
+// writes it again. A FLUSH in flight at the loss is re-sent after that, so
+// it covers the restored writes. Memory is bounded: past half of
+// maxUnflushedBytes the client sends a FLUSH of its own, and at the limit new
+// writes wait for it. (The alternative, failing the next FLUSH once with EIO
+// like a sticky fdatasync error, would lose nothing silently either, but
+// turns every server restart into an I/O error for our clients; the replay
+// hides it.) Servers without SEND_FLUSH have no volatile cache: nothing is kept.
+//
 // A request is settled exactly once and its buffer is never touched after.
 
 import { createConnection, type Socket } from 'node:net';
 import { IoError, type Extent } from '../blockdev/types.ts';
-import { errorMessage } from '../util/lifecycle.ts';
+import { aborted, errorMessage, sleep } from '../util/lifecycle.ts';
 import { log } from '../util/log.ts';
 import {
   decodeBlockStatusPayload,
@@ -86,6 +120,8 @@ import {
   TxFlag,
 } from './protocol.ts';
 import { ConnectionClosed, SocketReader } from './reader.ts';
+import { resolveTls, TlsConfigError, upgrade, type TlsConfig } from './tls.ts';
+import { UnflushedLog } from './unflushed.ts';
 import { describeTransport, parseNbdUri, type NbdTransport, type NbdUri } from './uri.ts';
 
 export interface NbdClientOptions {
@@ -105,6 +141,24 @@ export interface NbdClientOptions {
   handshakeTimeoutMs?: number;
   /** After NBD_CMD_DISC, how long the server has to close before the socket is destroyed. Default 2 s. */
   closeTimeoutMs?: number;
+  /**
+   * How long a lost server is reconnected to before everything waiting fails
+   * with EIO and the client gives up for good; 0 never reconnects (a lost
+   * connection fails its requests at once). Default 30 s (URI: outage-timeout).
+   */
+  outageTimeoutMs?: number;
+  /**
+   * A connection with requests in flight that receives nothing for this long
+   * is taken as lost (a hung server, a dead network path TCP has not noticed).
+   * 0: no limit. Default 30 s, as the Linux nbd driver (URI: request-timeout).
+   */
+  requestTimeoutMs?: number;
+  /**
+   * Acknowledged writes kept until a FLUSH covers them, for replay after a
+   * reconnect: past half of this the client flushes by itself, at the limit
+   * new writes wait for that flush. Default 64 MiB.
+   */
+  maxUnflushedBytes?: number;
 }
 
 const DEFAULTS: Required<NbdClientOptions> = {
@@ -116,7 +170,21 @@ const DEFAULTS: Required<NbdClientOptions> = {
   blockStatus: true,
   handshakeTimeoutMs: 30_000,
   closeTimeoutMs: 2_000,
+  outageTimeoutMs: 30_000,
+  requestTimeoutMs: 30_000,
+  maxUnflushedBytes: 64 * 1024 * 1024,
 };
+
+/** The first wait between reconnect attempts; it doubles up to RECONNECT_MAX_MS. */
+const RECONNECT_FIRST_MS = 100;
+const RECONNECT_MAX_MS = 5_000;
+/**
+ * After a reconnect, a loss before the first reply continues the outage (and
+ * its backoff) for this long; later, or after a reply, a loss is a new outage.
+ * Bounded so that a connection left idle for hours after a reconnect does not
+ * inherit an outage that ended long ago.
+ */
+const PROBATION_MS = 10_000;
 
 /** What the handshake established, the same on every connection of a client. */
 export interface NbdExportInfo {
@@ -133,11 +201,21 @@ export interface NbdExportInfo {
   via: 'go' | 'export-name';
 }
 
+/**
+ * Why a handshake failed: the server broke the protocol ('violation'), said
+ * no ('refused'), the connection failed or timed out ('transport'), or TLS
+ * did not authenticate ('tls'). Reconnecting retries only refusals and
+ * transport failures: the others would fail the same way again.
+ */
+export type HandshakeFailure = 'violation' | 'refused' | 'transport' | 'tls';
+
 /** The server broke the protocol during the handshake, or refused us. */
 export class NbdHandshakeError extends Error {
-  constructor(message: string, options?: { cause?: unknown }) {
+  readonly kind: HandshakeFailure;
+  constructor(message: string, options?: { cause?: unknown; kind?: HandshakeFailure }) {
     super(message, options);
     this.name = 'NbdHandshakeError';
+    this.kind = options?.kind ?? 'violation';
   }
 }
 
@@ -203,13 +281,52 @@ function checkBlockSizes(s: BlockSizes): void {
   }
 }
 
+/** The socket and reader of a handshake: STARTTLS swaps both for the TLS socket's. */
+interface Wire {
+  socket: Socket;
+  reader: SocketReader;
+}
+
+const isErrno = (err: unknown): boolean =>
+  err !== null &&
+  typeof err === 'object' &&
+  'code' in err &&
+  typeof err.code === 'string' &&
+  /^E[A-Z]+$/.test(err.code);
+
+/** NBD_OPT_STARTTLS, then the TLS handshake on the same socket; `wire` then carries the TLS socket. */
+async function startTls(wire: Wire, tls: TlsConfig, signal: AbortSignal | undefined): Promise<void> {
+  const r = await haggle(wire.socket, wire.reader, Opt.STARTTLS);
+  const last = r[r.length - 1];
+  if (last?.type !== Rep.ACK) {
+    throw new NbdHandshakeError(
+      `the server refused NBD_OPT_STARTTLS (${last ? refusal(last) : 'no reply'}): it does not offer TLS`,
+      { kind: 'refused' },
+    );
+  }
+  const { leftover } = wire.reader.detach();
+  if (leftover.some((b) => b.length > 0)) {
+    throw new NbdHandshakeError('the server sent bytes after acknowledging NBD_OPT_STARTTLS, before the TLS handshake');
+  }
+  try {
+    wire.socket = await upgrade(wire.socket, tls, signal);
+  } catch (err) {
+    throw new NbdHandshakeError(`the TLS handshake failed (${tls.describe}): ${errorMessage(err)}`, {
+      cause: err,
+      kind: isErrno(err) ? 'transport' : 'tls',
+    });
+  }
+  wire.reader = new SocketReader(wire.socket, { highWaterMark: 1024 * 1024 });
+}
+
 async function negotiate(
-  socket: Socket,
-  reader: SocketReader,
+  wire: Wire,
   exportName: string,
   opts: Required<NbdClientOptions>,
+  tls: TlsConfig | undefined,
+  signal: AbortSignal | undefined,
 ): Promise<NbdExportInfo> {
-  const g = decodeGreeting(await reader.read(GREETING_SIZE));
+  const g = decodeGreeting(await wire.reader.read(GREETING_SIZE));
   if (g.magic !== NBD_MAGIC) {
     throw new NbdHandshakeError(`not an NBD server: its greeting starts 0x${g.magic.toString(16)}, not NBDMAGIC`);
   }
@@ -223,14 +340,32 @@ async function negotiate(
   }
   const fixed = (g.handshakeFlags & HandshakeFlag.FIXED_NEWSTYLE) !== 0;
   const noZeroes = (g.handshakeFlags & HandshakeFlag.NO_ZEROES) !== 0;
-  socket.write(encodeClientFlags((fixed ? ClientFlag.C_FIXED_NEWSTYLE : 0) | (noZeroes ? ClientFlag.C_NO_ZEROES : 0)));
+  if (tls && !fixed) {
+    throw new NbdHandshakeError(
+      'the server speaks non-fixed newstyle, which has no NBD_OPT_STARTTLS: it cannot do TLS',
+    );
+  }
+  wire.socket.write(
+    encodeClientFlags((fixed ? ClientFlag.C_FIXED_NEWSTYLE : 0) | (noZeroes ? ClientFlag.C_NO_ZEROES : 0)),
+  );
+  // STARTTLS before any other option (proto.md): what was negotiated in the clear would be forgotten anyway.
+  if (tls) await startTls(wire, tls, signal);
+  const { socket, reader } = wire;
+  const tlsRequired = (reply: OptionReply | undefined): NbdHandshakeError | undefined =>
+    reply?.type === Rep.ERR_TLS_REQD
+      ? new NbdHandshakeError(
+          `the server requires TLS (${refusal(reply)}): use an nbds:// or nbds+unix:// URI with tls-certificates=DIR or tls-psk-file=FILE`,
+        )
+      : undefined;
 
   let structuredReplies = false;
   let baseAllocationId: number | undefined;
   if (fixed) {
     if (opts.structuredReplies) {
       const r = await haggle(socket, reader, Opt.STRUCTURED_REPLY);
-      // Any refusal just means simple replies (ERR_UNSUP is the usual one).
+      const needTls = tlsRequired(r[r.length - 1]);
+      if (needTls) throw needTls;
+      // Any other refusal just means simple replies (ERR_UNSUP is the usual one).
       structuredReplies = r[r.length - 1]?.type === Rep.ACK;
     }
     if (structuredReplies && opts.blockStatus) {
@@ -274,14 +409,13 @@ async function negotiate(
       return { exportName, size, flags, advertisedBlockSize, structuredReplies, baseAllocationId, via: 'go' };
     }
     if (last?.type !== Rep.ERR_UNSUP) {
-      const hint =
-        last?.type === Rep.ERR_TLS_REQD
-          ? ' (the server requires TLS, which is not supported yet)'
-          : last?.type === Rep.ERR_UNKNOWN
-            ? ' (check the export name in the URI)'
-            : '';
+      const needTls = tlsRequired(last);
+      if (needTls) throw needTls;
+      const hint = last?.type === Rep.ERR_UNKNOWN ? ' (check the export name in the URI)' : '';
       throw new NbdHandshakeError(
         `the server refused export '${exportName}': ${last ? refusal(last) : 'no reply'}${hint}`,
+        // A server coming back up may not serve the export yet: worth retrying while reconnecting.
+        { kind: last && isErrorReply(last.type) ? 'refused' : 'violation' },
       );
     }
     // A server without NBD_OPT_GO: EXPORT_NAME below, as the spec allows.
@@ -295,7 +429,7 @@ async function negotiate(
     if (!(err instanceof ConnectionClosed)) throw err;
     throw new NbdHandshakeError(
       `the server closed the connection after NBD_OPT_EXPORT_NAME: it has no export named '${exportName}' or refused it`,
-      { cause: err },
+      { cause: err, kind: 'refused' },
     );
   }
   const { size, flags } = decodeExportNameReply(reply);
@@ -328,11 +462,24 @@ const DIRECT_READ_MIN = 16 * 1024;
  * choose: in transmission the connection points reads of READ data straight
  * at the caller's buffer (no staging buffer per read and no copy), and
  * everything else at one reused scratch buffer. During the handshake the
- * bytes are copied out and emitted as 'data' for the SocketReader.
+ * bytes are copied out and emitted as 'data' for the SocketReader. A socket
+ * that will carry TLS is opened plainly: the TLS socket takes over its reads,
+ * decrypting into buffers of its own (open() forwards them to the sink).
  */
-function connectSocket(transport: NbdTransport): { socket: Socket; route: { sink: ReadSink | undefined } } {
-  const scratch = Buffer.allocUnsafe(SCRATCH_SIZE);
+function connectSocket(
+  transport: NbdTransport,
+  direct: boolean,
+): { socket: Socket; route: { sink: ReadSink | undefined } } {
   const route: { sink: ReadSink | undefined } = { sink: undefined };
+  const tcp = { noDelay: true };
+  if (!direct) {
+    const socket =
+      transport.kind === 'unix'
+        ? createConnection({ path: transport.path })
+        : createConnection({ host: transport.host, port: transport.port, ...tcp });
+    return { socket, route };
+  }
+  const scratch = Buffer.allocUnsafe(SCRATCH_SIZE);
   const onread = {
     buffer: (): Buffer => route.sink?.readBuffer() ?? scratch,
     callback: (n: number, buf: Uint8Array): boolean => {
@@ -344,7 +491,7 @@ function connectSocket(transport: NbdTransport): { socket: Socket; route: { sink
   const socket =
     transport.kind === 'unix'
       ? createConnection({ path: transport.path, onread })
-      : createConnection({ host: transport.host, port: transport.port, noDelay: true, onread });
+      : createConnection({ host: transport.host, port: transport.port, ...tcp, onread });
   return { socket, route };
 }
 
@@ -356,32 +503,76 @@ interface Opened {
   leftover: Buffer[];
 }
 
-/** Connect and run the handshake; resolves with the socket in transmission and what was negotiated. */
-async function open(transport: NbdTransport, exportName: string, opts: Required<NbdClientOptions>): Promise<Opened> {
-  const { socket, route } = connectSocket(transport);
-  const reader = new SocketReader(socket, { highWaterMark: 1024 * 1024 });
-  const timer = setTimeout(() => {
-    reader.fail(new NbdHandshakeError(`no NBD handshake within ${opts.handshakeTimeoutMs} ms`));
+/** Where to connect and how: the same for every connection of a client and every reconnect. */
+interface Target {
+  transport: NbdTransport;
+  exportName: string;
+  tls: TlsConfig | undefined;
+}
+
+/**
+ * Connect and run the handshake; resolves with the socket in transmission
+ * and what was negotiated. `signal` cuts it short (a reconnect given up).
+ */
+async function open(target: Target, opts: Required<NbdClientOptions>, signal?: AbortSignal): Promise<Opened> {
+  const { socket, route } = connectSocket(target.transport, target.tls === undefined);
+  const wire: Wire = { socket, reader: new SocketReader(socket, { highWaterMark: 1024 * 1024 }) };
+  const stop = (err: Error): void => {
+    wire.reader.fail(err);
+    wire.socket.destroy();
     socket.destroy();
+  };
+  const timer = setTimeout(() => {
+    stop(new NbdHandshakeError(`no NBD handshake within ${opts.handshakeTimeoutMs} ms`, { kind: 'transport' }));
   }, opts.handshakeTimeoutMs);
+  const onAbort = (): void => {
+    stop(new NbdHandshakeError('the connection attempt was abandoned', { kind: 'transport' }));
+  };
+  signal?.addEventListener('abort', onAbort, { once: true });
   try {
-    const info = await negotiate(socket, reader, exportName, opts);
-    const { leftover, paused } = reader.detach();
-    if (paused) socket.resume();
-    return { socket, route, info, leftover };
+    if (signal?.aborted) onAbort();
+    const info = await negotiate(wire, target.exportName, opts, target.tls, signal);
+    const { leftover, paused } = wire.reader.detach();
+    if (wire.socket !== socket) {
+      // TLS: decrypted data arrives as 'data' events; the connection parses it like any other chunk.
+      const tlsSocket = wire.socket;
+      tlsSocket.on('data', (chunk: Buffer) => {
+        route.sink?.received(chunk.length, chunk);
+      });
+    }
+    if (paused) wire.socket.resume();
+    return { socket: wire.socket, route, info, leftover };
   } catch (err) {
+    wire.socket.destroy();
     socket.destroy();
     if (err instanceof ConnectionClosed) {
       // The reader words a refused connect as a failed connection; name the real cause (ENOENT, ECONNREFUSED).
       throw new NbdHandshakeError(
         err.cause instanceof Error ? err.cause.message : 'the server closed the connection during the handshake',
-        { cause: err },
+        { cause: err, kind: 'transport' },
       );
     }
     throw err;
   } finally {
     clearTimeout(timer);
+    signal?.removeEventListener('abort', onAbort);
   }
+}
+
+/** Do two handshakes describe the same export, as far as requests depend on it? */
+function sameExport(a: NbdExportInfo, b: NbdExportInfo): string | undefined {
+  if (a.size !== b.size) return `its size changed from ${a.size} to ${b.size} bytes`;
+  if (a.flags !== b.flags)
+    return `its transmission flags changed from 0x${a.flags.toString(16)} to 0x${b.flags.toString(16)}`;
+  if (JSON.stringify(a.advertisedBlockSize) !== JSON.stringify(b.advertisedBlockSize)) {
+    return `its block sizes changed from ${JSON.stringify(a.advertisedBlockSize)} to ${JSON.stringify(b.advertisedBlockSize)}`;
+  }
+  if (a.structuredReplies !== b.structuredReplies) return 'structured replies were negotiated differently';
+  // The context id may differ per connection (each connection parses with its own); whether there is one may not.
+  if ((a.baseAllocationId === undefined) !== (b.baseAllocationId === undefined)) {
+    return 'base:allocation was negotiated differently';
+  }
+  return undefined;
 }
 
 // ---------------------------------------------------------------------------
@@ -404,8 +595,27 @@ interface Request {
   filled: number[] | undefined;
   status: StatusDescriptor[] | undefined;
   settled: boolean;
+  /** The client's own (a replayed write, a flush to bound the unflushed log): never kept across a loss, never logged. */
+  internal: boolean;
   resolve: () => void;
   reject: (err: Error) => void;
+}
+
+/** A request lost with its connection is sent again: forget what the lost reply had delivered. */
+function rearm(req: Request): void {
+  req.cookie = 0;
+  req.error = undefined;
+  req.chunked = false;
+  req.filled = undefined;
+  req.status = undefined;
+}
+
+/** An internal request's connection was lost: a transient failure, retried with the reconnect. */
+class ConnectionLost extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = 'ConnectionLost';
+  }
 }
 
 function newRequest(
@@ -434,10 +644,48 @@ function newRequest(
     filled: undefined,
     status: undefined,
     settled: false,
+    internal: false,
     resolve,
     reject,
   };
   return { req, done };
+}
+
+/** Resolves when `p` settles or `signal` aborts, leaving no listener behind. */
+async function untilAborted(p: Promise<unknown>, signal: AbortSignal): Promise<void> {
+  if (signal.aborted) return;
+  let onAbort: (() => void) | undefined;
+  try {
+    await Promise.race([
+      p,
+      new Promise<void>((resolve) => {
+        const listener = (): void => {
+          resolve();
+        };
+        onAbort = listener;
+        signal.addEventListener('abort', listener, { once: true });
+      }),
+    ]);
+  } finally {
+    if (onAbort) signal.removeEventListener('abort', onAbort);
+  }
+}
+
+/** Settle a request not (or no longer) on a connection. */
+function settleOnce(req: Request, err?: Error): void {
+  if (req.settled) return;
+  req.settled = true;
+  req.buf = undefined;
+  if (err) req.reject(err);
+  else req.resolve();
+}
+
+/** A reconnect found a different export under the same name. */
+class ExportChanged extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = 'ExportChanged';
+  }
 }
 
 function describe(req: Request): string {
@@ -457,10 +705,18 @@ type ParseState = (typeof Parse)[keyof typeof Parse];
 
 interface ConnectionOwner {
   readonly label: string;
-  /** The connection settled a request or finished draining: queued work may move. */
-  onProgress(conn: Connection): void;
+  /** Lost connections hand their requests back (onLost) instead of failing them. */
+  readonly retry: boolean;
+  /** The connection settled a request (`replied`: the server answered it) or finished draining: queued work may move. */
+  onProgress(conn: Connection, replied: boolean): void;
+  /** The server broke the protocol: the connection failed its requests with `err`. */
   onFailure(conn: Connection, err: IoError): void;
-  onShutdown(conn: Connection): void;
+  /** The connection was lost (retry only): `reqs` were in flight or queued on it, rearmed and not settled. */
+  onLost(conn: Connection, reqs: Request[], why: string): void;
+  /** `req` got ESHUTDOWN: true if the owner took it back to send again (it is not settled), false to fail it. */
+  onShutdown(conn: Connection, req: Request): boolean;
+  /** `req` (a WRITE, TRIM or WRITE_ZEROES) succeeded; called before it settles, while its buffer is still the caller's. */
+  onAck(req: Request): void;
 }
 
 /** One socket in transmission. */
@@ -523,6 +779,7 @@ class Connection implements ReadSink {
     socket.on('end', this.onEnd);
     socket.on('error', this.onError);
     socket.on('close', this.onClose);
+    socket.on('timeout', this.onTimeout);
     for (const chunk of leftover) this.onData(chunk);
     if (socket.destroyed) this.onClose();
   }
@@ -546,6 +803,16 @@ class Connection implements ReadSink {
     if (this.state !== 'open') return;
     this.state = 'draining';
     this.maybeDisconnect();
+  }
+
+  /** Take back the requests waiting here (not yet sent), oldest first. */
+  takeQueued(): Request[] {
+    const waiting: Request[] = [];
+    for (const req of this.queue.slice(this.queueHead)) if (req) waiting.push(req);
+    this.queue = [];
+    this.queueHead = 0;
+    this.maybeDisconnect();
+    return waiting;
   }
 
   /** Fail the requests waiting here (not yet sent) with `err`. */
@@ -591,6 +858,8 @@ class Connection implements ReadSink {
     req.cookie = cookie;
     this.inflight.set(cookie, req);
     this.inflightBytes += req.cost;
+    // The silence limit runs while anything is in flight; any bytes received reset it (Node's socket timeout).
+    if (this.inflight.size === 1 && this.opts.requestTimeoutMs > 0) this.socket.setTimeout(this.opts.requestTimeoutMs);
     const name = commandName(req.type);
     this.sent[name] = (this.sent[name] ?? 0) + 1;
     // Requests issued in one turn of the event loop leave in one writev.
@@ -668,7 +937,16 @@ class Connection implements ReadSink {
     }
     this.inflight.delete(req.cookie);
     this.inflightBytes -= req.cost;
+    if (this.inflight.size === 0 && this.opts.requestTimeoutMs > 0) this.socket.setTimeout(0);
+    if (req.error?.value === NbdErr.ESHUTDOWN && this.owner.onShutdown(this, req)) {
+      rearm(req);
+      this.owner.onProgress(this, false);
+      return;
+    }
     let err: IoError | undefined;
+    if (!req.error && (req.type === Cmd.WRITE || req.type === Cmd.TRIM || req.type === Cmd.WRITE_ZEROES)) {
+      this.owner.onAck(req);
+    }
     if (req.error) {
       const code = errnoFromNbdError(req.error.value);
       err = new IoError(
@@ -676,10 +954,9 @@ class Connection implements ReadSink {
         `${this.label}: ${describe(req)} failed on the server: ${nbdErrorName(req.error.value)}` +
           (req.error.message === '' ? '' : ` (${req.error.message})`),
       );
-      if (req.error.value === NbdErr.ESHUTDOWN) this.owner.onShutdown(this);
     }
     this.settle(req, err);
-    this.owner.onProgress(this);
+    this.owner.onProgress(this, true);
   }
 
   private coversExactly(req: Request): boolean {
@@ -1014,6 +1291,16 @@ class Connection implements ReadSink {
     this.lost(`the connection failed: ${err.message}`);
   };
 
+  private readonly onTimeout = (): void => {
+    if (this.inflight.size === 0) return;
+    this.lost(`no reply from the server for ${this.opts.requestTimeoutMs} ms`);
+  };
+
+  /**
+   * The connection is gone without the server breaking the protocol (EOF, a
+   * reset, silence): with retry, its requests go back to the owner to be sent
+   * again; without, they fail with EIO.
+   */
   private lost(why: string): void {
     if (this.state === 'failed' || this.state === 'closed') return;
     if (this.discSent && this.inflight.size === 0) {
@@ -1021,11 +1308,29 @@ class Connection implements ReadSink {
       return;
     }
     const midReply = this.parse !== Parse.Header || this.headerHave > 0;
-    if (this.inflight.size > 0 || midReply) {
-      this.fail(`${why}${midReply ? ' in the middle of a reply' : ''} with ${this.inflight.size} request(s) in flight`);
-    } else {
-      this.fail(why);
+    const reason =
+      this.inflight.size > 0 || midReply
+        ? `${why}${midReply ? ' in the middle of a reply' : ''} with ${this.inflight.size} request(s) in flight`
+        : why;
+    if (!this.owner.retry) {
+      this.fail(reason);
+      return;
     }
+    this.state = 'failed';
+    this.failure = new IoError('EIO', `${this.label}: ${reason}`);
+    this.current = undefined;
+    this.direct = undefined;
+    this.parse = Parse.Header;
+    this.headerHave = 0;
+    this.socket.destroy();
+    const reqs: Request[] = [...this.inflight.values()];
+    for (const req of this.queue.slice(this.queueHead)) if (req) reqs.push(req);
+    this.inflight.clear();
+    this.inflightBytes = 0;
+    this.queue = [];
+    this.queueHead = 0;
+    for (const req of reqs) rearm(req);
+    this.owner.onLost(this, reqs, reason);
   }
 
   private readonly onClose = (): void => {
@@ -1048,6 +1353,23 @@ class Connection implements ReadSink {
 // ---------------------------------------------------------------------------
 // The client: one or more connections to one export
 
+/** An outage in progress: from the first lost connection until the client serves again (or gives up). */
+interface Outage {
+  /** performance.now() at its start. */
+  since: number;
+  why: string;
+  /** The last reconnect attempt's failure, for the final message. */
+  lastError: string | undefined;
+  attempts: number;
+  /** The next wait between attempts; it carries over into an outage that continues one (probation). */
+  delayMs: number;
+  /** A continued outage waits before its first attempt: the server just dropped us again. */
+  waitFirst: boolean;
+  readonly abort: AbortController;
+  readonly deadline: NodeJS.Timeout;
+  loop: Promise<void> | undefined;
+}
+
 export class NbdClient {
   /** The URI (or transport) it was opened with, for messages. */
   readonly name: string;
@@ -1057,38 +1379,76 @@ export class NbdClient {
   /** Largest READ/WRITE payload sent, a multiple of the alignment. */
   readonly maxPayload: number;
   private readonly opts: Required<NbdClientOptions>;
+  private readonly target: Target;
+  /** Connections to keep (the first handshake decided: several only with CAN_MULTI_CONN). */
+  private readonly wanted: number;
   private conns: Connection[] = [];
   private rr = 0;
   private closing: Promise<void> | undefined;
   private failure: IoError | undefined;
 
-  private constructor(name: string, info: NbdExportInfo, opts: Required<NbdClientOptions>) {
+  /** Requests waiting for the outage to end (kept from lost connections, or new), oldest first. */
+  private pending: Request[] = [];
+  private outage: Outage | undefined;
+  /**
+   * Set when an outage ends, cleared by the first reply after it: a server
+   * that drops every connection before answering anything (one that crashes
+   * on a request, say) is one outage, not endless short ones, so the outage
+   * timeout ends it.
+   */
+  private probation: { since: number; delayMs: number; until: number; countedMs: number } | undefined;
+  private reconnectCount = 0;
+  private outageTotalMs = 0;
+
+  /** Acknowledged writes not yet covered by a FLUSH (only when the server has a volatile cache: SEND_FLUSH). */
+  private readonly unflushed = new UnflushedLog();
+  private readonly logWrites: boolean;
+  /** Counts acknowledgements: a FLUSH covers those counted before it was sent. */
+  private ackSeq = 0;
+  /** A flush the client sent to bound the unflushed log, while it runs. */
+  private autoFlush: Promise<void> | undefined;
+  /** Writes waiting for autoFlush because the log is full. */
+  private held: Request[] = [];
+
+  private constructor(name: string, info: NbdExportInfo, opts: Required<NbdClientOptions>, target: Target) {
     this.name = name;
     this.info = info;
     this.opts = opts;
+    this.target = target;
     this.alignment = info.advertisedBlockSize?.min ?? 1;
     const max = Math.min(info.advertisedBlockSize?.max ?? DEFAULT_MAX_PAYLOAD, DEFAULT_MAX_PAYLOAD);
     this.maxPayload = Math.max(this.alignment, max - (max % this.alignment));
+    this.wanted = info.flags & TxFlag.CAN_MULTI_CONN ? Math.max(1, opts.connections) : 1;
+    this.logWrites = opts.outageTimeoutMs > 0 && this.has(TxFlag.SEND_FLUSH) && !this.has(TxFlag.READ_ONLY);
   }
 
   /**
    * Connect to `target` (an NBD URI, or a parsed one) and complete the
    * handshake on every connection. Rejects with a message naming the server
-   * and what went wrong.
+   * and what went wrong. The URI's outage-timeout and request-timeout apply
+   * unless `options` sets them.
    */
   static async connect(target: string | NbdUri, options: NbdClientOptions = {}): Promise<NbdClient> {
     const uri = typeof target === 'string' ? parseNbdUri(target) : target;
-    const opts = { ...DEFAULTS, ...options };
+    const fromUri: NbdClientOptions = {};
+    if (uri.timeouts.outageMs !== undefined) fromUri.outageTimeoutMs = uri.timeouts.outageMs;
+    if (uri.timeouts.requestMs !== undefined) fromUri.requestTimeoutMs = uri.timeouts.requestMs;
+    const opts = { ...DEFAULTS, ...fromUri, ...options };
     const name = uri.text;
+    let tls: TlsConfig | undefined;
     if (uri.tls) {
-      throw new Error(
-        `${name}: TLS is not supported yet; use ${uri.scheme.replace('nbds', 'nbd')}:// if the server allows plain connections`,
-      );
+      try {
+        tls = resolveTls(uri);
+      } catch (err) {
+        if (err instanceof TlsConfigError) throw new Error(`${name}: ${err.message}`, { cause: err });
+        throw err;
+      }
     }
     const where = describeTransport(uri.transport);
+    const dest: Target = { transport: uri.transport, exportName: uri.exportName, tls };
     const openOne = async (): Promise<Opened> => {
       try {
-        return await open(uri.transport, uri.exportName, opts);
+        return await open(dest, opts);
       } catch (err) {
         throw new Error(`${name}: cannot connect to ${where}: ${errorMessage(err)}`, { cause: err });
       }
@@ -1099,74 +1459,341 @@ export class NbdClient {
       first.socket.destroy();
       throw new Error(`${name}: the export's size ${info.size} is beyond what this client handles`);
     }
-    const client = new NbdClient(name, info, opts);
+    const client = new NbdClient(name, info, opts, dest);
     client.adopt(first);
-    const wanted = info.flags & TxFlag.CAN_MULTI_CONN ? Math.max(1, opts.connections) : 1;
-    if (wanted > 1) {
-      const more = await Promise.allSettled(Array.from({ length: wanted - 1 }, openOne));
-      for (const r of more) {
-        if (r.status === 'rejected') {
-          log.warn(`${name}: an extra connection failed (${errorMessage(r.reason)}); going on with fewer`);
-          continue;
-        }
-        const same =
-          r.value.info.size === info.size &&
-          r.value.info.flags === info.flags &&
-          r.value.info.structuredReplies === info.structuredReplies &&
-          r.value.info.baseAllocationId === info.baseAllocationId &&
-          JSON.stringify(r.value.info.advertisedBlockSize) === JSON.stringify(info.advertisedBlockSize);
-        if (!same) {
-          log.warn(`${name}: an extra connection negotiated different export properties; not using it`);
-          r.value.socket.destroy();
-          continue;
-        }
-        client.adopt(r.value);
-      }
+    if (client.wanted > 1) {
+      const more = await Promise.allSettled(Array.from({ length: client.wanted - 1 }, openOne));
+      client.adoptExtras(more);
     }
     return client;
   }
 
-  private adopt(o: Opened): void {
+  /** Adopt the extra connections that opened and negotiated what the first did. */
+  private adoptExtras(more: PromiseSettledResult<Opened>[]): void {
+    for (const r of more) {
+      if (r.status === 'rejected') {
+        log.warn(`${this.name}: an extra connection failed (${errorMessage(r.reason)}); going on with fewer`);
+        continue;
+      }
+      if (sameExport(this.info, r.value.info) !== undefined) {
+        log.warn(`${this.name}: an extra connection negotiated different export properties; not using it`);
+        r.value.socket.destroy();
+        continue;
+      }
+      this.adopt(r.value);
+    }
+  }
+
+  private adopt(o: Opened): Connection {
     const owner: ConnectionOwner = {
       label: this.name,
-      onProgress: (conn) => {
+      retry: this.opts.outageTimeoutMs > 0,
+      onProgress: (conn, replied) => {
+        if (replied) this.probation = undefined;
         conn.pump();
       },
       onFailure: (conn, err) => {
         this.onConnectionFailure(conn, err);
       },
-      onShutdown: (conn) => {
-        log.info(`${this.name}: the server is shutting down; closing connection ${conn.id}`);
-        conn.rejectQueued(new IoError('ESHUTDOWN', `${this.name}: the server is shutting down`));
-        conn.drain();
-        if (this.live().length === 0) {
-          this.failure ??= new IoError('ESHUTDOWN', `${this.name}: the server is shutting down`);
-        }
+      onLost: (conn, reqs, why) => {
+        this.onLost(conn, reqs, why);
+      },
+      onShutdown: (conn, req) => this.onShutdown(conn, req),
+      onAck: (req) => {
+        this.onAck(req);
       },
     };
-    this.conns.push(new Connection(this.conns.length + 1, o, owner, this.opts));
+    const conn = new Connection(this.conns.length + 1, o, owner, this.opts);
+    this.conns.push(conn);
+    return conn;
   }
 
+  /** The server broke the protocol: no reconnecting to it. */
   private onConnectionFailure(conn: Connection, err: IoError): void {
     if (this.closing) return;
     if (this.failure) return;
     log.warn(err.message);
-    this.failure = new IoError('EIO', `${this.name}: the connection to the server was lost (${err.message})`);
-    // The server cannot be trusted any more: finish what the other connections have in flight, queue nothing more.
+    if (this.opts.outageTimeoutMs > 0) {
+      // What was in flight on it failed (its replies cannot be trusted); the rest waits for a fresh
+      // connection. A server that breaks the protocol every time ends as an outage past its timeout.
+      this.startOutage(`the server broke the protocol (${err.message})`);
+      return;
+    }
+    this.giveUp(new IoError('EIO', `${this.name}: the connection to the server was lost (${err.message})`), conn);
+  }
+
+  /**
+   * Fail for good with `err`: everything waiting fails, the other
+   * connections finish what they have in flight and take nothing more, and
+   * nothing reconnects.
+   */
+  private giveUp(err: IoError, except?: Connection): void {
+    this.failure ??= err;
+    const o = this.outage;
+    if (o) {
+      this.outage = undefined;
+      clearTimeout(o.deadline);
+      o.abort.abort();
+      this.outageTotalMs += performance.now() - o.since;
+    }
+    const waiting = [...this.pending, ...this.held];
+    this.pending = [];
+    this.held = [];
+    for (const req of waiting) settleOnce(req, this.failure);
     for (const c of this.conns) {
-      if (c === conn) continue;
-      c.rejectQueued(this.failure);
+      if (c === except) continue;
+      for (const req of c.takeQueued()) settleOnce(req, this.failure);
       c.drain();
     }
   }
+
+  // -------------------------------------------------------------------------
+  // Outages: lost connections, reconnecting, replaying
+
+  private onLost(_conn: Connection, reqs: Request[], why: string): void {
+    this.keep(reqs);
+    this.startOutage(why);
+  }
+
+  /** Keep `reqs` for after the outage, or fail them if there will be no after. */
+  private keep(reqs: Request[]): void {
+    const refused = this.refusal() ?? (this.opts.outageTimeoutMs > 0 ? undefined : this.failure);
+    for (const req of reqs) {
+      if (refused) settleOnce(req, refused);
+      // The client's own requests are made again from the log when it is needed.
+      else if (req.internal) settleOnce(req, new ConnectionLost('the connection was lost'));
+      else this.pending.push(req);
+    }
+  }
+
+  private onShutdown(conn: Connection, req: Request): boolean {
+    if (this.opts.outageTimeoutMs <= 0) {
+      log.info(`${this.name}: the server is shutting down; closing connection ${conn.id}`);
+      conn.rejectQueued(new IoError('ESHUTDOWN', `${this.name}: the server is shutting down`));
+      conn.drain();
+      if (this.live().length === 0) {
+        this.failure ??= new IoError('ESHUTDOWN', `${this.name}: the server is shutting down`);
+      }
+      return false;
+    }
+    if (this.closing || this.failure) return false;
+    // A server going down (for a restart, perhaps): like a lost connection, but it says so first.
+    this.keep([req]);
+    this.startOutage('the server is shutting down (ESHUTDOWN)');
+    return true;
+  }
+
+  /**
+   * Begin an outage (once): open connections take nothing new and finish
+   * what they have; what they had queued waits with the rest.
+   */
+  private startOutage(why: string): void {
+    if (this.failure || this.closing) return;
+    if (!this.outage) {
+      const abort = new AbortController();
+      const timeout = this.opts.outageTimeoutMs;
+      const now = performance.now();
+      const continued = this.probation && now < this.probation.until ? this.probation : undefined;
+      const since = continued?.since ?? now;
+      this.probation = undefined;
+      const o: Outage = {
+        since,
+        why,
+        lastError: undefined,
+        attempts: 0,
+        delayMs: continued?.delayMs ?? RECONNECT_FIRST_MS,
+        waitFirst: continued !== undefined,
+        abort,
+        deadline: setTimeout(
+          () => {
+            this.outageExpired(o);
+          },
+          Math.max(0, since + timeout - now),
+        ),
+        loop: undefined,
+      };
+      this.outage = o;
+      // The outage this one continues was counted when it ended; it is counted again, whole, when this one ends.
+      this.outageTotalMs -= continued?.countedMs ?? 0;
+      log.warn(
+        since === now
+          ? `${this.name}: ${why}; reconnecting (for up to ${timeout / 1000} s)`
+          : `${this.name}: ${why} before answering anything since the last reconnect; ` +
+              `reconnecting, within the outage that began ${Math.round(now - since)} ms ago`,
+      );
+      o.loop = this.reconnect(o);
+    }
+    for (const c of this.conns) {
+      if (c.state !== 'open') continue;
+      this.keep(c.takeQueued());
+      c.drain();
+    }
+  }
+
+  private outageExpired(o: Outage): void {
+    if (this.outage !== o) return;
+    const s = Math.round(this.opts.outageTimeoutMs / 100) / 10;
+    const err = new IoError(
+      'EIO',
+      `${this.name}: the server has been unreachable for ${s} s (outage timeout), giving up: ${o.lastError ?? o.why}`,
+    );
+    log.error(err.message);
+    this.giveUp(err);
+  }
+
+  /** Reconnect, replay and resume, retrying with backoff until it works, fails for good or the outage is over. */
+  private async reconnect(o: Outage): Promise<void> {
+    const signal = o.abort.signal;
+    for (;;) {
+      // The old connections finish first: a write still in flight on one must not land after a replayed older one.
+      await untilAborted(Promise.all(this.conns.map((c) => c.closed)), signal);
+      if (aborted(signal)) return;
+      this.conns = [];
+      if (o.attempts > 0 || o.waitFirst) {
+        // Jitter: many clients of one restarted server do not come back in lockstep.
+        if (!(await sleep(o.delayMs / 2 + (Math.random() * o.delayMs) / 2, signal))) return;
+        o.delayMs = Math.min(o.delayMs * 2, RECONNECT_MAX_MS);
+      }
+      o.attempts++;
+      try {
+        await this.reopen(signal);
+        if (aborted(signal)) return;
+        // The replay can break the new connections again (a lost or misbehaving server): try again.
+        if (this.live().length === 0) throw new ConnectionLost('the new connection was lost before it served');
+        this.resume(o);
+        return;
+      } catch (err) {
+        if (aborted(signal) || this.outage !== o) return;
+        const fatal =
+          (err instanceof NbdHandshakeError && (err.kind === 'violation' || err.kind === 'tls')) ||
+          err instanceof ExportChanged ||
+          err instanceof IoError;
+        if (fatal) {
+          const e = new IoError('EIO', `${this.name}: cannot reconnect: ${errorMessage(err)}`, { cause: err });
+          log.error(e.message);
+          this.giveUp(e);
+          return;
+        }
+        o.lastError = errorMessage(err);
+        log.debug(`${this.name}: reconnect attempt ${o.attempts} failed: ${o.lastError}`);
+        for (const c of this.conns) c.destroy();
+      }
+    }
+  }
+
+  /** Open the connections again, check the export is the same one, and write back the unflushed writes. */
+  private async reopen(signal: AbortSignal): Promise<void> {
+    const first = await open(this.target, this.opts, signal);
+    const changed = sameExport(this.info, first.info);
+    if (changed !== undefined) {
+      first.socket.destroy();
+      throw new ExportChanged(`the export is not the one it was: ${changed}`);
+    }
+    if (signal.aborted) {
+      first.socket.destroy();
+      return;
+    }
+    this.adopt(first);
+    if (this.wanted > 1) {
+      const more = await Promise.allSettled(
+        Array.from({ length: this.wanted - 1 }, () => open(this.target, this.opts, signal)),
+      );
+      if (aborted(signal)) {
+        for (const r of more) if (r.status === 'fulfilled') r.value.socket.destroy();
+        return;
+      }
+      this.adoptExtras(more);
+    }
+    const extents = this.unflushed.snapshot();
+    if (extents.length === 0) return;
+    log.info(
+      `${this.name}: writing again ${extents.length} acknowledged but unflushed range(s) ` +
+        `(${this.unflushed.bytes} bytes of data) the server may have lost`,
+    );
+    const sent: Promise<void>[] = [];
+    for (const e of extents) {
+      const length = e.end - e.start;
+      const type = e.kind === 'data' ? Cmd.WRITE : e.kind === 'zero' ? Cmd.WRITE_ZEROES : Cmd.TRIM;
+      const flags = e.kind === 'zero' && e.noHole ? CmdFlag.NO_HOLE : 0;
+      const piece = type === Cmd.WRITE ? this.maxPayload : NO_PAYLOAD_PIECE;
+      for (let at = 0; at < length; at += piece) {
+        const n = Math.min(piece, length - at);
+        const { req, done } = newRequest(type, flags, e.start + at, n, e.data?.subarray(at, at + n));
+        req.internal = true;
+        this.place(req);
+        sent.push(done);
+      }
+    }
+    const results = await Promise.allSettled(sent);
+    for (const r of results) {
+      if (r.status !== 'rejected') continue;
+      // Lost again: retried with the reconnect. The server refusing them: they cannot be restored (fatal).
+      if (r.reason instanceof ConnectionLost) throw r.reason;
+      throw new IoError('EIO', `acknowledged writes could not be written again: ${errorMessage(r.reason)}`);
+    }
+  }
+
+  /** Connected and restored: the outage is over, the requests kept are sent. */
+  private resume(o: Outage): void {
+    clearTimeout(o.deadline);
+    const ms = performance.now() - o.since;
+    this.outageTotalMs += ms;
+    this.outage = undefined;
+    this.reconnectCount++;
+    this.probation = { since: o.since, delayMs: o.delayMs, until: performance.now() + PROBATION_MS, countedMs: ms };
+    const kept = this.pending;
+    this.pending = [];
+    log.warn(
+      `${this.name}: reconnected after ${Math.round(ms)} ms (${o.attempts} attempt(s), ` +
+        `${this.live().length} connection(s)); sending ${kept.length} waiting request(s) again`,
+    );
+    for (const req of kept) this.place(req);
+  }
+
+  // -------------------------------------------------------------------------
+  // The unflushed log
+
+  private onAck(req: Request): void {
+    if (!this.logWrites || req.internal) return;
+    const fua = (req.flags & CmdFlag.FUA) !== 0;
+    if (fua) {
+      // Durable already, and newer than whatever older write of the range the log holds.
+      this.unflushed.clear(req.offset, req.length);
+      return;
+    }
+    const seq = ++this.ackSeq;
+    if (req.type === Cmd.WRITE && req.buf) this.unflushed.putData(req.offset, req.buf, seq);
+    else if (req.type === Cmd.WRITE_ZEROES) {
+      this.unflushed.putZero(req.offset, req.length, (req.flags & CmdFlag.NO_HOLE) !== 0, seq);
+    } else if (req.type === Cmd.TRIM) this.unflushed.putTrim(req.offset, req.length, seq);
+    if (this.unflushed.bytes > this.opts.maxUnflushedBytes / 2) this.startAutoFlush();
+  }
+
+  /** A FLUSH of the client's own, so that the log can drop what it covers. */
+  private startAutoFlush(): void {
+    if (this.autoFlush || this.closing || this.failure) return;
+    this.autoFlush = this.flush()
+      .catch((err: unknown) => {
+        log.warn(`${this.name}: a flush to bound the unflushed writes failed: ${errorMessage(err)}`);
+      })
+      .finally(() => {
+        this.autoFlush = undefined;
+        const held = this.held;
+        this.held = [];
+        for (const req of held) this.dispatch(req);
+      });
+  }
+
+  // -------------------------------------------------------------------------
+  // State
 
   private live(): Connection[] {
     return this.conns.filter((c) => c.state === 'open');
   }
 
-  /** Connections in use (after failures, those still open). */
+  /** Connections in use (after failures, those still open; none during an outage). */
   get connections(): number {
-    return this.live().length;
+    return this.outage ? 0 : this.live().length;
   }
 
   /** Requests sent per connection, by command name (for tests and diagnostics). */
@@ -1174,9 +1801,29 @@ export class NbdClient {
     return this.conns.map((c) => ({ ...c.sent }));
   }
 
-  /** Set once the client can serve no more requests (connection lost, server shutting down). */
+  /** Set once the client can serve no more requests (protocol violation, outage past its timeout, server shut down). */
   get failed(): IoError | undefined {
     return this.failure;
+  }
+
+  /** Outages survived: reconnects that brought the client back. */
+  get reconnects(): number {
+    return this.reconnectCount;
+  }
+
+  /** Time spent in outages so far, the current one included, in ms. */
+  get outageMs(): number {
+    return this.outageTotalMs + (this.outage ? performance.now() - this.outage.since : 0);
+  }
+
+  /** Serving now: not in an outage, not failed, not closed. */
+  get online(): boolean {
+    return !this.outage && !this.failure && !this.closing;
+  }
+
+  /** Acknowledged writes kept for replay, in bytes of data. */
+  get unflushedBytes(): number {
+    return this.unflushed.bytes;
   }
 
   get size(): number {
@@ -1198,28 +1845,52 @@ export class NbdClient {
     return done;
   }
 
-  /** Hand `req` to the least loaded open connection (round robin among equals), or fail it. */
+  /** Take a new request: to a connection, or to wait for the outage or a flush to end; or fail it. */
   private dispatch(req: Request): void {
     const refused = this.refusal();
     if (refused) {
-      req.reject(refused);
+      settleOnce(req, refused);
+      return;
+    }
+    const waiting = this.pending.length + this.held.length;
+    if (this.outage) {
+      if (waiting >= this.opts.maxQueued) {
+        settleOnce(req, new IoError('ENOMEM', `${this.name}: ${waiting} requests are already waiting for the server`));
+      } else {
+        this.pending.push(req);
+      }
+      return;
+    }
+    if (req.type === Cmd.WRITE && this.logWrites && this.unflushed.bytes >= this.opts.maxUnflushedBytes) {
+      if (waiting >= this.opts.maxQueued) {
+        settleOnce(req, new IoError('ENOMEM', `${this.name}: ${waiting} requests are already waiting to be sent`));
+        return;
+      }
+      this.held.push(req);
+      this.startAutoFlush();
       return;
     }
     let total = 0;
+    for (const c of this.conns) total += c.queued;
+    if (total >= this.opts.maxQueued) {
+      settleOnce(req, new IoError('ENOMEM', `${this.name}: ${total} requests are already waiting to be sent`));
+      return;
+    }
+    this.place(req);
+  }
+
+  /** Hand `req` to the least loaded open connection (round robin among equals), or fail it. */
+  private place(req: Request): void {
     let best: Connection | undefined;
     const n = this.conns.length;
     for (let i = 0; i < n; i++) {
       const c = this.conns[(this.rr + i) % n];
       if (!c || c.state !== 'open') continue;
-      total += c.queued;
       if (!best || c.load < best.load) best = c;
     }
     if (!best) {
-      req.reject(new IoError('EIO', `${this.name}: no connection is open`));
-      return;
-    }
-    if (total >= this.opts.maxQueued) {
-      req.reject(new IoError('ENOMEM', `${this.name}: ${total} requests are already waiting to be sent`));
+      if (req.internal) settleOnce(req, new ConnectionLost('no connection is open'));
+      else settleOnce(req, new IoError('EIO', `${this.name}: no connection is open`));
       return;
     }
     this.rr = (this.rr + 1) % n;
@@ -1313,19 +1984,31 @@ export class NbdClient {
   /**
    * NBD_CMD_FLUSH on every connection: writes completed before the call are
    * durable when it resolves. With CAN_MULTI_CONN one would do (proto.md); every
-   * one is asked so a server with per-connection caches is covered too.
+   * one is asked so a server with per-connection caches is covered too. During
+   * an outage one FLUSH waits with the other requests, and goes after the
+   * replayed writes.
    */
   async flush(): Promise<void> {
     this.need(TxFlag.SEND_FLUSH, 'FLUSH');
     const refused = this.refusal();
     if (refused) throw refused;
-    const all = this.live().map((c) => {
+    // What this flush makes durable: every write acknowledged so far (and replayed, if need be).
+    const mark = this.ackSeq;
+    const live = this.outage ? [] : this.live();
+    const all: Promise<void>[] = [];
+    if (live.length === 0) {
+      const { req, done } = newRequest(Cmd.FLUSH, 0, 0, 0, undefined);
+      this.dispatch(req);
+      all.push(done);
+    }
+    for (const c of live) {
       const { req, done } = newRequest(Cmd.FLUSH, 0, 0, 0, undefined);
       c.submit(req);
-      return done;
-    });
+      all.push(done);
+    }
     const results = await Promise.allSettled(all);
     for (const r of results) if (r.status === 'rejected') throw r.reason;
+    this.unflushed.dropUpTo(mark);
   }
 
   /** NBD_CMD_TRIM over an aligned range (the server may ignore it). */
@@ -1401,7 +2084,20 @@ export class NbdClient {
    */
   close(): Promise<void> {
     this.closing ??= (async () => {
+      const o = this.outage;
+      if (o) {
+        // Nothing to finish requests on: those waiting for the server fail, and reconnecting stops.
+        this.outage = undefined;
+        clearTimeout(o.deadline);
+        o.abort.abort();
+        this.outageTotalMs += performance.now() - o.since;
+        const err = new IoError('ESHUTDOWN', `${this.name}: the client was closed while the server was unreachable`);
+        for (const req of this.pending.splice(0)) settleOnce(req, err);
+      }
+      // Writes held for a flush were accepted: they go now.
+      for (const req of this.held.splice(0)) this.place(req);
       for (const c of this.conns) c.drain();
+      await o?.loop;
       await Promise.all(this.conns.map((c) => c.closed));
     })();
     return this.closing;

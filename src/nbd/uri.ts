@@ -9,6 +9,14 @@
 // The export name is the path without its leading "/", percent-decoded
 // ("nbd://h//disk" names "/disk", "nbd://h" and "nbd://h/" name ""). Query
 // parameters are percent-decoded name=value pairs separated by "&" (or ";").
+// Two parameters are ubcache's own (libnbd ignores parameters it does not
+// know, so such a URI still works with nbdinfo or qemu-img):
+//
+//   outage-timeout=SECONDS   how long a lost server is reconnected to before
+//                            the device fails (client.ts; 0: never reconnect)
+//   request-timeout=SECONDS  how long a connection with requests in flight
+//                            may stay silent before it counts as lost (0: no limit)
+//
 // The parser is stricter than libnbd where libnbd silently ignores input
 // (unknown parameters, a fragment, a host on a unix URI): such a URI would
 // not mean what its writer thought, so it is refused with the reason.
@@ -50,6 +58,8 @@ export interface NbdUri {
   readonly tls: boolean;
   /** TLS settings from the URI (they may appear on any scheme, as libnbd allows; they only matter with TLS). */
   readonly tlsOptions: NbdUriTls;
+  /** outage-timeout and request-timeout, in milliseconds, when the URI gives them. */
+  readonly timeouts: { outageMs?: number; requestMs?: number };
 }
 
 /** The IANA port for NBD. */
@@ -70,7 +80,19 @@ const KNOWN_PARAMETERS = [
   'tls-verify-peer',
   'tls-hostname',
   'tls-type',
+  'outage-timeout',
+  'request-timeout',
 ];
+
+/** Seconds (a decimal number, or with an "s" or "ms" suffix) as milliseconds. */
+function parseSeconds(name: string, value: string): number {
+  const m = /^(\d+(?:\.\d+)?)(s|ms)?$/.exec(value);
+  if (!m) throw new NbdUriError(`${name}=${value}: expected a number of seconds (e.g. 30, 2.5, 500ms)`);
+  const n = Number(m[1]);
+  const ms = m[2] === 'ms' ? n : n * 1000;
+  if (!Number.isFinite(ms) || ms > 7 * 24 * 3600 * 1000) throw new NbdUriError(`${name}=${value}: too long`);
+  return Math.round(ms);
+}
 
 /** Does `spec` name an NBD URI (so device specs can be told from paths by their prefix)? */
 export function isNbdUri(spec: string): boolean {
@@ -261,7 +283,12 @@ export function parseNbdUri(text: string): NbdUri {
       }
       tlsOptions.type = type;
     }
-    return { text, scheme, transport, exportName, tls: kind.tls, tlsOptions };
+    const timeouts: { outageMs?: number; requestMs?: number } = {};
+    const outage = params.get('outage-timeout');
+    if (outage !== undefined) timeouts.outageMs = parseSeconds('outage-timeout', outage);
+    const request = params.get('request-timeout');
+    if (request !== undefined) timeouts.requestMs = parseSeconds('request-timeout', request);
+    return { text, scheme, transport, exportName, tls: kind.tls, tlsOptions, timeouts };
   } catch (err) {
     if (err instanceof NbdUriError && !err.message.startsWith('NBD URI ')) {
       throw new NbdUriError(`NBD URI '${text}': ${err.message}`);

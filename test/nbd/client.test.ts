@@ -9,7 +9,7 @@ import { openSync, readSync, closeSync } from 'node:fs';
 import { join } from 'node:path';
 import { IoError } from '../../src/blockdev/types.ts';
 import { MemoryBlockDevice } from '../../src/blockdev/memory.ts';
-import { NbdClient } from '../../src/nbd/client.ts';
+import { NbdClient, type NbdClientOptions } from '../../src/nbd/client.ts';
 import { encodeErrorChunk, encodeGreeting } from '../../src/nbd/codec.ts';
 import { Cmd, NBD_MAGIC, NbdErr, OLDSTYLE_MAGIC, ReplyType, TxFlag } from '../../src/nbd/protocol.ts';
 import { sparseFile, tempDir } from '../helpers/daemon.ts';
@@ -20,6 +20,7 @@ import {
   simple,
   startFakeServer,
   type FakeConnection,
+  type FakeServer,
 } from '../helpers/fake-nbd-server.ts';
 import { startServer } from '../helpers/nbd-fixture.ts';
 import { connectWhenListening, startNbdkit, startNbdServer, startQemuNbd, tools } from '../helpers/nbd-servers.ts';
@@ -414,12 +415,16 @@ test("ubcache's own server: many requests, replies out of order, FAST_ZERO, erro
   }
 });
 
-test('TLS URIs parse but are refused at connect, and a missing server is named', async () => {
+test('TLS settings that cannot work are refused before connecting, and a missing server is named', async () => {
   await assert.rejects(
-    NbdClient.connect('nbds+unix:///x?socket=/nonexistent'),
-    /TLS is not supported yet; use nbd\+unix:\/\//,
+    NbdClient.connect('nbds+unix:///x?socket=/nonexistent&tls-psk-file=/nonexistent/keys.psk'),
+    /cannot read the PSK file \/nonexistent\/keys\.psk \(ENOENT\)/,
   );
-  await assert.rejects(NbdClient.connect('nbds://localhost/'), /TLS is not supported yet/);
+  await assert.rejects(
+    NbdClient.connect('nbds+unix:///x?socket=/nonexistent&tls-certificates=/nonexistent'),
+    /\/nonexistent\/ca-cert\.pem does not exist/,
+  );
+  await assert.rejects(NbdClient.connect('nbds://localhost/?tls-type=anon'), /anonymous TLS\) is not supported/);
   await assert.rejects(
     NbdClient.connect('nbd+unix:///x?socket=/nonexistent/nbd.sock'),
     /^Error: nbd\+unix:\/\/\/x\?socket=\/nonexistent\/nbd\.sock: cannot connect to unix:\/nonexistent\/nbd\.sock: connect ENOENT/,
@@ -434,11 +439,13 @@ async function hostile(
   dir: string,
   script: (req: { type: number; cookie: bigint; offset: number; length: number }, conn: FakeConnection) => void,
   options: Parameters<typeof startFakeServer>[1] = {},
-): Promise<{ c: NbdClient; close: () => Promise<void> }> {
+  clientOptions: NbdClientOptions = {},
+): Promise<{ c: NbdClient; srv: FakeServer; close: () => Promise<void> }> {
   const srv = await startFakeServer(dir, { ...options, onRequest: script });
-  const c = await NbdClient.connect(srv.uri);
+  const c = await NbdClient.connect(srv.uri, clientOptions);
   return {
     c,
+    srv,
     close: async () => {
       await c.close();
       await srv.close();
@@ -446,17 +453,38 @@ async function hostile(
   };
 }
 
-test('hostile: garbage reply magic fails every request in flight with EIO, once, and the client refuses more', async () => {
+/** Answer a READ with `fill` bytes, anything else with success. */
+function answer(req: { type: number; cookie: bigint; length: number }, conn: FakeConnection, fill = 5): void {
+  conn.send(simple(req.cookie, 0, req.type === Cmd.READ ? Buffer.alloc(req.length, fill) : undefined));
+}
+
+test('hostile: garbage reply magic fails every request in flight with EIO, once; the client reconnects and serves', async () => {
   using tmp = tempDir();
   let seen = 0;
-  const { c, close } = await hostile(tmp.dir, (_req, conn) => {
-    if (++seen === 3) conn.send(Buffer.from('GARBAGE!GARBAGE!GARBAGE!'));
+  let first: FakeConnection | undefined;
+  const { c, close } = await hostile(tmp.dir, (req, conn) => {
+    first ??= conn;
+    // The first connection holds two reads, then answers the third with garbage; later ones behave.
+    if (conn !== first) answer(req, conn);
+    else if (++seen === 3) conn.send(Buffer.from('GARBAGE!GARBAGE!GARBAGE!'));
   });
   try {
-    const reqs = [0, 1, 2].map((i) => c.read(Buffer.alloc(512), i * 512));
+    const settled: string[] = [];
+    const reqs = [0, 1, 2].map((i) =>
+      c.read(Buffer.alloc(512), i * 512).finally(() => {
+        settled.push(`read ${i}`);
+      }),
+    );
     for (const p of reqs) await rejectsWith(p, 'EIO', /bad magic 0x47415242.*3 request\(s\) on this connection failed/);
-    await rejectsWith(c.read(Buffer.alloc(512), 0), 'EIO', /connection to the server was lost \(.*bad magic/);
-    assert.ok(c.failed);
+    const b = Buffer.alloc(512);
+    await c.read(b, 0);
+    assert.ok(
+      b.every((x) => x === 5),
+      'served by a fresh connection',
+    );
+    assert.equal(c.failed, undefined);
+    assert.equal(c.reconnects, 1);
+    assert.deepEqual(settled.sort(), ['read 0', 'read 1', 'read 2'], 'each request answered once');
   } finally {
     await close();
   }
@@ -465,26 +493,36 @@ test('hostile: garbage reply magic fails every request in flight with EIO, once,
 test('hostile: a reply for a cookie never sent, and a second reply to an answered request', async () => {
   using tmp = tempDir();
   {
+    let first: FakeConnection | undefined;
     const { c, close } = await hostile(tmp.dir, (req, conn) => {
-      conn.send(simple(req.cookie + 1000n));
+      first ??= conn;
+      conn.send(simple(conn === first ? req.cookie + 1000n : req.cookie));
     });
     try {
       await rejectsWith(c.flush(), 'EIO', /for cookie \d+, which no request in flight has/);
+      await c.flush();
+      assert.equal(c.reconnects, 1, 'the next FLUSH went over a fresh connection');
     } finally {
       await close();
     }
   }
   using tmp2 = tempDir();
   let settled = 0;
-  const { c, close } = await hostile(tmp2.dir, (req, conn) => {
-    // Answer the write, then answer it again.
-    conn.send(simple(req.cookie), simple(req.cookie));
+  const { c, srv, close } = await hostile(tmp2.dir, (req, conn) => {
+    // Answer every read, then answer it again (with other data).
+    conn.send(simple(req.cookie, 0, Buffer.alloc(req.length, 1)), simple(req.cookie, 0, Buffer.alloc(req.length, 2)));
   });
   try {
-    const first = c.write(Buffer.alloc(512, 1), 0).then(() => settled++);
-    await first;
-    assert.equal(settled, 1, 'the write succeeded once');
-    await rejectsWith(c.write(Buffer.alloc(512), 512), 'EIO', /lost|cookie/);
+    const b = Buffer.alloc(512);
+    await c.read(b, 0).then(() => settled++);
+    assert.equal(settled, 1, 'the read succeeded once; its second reply broke the connection');
+    await c.read(b, 512).then(() => settled++);
+    assert.equal(settled, 2);
+    assert.ok(
+      b.every((x) => x === 1),
+      'the first reply is the one that counts',
+    );
+    assert.equal(srv.connections.length, 2, 'the second read went over a new connection');
   } finally {
     await close();
   }
@@ -523,10 +561,16 @@ test('hostile: an oversized chunk, data outside the request, a chunk type for an
   }
 });
 
-test('hostile: the server closes in the middle of a reply: EIO for all in flight, no crash', async () => {
+test('hostile: the server closes in the middle of a reply: the reads in flight are sent again after a reconnect', async () => {
   using tmp = tempDir();
   let n = 0;
-  const { c, close } = await hostile(tmp.dir, (req, conn) => {
+  let first: FakeConnection | undefined;
+  const { c, srv, close } = await hostile(tmp.dir, (req, conn) => {
+    first ??= conn;
+    if (conn !== first) {
+      conn.send(dataChunk(req.cookie, req.offset, Buffer.alloc(req.length, 7), true));
+      return;
+    }
     if (++n < 4) return;
     // Half of a data chunk, then hang up.
     const reply = dataChunk(req.cookie, req.offset, Buffer.alloc(req.length, 9), true);
@@ -534,9 +578,46 @@ test('hostile: the server closes in the middle of a reply: EIO for all in flight
     conn.socket.end();
   });
   try {
-    const reqs = [0, 1, 2, 3].map((i) => c.read(Buffer.alloc(4096), i * 4096));
-    for (const p of reqs)
-      await rejectsWith(p, 'EIO', /closed the connection in the middle of a reply with 4 request\(s\) in flight/);
+    const bufs = [0, 1, 2, 3].map(() => Buffer.alloc(4096));
+    await Promise.all(bufs.map((b, i) => c.read(b, i * 4096)));
+    for (const b of bufs)
+      assert.ok(
+        b.every((x) => x === 7),
+        'the whole reply of the second server',
+      );
+    assert.equal(c.reconnects, 1);
+    assert.equal(srv.connections[1]?.requests.length, 4, 'all four sent again, once');
+  } finally {
+    await close();
+  }
+});
+
+test('hostile: a server that always hangs up mid-reply: one outage, backed off, EIO at its timeout, then gone', async () => {
+  using tmp = tempDir();
+  const { c, srv, close } = await hostile(
+    tmp.dir,
+    (req, conn) => {
+      const reply = dataChunk(req.cookie, req.offset, Buffer.alloc(req.length, 9), true);
+      conn.send(reply.subarray(0, 100));
+      conn.socket.end();
+    },
+    {},
+    { outageTimeoutMs: 1500 },
+  );
+  try {
+    const started = performance.now();
+    await rejectsWith(
+      c.read(Buffer.alloc(4096), 0),
+      'EIO',
+      /unreachable for 1\.5 s \(outage timeout\), giving up: .*in the middle of a reply/,
+    );
+    const elapsed = performance.now() - started;
+    assert.ok(elapsed >= 1400 && elapsed < 10_000, `gave up after ${elapsed.toFixed(0)} ms`);
+    // Backoff from 100 ms doubling: about 5 attempts in 1.5 s, never a tight loop.
+    assert.ok(srv.connections.length <= 10, `${srv.connections.length} connections`);
+    assert.ok(c.failed);
+    await rejectsWith(c.read(Buffer.alloc(512), 0), 'EIO', /outage timeout/);
+    assert.ok(c.outageMs >= 1400, `outage ${c.outageMs} ms`);
   } finally {
     await close();
   }
@@ -558,11 +639,14 @@ test('large replies (read straight into the caller buffer): chunks out of order,
       );
     } else if (n === 2) {
       conn.send(simple(req.cookie, 0, rel(req.offset, req.length)));
-    } else {
-      // Part of the data, then hang up while the client reads straight into the caller's buffer.
-      const reply = dataChunk(req.cookie, req.offset, rel(req.offset, req.length), true);
+    } else if (n === 3) {
+      // Part of the data (garbage), then hang up while the client reads straight into the caller's buffer.
+      const reply = dataChunk(req.cookie, req.offset, Buffer.alloc(req.length, 0xee), true);
       conn.send(reply.subarray(0, 100 * KiB));
       conn.socket.end();
+    } else {
+      // The reconnected server answers the read sent again.
+      conn.send(dataChunk(req.cookie, req.offset, rel(req.offset, req.length), true));
     }
   });
   try {
@@ -572,7 +656,10 @@ test('large replies (read straight into the caller buffer): chunks out of order,
     const b = Buffer.alloc(big.length);
     await c.read(b, 0);
     assert.ok(b.equals(big), 'a simple reply with its data');
-    await rejectsWith(c.read(Buffer.alloc(big.length), 0), 'EIO', /in the middle of a reply/);
+    const d = Buffer.alloc(big.length);
+    await c.read(d, 0);
+    assert.ok(d.equals(big), 'sent again after the reconnect: the half-filled buffer is filled anew');
+    assert.equal(c.reconnects, 1);
   } finally {
     await close();
   }
@@ -581,13 +668,16 @@ test('large replies (read straight into the caller buffer): chunks out of order,
 test('scripted: chunks out of order, holes, interleaved replies, error chunks with messages, ESHUTDOWN', async () => {
   using tmp = tempDir();
   const pending: Array<{ cookie: bigint; offset: number; length: number; type: number }> = [];
+  let flushes = 0;
   const { c, close } = await hostile(tmp.dir, (req, conn) => {
     if (req.type === Cmd.WRITE) {
       conn.send(encodeErrorChunk(req.cookie, NbdErr.ENOSPC, 'the disk is full'));
       return;
     }
     if (req.type === Cmd.FLUSH) {
-      conn.send(encodeErrorChunk(req.cookie, NbdErr.ESHUTDOWN, 'going down'));
+      // The first server is going down; the one after it flushes.
+      if (flushes++ === 0) conn.send(encodeErrorChunk(req.cookie, NbdErr.ESHUTDOWN, 'going down'));
+      else conn.send(simple(req.cookie));
       return;
     }
     pending.push(req);
@@ -617,8 +707,29 @@ test('scripted: chunks out of order, holes, interleaved replies, error chunks wi
       /WRITE at 0 length 512 failed on the server: ENOSPC \(the disk is full\)/,
     );
     assert.equal(c.failed, undefined, 'an error reply is not a broken server');
+    // ESHUTDOWN: the server is going away; the FLUSH waits for the reconnect and goes again.
+    await c.flush();
+    assert.equal(flushes, 2);
+    assert.equal(c.reconnects, 1);
+  } finally {
+    await close();
+  }
+});
+
+test('outageTimeoutMs 0: nothing reconnects; ESHUTDOWN fails the request and the client refuses more', async () => {
+  using tmp = tempDir();
+  const { c, close } = await hostile(
+    tmp.dir,
+    (req, conn) => {
+      conn.send(encodeErrorChunk(req.cookie, NbdErr.ESHUTDOWN, 'going down'));
+    },
+    {},
+    { outageTimeoutMs: 0 },
+  );
+  try {
     await rejectsWith(c.flush(), 'ESHUTDOWN', /ESHUTDOWN \(going down\)/);
     await rejectsWith(c.read(Buffer.alloc(512), 0), 'ESHUTDOWN', /shutting down/);
+    assert.equal(c.reconnects, 0);
   } finally {
     await close();
   }

@@ -58,7 +58,7 @@ test('unix sockets: socket= is decoded, relative paths and abstract sockets are 
   assert.equal(parseNbdUri('nbd+unix:///x?tls-verify-peer=0;socket=/s').transport.kind, 'unix');
 });
 
-test('TLS schemes and their parameters parse (connecting refuses them until TLS exists)', () => {
+test('TLS schemes and their parameters parse', () => {
   const u = parseNbdUri(
     'nbds+unix://alice@/disk?socket=/tmp/s&tls-certificates=/etc/pki/nbd&tls-verify-peer=false&tls-hostname=srv',
   );
@@ -128,4 +128,16 @@ test('device specs are told from paths by their scheme', () => {
   for (const s of ['disk.img', '/dev/sdb', 'file:nbd://x', 'faulty:fail@nbd://h/', './nbd://x', 'nbdx://h']) {
     assert.ok(!isNbdUri(s), s);
   }
+});
+
+test('outage-timeout and request-timeout: seconds, or with s/ms; anything else is refused with the reason', () => {
+  assert.deepEqual(parseNbdUri('nbd+unix:///d?socket=/s&outage-timeout=30').timeouts, { outageMs: 30_000 });
+  assert.deepEqual(parseNbdUri('nbd://h/d?outage-timeout=2.5s&request-timeout=500ms').timeouts, {
+    outageMs: 2500,
+    requestMs: 500,
+  });
+  assert.deepEqual(parseNbdUri('nbd://h/d?outage-timeout=0').timeouts, { outageMs: 0 });
+  assert.deepEqual(parseNbdUri('nbd://h/d').timeouts, {});
+  assert.throws(() => parseNbdUri('nbd://h/d?outage-timeout=-1'), /outage-timeout=-1: expected a number of seconds/);
+  assert.throws(() => parseNbdUri('nbd://h/d?request-timeout=1m'), /request-timeout=1m: expected a number of seconds/);
 });
