@@ -547,10 +547,14 @@ async function open(target: Target, opts: Required<NbdClientOptions>, signal?: A
     socket.destroy();
     if (err instanceof ConnectionClosed) {
       // The reader words a refused connect as a failed connection; name the real cause (ENOENT, ECONNREFUSED).
-      throw new NbdHandshakeError(
-        err.cause instanceof Error ? err.cause.message : 'the server closed the connection during the handshake',
-        { cause: err, kind: 'transport' },
-      );
+      const what =
+        err.cause instanceof Error ? err.cause.message : 'the server closed the connection during the handshake';
+      // With TLS 1.3 the server checks a client certificate after our side of the handshake is done: its refusal is a reset here.
+      const afterTls =
+        wire.socket !== socket
+          ? ` right after the TLS handshake (${target.tls?.describe ?? 'TLS'}): the server may have refused our credentials`
+          : '';
+      throw new NbdHandshakeError(`${what}${afterTls}`, { cause: err, kind: 'transport' });
     }
     throw err;
   } finally {
