@@ -76,58 +76,30 @@ import { msLeft, settledWithin } from '../util/deadline.ts';
 import { log } from '../util/log.ts';
 import { BackingIo } from './backing.ts';
 import type { CacheSet } from './cache-set.ts';
-import type { RegisteredSet } from './registry.ts';
-import { RequestPath } from './request.ts';
+import { RequestPath, type RequestHost, type RequestSet, type RequestSettings } from './request.ts';
 import { CacheAccounting } from './stats.ts';
-import { Writeback } from './writeback.ts';
-import { WritebackRateState } from './writeback-rate.ts';
+import { defaultWritebackSettings, Writeback, type WritebackHost, type WritebackSettings } from './writeback.ts';
+import { WritebackRateState, type RateSet } from './writeback-rate.ts';
 
-/** The backing device's tunables (bcache.md §3.5), with the kernel's defaults. */
-export interface CachedDevSettings {
-  /** Bytes; 0 disables sequential bypass. */
+/**
+ * The backing device's tunables (bcache.md §3.5): the request path's,
+ * writeback's (the rate controller's among them) and the device's own.
+ */
+export interface CachedDevSettings extends RequestSettings, WritebackSettings {
   sequentialCutoff: number;
-  /** Bytes a cache miss is rounded up to (bcache's readahead, gone from the kernel in 5.13); 0: none. */
   readahead: number;
-  writebackRunning: boolean;
-  /** Seconds to sleep after a full writeback pass. */
-  writebackDelay: number;
-  /** Target dirty share of the cache (the PI controller's target); 0: no throttle. */
-  writebackPercent: number;
-  /** The current rate, sectors per second: set by the PI controller each update, or by the attribute. */
-  writebackRate: number;
-  writebackRateUpdateSeconds: number;
-  writebackRateMinimum: number;
-  writebackRatePTermInverse: number;
-  writebackRateITermInverse: number;
-  /** Weights of the fragmentation term (writeback_rate_fp_term_low/mid/high). */
-  writebackRateFpTermLow: number;
-  writebackRateFpTermMid: number;
-  writebackRateFpTermHigh: number;
-  writebackMetadata: boolean;
-  writebackConsiderFragment: boolean;
+  ioDisable: boolean;
   stopWhenCacheSetFailed: 'auto' | 'always';
   readaheadCachePolicy: 'all' | 'meta-only';
   ioErrorLimit: number;
-  ioDisable: boolean;
 }
 
+/** The kernel's defaults (cached_dev_init; writeback's own from writeback.ts). */
 export function defaultSettings(): CachedDevSettings {
   return {
+    ...defaultWritebackSettings(),
     sequentialCutoff: 4 * 1024 * 1024,
     readahead: 0,
-    writebackRunning: true,
-    writebackDelay: 30,
-    writebackPercent: 10,
-    writebackRate: 1024,
-    writebackRateUpdateSeconds: 5,
-    writebackRateMinimum: 8,
-    writebackRatePTermInverse: 40,
-    writebackRateITermInverse: 10000,
-    writebackRateFpTermLow: 1,
-    writebackRateFpTermMid: 10,
-    writebackRateFpTermHigh: 1000,
-    writebackMetadata: true,
-    writebackConsiderFragment: true,
     stopWhenCacheSetFailed: 'auto',
     readaheadCachePolicy: 'all',
     ioErrorLimit: 64,
@@ -135,9 +107,24 @@ export function defaultSettings(): CachedDevSettings {
   };
 }
 
+/**
+ * What a backing device needs of the cache set it attaches to: the set
+ * itself, and the request layer's state kept about it (the registry's
+ * RegisteredSet is one). The request path, writeback and the rate
+ * controller each see only their part of it.
+ */
+export interface AttachTarget extends RequestSet, RateSet {
+  readonly cs: CacheSet;
+  readonly uuid: string;
+  /** An orderly stop of the set is under way: nothing attaches any more. */
+  readonly stopping: boolean;
+  /** The backing devices attached to the set; a device adds and removes itself. */
+  readonly devices: Set<CachedDev>;
+}
+
 /** One backing device attached to one cache set (bcache_device_attach .. detach). */
 export class Attachment {
-  readonly set: RegisteredSet;
+  readonly set: AttachTarget;
   readonly cs: CacheSet;
   /** The uuid slot: the inode of this device's keys. */
   readonly inode: number;
@@ -158,7 +145,7 @@ export class Attachment {
   private readonly end: Deferred<void> = deferred();
   ended = false;
 
-  constructor(dev: CachedDev, set: RegisteredSet, inode: number) {
+  constructor(dev: CachedDev, set: AttachTarget, inode: number) {
     this.set = set;
     this.cs = set.cs;
     this.inode = inode;
@@ -207,7 +194,7 @@ export const BACKING_OFFLINE_MS = 5000;
 /** The default bound on each wait of CachedDev.stop(). */
 export const DEVICE_STOP_TIMEOUT_MS = 20_000;
 
-export class CachedDev {
+export class CachedDev implements RequestHost, WritebackHost {
   readonly backing: BlockDevice;
   readonly backingIo: BackingIo;
   /** The backing superblock, as last written (or read). */
@@ -290,6 +277,11 @@ export class CachedDev {
 
   get dataOffset(): number {
     return this.sb.dataOffset;
+  }
+
+  /** The whole backing device in sectors (bdev_nr_sectors: data_offset included). */
+  get backingSectors(): number {
+    return Math.floor(this.backing.size / SECTOR_SIZE);
   }
 
   /** Capacity of the bcache device in sectors: backing size minus data_offset. */
@@ -398,7 +390,7 @@ export class CachedDev {
    * and the state change happen without an await between them, so a write
    * either sees DIRTY gone and rewrites it, or stops this.
    */
-  async markClean(att: Attachment): Promise<boolean> {
+  async markClean(att: { readonly cs: CacheSet; readonly inode: number }): Promise<boolean> {
     return this.sbLock.run(async () => {
       if (this.request.dirtyWritesInFlight > 0 || att.cs.dirtySectors(att.inode) > 0) return false;
       if (this.state !== BDEV_STATE_DIRTY) return true;
@@ -429,7 +421,7 @@ export class CachedDev {
    * bch_cached_dev_attach(): attach to `set` (whose uuid the caller matched,
    * or an explicit attach). Throws with the kernel's message on refusal.
    */
-  async attach(set: RegisteredSet, options: { force?: boolean } = {}): Promise<void> {
+  async attach(set: AttachTarget, options: { force?: boolean } = {}): Promise<void> {
     const cs = set.cs;
     const bdev = this.backingName;
     const gone = (): boolean => this.stopped || cs.stopped || set.stopping;

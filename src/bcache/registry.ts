@@ -327,8 +327,9 @@ export class Registry {
     const stuck = devices.filter((d) => !done.has(d));
     const sets = new Set<RegisteredSet>();
     for (const d of stuck) {
+      // Every set a device of ours attaches to is a RegisteredSet of ours.
       const set = d.attachment?.set;
-      if (set && !set.gone) sets.add(set);
+      if (set instanceof RegisteredSet && !set.gone) sets.add(set);
     }
     log.warn(
       `bcache: ${stuck.map((d) => d.name).join(', ')} did not stop within ${bound} ms (requests stuck below)` +

@@ -33,7 +33,7 @@
 // reference on the attachment (detach waits for it); a request that cannot
 // take one is served in passthrough.
 
-import { IoError } from '../blockdev/types.ts';
+import { IoError, type BlockDevice } from '../blockdev/types.ts';
 import { makeKey, type Bkey } from '../format/bkey.ts';
 import {
   BDEV_STATE_CLEAN,
@@ -42,13 +42,78 @@ import {
   CACHE_MODE_WRITEBACK,
   SECTOR_SIZE,
 } from '../format/constants.ts';
-import { deferred, errorMessage, Notifier, sleep, Worker, type Deferred } from '../util/lifecycle.ts';
+import { deferred, errorMessage, Notifier, sleep, Worker, type Deferred, type RefCount } from '../util/lifecycle.ts';
 import { msLeft, settledWithin } from '../util/deadline.ts';
 import { log } from '../util/log.ts';
+import type { BackingIo } from './backing.ts';
 import type { CacheSet, LookupSegment, SectorAllocation } from './cache-set.ts';
-import type { Attachment, CachedDev } from './cached-dev.ts';
+import type { CacheAccounting } from './stats.ts';
 import { CollisionTracker, type Window } from './tracker.ts';
 import { CUTOFF_CACHE_ADD, CUTOFF_CACHE_READA, CUTOFF_WRITEBACK_SYNC } from './cutoffs.ts';
+
+/** The request path's tunables, part of a backing device's settings (read on every request). */
+export interface RequestSettings {
+  /** Bytes; 0 disables sequential bypass. */
+  readonly sequentialCutoff: number;
+  /** Bytes a cache miss is rounded up to; 0: none. */
+  readonly readahead: number;
+  /** dc->io_disable: every request fails fast. */
+  readonly ioDisable: boolean;
+}
+
+/**
+ * What the request path needs of its bcache device (CachedDev is one): the
+ * backing device and its I/O, the superblock's mode and state, the R7
+ * transition, the counters, and the current attachment, if any.
+ */
+export interface RequestHost {
+  /** bcacheN, for messages and worker names. */
+  readonly name: string;
+  readonly backing: BlockDevice;
+  readonly backingName: string;
+  readonly backingIo: BackingIo;
+  /** Sectors of the bcache device (the backing device minus data_offset). */
+  readonly sectors: number;
+  readonly dataOffset: number;
+  /** CACHE_MODE_* and BDEV_STATE_* of the backing superblock. */
+  readonly cacheMode: number;
+  readonly state: number;
+  readonly settings: RequestSettings;
+  readonly stats: CacheAccounting;
+  /** Bound on the stop of the request path's own worker (the backing flusher). */
+  readonly stopTimeoutMs: number;
+  /** The attachment to a cache set; undefined: every request goes to the backing device. */
+  readonly attachment: RequestAttachment | undefined;
+  /** R7: the superblock does not say DIRTY durably yet; markDirty() before a writeback-mode write. */
+  readonly needsMarkDirty: boolean;
+  markDirty(): Promise<void>;
+}
+
+/** What a request needs of the set its device is attached to (the registry's RegisteredSet is one). */
+export interface RequestSet {
+  readonly stats: CacheAccounting;
+  /** A request arrived: the set is not idle (the writeback rate's idle shortcut). */
+  noteRequest(): void;
+}
+
+/** What a request needs of the attachment it runs on (CachedDev's Attachment is one). */
+export interface RequestAttachment {
+  readonly cs: CacheSet;
+  /** The device's keys in the btree. */
+  readonly inode: number;
+  readonly set: RequestSet;
+  /** A request on the cached path holds a reference for its whole life (fills included). */
+  readonly ref: RefCount;
+  /** Once the set failed: true, requests caught by it are redone on the backing device; false, they fail. */
+  readonly lossDecided: { readonly promise: Promise<boolean> };
+  readonly detaching: boolean;
+  readonly ended: boolean;
+  /** The writeback worker: writes take queued keys out of its pass and wait for copies in flight. */
+  readonly writeback: {
+    overlapping(start: number, end: number): Promise<void>[] | undefined;
+    dirtied(): void;
+  };
+}
 
 /** RECENT_IO: streams remembered for sequential detection. */
 const RECENT_IO = 128;
@@ -132,7 +197,7 @@ interface Readahead {
 
 /** A clean key waiting for the backing flush that makes its source durable. */
 interface PendingFill {
-  att: Attachment;
+  att: RequestAttachment;
   keys: Bkey[];
   allocs: SectorAllocation[];
   win: Window;
@@ -143,7 +208,9 @@ interface PendingFill {
 }
 
 export class RequestPath {
-  private readonly dev: CachedDev;
+  private readonly dev: RequestHost;
+  /** Bytes of the bcache device (its size is fixed: the backing device's is). */
+  private readonly size: number;
   readonly tracker = new CollisionTracker();
   private readonly seq = new SequentialDetector();
   private inflight = 0;
@@ -163,8 +230,9 @@ export class RequestPath {
   /** Cache read races (cache_read_races): a hit's bucket was reused under the read. */
   cacheReadRaces = 0;
 
-  constructor(dev: CachedDev) {
+  constructor(dev: RequestHost) {
     this.dev = dev;
+    this.size = dev.sectors * SECTOR_SIZE;
     dev.backingIo.onFlushed((epoch) => {
       this.backingFlushed(epoch);
     });
@@ -229,7 +297,7 @@ export class RequestPath {
   }
 
   /** Drop the fills of an attachment that ended (detach finished, stop). */
-  dropDeferred(att: Attachment): void {
+  dropDeferred(att: RequestAttachment): void {
     const keep: PendingFill[] = [];
     for (const p of this.pending) {
       if (p.att === att) this.finishFill(p, false);
@@ -251,7 +319,7 @@ export class RequestPath {
 
   /** Byte range -> key-space sectors, checked. */
   private range(offset: number, length: number): { start: number; end: number } {
-    const size = this.dev.device.size;
+    const size = this.size;
     if (
       !Number.isSafeInteger(offset) ||
       !Number.isSafeInteger(length) ||
@@ -277,7 +345,10 @@ export class RequestPath {
    * backing device alone, so its clients carry on without noticing; a
    * device being stopped fails it (CACHE_SET_IO_DISABLE: EIO).
    */
-  private async withCache(cached: (att: Attachment) => Promise<void>, passthrough: () => Promise<void>): Promise<void> {
+  private async withCache(
+    cached: (att: RequestAttachment) => Promise<void>,
+    passthrough: () => Promise<void>,
+  ): Promise<void> {
     const att = this.dev.attachment;
     if (!att || !att.ref.tryGet()) return passthrough();
     let failure: unknown;
@@ -299,7 +370,7 @@ export class RequestPath {
     return passthrough();
   }
 
-  private markBypassed(att: Attachment, sectors: number): void {
+  private markBypassed(att: RequestAttachment, sectors: number): void {
     this.dev.stats.markBypassed(sectors);
     att.set.stats.markBypassed(sectors);
   }
@@ -308,7 +379,7 @@ export class RequestPath {
    * check_should_bypass(). Counts bypassed sectors; rescales priorities for
    * what it admits.
    */
-  private shouldBypass(att: Attachment, start: number, end: number, write: boolean, fua: boolean): boolean {
+  private shouldBypass(att: RequestAttachment, start: number, end: number, write: boolean, fua: boolean): boolean {
     const cs = att.cs;
     const mode = this.dev.cacheMode;
     const sectors = end - start;
@@ -347,7 +418,7 @@ export class RequestPath {
    * requests), and the protocol has nothing that tells the two kinds apart,
    * so every write counts as sync here; CUTOFF_WRITEBACK is unused.
    */
-  private shouldWriteback(att: Attachment): boolean {
+  private shouldWriteback(att: RequestAttachment): boolean {
     if (this.dev.cacheMode !== CACHE_MODE_WRITEBACK || att.detaching) return false;
     return att.cs.inUse <= CUTOFF_WRITEBACK_SYNC;
   }
@@ -369,7 +440,7 @@ export class RequestPath {
     }
   }
 
-  private async cachedRead(att: Attachment, buf: Buffer, start: number, end: number): Promise<void> {
+  private async cachedRead(att: RequestAttachment, buf: Buffer, start: number, end: number): Promise<void> {
     const bypass = this.shouldBypass(att, start, end, false, false);
     // A write that lands after the lookup saw the range empty must still win
     // over the fill: note what could tell (tracker.ts) before looking up.
@@ -430,7 +501,7 @@ export class RequestPath {
    * overlaps what the cache holds), whole cache blocks only.
    */
   private async readaheadRange(
-    att: Attachment,
+    att: RequestAttachment,
     missStart: number,
     end: number,
     raMax: number,
@@ -458,13 +529,13 @@ export class RequestPath {
     ra.data.copy(buf, (ra.start - bufStart) * SECTOR_SIZE, 0, wanted);
   }
 
-  private readSegment(att: Attachment, buf: Buffer, bufStart: number, s: LookupSegment): Promise<void> {
+  private readSegment(att: RequestAttachment, buf: Buffer, bufStart: number, s: LookupSegment): Promise<void> {
     const sub = buf.subarray((s.start - bufStart) * SECTOR_SIZE, (s.end - bufStart) * SECTOR_SIZE);
     return s.hit ? this.readHit(att, sub, s, 0) : this.dev.backingIo.read(sub, s.start);
   }
 
   /** One hit; re-read through a fresh lookup if its bucket was reused under the read. */
-  private async readHit(att: Attachment, sub: Buffer, s: LookupSegment, tries: number): Promise<void> {
+  private async readHit(att: RequestAttachment, sub: Buffer, s: LookupSegment, tries: number): Promise<void> {
     const hit = s.hit;
     if (!hit) {
       await this.dev.backingIo.read(sub, s.start);
@@ -504,7 +575,7 @@ export class RequestPath {
    * `win`).
    */
   private startFill(
-    att: Attachment,
+    att: RequestAttachment,
     buf: Buffer,
     bufStart: number,
     segs: LookupSegment[],
@@ -550,7 +621,7 @@ export class RequestPath {
 
   /** cached_dev_read_done .. bch_data_insert for a miss: never rejects. */
   private async fill(
-    att: Attachment,
+    att: RequestAttachment,
     pieces: Array<{ start: number; end: number }>,
     data: Buffer,
     win: Window,
@@ -589,7 +660,7 @@ export class RequestPath {
     }
   }
 
-  private markCollision(att: Attachment): void {
+  private markCollision(att: RequestAttachment): void {
     this.dev.stats.markCollision();
     att.set.stats.markCollision();
   }
@@ -621,12 +692,12 @@ export class RequestPath {
    * with the set). A set still running (one device stopped by hand) gets
    * them back as from any request.
    */
-  private putAllocations(att: Attachment, allocs: readonly SectorAllocation[]): void {
+  private putAllocations(att: RequestAttachment, allocs: readonly SectorAllocation[]): void {
     if (att.ended && att.cs.stopped) return;
     for (const a of allocs) att.cs.putAllocation(a);
   }
 
-  private releaseFill(att: Attachment, allocs: SectorAllocation[], win: Window, bytes: number): void {
+  private releaseFill(att: RequestAttachment, allocs: SectorAllocation[], win: Window, bytes: number): void {
     this.putAllocations(att, allocs);
     this.tracker.closeWindow(win);
     this.fillBytes -= bytes;
@@ -734,7 +805,7 @@ export class RequestPath {
    * and keys are appended to `out`; the caller puts the allocations back.
    */
   private async placeInCache(
-    att: Attachment,
+    att: RequestAttachment,
     data: Buffer,
     start: number,
     end: number,
@@ -758,7 +829,13 @@ export class RequestPath {
   }
 
   /** Writeback mode: the data in the cache under dirty keys; the backing device untouched. */
-  private async writebackWrite(att: Attachment, buf: Buffer, start: number, end: number, fua: boolean): Promise<void> {
+  private async writebackWrite(
+    att: RequestAttachment,
+    buf: Buffer,
+    start: number,
+    end: number,
+    fua: boolean,
+  ): Promise<void> {
     const cs = att.cs;
     const w = this.tracker.beginWrite(start, end);
     // Queued writeback keys under this write leave the pass; copies in flight need no wait here.
@@ -782,7 +859,7 @@ export class RequestPath {
   }
 
   /** Invalidate the hit segments `segs` (journaled; durable before return with `fua`). */
-  private async invalidate(att: Attachment, segs: LookupSegment[], fua: boolean): Promise<void> {
+  private async invalidate(att: RequestAttachment, segs: LookupSegment[], fua: boolean): Promise<void> {
     const keys: Bkey[] = [];
     for (const s of segs) {
       for (let a = s.start; a < s.end; a += 1 << 15) {
@@ -797,7 +874,7 @@ export class RequestPath {
    * Writethrough, writearound, none, bypassed writes, discards and
    * write-zeroes: the backing device first, the index made to agree (R8, R9).
    */
-  private async backingWrite(att: Attachment, op: BackingOp, start: number, end: number): Promise<void> {
+  private async backingWrite(att: RequestAttachment, op: BackingOp, start: number, end: number): Promise<void> {
     const cs = att.cs;
     const backing = this.dev.backingIo;
     let w: ReturnType<CollisionTracker['beginWrite']> | undefined = this.tracker.beginWrite(start, end);

@@ -19,7 +19,7 @@
 
 import { errorMessage, sleep, Worker } from '../util/lifecycle.ts';
 import { log } from '../util/log.ts';
-import type { Attachment, CachedDev } from './cached-dev.ts';
+import type { CacheSet } from './cache-set.ts';
 
 /** WRITEBACK_SHARE_SHIFT: a backing device's share of the cache, in 1/16384ths. */
 const SHARE_SHIFT = 14;
@@ -31,6 +31,71 @@ export const WRITEBACK_RATE_UPDATE_SECONDS_MAX = 60;
 export const FRAGMENT_THRESHOLD_LOW = 50;
 export const FRAGMENT_THRESHOLD_MID = 57;
 export const FRAGMENT_THRESHOLD_HIGH = 64;
+
+/**
+ * The controller's tunables (writeback_percent and the writeback_rate_*
+ * attributes), part of a backing device's settings.
+ */
+export interface RateSettings {
+  /** Target dirty share of the cache (the PI controller's target); 0: no throttle. */
+  writebackPercent: number;
+  /** The current rate, sectors per second: set by the PI controller each update, or by the attribute. */
+  writebackRate: number;
+  writebackRateUpdateSeconds: number;
+  writebackRateMinimum: number;
+  writebackRatePTermInverse: number;
+  writebackRateITermInverse: number;
+  /** Weights of the fragmentation term (writeback_rate_fp_term_low/mid/high). */
+  writebackRateFpTermLow: number;
+  writebackRateFpTermMid: number;
+  writebackRateFpTermHigh: number;
+  writebackConsiderFragment: boolean;
+}
+
+/** The kernel's defaults (bch_cached_dev_writeback_init). */
+export function defaultRateSettings(): RateSettings {
+  return {
+    writebackPercent: 10,
+    writebackRate: 1024,
+    writebackRateUpdateSeconds: 5,
+    writebackRateMinimum: 8,
+    writebackRatePTermInverse: 40,
+    writebackRateITermInverse: 10000,
+    writebackRateFpTermLow: 1,
+    writebackRateFpTermMid: 10,
+    writebackRateFpTermHigh: 1000,
+    writebackConsiderFragment: true,
+  };
+}
+
+/** What the controller needs of the backing device it paces (CachedDev is one). */
+export interface RateHost {
+  /** bcacheN, for worker names and messages. */
+  readonly name: string;
+  readonly settings: RateSettings;
+  readonly writebackRateState: WritebackRateState;
+  /** The whole backing device in sectors (bdev_nr_sectors: the data offset included). */
+  readonly backingSectors: number;
+}
+
+/** What it needs of the cache set the device is attached to (the registry's RegisteredSet is one). */
+export interface RateSet {
+  /** The backing devices attached to the set (their sizes apportion the target). */
+  readonly devices: ReadonlySet<RateHost>;
+  readonly settings: { readonly idleMaxWritebackRate: boolean };
+  /** Rate updates since the last request on any device of the set (the idle shortcut's counter). */
+  idleCounter: number;
+  /** The idle shortcut has set some device's rate to the maximum. */
+  atMaxWritebackRate: boolean;
+}
+
+/** What it needs of the attachment (CachedDev's Attachment is one). */
+export interface RateAttachment {
+  readonly cs: CacheSet;
+  /** The device's keys in the btree. */
+  readonly inode: number;
+  readonly set: RateSet;
+}
 
 /** s64 division as div_s64: truncated toward zero. */
 function div(a: number, b: number): number {
@@ -189,13 +254,13 @@ export class WritebackRateState {
 }
 
 /** The kernel's step inputs for an attached device, from the engine's state now. */
-export function rateInputs(dev: CachedDev, att: Attachment, nowMs: number): RateInputs {
+export function rateInputs(dev: RateHost, att: RateAttachment, nowMs: number): RateInputs {
   const cs = att.cs;
   const s = dev.settings;
   const st = dev.writebackRateState;
   let cachedDevSectors = 0;
-  for (const d of att.set.devices) cachedDevSectors += backingSectors(d);
-  const bdevSectors = backingSectors(dev);
+  for (const d of att.set.devices) cachedDevSectors += d.backingSectors;
+  const bdevSectors = dev.backingSectors;
   return {
     dirty: cs.dirtySectors(att.inode),
     // No flash-only volumes yet: nothing to subtract.
@@ -221,10 +286,6 @@ export function rateInputs(dev: CachedDev, att: Attachment, nowMs: number): Rate
   };
 }
 
-function backingSectors(dev: CachedDev): number {
-  return Math.floor(dev.backing.size / 512);
-}
-
 /** Test instrumentation: see each step, or hold one in progress. */
 export interface RateUpdateInstrument {
   /** Awaited at the start of every step (a test can block a step here). */
@@ -245,15 +306,15 @@ export interface RateUpdateOptions {
  * not 0 (with 0, the rate is left alone and writeback is not throttled).
  */
 export class WritebackRateUpdate {
-  private readonly dev: CachedDev;
-  private readonly att: Attachment;
+  private readonly dev: RateHost;
+  private readonly att: RateAttachment;
   private readonly now: () => number;
   private worker: Worker | undefined;
   readonly instrument: RateUpdateInstrument = {};
   /** Steps completed (the controller applied or not). */
   steps = 0;
 
-  constructor(dev: CachedDev, att: Attachment, options: RateUpdateOptions = {}) {
+  constructor(dev: RateHost, att: RateAttachment, options: RateUpdateOptions = {}) {
     this.dev = dev;
     this.att = att;
     this.now = options.now ?? Date.now;
@@ -321,7 +382,7 @@ export class WritebackRateUpdate {
  * an idle cache to clean itself; below target the controller alone would sit
  * at writeback_rate_minimum (4 KiB/s) forever.
  */
-function atMaxWritebackRate(dev: CachedDev, att: Attachment): boolean {
+function atMaxWritebackRate(dev: RateHost, att: RateAttachment): boolean {
   const set = att.set;
   if (!set.settings.idleMaxWritebackRate || att.cs.gc.inProgress) return false;
   const n = Math.max(1, set.devices.size);

@@ -49,15 +49,21 @@ import {
   BDEV_STATE_SHIFT,
   SECTOR_SIZE,
 } from '../format/constants.ts';
-import { setFlagBits } from '../format/superblock.ts';
-import { aborted, errorMessage, Notifier, sleep, Worker } from '../util/lifecycle.ts';
+import { setFlagBits, type Superblock } from '../format/superblock.ts';
+import { aborted, errorMessage, Notifier, sleep, Worker, type RefCount } from '../util/lifecycle.ts';
 import { log } from '../util/log.ts';
-import type { Attachment, CachedDev } from './cached-dev.ts';
+import type { BackingIo } from './backing.ts';
+import type { CacheSet } from './cache-set.ts';
 import { CUTOFF_WRITEBACK_SYNC } from './cutoffs.ts';
+import type { CollisionTracker } from './tracker.ts';
 import {
+  defaultRateSettings,
   rateInputs,
   targetSectors,
+  type RateAttachment,
+  type RateHost,
   type RateLimiter,
+  type RateSettings,
   writebackThrottled,
   WritebackRateUpdate,
 } from './writeback-rate.ts';
@@ -94,6 +100,50 @@ interface WbKey {
 
 export { RateLimiter } from './writeback-rate.ts';
 
+/** Writeback's tunables, the controller's included: part of a backing device's settings. */
+export interface WritebackSettings extends RateSettings {
+  writebackRunning: boolean;
+  /** Seconds to sleep after a full writeback pass. */
+  writebackDelay: number;
+  writebackMetadata: boolean;
+}
+
+/** The kernel's defaults (bch_cached_dev_writeback_init). */
+export function defaultWritebackSettings(): WritebackSettings {
+  return {
+    ...defaultRateSettings(),
+    writebackRunning: true,
+    writebackDelay: 30,
+    writebackMetadata: true,
+  };
+}
+
+/**
+ * What the writeback worker needs of its backing device (CachedDev is one):
+ * the controller's view, the backing device's I/O, its superblock state and
+ * the request path's collision tracker (writes in flight over a key).
+ */
+export interface WritebackHost extends RateHost {
+  readonly settings: WritebackSettings;
+  readonly backingIo: BackingIo;
+  /** The BDEV_STATE the backing superblock says. */
+  readonly state: number;
+  readonly request: { readonly tracker: CollisionTracker };
+  /** Superblock CLEAN once nothing of `att` is dirty (false: a dirty write began meanwhile). */
+  markClean(att: { readonly cs: CacheSet; readonly inode: number }): Promise<boolean>;
+  /** Change the backing superblock and write it. */
+  updateSuperblock(change: (sb: Superblock) => void): Promise<void>;
+}
+
+/** What it needs of the attachment it writes back for (CachedDev's Attachment is one). */
+export interface WritebackAttachment extends RateAttachment {
+  /** The worker holds one reference for its whole life. */
+  readonly ref: RefCount;
+  readonly detaching: boolean;
+  /** Set by the worker once a detach's last pass found nothing dirty and the superblock says NONE. */
+  detachComplete: boolean;
+}
+
 export interface WritebackStats {
   /** Keys marked clean (writeback_keys_done, per device; the set sums them). */
   keysDone: number;
@@ -104,8 +154,8 @@ export interface WritebackStats {
 }
 
 export class Writeback {
-  private readonly dev: CachedDev;
-  private readonly att: Attachment;
+  private readonly dev: WritebackHost;
+  private readonly att: WritebackAttachment;
   private worker: Worker | undefined;
   /** Dirty data appeared, a setting changed, detach began. */
   private readonly wakeup = new Notifier();
@@ -120,7 +170,7 @@ export class Writeback {
   private idleWaiters: Array<() => void> = [];
   readonly stats: WritebackStats = { keysDone: 0, keysFailed: 0, sectorsWritten: 0, passes: 0 };
 
-  constructor(dev: CachedDev, att: Attachment) {
+  constructor(dev: WritebackHost, att: WritebackAttachment) {
     this.dev = dev;
     this.att = att;
     this.rateUpdate = new WritebackRateUpdate(dev, att);

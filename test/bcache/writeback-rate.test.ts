@@ -408,8 +408,8 @@ test(
       assert.ok(await next(() => true), 'the controller runs again');
       assert.equal(d.settings.writebackRate, 8);
       // idle_max_writeback_rate 0 turns the shortcut off.
-      await findAttribute(SET_ATTRIBUTES, 'idle_max_writeback_rate', 'set').parse('0')(att.set);
-      assert.equal(findAttribute(SET_ATTRIBUTES, 'idle_max_writeback_rate', 'set').show(att.set), '0');
+      await findAttribute(SET_ATTRIBUTES, 'idle_max_writeback_rate', 'set').parse('0')(p.set);
+      assert.equal(findAttribute(SET_ATTRIBUTES, 'idle_max_writeback_rate', 'set').show(p.set), '0');
       att.set.idleCounter = 100;
       assert.ok(await next(() => true), 'the controller ran although the set is idle');
       assert.equal(d.settings.writebackRate, 8);
