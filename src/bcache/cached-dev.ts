@@ -77,6 +77,7 @@ import { log } from '../util/log.ts';
 import { BackingIo } from './backing.ts';
 import type { CacheSet } from './cache-set.ts';
 import { RequestPath, type RequestHost, type RequestSet, type RequestSettings } from './request.ts';
+import { OperationError } from './errors.ts';
 import { CacheAccounting } from './stats.ts';
 import { defaultWritebackSettings, Writeback, type WritebackHost, type WritebackSettings } from './writeback.ts';
 import { WritebackRateState, type RateSet } from './writeback-rate.ts';
@@ -419,21 +420,24 @@ export class CachedDev implements RequestHost, WritebackHost {
 
   /**
    * bch_cached_dev_attach(): attach to `set` (whose uuid the caller matched,
-   * or an explicit attach). Throws with the kernel's message on refusal.
+   * or an explicit attach). A refusal throws OperationError with the
+   * kernel's message and errno (ENOENT: no uuid slot for a dirty device;
+   * EINVAL otherwise); an I/O error writing the uuids or the superblock
+   * throws as it came.
    */
   async attach(set: AttachTarget, options: { force?: boolean } = {}): Promise<void> {
     const cs = set.cs;
     const bdev = this.backingName;
     const gone = (): boolean => this.stopped || cs.stopped || set.stopping;
-    if (this.stopped) throw new Error(`Can't attach ${bdev}: device is stopping`);
-    if (this.attachment) throw new Error(`Can't attach ${bdev}: already attached`);
-    if (cs.stopped || set.stopping) throw new Error(`Can't attach ${bdev}: shutting down`);
+    if (this.stopped) throw new OperationError('EINVAL', `Can't attach ${bdev}: device is stopping`);
+    if (this.attachment) throw new OperationError('EINVAL', `Can't attach ${bdev}: already attached`);
+    if (cs.stopped || set.stopping) throw new OperationError('EINVAL', `Can't attach ${bdev}: shutting down`);
     if (this.sb.blockSize < cs.blockSize) {
-      throw new Error(`Couldn't attach ${bdev}: block size less than set's block size`);
+      throw new OperationError('EINVAL', `Couldn't attach ${bdev}: block size less than set's block size`);
     }
     for (const other of set.devices) {
       if (other !== this && other.sb.uuid.equals(this.sb.uuid)) {
-        throw new Error(`Tried to attach ${bdev} but duplicate UUID already attached`);
+        throw new OperationError('EINVAL', `Tried to attach ${bdev} but duplicate UUID already attached`);
       }
     }
     const now = this.now();
@@ -448,7 +452,8 @@ export class CachedDev implements RequestHost, WritebackHost {
       if (state === BDEV_STATE_DIRTY && options.force !== true) {
         // The 2018 series' corruption: writes that went around a lost dirty
         // cache, then the stale dirty data written back over them.
-        throw new Error(
+        throw new OperationError(
+          'ENOENT',
           `Couldn't find uuid for ${bdev} in set: its superblock says dirty, so part of its data is only in ` +
             `cache set ${this.setUuid}; register that cache device to write it back, or force the attach ` +
             `to this set and lose that dirty data`,
@@ -458,7 +463,7 @@ export class CachedDev implements RequestHost, WritebackHost {
         log.warn(`${bdev}: attaching by force to ${cs.uuid}; dirty data in cache set ${this.setUuid} is abandoned`);
       }
       slot = cs.uuids.findEmpty();
-      if (slot < 0) throw new Error(`Not caching ${bdev}, no room for UUID`);
+      if (slot < 0) throw new OperationError('EINVAL', `Not caching ${bdev}, no room for UUID`);
       fresh = true;
     }
     const entry = cs.uuids.get(slot);
@@ -480,7 +485,7 @@ export class CachedDev implements RequestHost, WritebackHost {
       entry.lastReg = now;
       await cs.writeUuids();
     }
-    if (gone()) throw new Error(`Can't attach ${bdev}: shutting down`);
+    if (gone()) throw new OperationError('EINVAL', `Can't attach ${bdev}: shutting down`);
     const att = new Attachment(this, set, slot);
     this.attachment = att;
     set.devices.add(this);
@@ -693,10 +698,13 @@ export class CachedDev implements RequestHost, WritebackHost {
    * a device whose cache is absent, a CLEAN or DIRTY superblock becomes STALE.
    */
   run(): void {
-    if (this.runningFlag) throw new Error(`cached dev ${this.backingName} is running already`);
-    if (this.stopped) throw new Error(`${this.name}: stopped`);
+    if (this.runningFlag) throw new OperationError('EBUSY', `cached dev ${this.backingName} is running already`);
+    if (this.stopped) throw new OperationError('EIO', `${this.name}: stopped`);
     if (!this.attachment && this.state !== BDEV_STATE_NONE && this.state !== BDEV_STATE_STALE) {
-      throw new Error(`${this.backingName}: its cache set is not registered; force it with runStale()`);
+      throw new OperationError(
+        'EINVAL',
+        `${this.backingName}: its cache set is not registered; force it with runStale()`,
+      );
     }
     this.runningFlag = true;
     this.onRunning?.(this);
@@ -707,7 +715,7 @@ export class CachedDev implements RequestHost, WritebackHost {
 
   /** `echo 1 > running` on a device whose cache is missing: the superblock goes STALE ("inconsistent"). */
   async runStale(): Promise<void> {
-    if (this.runningFlag) throw new Error(`cached dev ${this.backingName} is running already`);
+    if (this.runningFlag) throw new OperationError('EBUSY', `cached dev ${this.backingName} is running already`);
     if (!this.attachment && this.state !== BDEV_STATE_NONE) {
       await this.updateSuperblock((sb) => {
         this.setState(sb, BDEV_STATE_STALE);

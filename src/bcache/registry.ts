@@ -42,6 +42,7 @@ import { log } from '../util/log.ts';
 import { CacheSet, type CacheSetOptions } from './cache-set.ts';
 import { parseUuidPrefix } from './sysfs/uuid-parse.ts';
 import { CachedDev, type CachedDevOptions, type CachedDevSettings } from './cached-dev.ts';
+import { OperationError } from './errors.ts';
 import { CacheAccounting } from './stats.ts';
 
 /** Cache set tunables that live above the engine core (bcache.md §3.2). */
@@ -153,16 +154,6 @@ export interface RegistryWatcher {
   setGone?(set: RegisteredSet): void;
 }
 
-/** A refused runtime operation, with the errno the kernel's sysfs store returns. */
-export class RegistryError extends Error {
-  readonly code: 'EINVAL' | 'EBUSY' | 'ENOENT' | 'EIO';
-  constructor(code: RegistryError['code'], message: string, options?: { cause?: unknown }) {
-    super(message, options);
-    this.name = 'RegistryError';
-    this.code = code;
-  }
-}
-
 export type Registered = { kind: 'cache'; set: RegisteredSet } | { kind: 'backing'; dev: CachedDev };
 
 export class Registry {
@@ -187,21 +178,31 @@ export class Registry {
 
   /**
    * Register a device (register_bcache). The registry owns it from then on
-   * (stopAll closes it); on failure it is closed and the error says why, in
-   * the kernel's words where it has them.
+   * (stopAll closes it); on failure it is closed and an OperationError says
+   * why, in the kernel's words where it has them, with the kernel's errno
+   * (EBUSY: the device is registered already; EINVAL otherwise, a failed
+   * bring-up of its cache set included).
    */
   async register(dev: BlockDevice): Promise<Registered> {
-    if (this.stopPromise) throw new Error('bcache is shutting down');
+    try {
+      return await this.registerDevice(dev);
+    } catch (err) {
+      throw err instanceof OperationError ? err : new OperationError('EINVAL', errorMessage(err), { cause: err });
+    }
+  }
+
+  private async registerDevice(dev: BlockDevice): Promise<Registered> {
+    if (this.stopPromise) throw new OperationError('EINVAL', 'bcache is shutting down');
     let sb: Superblock;
     try {
       sb = await CachedDev.readSuperblock(dev);
     } catch (err) {
       await dev.close().catch(() => undefined);
-      throw new Error(`error ${dev.name}: ${errorMessage(err)}`, { cause: err });
+      throw new OperationError('EINVAL', `error ${dev.name}: ${errorMessage(err)}`, { cause: err });
     }
     if (this.stopping()) {
       await dev.close().catch(() => undefined);
-      throw new Error('bcache is shutting down');
+      throw new OperationError('EINVAL', 'bcache is shutting down');
     }
     if (isBacking(sb)) return { kind: 'backing', dev: await this.registerBackingDevice(dev, sb) };
     return { kind: 'cache', set: await this.registerCache(dev, sb) };
@@ -210,7 +211,7 @@ export class Registry {
   private async registerBackingDevice(dev: BlockDevice, sb: Superblock): Promise<CachedDev> {
     if (this.devices.some((d) => !d.stopped && d.sb.uuid.equals(sb.uuid))) {
       await dev.close().catch(() => undefined);
-      throw new Error(`error ${dev.name}: device already registered`);
+      throw new OperationError('EBUSY', `error ${dev.name}: device already registered`);
     }
     const index = this.nextIndex++;
     const name = `bcache${index}`;
@@ -251,7 +252,7 @@ export class Registry {
     const uuid = formatUuid(sb.setUuid);
     if (this.sets.has(uuid)) {
       await dev.close().catch(() => undefined);
-      throw new Error(`error ${dev.name}: duplicate cache set member`);
+      throw new OperationError('EINVAL', `error ${dev.name}: duplicate cache set member`);
     }
     const holder: { set?: RegisteredSet } = {};
     const cs = await CacheSet.open(dev, {
@@ -263,7 +264,7 @@ export class Registry {
     if (this.stopping()) {
       // Stopped while the set came up: it is not ours to keep.
       await cs.stop();
-      throw new Error('bcache is shutting down');
+      throw new OperationError('EINVAL', 'bcache is shutting down');
     }
     const set = new RegisteredSet(cs);
     holder.set = set;
@@ -363,26 +364,26 @@ export class Registry {
 
   /**
    * Explicit attach (sysfs `attach`): the set named by `text`, parsed as
-   * bch_parse_uuid does. Throws RegistryError with the kernel's errno.
+   * bch_parse_uuid does. Throws OperationError with the kernel's errno: the
+   * attach's own refusals as they came, anything else (an I/O error) as
+   * EINVAL.
    */
   async attach(dev: CachedDev, text: string): Promise<void> {
     const uuid = parseUuidPrefix(text);
     if (uuid === undefined) {
-      throw new RegistryError('EINVAL', `attach: "${text.trim()}" is not a cache set uuid; write the set's uuid`);
+      throw new OperationError('EINVAL', `attach: "${text.trim()}" is not a cache set uuid; write the set's uuid`);
     }
     const set = this.sets.get(uuid);
     if (!set || set.gone) {
       log.error(`bcache: bch_cached_dev_attach() Can't attach ${text.trim()}: cache set not found`);
-      throw new RegistryError('ENOENT', `Can't attach ${text.trim()}: cache set not found`);
+      throw new OperationError('ENOENT', `Can't attach ${text.trim()}: cache set not found`);
     }
     try {
       await dev.attach(set);
     } catch (err) {
-      const message = errorMessage(err);
-      log.error(`bcache: bch_cached_dev_attach() ${message}`);
-      throw new RegistryError(message.startsWith("Couldn't find uuid") ? 'ENOENT' : 'EINVAL', message, {
-        cause: err,
-      });
+      log.error(`bcache: bch_cached_dev_attach() ${errorMessage(err)}`);
+      if (err instanceof OperationError) throw err;
+      throw new OperationError('EINVAL', errorMessage(err), { cause: err });
     }
   }
 
@@ -393,33 +394,35 @@ export class Registry {
    */
   async registerPath(path: string, options: { quiet?: boolean } = {}): Promise<Registered | undefined> {
     const open = this.options.open;
-    if (!open) throw new RegistryError('EINVAL', 'this registry cannot open devices by path');
-    if (this.stopping()) throw new RegistryError('EBUSY', 'bcache is shutting down');
+    if (!open) throw new OperationError('EINVAL', 'this registry cannot open devices by path');
+    if (this.stopping()) throw new OperationError('EBUSY', 'bcache is shutting down');
     let dev: BlockDevice;
     try {
       dev = await open(path);
     } catch (err) {
-      const busy = (err as { code?: unknown }).code === 'EBUSY';
+      // The open's own errno (a system error's code): EBUSY is an exclusive open refused.
+      const busy = err instanceof Error && 'code' in err && err.code === 'EBUSY';
       if (busy && options.quiet === true) return undefined;
       if (busy) {
         const ours =
           this.devices.some((d) => d.backingName === path) ||
           [...this.sets.values()].some((s) => s.cs.dev.name === path);
-        throw new RegistryError(
+        throw new OperationError(
           'EBUSY',
           `error ${path}: ${ours ? 'device already registered' : `device busy (${errorMessage(err)})`}`,
           { cause: err },
         );
       }
-      throw new RegistryError('EINVAL', `error ${path}: failed to open device: ${errorMessage(err)}`, { cause: err });
+      throw new OperationError('EINVAL', `error ${path}: failed to open device: ${errorMessage(err)}`, {
+        cause: err,
+      });
     }
     try {
       return await this.register(dev);
     } catch (err) {
-      const message = errorMessage(err);
-      const already = message.endsWith('device already registered');
-      if (already && options.quiet === true) return undefined;
-      throw new RegistryError(already ? 'EBUSY' : 'EINVAL', message, { cause: err });
+      // register()'s only EBUSY: the device is registered already, which register_quiet ignores.
+      if (err instanceof OperationError && err.code === 'EBUSY' && options.quiet === true) return undefined;
+      throw err;
     }
   }
 

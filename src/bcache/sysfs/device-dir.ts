@@ -9,7 +9,7 @@
 import { basename } from 'node:path';
 import { DEVICE_ATTRIBUTES } from '../attributes.ts';
 import type { CachedDev } from '../cached-dev.ts';
-import { RegistryError } from '../registry.ts';
+import { OperationError } from '../errors.ts';
 import { hprint } from '../stats.ts';
 import { statsDirs, type TreeContext } from './context.ts';
 import {
@@ -53,7 +53,7 @@ export function writebackRateDebug(dev: CachedDev, nowMs: number = Date.now()): 
 }
 
 function registryError(err: unknown): never {
-  if (err instanceof RegistryError) throw new SysfsError(err.code, err.message, { cause: err });
+  if (err instanceof OperationError) throw new SysfsError(err.code, err.message, { cause: err });
   throw err;
 }
 

@@ -11,7 +11,8 @@
 
 import { errorMessage, Worker } from '../../util/lifecycle.ts';
 import { log } from '../../util/log.ts';
-import { RegistryError, type Registry } from '../registry.ts';
+import { OperationError } from '../errors.ts';
+import type { Registry } from '../registry.ts';
 import type { CacheAccounting } from '../stats.ts';
 import { ACCOUNTING_INTERVAL_MS, AccountingViews } from './accounting.ts';
 import type { TreeContext } from './context.ts';
@@ -102,7 +103,7 @@ export class SysfsTree {
         try {
           await registry.registerPath(path, { quiet });
         } catch (err) {
-          if (err instanceof RegistryError) {
+          if (err instanceof OperationError) {
             log.info(`bcache: register_bcache() error ${path}: ${err.message}`);
             throw new SysfsError(err.code, err.message, { cause: err });
           }
