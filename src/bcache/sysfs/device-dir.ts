@@ -52,7 +52,8 @@ export function writebackRateDebug(dev: CachedDev, nowMs: number = Date.now()): 
   );
 }
 
-function registryError(err: unknown): never {
+/** An engine operation's refusal, as the sysfs store returns it. */
+function refused(err: unknown): never {
   if (err instanceof OperationError) throw new SysfsError(err.code, err.message, { cause: err });
   throw err;
 }
@@ -77,7 +78,7 @@ export function deviceDir(ctx: TreeContext, dev: CachedDev): SysfsDir {
       [
         'attach',
         wo(async (text) => {
-          await ctx.registry.attach(dev, text).catch(registryError);
+          await ctx.registry.attach(dev, text).catch(refused);
         }),
       ],
       [
@@ -100,7 +101,7 @@ export function deviceDir(ctx: TreeContext, dev: CachedDev): SysfsDir {
             if (parseUlong('running', text) === 0) return;
             if (dev.stopped) throw new SysfsError('EIO', `${dev.name} is stopping; register it again to run it`);
             if (dev.running) throw new SysfsError('EBUSY', `cached dev ${dev.backingName} is running already`);
-            await dev.runStale();
+            await dev.runStale().catch(refused);
           },
         ),
       ],
