@@ -15,6 +15,8 @@ import { formatAddress, NbdServer, type ListenTarget } from '../nbd/server.ts';
 import { deferred, errorMessage } from '../util/lifecycle.ts';
 import { log } from '../util/log.ts';
 import { CliError, parseCommandArgs, type Subcommand } from './common.ts';
+import { loadTls, parseTlsOptions, tlsHelp, TLS_OPTIONS } from './tls-options.ts';
+import type { ServerTlsSettings } from '../nbd/server-tls.ts';
 
 export const DEFAULT_LISTEN: ListenTarget = { host: '127.0.0.1', port: 10809 };
 
@@ -27,7 +29,8 @@ as an NBD export until SIGINT or SIGTERM.
 Options:
   --listen HOST:PORT   listen on TCP; default 127.0.0.1:10809 when no --socket
                        is given. Use 0.0.0.0:PORT or [::]:PORT to listen on all
-                       interfaces (there is no authentication). Repeatable.
+                       interfaces (without --tls there is no authentication).
+                       Repeatable.
   --socket PATH        listen on a unix socket. Repeatable.
   --name NAME          name of the next FILE's export, in order (default: the
                        file's base name; for a URI its export name, or
@@ -35,7 +38,7 @@ Options:
   --description TEXT   description of the next FILE's export, in order.
                        Repeatable.
   --read-only          serve every FILE read-only
-  -h, --help           show this help
+${tlsHelp(23)}  -h, --help           show this help
 
 The first FILE is also the default export (the empty name).
 
@@ -50,6 +53,7 @@ export interface ExportPlan {
   descriptions: (string | undefined)[];
   readOnly: boolean;
   listen: ListenTarget[];
+  tls: ServerTlsSettings;
 }
 
 const usageHint = "Run 'ubcache export --help' for the options.";
@@ -90,6 +94,7 @@ export function parseExportArgs(args: string[]): ExportPlan | 'help' {
       name: { type: 'string', multiple: true },
       description: { type: 'string', multiple: true },
       'read-only': { type: 'boolean' },
+      ...TLS_OPTIONS,
       help: { type: 'boolean', short: 'h' },
     },
     usageHint,
@@ -138,6 +143,7 @@ export function parseExportArgs(args: string[]): ExportPlan | 'help' {
     descriptions: files.map((_, i) => descriptions[i]),
     readOnly: v['read-only'] === true,
     listen,
+    tls: parseTlsOptions(v, usageHint),
   };
 }
 
@@ -183,10 +189,11 @@ export const run: Subcommand = async (args) => {
     process.stdout.write(HELP);
     return 0;
   }
+  const tls = loadTls(plan.tls);
   const configs = await openAll(plan);
   let server: NbdServer;
   try {
-    server = new NbdServer(configs);
+    server = new NbdServer(configs, tls ? { tls } : {});
   } catch (err) {
     for (const c of configs) await c.device.close().catch(() => undefined);
     throw new CliError(errorMessage(err));
@@ -225,7 +232,10 @@ export const run: Subcommand = async (args) => {
         await server.close();
         throw new CliError(errorMessage(err));
       }
-      log.info(`listening on ${formatAddress(bound)} (exports: ${exportList})`);
+      log.info(
+        `listening on ${formatAddress(bound)} (exports: ${exportList})` +
+          (tls ? `; TLS ${tls.required ? 'required' : 'offered'}: ${tls.describe}` : ''),
+      );
       if (shutdown.requested) break;
     }
     await stopped.promise;

@@ -55,6 +55,8 @@ import { deferred, errorMessage } from '../util/lifecycle.ts';
 import { log } from '../util/log.ts';
 import { CliError, parseCommandArgs, type Subcommand } from './common.ts';
 import { DEFAULT_LISTEN, parseListen } from './export.ts';
+import { loadTls, parseTlsOptions, tlsHelp, TLS_OPTIONS } from './tls-options.ts';
+import type { ServerTlsSettings } from '../nbd/server-tls.ts';
 
 const HELP = `Usage: ubcache serve [options] DEVICE...
 
@@ -71,7 +73,7 @@ Options:
                            authentication: listen on 0.0.0.0 only on a
                            trusted network.
   --socket PATH            listen on a unix socket. Repeatable.
-  --control PATH           the control socket (bcache's sysfs tree over HTTP,
+${tlsHelp(27)}  --control PATH           the control socket (bcache's sysfs tree over HTTP,
                            see ubcache ctl); default
                            $XDG_RUNTIME_DIR/ubcache/control.sock, else
                            /run/ubcache/control.sock. Mode 0600.
@@ -128,6 +130,7 @@ export interface SetOption {
 export interface ServePlan {
   devices: string[];
   listen: ListenTarget[];
+  tls: ServerTlsSettings;
   sets: SetOption[];
   control: string;
   metrics?: { host: string; port: number };
@@ -263,6 +266,7 @@ export function parseServeArgs(args: string[]): ServePlan | 'help' {
       fault: { type: 'string', multiple: true },
       'shutdown-timeout': { type: 'string' },
       'stop-timeout': { type: 'string' },
+      ...TLS_OPTIONS,
       help: { type: 'boolean', short: 'h' },
     },
     usageHint,
@@ -288,6 +292,7 @@ export function parseServeArgs(args: string[]): ServePlan | 'help' {
   const plan: ServePlan = {
     devices,
     listen,
+    tls: parseTlsOptions(v, usageHint),
     sets: (v.set ?? []).map(parseSetOption),
     control: v.control ?? defaultControlPath(),
     ...(faults.size > 0 ? { faults } : {}),
@@ -364,6 +369,8 @@ export const run: Subcommand = async (args) => {
     process.stdout.write(HELP);
     return 0;
   }
+  // Keys and certificates are read before any device is opened: a typo costs nothing.
+  const tls = loadTls(plan.tls);
   const bounds = stopBounds(plan.stopTimeoutMs);
   const registry = new Registry({
     ...configure(plan),
@@ -377,6 +384,7 @@ export const run: Subcommand = async (args) => {
     ownsDevices: false,
     allowEmpty: true,
     shutdownTimeoutMs: plan.shutdownTimeoutMs,
+    ...(tls ? { tls } : {}),
   });
   const control = new ControlServer({ tree, metrics: () => renderMetrics(registry, server.exports) });
   const stopped = deferred();
@@ -514,7 +522,10 @@ export const run: Subcommand = async (args) => {
         await stopAll();
         throw new CliError(errorMessage(err));
       }
-      log.info(`listening on ${formatAddress(bound)} (exports: ${exportList})`);
+      log.info(
+        `listening on ${formatAddress(bound)} (exports: ${exportList})` +
+          (tls ? `; TLS ${tls.required ? 'required' : 'offered'}: ${tls.describe}` : ''),
+      );
       if (requested()) break;
     }
     if (plan.metrics && !requested()) {

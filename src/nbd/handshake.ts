@@ -61,6 +61,13 @@ export interface HandshakeContext {
   setIdle(idle: boolean): void;
   /** Prefix for log lines, e.g. "connection 3". */
   readonly label: string;
+  /** TLS, when the server offers it (server-tls.ts). */
+  readonly tls?: {
+    /** Options other than STARTTLS and ABORT are refused (NBD_REP_ERR_TLS_REQD) until the client upgrades. */
+    readonly required: boolean;
+    /** Run the TLS handshake on the connection; haggling continues on what it returns. */
+    upgrade(): Promise<{ socket: Socket; reader: SocketReader }>;
+  };
 }
 
 export interface Negotiated {
@@ -89,10 +96,14 @@ function exportList(ctx: HandshakeContext): string {
  * ProtocolViolation or ConnectionClosed.
  */
 export async function negotiate(
-  socket: Socket,
-  reader: SocketReader,
+  plainSocket: Socket,
+  plainReader: SocketReader,
   ctx: HandshakeContext,
 ): Promise<Negotiated | undefined> {
+  // After NBD_OPT_STARTTLS both are the TLS socket's.
+  let socket = plainSocket;
+  let reader = plainReader;
+  let secure = false;
   const send = (buf: Buffer): void => {
     if (!socket.destroyed) socket.write(buf);
   };
@@ -139,6 +150,16 @@ export async function negotiate(
       continue;
     }
     const data = await reader.read(length);
+
+    if (ctx.tls?.required === true && !secure && option !== Opt.STARTTLS && option !== Opt.ABORT) {
+      if (option === Opt.EXPORT_NAME) {
+        // EXPORT_NAME cannot carry an error: the spec's answer is to hang up.
+        log.warn(`${ctx.label}: NBD_OPT_EXPORT_NAME in clear, but this server requires TLS; disconnecting`);
+        return undefined;
+      }
+      error(Rep.ERR_TLS_REQD, 'this server requires TLS: send NBD_OPT_STARTTLS first (an nbds:// URI)');
+      continue;
+    }
 
     if (ctx.isShuttingDown()) {
       if (option === Opt.ABORT) {
@@ -262,9 +283,32 @@ export async function negotiate(
         break;
       }
 
-      case Opt.STARTTLS:
-        error(Rep.ERR_UNSUP, 'TLS is not supported by this server; connect without TLS');
+      case Opt.STARTTLS: {
+        if (!ctx.tls) {
+          error(Rep.ERR_UNSUP, 'this server does not offer TLS (started without --tls); connect without TLS');
+          break;
+        }
+        if (secure) {
+          error(Rep.ERR_INVALID, 'TLS is already in use on this connection');
+          break;
+        }
+        if (data.length !== 0) {
+          error(Rep.ERR_INVALID, `NBD_OPT_STARTTLS takes no data but ${data.length} bytes were sent`);
+          break;
+        }
+        if (reader.bufferedBytes !== 0) {
+          // The client must wait for our answer before it starts TLS: bytes already here cannot be TLS.
+          throw new ProtocolViolation('client sent more data right after NBD_OPT_STARTTLS, before its answer');
+        }
+        reply(Rep.ACK);
+        ({ socket, reader } = await ctx.tls.upgrade());
+        secure = true;
+        // Whatever was negotiated in clear does not carry over into TLS (proto.md).
+        structuredReplies = false;
+        meta = undefined;
+        log.debug(`${ctx.label}: TLS established`);
         break;
+      }
 
       default:
         error(Rep.ERR_UNSUP, `${name} is not supported by this server`);

@@ -16,6 +16,7 @@ import { errorMessage, sleep } from '../util/lifecycle.ts';
 import { log } from '../util/log.ts';
 import { resolveExport, type Export, type ExportConfig } from './exports.ts';
 import { negotiate, ProtocolViolation, type HandshakeContext } from './handshake.ts';
+import { acceptTls, type ServerTls } from './server-tls.ts';
 import { ConnectionClosed, SocketReader } from './reader.ts';
 import { Transmission, type TransmissionOptions } from './transmission.ts';
 
@@ -28,8 +29,10 @@ export interface ServerOptions extends Partial<TransmissionOptions> {
    * request stuck in its device. Also the bound on closing each owned device.
    */
   shutdownTimeoutMs?: number;
-  /** How long a client may take from connecting to choosing an export (default 10 s). */
+  /** How long a client may take from connecting to choosing an export, TLS handshake included (default 10 s). */
   handshakeTimeoutMs?: number;
+  /** TLS (server-tls.ts: loadServerTls); without it NBD_OPT_STARTTLS is refused. */
+  tls?: ServerTls;
 }
 
 export type ListenTarget = { host: string; port: number } | { path: string };
@@ -45,7 +48,8 @@ let nextConnectionId = 1;
 class Connection {
   readonly id = nextConnectionId++;
   readonly label: string;
-  private readonly socket: Socket;
+  /** The client's socket; after NBD_OPT_STARTTLS, the TLS socket over it. */
+  private socket: Socket;
   private readonly server: NbdServer;
   private readonly options: ServerOptions;
   private reader: SocketReader | undefined;
@@ -76,9 +80,10 @@ class Connection {
   }
 
   private closed(): Promise<void> {
-    if (this.socket.destroyed) return Promise.resolve();
+    const socket = this.socket;
+    if (socket.destroyed) return Promise.resolve();
     return new Promise((resolve) =>
-      this.socket.once('close', () => {
+      socket.once('close', () => {
         resolve();
       }),
     );
@@ -103,6 +108,8 @@ class Connection {
     log.debug(`${this.label}: connected`);
     const reader = new SocketReader(this.socket);
     this.reader = reader;
+    // The handshake's reader now: the plain one, or the TLS socket's after NBD_OPT_STARTTLS.
+    const current = (): SocketReader => this.reader ?? reader;
     const ctx: HandshakeContext = {
       label: this.label,
       findExport: (name) => this.server.findExport(name),
@@ -111,6 +118,7 @@ class Connection {
       setIdle: (idle) => {
         this.handshakeIdle = idle;
       },
+      ...(this.options.tls ? { tls: this.tlsUpgrade(this.options.tls) } : {}),
     };
     // A client gets a bounded time to reach transmission (as qemu-nbd's --handshake-limit), so idle or
     // trickling connections cannot pile up.
@@ -119,7 +127,9 @@ class Connection {
     void sleep(limitMs, deadline.signal).then((expired) => {
       if (!expired) return;
       log.warn(`${this.label}: no export chosen within ${limitMs} ms; closing the connection`);
-      reader.fail(new ConnectionClosed('handshake timed out'));
+      // During the TLS handshake nothing reads: dropping the socket ends it.
+      if (this.upgrading) this.socket.destroy();
+      current().fail(new ConnectionClosed('handshake timed out'));
     });
     let negotiated;
     try {
@@ -129,7 +139,7 @@ class Connection {
       else if (!(err instanceof ConnectionClosed)) log.error(`${this.label}: handshake failed: ${errorMessage(err)}`);
       else if (!this.cancelled) log.debug(`${this.label}: ${err.message} during the handshake`);
       deadline.abort();
-      reader.detach();
+      current().detach();
       if (this.cancelled) {
         await this.endGracefully();
       } else {
@@ -139,7 +149,7 @@ class Connection {
       return;
     }
     deadline.abort();
-    const handover = reader.detach();
+    const handover = current().detach();
     this.reader = undefined;
     if (!negotiated) {
       // ABORT, a refused EXPORT_NAME, or shutdown: say nothing more, let the client close.
@@ -158,6 +168,38 @@ class Connection {
     if (this.server.shuttingDown || this.server.findExport(exp.name) !== exp) t.shutdown();
     await t.done;
     log.debug(`${this.label}: closed`);
+  }
+
+  private upgrading = false;
+
+  /** The handshake's TLS hook: swap the plain socket and reader for the TLS socket's. */
+  private tlsUpgrade(tls: ServerTls): NonNullable<HandshakeContext['tls']> {
+    return {
+      required: tls.required,
+      upgrade: async () => {
+        const plain = this.socket;
+        // The plain reader lets go of the socket: the TLS layer reads it from now on.
+        this.reader?.detach();
+        this.reader = undefined;
+        this.upgrading = true;
+        let secure;
+        try {
+          secure = await acceptTls(plain, tls);
+        } catch (err) {
+          log.warn(`${this.label}: TLS handshake failed (${tls.describe}): ${errorMessage(err)}`);
+          throw new ConnectionClosed(`TLS handshake failed: ${errorMessage(err)}`, { cause: err });
+        } finally {
+          this.upgrading = false;
+        }
+        secure.on('error', (err: Error) => {
+          log.debug(`${this.label}: ${err.message}`);
+        });
+        this.socket = secure;
+        const reader = new SocketReader(secure);
+        this.reader = reader;
+        return { socket: secure, reader };
+      },
+    };
   }
 
   /** Begin a graceful shutdown of this connection. */

@@ -46,7 +46,7 @@ export class TlsConfigError extends Error {
   }
 }
 
-const PSK_CIPHERS = [
+export const PSK_CIPHERS = [
   'TLS_AES_128_GCM_SHA256',
   'TLS_CHACHA20_POLY1305_SHA256',
   'ECDHE-PSK-CHACHA20-POLY1305',
@@ -57,7 +57,7 @@ const PSK_CIPHERS = [
   'PSK-CHACHA20-POLY1305',
 ].join(':');
 
-function readOrFail(path: string, what: string): Buffer {
+export function readOrFail(path: string, what: string): Buffer {
   try {
     return readFileSync(path);
   } catch (err) {

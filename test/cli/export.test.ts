@@ -15,6 +15,7 @@ test('with neither --listen nor --socket it listens on 127.0.0.1:10809 only', ()
     descriptions: [undefined],
     readOnly: false,
     listen: [{ host: '127.0.0.1', port: 10809 }],
+    tls: { mode: 'off' },
   });
   const p = parseExportArgs(['--socket', '/run/s', 'a']);
   assert.ok(p !== 'help');
