@@ -244,8 +244,20 @@ export function extentLive(k: Bkey): boolean {
  * kernel's "spotted extent"), an error.
  */
 export function leafView(bsets: readonly Bkey[][], nodeKey: Bkey, geo: NodeGeometry): Bkey[] {
-  let merged: Bkey[] = [];
-  for (const set of bsets) merged = mergeNewer(merged, normalizeSet(set));
+  // Later bsets win. Overriding is associative, so the sets merge pairwise
+  // in rounds (older with the next newer), as merge sort does: a leaf of many
+  // bsets costs its keys times log(bsets), not times bsets.
+  let sets = bsets.map(normalizeSet);
+  while (sets.length > 1) {
+    const next: Bkey[][] = [];
+    for (let i = 0; i < sets.length; i += 2) {
+      const older = sets[i] ?? [];
+      const newer = sets[i + 1];
+      next.push(newer ? mergeNewer(older, newer) : older);
+    }
+    sets = next;
+  }
+  const merged = sets[0] ?? [];
   const view: Bkey[] = [];
   for (const k of merged) {
     if (!extentLive(k)) continue;

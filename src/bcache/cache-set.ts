@@ -117,6 +117,9 @@ export type { SectorAllocation, AllocSectorsOptions } from './open-buckets.ts';
 /** Buckets set aside at bring-up for the btree rewrites of journal replay. */
 const REPLAY_POOL = 64;
 
+/** Node reads in flight while bring-up checks the btree (checkBtree). */
+const BTREE_CHECK_READS = 16;
+
 /** Keys journaled per entry by one insert call (an entry holds a bounded number). */
 const INSERT_CHUNK = 64;
 
@@ -452,14 +455,35 @@ export class CacheSet {
     this.allocator.releasePool();
   }
 
-  /** bch_btree_check(): read every node, checking it, and mark what it references. */
+  /**
+   * bch_btree_check(): read every node, checking it, and mark what it
+   * references. The reads of a node's children overlap, up to
+   * BTREE_CHECK_READS in flight over the whole tree (the kernel checks with
+   * several threads too): one at a time, a large cache's tree took seconds of
+   * bring-up waiting on each read in turn. Marking is a sum, so the order in
+   * which nodes arrive does not matter.
+   */
   private async checkBtree(rootKey: Bkey, rootLevel: number): Promise<void> {
     const b = this.buckets;
     const mark = (k: Bkey, level: number): void => {
       initialMarkKey(b, level, k);
     };
+    let inFlight = 0;
+    const queue: Array<() => void> = [];
+    const readNode = async (key: Bkey, level: number): Promise<BtreeNode> => {
+      if (inFlight >= BTREE_CHECK_READS) await new Promise<void>((resolve) => queue.push(resolve));
+      else inFlight++;
+      try {
+        return await this.btree.readNode(key, level, mark);
+      } finally {
+        // Hand the slot on, or free it.
+        const next = queue.shift();
+        if (next) next();
+        else inFlight--;
+      }
+    };
     const visit = async (key: Bkey, level: number, isRoot: boolean): Promise<void> => {
-      const node = await this.btree.readNode(key, level, mark);
+      const node = await readNode(key, level);
       if (isRoot) this.btree.setRoot(node);
       else this.btree.adopt(node);
       if (level === 0) {
@@ -474,7 +498,11 @@ export class CacheSet {
         }
         return;
       }
-      for (const child of node.keys) await visit(child, level - 1, false);
+      // Every child's visit ends before this one does, failed or not: nothing reads on after a failed check.
+      const children: Array<Promise<void>> = [];
+      for (const child of node.keys) children.push(visit(child, level - 1, false));
+      const results = await Promise.allSettled(children);
+      for (const r of results) if (r.status === 'rejected') throw r.reason;
     };
     initialMarkKey(b, rootLevel + 1, rootKey);
     await visit(rootKey, rootLevel, true);

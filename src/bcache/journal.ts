@@ -24,16 +24,18 @@
 // holding the newest entry, as the kernel does.
 
 import { keysU64s, type Bkey } from '../format/bkey.ts';
-import { BCACHE_JSET_VERSION, JSET_MAX_BYTES, MAX_CACHES_PER_SET } from '../format/constants.ts';
+import { BCACHE_JSET_VERSION, JSET_MAX_BYTES, MAX_CACHES_PER_SET, SECTOR_SIZE } from '../format/constants.ts';
 import { FormatError } from '../format/errors.ts';
 import {
   decodeJset,
   encodeJset,
   JSET_HEADER_BYTES,
   jsetBytes,
+  jsetMagic,
   missingJournalRanges,
   scanJournalBucket,
   selectReplayEntries,
+  type JournalBucketScan,
   type Jset,
 } from '../format/jset.ts';
 import { IoError } from '../blockdev/types.ts';
@@ -158,40 +160,124 @@ export class Journal {
     });
   }
 
-  /** Read the ring at bring-up: every bucket, then the kernel's selection rules. */
+  /**
+   * Read the ring at bring-up and pick the entries to replay by the kernel's
+   * rules (selectReplayEntries). Only the replayed entries need their keys: a
+   * ring of 256 buckets can hold hundreds of thousands of keys already in
+   * written nodes, and decoding them all was most of a large cache's bring-up.
+   *
+   * Reading the whole ring is needless too (a 256 GiB cache's is 128 MiB), so
+   * the first try reads one block of each bucket: its first entry's header
+   * (a bucket is always written from its start, so that is the oldest entry
+   * of the bucket's latest use). The bucket whose first entry is newest holds
+   * the newest entry; its last_seq says which buckets hold entries to replay,
+   * and only those are read whole and checked. Anything that does not add up
+   * (no entry where a header promised one, a gap in the seqs) falls back to
+   * reading and checking every bucket, as the kernel's linear search does;
+   * that path also gives the errors.
+   */
   static async read(
     io: CacheIo,
     ring: readonly number[],
     g: { bucketSize: number; blockSize: number; setMagic: bigint },
   ): Promise<JournalReadResult | undefined> {
-    // Every entry of the ring is checked, but only the ones replayed (from the
-    // newest entry's last_seq) need their keys: a ring of 256 buckets can hold
-    // hundreds of thousands of keys already in written nodes, and decoding
-    // them all was most of a large cache's bring-up. So the first pass reads
-    // headers, the second decodes the replayed entries from their buckets.
-    const all: Jset[] = [];
-    const where = new Map<Jset, { bucket: number; offset: number }>();
-    const bucketSeq: number[] = [];
-    const buf = Buffer.allocUnsafe(g.bucketSize * 512);
-    for (const bucket of ring) {
-      await io.read(buf, bucket * g.bucketSize);
-      const scan = scanJournalBucket(buf, { setMagic: g.setMagic, blockSize: g.blockSize, headerOnly: true });
-      let max = 0;
-      scan.entries.forEach((j, i) => {
-        all.push(j);
-        where.set(j, { bucket, offset: scan.offsets[i] ?? 0 });
-        max = Math.max(max, j.seq);
-      });
-      bucketSeq.push(max);
+    const first = await probeFirstSeqs(io, ring, g);
+    const byFirst = ring.map((_, i) => i).filter((i) => (first[i] ?? 0) > 0);
+    byFirst.sort((a, b) => (first[a] ?? 0) - (first[b] ?? 0));
+    const newestIdx = byFirst[byFirst.length - 1];
+    if (newestIdx !== undefined) {
+      const top = await Journal.scanBuckets(io, ring, g, [newestIdx]);
+      const newest = top.entries.reduce<Jset | undefined>((n, j) => (!n || j.seq > n.seq ? j : n), undefined);
+      if (newest) {
+        // The buckets whose entries may reach last_seq: those whose successor in seq order starts after it.
+        const window = byFirst.filter((idx, k) => {
+          const next = byFirst[k + 1];
+          return next === undefined || (first[next] ?? 0) > newest.lastSeq;
+        });
+        const got = await Journal.scanBuckets(io, ring, g, window);
+        // A bucket not read whole counts by its first entry: older than last_seq, it is free for reuse all the same.
+        const bucketSeq = ring.map((_, i) => got.maxSeq.get(i) ?? first[i] ?? 0);
+        const r = await Journal.pickReplay(io, g, got, bucketSeq, false);
+        if (r) return r;
+      }
     }
-    const headers = selectReplayEntries(all);
-    if (headers.length === 0) return undefined;
+    const all = await Journal.scanBuckets(
+      io,
+      ring,
+      g,
+      ring.map((_, i) => i),
+    );
+    return Journal.pickReplay(
+      io,
+      g,
+      all,
+      ring.map((_, i) => all.maxSeq.get(i) ?? 0),
+      true,
+    );
+  }
+
+  /** Scan the ring buckets at `indices` whole (as far as their entries go), JOURNAL_READS at a time. */
+  private static async scanBuckets(
+    io: CacheIo,
+    ring: readonly number[],
+    g: { bucketSize: number; blockSize: number; setMagic: bigint },
+    indices: readonly number[],
+  ): Promise<RingScan> {
+    const out: RingScan = { entries: [], where: new Map(), scanned: new Map(), maxSeq: new Map() };
+    for (let i = 0; i < indices.length; i += JOURNAL_READS) {
+      const batch = indices.slice(i, i + JOURNAL_READS);
+      const reads = await Promise.all(
+        batch.map((idx) => readJournalBucket(io, ring[idx] ?? 0, g).then((r) => ({ idx, ...r }))),
+      );
+      for (const { idx, scan, bytes } of reads) {
+        const bucket = ring[idx] ?? 0;
+        out.scanned.set(bucket, bytes);
+        let max = 0;
+        scan.entries.forEach((j, k) => {
+          out.entries.push(j);
+          out.where.set(j, { bucket, offset: scan.offsets[k] ?? 0 });
+          max = Math.max(max, j.seq);
+        });
+        out.maxSeq.set(idx, max);
+      }
+    }
+    return out;
+  }
+
+  /**
+   * The replay list from scanned headers: the entries decoded with their
+   * keys. undefined when there is nothing to replay, or (not `final`) when
+   * the seqs have a gap, for the caller to read the whole ring; `final`
+   * throws the kernel's "journal entries missing" instead.
+   */
+  private static async pickReplay(
+    io: CacheIo,
+    g: { bucketSize: number; setMagic: bigint },
+    s: RingScan,
+    bucketSeq: number[],
+    final: boolean,
+  ): Promise<JournalReadResult | undefined> {
+    const headers = selectReplayEntries(s.entries);
+    const last = headers[headers.length - 1];
+    if (!last) return undefined;
+    const gap = missingJournalRanges(headers)[0];
+    if (gap) {
+      if (!final) return undefined;
+      throw new FormatError(
+        'jset',
+        'seq',
+        `journal entries ${gap[0]}-${gap[1]} missing! (replaying ${last.lastSeq}-${last.seq})`,
+      );
+    }
     const replay: Jset[] = [];
     let loaded = -1;
+    let buf = Buffer.alloc(0);
     for (const h of headers) {
-      const at = where.get(h);
+      const at = s.where.get(h);
       if (!at) throw new Error(`journal: entry ${h.seq} lost its place`);
       if (at.bucket !== loaded) {
+        // As far as the scan found entries: every replayed entry lies within that.
+        buf = Buffer.allocUnsafe(s.scanned.get(at.bucket) ?? g.bucketSize * SECTOR_SIZE);
         await io.read(buf, at.bucket * g.bucketSize);
         loaded = at.bucket;
       }
@@ -199,15 +285,6 @@ export class Journal {
     }
     const newest = replay[replay.length - 1];
     if (!newest) return undefined;
-    const gaps = missingJournalRanges(replay);
-    const gap = gaps[0];
-    if (gap) {
-      throw new FormatError(
-        'jset',
-        'seq',
-        `journal entries ${gap[0]}-${gap[1]} missing! (replaying ${newest.lastSeq}-${newest.seq})`,
-      );
-    }
     return { replay, newest, bucketSeq };
   }
 
@@ -617,4 +694,82 @@ export class Journal {
 
 export function logReplay(keys: number, entries: number, seq: number): void {
   log.info(`bcache: bch_journal_replay() journal replay done, ${keys} keys in ${entries} entries, seq ${seq}`);
+}
+
+/** Headers and places of the entries found in some ring buckets. */
+interface RingScan {
+  entries: Jset[];
+  where: Map<Jset, { bucket: number; offset: number }>;
+  /** Bytes read of each bucket (its entries lie within them). */
+  scanned: Map<number, number>;
+  /** Highest seq found, by ring index (0: none). */
+  maxSeq: Map<number, number>;
+}
+
+/**
+ * The seq of each ring bucket's first entry, from one block read of each (0:
+ * no entry of this set there). Unchecked: the header alone says where to look;
+ * the buckets read whole afterwards are checked.
+ */
+async function probeFirstSeqs(
+  io: CacheIo,
+  ring: readonly number[],
+  g: { bucketSize: number; blockSize: number; setMagic: bigint },
+): Promise<number[]> {
+  const magic = jsetMagic(g.setMagic);
+  const bytes = Math.max(g.blockSize * SECTOR_SIZE, Math.ceil(JSET_HEADER_BYTES / SECTOR_SIZE) * SECTOR_SIZE);
+  const out: number[] = [];
+  for (let i = 0; i < ring.length; i += JOURNAL_READS * 4) {
+    const batch = ring.slice(i, i + JOURNAL_READS * 4);
+    const seqs = await Promise.all(
+      batch.map(async (bucket) => {
+        const buf = Buffer.allocUnsafe(bytes);
+        await io.read(buf, bucket * g.bucketSize);
+        if (buf.readBigUInt64LE(8) !== magic) return 0;
+        const seq = buf.readBigUInt64LE(16);
+        return seq > BigInt(Number.MAX_SAFE_INTEGER) ? 0 : Number(seq);
+      }),
+    );
+    out.push(...seqs);
+  }
+  return out;
+}
+
+/** Journal buckets read at once at bring-up. */
+const JOURNAL_READS = 8;
+
+/** The first read of a journal bucket: enough for the entries of a lightly used bucket. */
+const JOURNAL_READ_CHUNK = 64 * 1024;
+
+/**
+ * Scan one journal bucket, reading it only as far as its entries go: from a
+ * 64 KiB chunk, doubling while the scan runs into the end of what was read
+ * (an entry's header or body past it) and the bucket goes on. The scan stops
+ * at the first entry that fails its checks wherever it is, so the entries
+ * found are exactly those of a scan of the whole bucket. Returns the scan and
+ * the bytes read (sector-aligned).
+ */
+async function readJournalBucket(
+  io: CacheIo,
+  bucket: number,
+  g: { bucketSize: number; blockSize: number; setMagic: bigint },
+): Promise<{ scan: JournalBucketScan; bytes: number }> {
+  const bucketBytes = g.bucketSize * SECTOR_SIZE;
+  let len = Math.min(bucketBytes, JOURNAL_READ_CHUNK);
+  for (;;) {
+    const buf = Buffer.allocUnsafe(len);
+    await io.read(buf, bucket * g.bucketSize);
+    const scan = scanJournalBucket(buf, { setMagic: g.setMagic, blockSize: g.blockSize, headerOnly: true });
+    if (len >= bucketBytes) return { scan, bytes: len };
+    const at = scan.end.offset;
+    // Cut short by the chunk: the next header does not fit, or an entry runs past the chunk but not past the bucket.
+    let need = 0;
+    if (at + JSET_HEADER_BYTES > len) need = at + JSET_HEADER_BYTES;
+    else if (scan.end.reason === 'too big' && buf.readBigUInt64LE(at + 8) === jsetMagic(g.setMagic)) {
+      const entry = jsetBytes(buf.readUInt32LE(at + 28));
+      if (entry <= JSET_MAX_BYTES && at + entry <= bucketBytes) need = at + entry;
+    }
+    if (need === 0) return { scan, bytes: len };
+    len = Math.min(bucketBytes, Math.max(len * 2, Math.ceil(need / SECTOR_SIZE) * SECTOR_SIZE));
+  }
 }

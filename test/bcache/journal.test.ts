@@ -123,3 +123,80 @@ test('group commit: concurrent flushes share journal writes; a quiet journal wri
   await cs2.stop();
   assertNothingLeft();
 });
+
+/** A memory device that counts the bytes read inside [from, to). */
+class CountingDevice extends MemoryBlockDevice {
+  from = 0;
+  to = 0;
+  bytes = 0;
+  override read(buf: Buffer, offset: number): Promise<void> {
+    const end = Math.min(offset + buf.length, this.to);
+    if (end > Math.max(offset, this.from)) this.bytes += end - Math.max(offset, this.from);
+    return super.read(buf, offset);
+  }
+}
+
+test('bring-up reads the journal buckets it replays from, not the whole ring; a damaged newest bucket falls back to reading every bucket', async () => {
+  const dev = new CountingDevice(64 * MiB);
+  await formatCache(dev, { bucketSize: 8, blockSize: 1 });
+  const cs = await CacheSet.open(dev, { closeDevice: false, journalDelayMs: 0 });
+  const model = new IndexModel(1, 30000);
+  const rng = new Prng(11);
+  for (let i = 0; i < 1500; i++) {
+    const start = rng.below(29000);
+    const sectors = 1 + rng.below(8);
+    await writeExtent(cs, 0, start, sectors, i + 1, true, i % 7 === 0);
+    model.set(0, start, start + sectors, { seed: i + 1, dirty: true });
+  }
+  const ring = [...cs.journal.ring];
+  assert.ok(ring.length >= 64, `a ring of ${ring.length} buckets`);
+  assert.ok(cs.stats.journal.reclaimedBuckets > ring.length, 'the ring wrapped');
+  // A clean stop writes the nodes and a last entry that replays nothing older: the rest of the ring is history.
+  await cs.stop();
+  const image = dev.clone();
+  const counted = (): CountingDevice => {
+    const d = new CountingDevice(64 * MiB);
+    const buf = Buffer.alloc(64 * MiB);
+    image.readSync(buf, 0);
+    d.writeSync(buf, 0);
+    // The ring is contiguous after the superblock's bucket (the format puts it there).
+    d.from = Math.min(...ring) * 8 * 512;
+    d.to = (Math.max(...ring) + 1) * 8 * 512;
+    return d;
+  };
+  const ringBytes = ring.length * 8 * 512;
+
+  const d1 = counted();
+  const cs1 = await CacheSet.open(d1, { closeDevice: false });
+  const fastBytes = d1.bytes;
+  await checkRange(cs1, model, 0, 0, 30000);
+  await cs1.stop();
+  assert.ok(fastBytes < ringBytes / 4, `journal bytes read at bring-up: ${fastBytes} of a ${ringBytes}-byte ring`);
+
+  // Damage the first entry of the bucket whose first entry is newest: its header still says where to
+  // look, but its checksum fails, so the whole ring is read and the newest intact entry wins.
+  const magic = setMagic(cs.sb);
+  const buf = Buffer.alloc(8 * 512);
+  let newest = { bucket: -1, seq: 0 };
+  for (const b of ring) {
+    image.readSync(buf, b * 8 * 512);
+    const first = scanJournalBucket(buf, { setMagic: magic, blockSize: 1 }).entries[0];
+    if (first && first.seq > newest.seq) newest = { bucket: b, seq: first.seq };
+  }
+  assert.ok(newest.bucket >= 0);
+  const d2 = counted();
+  const byte = Buffer.alloc(1);
+  d2.readSync(byte, newest.bucket * 8 * 512 + 200);
+  byte[0] = (byte[0] ?? 0) ^ 0xff;
+  d2.writeSync(byte, newest.bucket * 8 * 512 + 200);
+  const cap2 = captureLog();
+  try {
+    const cs2 = await CacheSet.open(d2, { closeDevice: false });
+    assert.ok(d2.bytes > fastBytes, `the fallback read more of the ring (${d2.bytes} vs ${fastBytes} bytes)`);
+    assert.deepEqual(await cs2.btree.verify(), []);
+    await cs2.stop();
+  } finally {
+    cap2.restore();
+  }
+  assertNothingLeft();
+});
