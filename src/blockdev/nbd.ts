@@ -203,6 +203,15 @@ export class NbdBlockDevice implements BlockDevice {
   }
 
   stats(): BlockDeviceStats {
-    return { reconnects: this.client.reconnects, outageMs: this.client.outageMs, online: this.client.online };
+    return {
+      reconnects: this.client.reconnects,
+      outageMs: this.client.outageMs,
+      online: this.client.online,
+      outageTimeoutMs: this.client.outageTimeoutMs,
+    };
+  }
+
+  setOutageTimeout(ms: number): void {
+    this.client.outageTimeoutMs = ms;
   }
 }

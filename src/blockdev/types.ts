@@ -60,6 +60,8 @@ export interface BlockDeviceStats {
   outageMs: number;
   /** Connected and serving now: false during an outage, and once the device has failed for good. */
   online: boolean;
+  /** How long an outage may last before the device fails for good, in milliseconds (0: it never reconnects). */
+  outageTimeoutMs: number;
 }
 
 export interface BlockDevice {
@@ -97,6 +99,8 @@ export interface BlockDevice {
   isGone?(): Promise<boolean>;
   /** Connection counters, for devices that have a connection (/metrics). Optional. */
   stats?(): BlockDeviceStats;
+  /** Change the outage timeout (ms, above 0) of a device that has one; RangeError for a bad value. Optional. */
+  setOutageTimeout?(ms: number): void;
 }
 
 /** Throw EINVAL (or ENOSPC for writes) unless [offset, offset+length) lies within a device of `size` bytes. */

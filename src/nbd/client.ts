@@ -1370,7 +1370,8 @@ interface Outage {
   /** A continued outage waits before its first attempt: the server just dropped us again. */
   waitFirst: boolean;
   readonly abort: AbortController;
-  readonly deadline: NodeJS.Timeout;
+  /** Fires at since + outageTimeoutMs; re-armed when the timeout is changed during the outage. */
+  deadline: NodeJS.Timeout;
   loop: Promise<void> | undefined;
 }
 
@@ -1808,6 +1809,35 @@ export class NbdClient {
   /** Set once the client can serve no more requests (protocol violation, outage past its timeout, server shut down). */
   get failed(): IoError | undefined {
     return this.failure;
+  }
+
+  /** How long an outage may last before the client gives up, in ms (0: it never reconnects). */
+  get outageTimeoutMs(): number {
+    return this.opts.outageTimeoutMs;
+  }
+
+  /**
+   * Change the outage timeout at run time (sysfs). An outage in progress gets
+   * the new deadline, counted from its start. 0 (never reconnect) is only for
+   * opening: a client that keeps no replay log cannot start riding out outages.
+   */
+  set outageTimeoutMs(ms: number) {
+    if (!Number.isSafeInteger(ms) || ms <= 0)
+      throw new RangeError(`outage timeout ${ms} ms: expected a whole number above 0`);
+    if (this.opts.outageTimeoutMs <= 0) {
+      throw new RangeError('this client was opened with outage-timeout=0 and does not reconnect');
+    }
+    this.opts.outageTimeoutMs = ms;
+    const o = this.outage;
+    if (o) {
+      clearTimeout(o.deadline);
+      o.deadline = setTimeout(
+        () => {
+          this.outageExpired(o);
+        },
+        Math.max(0, o.since + ms - performance.now()),
+      );
+    }
   }
 
   /** Outages survived: reconnects that brought the client back. */

@@ -13,6 +13,7 @@ import { NbdBlockDevice } from '../../src/blockdev/nbd.ts';
 import { MemoryBlockDevice } from '../../src/blockdev/memory.ts';
 import { IoError } from '../../src/blockdev/types.ts';
 import { Registry } from '../../src/bcache/registry.ts';
+import { SysfsTree } from '../../src/bcache/sysfs/tree.ts';
 import { sparseFile, tempDir } from '../helpers/daemon.ts';
 import { watchLog } from '../helpers/log-watch.ts';
 import { startNbdkit, tools, type ChildServer } from '../helpers/nbd-servers.ts';
@@ -187,6 +188,16 @@ test(
       assert.ok(ob.kind === 'backing' && ob.dev.running);
       const dev = b.dev;
       await dev.setCacheMode(1);
+      // The outage timeout and counters in the device's sysfs directory; the timeout can be changed live.
+      const tree = new SysfsTree(registry);
+      const attr = (name: string): string => tree.read(`/sys/block/bcache0/bcache/${name}`);
+      assert.equal(attr('backing_outage_timeout_ms'), '800\n', 'from the URI');
+      await tree.write('/sys/block/bcache0/bcache/backing_outage_timeout_ms', '600');
+      assert.equal(attr('backing_outage_timeout_ms'), '600\n');
+      await assert.rejects(tree.write('/sys/block/bcache0/bcache/backing_outage_timeout_ms', '0'), /above 0/);
+      assert.equal(attr('backing_reconnects'), '0\n');
+      assert.equal(attr('backing_outage_ms'), '0\n');
+      assert.ok(!tree.list('/sys/block/bcache1/bcache').includes('backing_outage_timeout_ms'), 'local: none');
       const dirty = pattern(40, 0, 64);
       await dev.device.write(dirty, 0);
       await dev.device.flush();
@@ -200,10 +211,11 @@ test(
       // A miss waits for the server, then fails with the outage's EIO.
       await assert.rejects(dev.device.read(Buffer.alloc(4096), 4 * MiB), (err: unknown) => {
         assert.ok(err instanceof IoError && err.code === 'EIO', String(err));
-        assert.match(err.message, /outage timeout/);
+        assert.match(err.message, /unreachable for 0\.6 s \(outage timeout\)/);
         return true;
       });
       assert.equal(await backing.isGone(), true);
+      assert.ok(Number(attr('backing_outage_ms')) >= 500, `outage ${attr('backing_outage_ms')} ms`);
       await watch.waitFor(/device offline for \d+ seconds/);
       await watch.waitFor(/disable I\/O request due to backing device offline/);
       await dev.stop();

@@ -124,6 +124,30 @@ export function deviceDir(ctx: TreeContext, dev: CachedDev): SysfsDir {
       ...statsDirs(ctx, () => dev.stats),
     ];
     if (dev.running) entries.push(['dev', link(`/sys/block/${dev.name}`)]);
+    // ubcache's own, for a backing device reached over a network (an NBD URI): its outages.
+    const backing = dev.backing;
+    if (backing.stats && backing.setOutageTimeout) {
+      const stats = backing.stats.bind(backing);
+      const setTimeout = backing.setOutageTimeout.bind(backing);
+      entries.push(
+        [
+          'backing_outage_timeout_ms',
+          rw(
+            () => String(stats().outageTimeoutMs),
+            (text) => {
+              try {
+                setTimeout(parseUlong('backing_outage_timeout_ms', text));
+              } catch (err) {
+                if (err instanceof RangeError) throw new SysfsError('EINVAL', err.message);
+                throw err;
+              }
+            },
+          ),
+        ],
+        ['backing_reconnects', ro(() => String(stats().reconnects))],
+        ['backing_outage_ms', ro(() => String(Math.round(stats().outageMs)))],
+      );
+    }
     const att = dev.attachment;
     if (att) entries.push(['cache', link(`/sys/fs/bcache/${att.set.uuid}`)]);
     return entries;
