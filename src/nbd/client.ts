@@ -713,8 +713,12 @@ interface ConnectionOwner {
   readonly retry: boolean;
   /** The connection settled a request (`replied`: the server answered it) or finished draining: queued work may move. */
   onProgress(conn: Connection, replied: boolean): void;
-  /** The server broke the protocol: the connection failed its requests with `err`. */
-  onFailure(conn: Connection, err: IoError): void;
+  /**
+   * The server broke the protocol: the connection failed its requests in
+   * flight with `err`. With retry, `unsent` (queued, never sent: nothing of the
+   * server's touched them) are the owner's to keep; without, they failed too.
+   */
+  onFailure(conn: Connection, err: IoError, unsent: Request[]): void;
   /** The connection was lost (retry only): `reqs` were in flight or queued on it, rearmed and not settled. */
   onLost(conn: Connection, reqs: Request[], why: string): void;
   /** `req` got ESHUTDOWN: true if the owner took it back to send again (it is not settled), false to fail it. */
@@ -831,22 +835,29 @@ class Connection implements ReadSink {
   /** Drop the connection: everything in flight and queued fails with EIO saying why. */
   fail(reason: string): void {
     if (this.state === 'failed' || this.state === 'closed') return;
-    const pending = this.inflight.size + this.queued;
+    const unsent: Request[] = [];
+    for (const req of this.queue.slice(this.queueHead)) if (req) unsent.push(req);
+    const failing = this.inflight.size + (this.owner.retry ? 0 : unsent.length);
     const err = new IoError(
       'EIO',
-      `${this.label}: ${reason}` + (pending > 0 ? `; ${pending} request(s) on this connection failed` : ''),
+      `${this.label}: ${reason}` + (failing > 0 ? `; ${failing} request(s) on this connection failed` : ''),
     );
     this.state = 'failed';
     this.failure = err;
     this.current = undefined;
+    this.direct = undefined;
     this.socket.destroy();
-    const reqs = [...this.inflight.values(), ...this.queue.slice(this.queueHead)];
+    const reqs = [...this.inflight.values()];
     this.inflight.clear();
     this.inflightBytes = 0;
     this.queue = [];
     this.queueHead = 0;
-    for (const req of reqs) if (req) this.settle(req, err);
-    this.owner.onFailure(this, err);
+    for (const req of reqs) this.settle(req, err);
+    if (!this.owner.retry) {
+      for (const req of unsent) this.settle(req, err);
+      unsent.length = 0;
+    }
+    this.owner.onFailure(this, err, unsent);
   }
 
   private canSend(req: Request): boolean {
@@ -1497,8 +1508,8 @@ export class NbdClient {
         if (replied) this.probation = undefined;
         conn.pump();
       },
-      onFailure: (conn, err) => {
-        this.onConnectionFailure(conn, err);
+      onFailure: (conn, err, unsent) => {
+        this.onConnectionFailure(conn, err, unsent);
       },
       onLost: (conn, reqs, why) => {
         this.onLost(conn, reqs, why);
@@ -1514,11 +1525,14 @@ export class NbdClient {
   }
 
   /** The server broke the protocol: no reconnecting to it. */
-  private onConnectionFailure(conn: Connection, err: IoError): void {
-    if (this.closing) return;
-    if (this.failure) return;
+  private onConnectionFailure(conn: Connection, err: IoError, unsent: Request[]): void {
+    if (this.closing || this.failure) {
+      for (const req of unsent) settleOnce(req, this.refusal() ?? err);
+      return;
+    }
     log.warn(err.message);
     if (this.opts.outageTimeoutMs > 0) {
+      this.keep(unsent);
       // What was in flight on it failed (its replies cannot be trusted); the rest waits for a fresh
       // connection. A server that breaks the protocol every time ends as an outage past its timeout.
       this.startOutage(`the server broke the protocol (${err.message})`);
@@ -1662,7 +1676,11 @@ export class NbdClient {
       o.attempts++;
       try {
         await this.reopen(signal);
-        if (aborted(signal)) return;
+        if (aborted(signal)) {
+          // Closed or given up while connecting: what reopen() adopted must not stay open.
+          for (const c of this.conns) c.drain();
+          return;
+        }
         // The replay can break the new connections again (a lost or misbehaving server): try again.
         if (this.live().length === 0) throw new ConnectionLost('the new connection was lost before it served');
         this.resume(o);
@@ -2132,6 +2150,8 @@ export class NbdClient {
       for (const req of this.held.splice(0)) this.place(req);
       for (const c of this.conns) c.drain();
       await o?.loop;
+      // A reconnect cut short may have adopted connections after the drain above.
+      for (const c of this.conns) c.drain();
       await Promise.all(this.conns.map((c) => c.closed));
     })();
     return this.closing;

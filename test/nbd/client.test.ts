@@ -776,6 +776,28 @@ test('handshake: GO unsupported falls back to EXPORT_NAME; oldstyle, silence and
   }
 });
 
+test('close() while the server is gone: what waits fails with ESHUTDOWN, reconnecting stops, close returns', async () => {
+  using tmp = tempDir();
+  const srv = await startFakeServer(tmp.dir, {
+    onRequest: (_req, conn) => {
+      conn.socket.destroy();
+    },
+  });
+  const c = await NbdClient.connect(srv.uri, { outageTimeoutMs: 60_000 });
+  try {
+    const waiting = c.read(Buffer.alloc(512), 0);
+    // The server hangs up on every request: the read waits in an outage that would last a minute.
+    await srv.close();
+    const closing = c.close();
+    // Whether the loss or the close() is seen first, the waiting read ends with ESHUTDOWN, once.
+    await rejectsWith(waiting, 'ESHUTDOWN', /the client (is closed|was closed while the server was unreachable)/);
+    await closing;
+    assert.equal(c.online, false);
+  } finally {
+    await c.close();
+  }
+});
+
 test('no unhandled rejections were left behind by any of the above', async () => {
   await new Promise((resolve) => setImmediate(resolve));
   assert.deepEqual(unhandled, []);
