@@ -26,6 +26,10 @@ const subcommands: Record<string, Entry> = {
     summary: "read and write a running serve's bcache sysfs attributes",
     load: async () => (await import('./ctl.ts')).run,
   },
+  flush: {
+    summary: "write a cache's dirty data back to its backing devices, offline",
+    load: async () => (await import('./flush.ts')).run,
+  },
   'show-super': {
     summary: "print a device's bcache superblock (bcache-super-show)",
     load: async () => (await import('./show-super.ts')).run,
