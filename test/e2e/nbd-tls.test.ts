@@ -4,7 +4,7 @@
 // PSK made by psktool and with X.509 certificates made by certtool (client
 // certificates checked with --tls-verify-peer); --tls=on serves both; bad
 // settings are refused before anything is opened; `ubcache serve` speaks TLS
-// the same way.
+// the same way, and reaches a backing device behind nbdkit --tls=require.
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -14,6 +14,7 @@ import { join } from 'node:path';
 import { NbdClient } from '../../src/nbd/client.ts';
 import { have, run, sparseFile, startExport, tempDir, ubcache } from '../helpers/daemon.ts';
 import { makeCertificates, makePskFile, tlsTools } from '../helpers/tls-certs.ts';
+import { startNbdkit, tools } from '../helpers/nbd-servers.ts';
 import { makeImages, startServe } from './serve-helpers.ts';
 
 const MiB = 1024 * 1024;
@@ -206,6 +207,41 @@ test(
       assert.ok(readFileSync(back).subarray(0, data.length).equals(data));
     } finally {
       await s.daemon.stop().finally(() => s.daemon.kill());
+    }
+  },
+);
+
+test(
+  'a backing device behind nbdkit --tls=require: make -B and serve over an nbds+unix URI with a PSK; the data reaches the server',
+  { skip: skipPsk || (!tools.nbdkit && 'nbdkit is not installed') },
+  async () => {
+    using tmp = tempDir();
+    const keys = makePskFile(tmp.dir, ['alice']);
+    const backing = sparseFile(join(tmp.dir, 'backing.img'), 32 * MiB);
+    const cache = sparseFile(join(tmp.dir, 'cache.img'), 64 * MiB);
+    const srv = await startNbdkit(tmp.dir, ['--tls=require', `--tls-psk=${keys}`, 'file', backing]);
+    const remote = tlsUri(srv.socket, '', { 'tls-psk-file': keys }, 'alice');
+    try {
+      const made = ubcache(['make', '-b', '64k', '-C', cache, '-B', remote]);
+      assert.equal(made.status, 0, made.stderr);
+      const s = await startServe(tmp.dir, ['--set', 'bcache0.cache_mode=writethrough', cache, remote]);
+      const data = randomBytes(MiB);
+      const src = join(tmp.dir, 'src.bin');
+      writeFileSync(src, data);
+      try {
+        await run('nbdcopy', ['--flush', src, s.uri()]);
+      } finally {
+        await s.daemon.stop().finally(() => s.daemon.kill());
+      }
+      // Writethrough: on the server's file, after the backing superblock's 8 KiB.
+      assert.ok(
+        readFileSync(backing)
+          .subarray(8192, 8192 + MiB)
+          .equals(data),
+        'the data went over TLS to the file',
+      );
+    } finally {
+      await srv.stop();
     }
   },
 );
