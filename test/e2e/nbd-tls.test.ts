@@ -1,7 +1,8 @@
 // TLS on ubcache's own server, end to end with the built command and
 // libnbd's tools: `ubcache export --tls=require` refuses a client in clear
 // with NBD_REP_ERR_TLS_REQD and serves nbdinfo and nbdcopy over TLS, with a
-// PSK made by psktool and with X.509 certificates made by certtool (client
+// PSK made by psktool and with X.509 certificates made by certtool (fio too,
+// with X.509: its nbd engine refuses the URI's tls-psk-file; client
 // certificates checked with --tls-verify-peer); --tls=on serves both; bad
 // settings are refused before anything is opened; `ubcache serve` speaks TLS
 // the same way, and reaches a backing device behind nbdkit --tls=require.
@@ -9,7 +10,8 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
-import { readFileSync, writeFileSync } from 'node:fs';
+import { execFile } from 'node:child_process';
+import { copyFileSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { NbdClient } from '../../src/nbd/client.ts';
 import { have, run, sparseFile, startExport, tempDir, ubcache } from '../helpers/daemon.ts';
@@ -32,6 +34,16 @@ function tlsUri(socket: string, name: string, params: Record<string, string>, us
     .map(([k, v]) => `&${k}=${encodeURIComponent(v)}`)
     .join('');
   return `nbds+unix://${user === undefined ? '' : `${user}@`}/${name}?socket=${encodeURIComponent(socket)}${q}`;
+}
+
+/** Run a command with its own environment; its stdout. */
+function runWithEnv(cmd: string, args: string[], env: NodeJS.ProcessEnv): Promise<string> {
+  return new Promise((resolve, reject) => {
+    execFile(cmd, args, { env, maxBuffer: 16 * 1024 * 1024 }, (err, stdout, stderr) => {
+      if (err) reject(new Error(`${cmd} failed: ${err.message}\n${stderr}`));
+      else resolve(stdout);
+    });
+  });
 }
 
 /** Run a command expected to fail; its stderr. */
@@ -112,6 +124,38 @@ test(
         const uri = tlsUri(srv.socket, 'disk.img', { 'tls-certificates': certs.caOnlyDir });
         assert.match(await run('nbdinfo', [uri]), /with TLS/);
         await copyThrough(tmp.dir, uri, disk);
+        if (have('fio')) {
+          // fio's nbd engine refuses URI parameters naming local files, so libnbd finds the CA in its
+          // default directory ($HOME/.pki/libnbd); HOME points at one made here.
+          const home = join(tmp.dir, 'home');
+          mkdirSync(join(home, '.pki', 'libnbd'), { recursive: true });
+          copyFileSync(join(certs.caOnlyDir, 'ca-cert.pem'), join(home, '.pki', 'libnbd', 'ca-cert.pem'));
+          const out = await runWithEnv(
+            'fio',
+            [
+              '--name=tls',
+              '--ioengine=nbd',
+              `--uri=nbds+unix:///disk.img?socket=${srv.socket}`,
+              '--rw=randwrite',
+              '--bs=4k',
+              '--size=8M',
+              '--iodepth=16',
+              '--verify=crc32c',
+              '--do_verify=1',
+              '--verify_fatal=1',
+              '--verify_state_save=0',
+              '--output-format=json',
+              `--directory=${tmp.dir}`,
+            ],
+            { ...process.env, HOME: home },
+          );
+          const json = JSON.parse(out.slice(out.indexOf('{'))) as { jobs: { error: number }[] };
+          assert.deepEqual(
+            json.jobs.map((j) => j.error),
+            [0],
+            'fio over TLS: every block verified',
+          );
+        }
         // ubcache's client verifies the server's chain: trusting another CA, it refuses the server.
         await assert.rejects(
           NbdClient.connect(tlsUri(srv.socket, 'disk.img', { 'tls-certificates': certs.otherCaDir })),
