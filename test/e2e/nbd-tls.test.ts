@@ -111,7 +111,7 @@ test(
 );
 
 test(
-  'export --tls=require --tls-certificates: nbdinfo and nbdcopy verify the server by its CA; --tls-verify-peer wants a client certificate',
+  'export --tls=require --tls-certificates: nbdinfo, nbdcopy and fio verify the server by its CA; --tls-verify-peer wants a client certificate',
   { skip: skipX509 },
   async () => {
     using tmp = tempDir();
