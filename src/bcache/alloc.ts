@@ -27,6 +27,7 @@ import {
   INITIAL_PRIO,
   type Buckets,
 } from './buckets.ts';
+import { defined } from '../util/assert.ts';
 import { Fifo } from './fifo.ts';
 import type { CacheIo } from './io.ts';
 
@@ -226,7 +227,7 @@ export class Allocator {
    */
   private serveWaiters(): void {
     for (let i = 0; i < this.waiters.length;) {
-      const w = this.waiters[i] as { reserve: Reserve; d: Deferred<number> };
+      const w = defined(this.waiters[i], 'i < waiters.length');
       const r = this.take(w.reserve);
       if (r < 0) {
         i++;

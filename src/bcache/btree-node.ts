@@ -41,6 +41,7 @@ import {
 } from '../format/bset.ts';
 import { BCACHE_BSET_VERSION, SECTOR_SIZE } from '../format/constants.ts';
 import { FormatError, hex } from '../format/errors.ts';
+import { defined } from '../util/assert.ts';
 import { mergeNewer, normalizeSet } from './extents.ts';
 import { KeyList } from './keylist.ts';
 
@@ -117,7 +118,7 @@ export class BtreeNode {
   }
 
   get bucketSector(): number {
-    return (this.key.ptrs[0] as { offset: number }).offset;
+    return defined(this.key.ptrs[0], 'a node key has a pointer').offset;
   }
 
   get dirty(): boolean {
@@ -294,13 +295,10 @@ export function interiorView(
   for (let i = 0; i < all.length;) {
     let j = i;
     let pick: Bkey | undefined;
-    const first = (all[i] as { k: Bkey }).k;
-    while (
-      j < all.length &&
-      posCmp((all[j] as { k: Bkey }).k.inode, (all[j] as { k: Bkey }).k.offset, first.inode, first.offset) === 0
-    ) {
-      const k = (all[j] as { k: Bkey }).k;
-      j++;
+    const first = defined(all[i], 'i < all.length').k;
+    for (; j < all.length; j++) {
+      const k = defined(all[j], 'j < all.length').k;
+      if (posCmp(k.inode, k.offset, first.inode, first.offset) !== 0) break;
       if (k.inode === 0 && k.offset === 0) continue;
       if (k.ptrs.length === 0 || !k.ptrs.every(ptrAvailable)) continue;
       if (btreePtrInvalid(k, geo.cache)) {

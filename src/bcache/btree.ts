@@ -24,8 +24,9 @@
 // pins of the nodes it replaced when it swaps them out: from then on every
 // journal entry carries the new root, whose nodes are already durable.
 
-import { bkeyU64s, keyText, makeKey, makePtr, MAX_KEY, posCmp, type Bkey, type BkeyPtr } from '../format/bkey.ts';
+import { bkeyU64s, keyText, makeKey, makePtr, MAX_KEY, posCmp, type Bkey } from '../format/bkey.ts';
 import { FormatError } from '../format/errors.ts';
+import { defined } from '../util/assert.ts';
 import { log } from '../util/log.ts';
 import { RwLock } from '../util/rwlock.ts';
 import type { Buckets } from './buckets.ts';
@@ -208,8 +209,8 @@ export class Btree {
     }
     clean.sort((a, b) => a.lastUse - b.lastUse);
     const excess = this.leafCount - this.cacheLeaves + Math.floor(this.cacheLeaves / 8);
-    for (let i = 0; i < excess && i < clean.length; i++) {
-      this.uncacheNode(clean[i] as BtreeNode);
+    for (const n of clean.slice(0, Math.max(0, excess))) {
+      this.uncacheNode(n);
       this.stats.evictions++;
     }
   }
@@ -463,7 +464,7 @@ export class Btree {
       const s = Math.max(ks, start);
       const e = Math.min(k.offset, end);
       if (s > cursor) hole(s);
-      const p = k.ptrs[0] as BkeyPtr;
+      const p = defined(k.ptrs[0], 'a key in a leaf view has a pointer');
       let stale = false;
       for (const q of k.ptrs) if (buckets.stale(q) > 0) stale = true;
       if (stale) hole(e);
@@ -639,7 +640,7 @@ export class Btree {
     if (!this.lock.tryWrite()) return keys.slice();
     try {
       for (let i = 0; i < keys.length; i++) {
-        const key = keys[i] as Bkey;
+        const key = defined(keys[i], 'i < keys.length');
         let rest: Bkey | undefined = key.size > 0 ? key : undefined;
         while (rest) {
           const path = this.leafPathNow(rest.inode, rest.offset - rest.size);
@@ -725,7 +726,7 @@ export class Btree {
     let spare: number[] = [];
     try {
       for (let ki = 0; ki < keys.length; ki++) {
-        const key = keys[ki] as Bkey;
+        const key = defined(keys[ki], 'ki < keys.length');
         let rest: Bkey | undefined = key.size > 0 ? key : undefined;
         while (rest) {
           await this.takeWrite();
@@ -733,7 +734,7 @@ export class Btree {
           try {
             const s = rest.offset - rest.size;
             const path = await this.leafPath(rest.inode, s);
-            const leaf = path[path.length - 1] as BtreeNode;
+            const leaf = leafOf(path);
             let piece = rest;
             let next: Bkey | undefined;
             if (posCmp(rest.inode, rest.offset, leaf.key.inode, leaf.key.offset) > 0) {
@@ -813,13 +814,13 @@ export class Btree {
       return n;
     };
     let level = path.length - 1;
-    let old = path[level] as BtreeNode;
+    let old = leafOf(path);
     // A rewrite drops stale keys for good (GC relies on it to keep gens from wrapping).
     let keys = old.isLeaf ? leafKeys.filter((k) => !k.ptrs.some((q) => buckets.stale(q) > 0)) : leafKeys;
     let repl = this.splitKeys(keys, old.level, old.key, make);
     if (repl.length > 1) this.stats.splits++;
     while (level > 0) {
-      const parent = path[level - 1] as BtreeNode;
+      const parent = defined(path[level - 1], 'a path holds every level from the root down');
       const pkeys = parent.keys.toArray();
       const at = pkeys.findIndex((k) => posCmp(k.inode, k.offset, old.key.inode, old.key.offset) === 0);
       if (at < 0) throw new Error(`btree: node ${keyText(old.key)} not found in its parent`);
@@ -831,7 +832,7 @@ export class Btree {
       if (repl.length > 1) this.stats.splits++;
     }
     let newRoot: BtreeNode;
-    if (repl.length === 1) newRoot = repl[0] as BtreeNode;
+    if (repl.length === 1) newRoot = defined(repl[0], 'repl has one node');
     else {
       newRoot = make(
         old.level + 1,
@@ -893,9 +894,9 @@ export class Btree {
     }
     let acc = 0;
     let i = 0;
-    while (i < keys.length - 1 && acc < (u64s * 3) / 5) acc += bkeyU64s(keys[i++] as Bkey);
+    while (i < keys.length - 1 && acc < (u64s * 3) / 5) acc += bkeyU64s(defined(keys[i++], 'i < keys.length - 1'));
     const first = keys.slice(0, i);
-    const last = first[first.length - 1] as Bkey;
+    const last = defined(first[first.length - 1], 'a split leaves keys in its first node');
     return [make(level, makeKey(last.inode, last.offset, 0), first), make(level, position, keys.slice(i))];
   }
 
@@ -924,7 +925,7 @@ export class Btree {
             if (spare.length < need) return false;
             continue;
           }
-          const leaf = path[path.length - 1] as BtreeNode;
+          const leaf = leafOf(path);
           const old = await this.rewrite(path, leaf.keys.toArray(), spare);
           this.lock.releaseWrite();
           locked = false;
@@ -938,4 +939,9 @@ export class Btree {
       for (const b of spare) this.host.returnNodeBucket(b);
     }
   }
+}
+
+/** The last node of a path from the root: the leaf (a path is never empty, it starts at the root). */
+function leafOf(path: readonly BtreeNode[]): BtreeNode {
+  return defined(path[path.length - 1], 'a path from the root is never empty');
 }

@@ -43,6 +43,7 @@ import {
   SECTOR_SIZE,
 } from '../format/constants.ts';
 import { deferred, errorMessage, Notifier, sleep, Worker, type Deferred, type RefCount } from '../util/lifecycle.ts';
+import { defined } from '../util/assert.ts';
 import { msLeft, settledWithin } from '../util/deadline.ts';
 import { log } from '../util/log.ts';
 import type { BackingIo } from './backing.ts';
@@ -460,7 +461,7 @@ export class RequestPath {
     let win: Window | undefined;
     let ra: Readahead | undefined;
     if (miss && !bypass) {
-      const last = segs[segs.length - 1] as LookupSegment;
+      const last = defined(segs[segs.length - 1], 'a read with a miss has segments');
       if (!last.hit && raMax > 0 && !raRaced) ra = await this.readaheadRange(att, last.start, end, raMax);
       win = tracker.openWindow(start, ra ? ra.end : end);
       if (raced || tracker.epoch !== epoch) win.collided = true;
@@ -468,7 +469,7 @@ export class RequestPath {
     let filling = false;
     try {
       if (segs.length === 1 && !ra) {
-        await this.readSegment(att, buf, start, segs[0] as LookupSegment);
+        await this.readSegment(att, buf, start, defined(segs[0], 'segs has one segment'));
       } else {
         await Promise.all(
           segs.map((s, i) =>
@@ -588,7 +589,7 @@ export class RequestPath {
     const pieces: Array<{ start: number; end: number; src: Buffer; srcStart: number }> = [];
     let sectors = 0;
     for (let i = 0; i < segs.length; i++) {
-      const s = segs[i] as LookupSegment;
+      const s = defined(segs[i], 'i < segs.length');
       if (s.hit) continue;
       const last = ra !== undefined && i === segs.length - 1;
       const a = Math.ceil(s.start / bs) * bs;

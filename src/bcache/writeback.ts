@@ -50,6 +50,7 @@ import {
   SECTOR_SIZE,
 } from '../format/constants.ts';
 import { setFlagBits, type Superblock } from '../format/superblock.ts';
+import { defined } from '../util/assert.ts';
 import { aborted, errorMessage, Notifier, sleep, Worker, type RefCount } from '../util/lifecycle.ts';
 import { log } from '../util/log.ts';
 import type { BackingIo } from './backing.ts';
@@ -390,7 +391,7 @@ export class Writeback {
       const group: WbKey[] = [];
       let sectors = 0;
       while (i < keys.length && group.length < MAX_GROUP_KEYS) {
-        const k = keys[i] as WbKey;
+        const k = defined(keys[i], 'i < keys.length');
         const prev = group[group.length - 1];
         if (prev && (k.start !== prev.end || sectors + (k.end - k.start) > MAX_GROUP_SECTORS)) break;
         group.push(k);
