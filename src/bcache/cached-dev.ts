@@ -30,9 +30,14 @@
 //   and the superblock state survive, so the next registration re-attaches
 //   with the cache intact.
 //
-// Issue 5 drives attach/detach/stop from the control socket, issue 6 adds
-// io_disable, io_errors and stop_when_cache_set_failed; both only call what
-// is here.
+// The control socket's attach/detach/stop and the failure path (io_disable,
+// io_errors, stop_when_cache_set_failed) only call what is here.
+//
+// The request path, writeback and the rate controller each declare what they
+// need of this device (RequestHost, WritebackHost, RateHost) and of its
+// attachment; CachedDev and Attachment implement them, and this file in turn
+// declares what it needs of a cache set (AttachTarget), so no file of the
+// backing-device side imports its owner.
 
 import type { BlockDevice, BlockDeviceCaps, Extent, WriteOptions, ZeroOptions } from '../blockdev/types.ts';
 import { IoError } from '../blockdev/types.ts';

@@ -244,7 +244,7 @@ export class RequestPath {
 
   private enter(): void {
     if (this.closing) throw new IoError('ESHUTDOWN', `${this.dev.name}: the device is stopping`);
-    // dc->io_disable (set by hand now; by too many backing errors in issue 6): fail fast.
+    // dc->io_disable (by hand, a failing or offline backing device, a lost dirty cache): fail fast.
     if (this.dev.settings.ioDisable) throw new IoError('EIO', `${this.dev.name}: I/O is disabled`);
     this.inflight++;
   }
