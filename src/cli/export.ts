@@ -5,6 +5,7 @@
 // itself with status 0; a second signal exits at once.
 
 import { basename } from 'node:path';
+import { FaultyBlockDevice } from '../blockdev/faulty.ts';
 import { openBlockDevice } from '../blockdev/open.ts';
 import { NbdBlockDevice } from '../blockdev/nbd.ts';
 import type { BlockDevice } from '../blockdev/types.ts';
@@ -38,6 +39,10 @@ Options:
   --description TEXT   description of the next FILE's export, in order.
                        Repeatable.
   --read-only          serve every FILE read-only
+  --delay DURATION     add DURATION to every read and write of every FILE
+                       (requests still run in parallel): a slow disk for
+                       demos and tests. DURATION is a number of seconds, or
+                       a number with ms or s (2ms, 0.5s).
 ${tlsHelp(23)}  -h, --help           show this help
 
 The first FILE is also the default export (the empty name).
@@ -52,6 +57,8 @@ export interface ExportPlan {
   names: string[];
   descriptions: (string | undefined)[];
   readOnly: boolean;
+  /** --delay: added to every read and write (ms); absent or 0 for none. */
+  delayMs?: number;
   listen: ListenTarget[];
   tls: ServerTlsSettings;
 }
@@ -69,6 +76,19 @@ export function parseListen(spec: string): ListenTarget {
     });
   }
   return { host, port };
+}
+
+/** --delay: seconds, or a number with ms or s; 0 is no delay. */
+export function parseDelay(text: string): number {
+  const m = /^(\d+(?:\.\d+)?)(ms|s)?$/.exec(text.trim());
+  const n = Number(m?.[1]);
+  const ms = m && Number.isFinite(n) ? (m[2] === 'ms' ? n : n * 1000) : NaN;
+  if (!Number.isFinite(ms) || ms > 3_600_000) {
+    throw new CliError(`--delay '${text}' is not a duration of at most an hour`, {
+      hint: 'Write seconds or a number with ms or s, e.g. --delay 2ms or --delay 0.5s.',
+    });
+  }
+  return ms;
 }
 
 /** A FILE's export name when --name gives none: the file's base name, or a remote export's own name. */
@@ -94,6 +114,7 @@ export function parseExportArgs(args: string[]): ExportPlan | 'help' {
       name: { type: 'string', multiple: true },
       description: { type: 'string', multiple: true },
       'read-only': { type: 'boolean' },
+      delay: { type: 'string' },
       ...TLS_OPTIONS,
       help: { type: 'boolean', short: 'h' },
     },
@@ -142,6 +163,7 @@ export function parseExportArgs(args: string[]): ExportPlan | 'help' {
     names,
     descriptions: files.map((_, i) => descriptions[i]),
     readOnly: v['read-only'] === true,
+    ...(v.delay === undefined ? {} : { delayMs: parseDelay(v.delay) }),
     listen,
     tls: parseTlsOptions(v, usageHint),
   };
@@ -162,12 +184,20 @@ function upstreamBlockSize(device: NbdBlockDevice): BlockSizes | undefined {
 async function openAll(plan: ExportPlan): Promise<ExportConfig[]> {
   const configs: ExportConfig[] = [];
   const opened: BlockDevice[] = [];
+  const delayMs = plan.delayMs ?? 0;
   try {
     for (const [i, file] of plan.files.entries()) {
-      const device = await openBlockDevice(file, { readOnly: plan.readOnly, exclusive: true });
+      const inner = await openBlockDevice(file, { readOnly: plan.readOnly, exclusive: true });
+      const device =
+        delayMs > 0
+          ? new FaultyBlockDevice(inner, {
+              name: inner.name,
+              rules: [{ action: { kind: 'latency', ms: delayMs }, ops: ['read', 'write'] }],
+            })
+          : inner;
       opened.push(device);
       const description = plan.descriptions[i];
-      const blockSize = device instanceof NbdBlockDevice ? upstreamBlockSize(device) : undefined;
+      const blockSize = inner instanceof NbdBlockDevice ? upstreamBlockSize(inner) : undefined;
       configs.push({
         name: plan.names[i] ?? file,
         device,
@@ -234,7 +264,8 @@ export const run: Subcommand = async (args) => {
       }
       log.info(
         `listening on ${formatAddress(bound)} (exports: ${exportList})` +
-          (tls ? `; TLS ${tls.required ? 'required' : 'offered'}: ${tls.describe}` : ''),
+          (tls ? `; TLS ${tls.required ? 'required' : 'offered'}: ${tls.describe}` : '') +
+          ((plan.delayMs ?? 0) > 0 ? `; every read and write delayed by ${plan.delayMs ?? 0} ms` : ''),
       );
       if (shutdown.requested) break;
     }
