@@ -422,7 +422,12 @@ async function flushWith(
         `device ${o.uuid}${o.label ? ` (label ${o.label})` : ''} in set ${o.set}: ${sectorsText(o.sectors)} dirty, not given`,
       );
     }
-    say(`total: ${sectorsText(total)} dirty to write back (dry run: nothing was written)`);
+    const notGiven = orphans.reduce((s, o) => s + o.sectors, 0);
+    say(
+      `total: ${sectorsText(total)} dirty to write back` +
+        (notGiven > 0 ? `, and ${sectorsText(notGiven)} for devices not given` : '') +
+        ' (dry run: nothing was written)',
+    );
     return 0;
   }
 

@@ -7,7 +7,6 @@
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawnSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { closeSync, mkdirSync, openSync, readSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
@@ -16,20 +15,11 @@ import { bdevState, decodeSuperblock } from '../../src/format/superblock.ts';
 import { CopyOnWriteDevice, formatBytes, parseFlushArgs } from '../../src/cli/flush.ts';
 import { MemoryBlockDevice } from '../../src/blockdev/memory.ts';
 import { CliError } from '../../src/cli/common.ts';
-import { ROOT, tempDir, ubcache } from '../helpers/daemon.ts';
+import { tempDir, ubcache } from '../helpers/daemon.ts';
+import { flushCli } from './flush-helpers.ts';
 import { Client, makeImages, MiB, startServe } from '../e2e/serve-helpers.ts';
 
 const DATA_OFFSET = 8192;
-
-/** `ubcache flush ARGS...` from the source tree (the command under test), to completion. */
-function flushCli(args: string[]): { status: number | null; stdout: string; stderr: string } {
-  const r = spawnSync(process.execPath, ['--import', 'tsx', join(ROOT, 'src', 'cli', 'main.ts'), 'flush', ...args], {
-    cwd: ROOT,
-    encoding: 'utf8',
-    timeout: 120_000,
-  });
-  return { status: r.status, stdout: r.stdout, stderr: r.stderr };
-}
 
 function readAt(path: string, offset: number, length: number): Buffer {
   const fd = openSync(path, 'r');
