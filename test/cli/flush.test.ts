@@ -7,6 +7,7 @@
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { closeSync, mkdirSync, openSync, readSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
@@ -15,7 +16,7 @@ import { bdevState, decodeSuperblock } from '../../src/format/superblock.ts';
 import { CopyOnWriteDevice, formatBytes, parseFlushArgs } from '../../src/cli/flush.ts';
 import { MemoryBlockDevice } from '../../src/blockdev/memory.ts';
 import { CliError } from '../../src/cli/common.ts';
-import { tempDir, ubcache } from '../helpers/daemon.ts';
+import { ROOT, startExport, tempDir, ubcache } from '../helpers/daemon.ts';
 import { flushCli } from './flush-helpers.ts';
 import { Client, makeImages, MiB, startServe } from '../e2e/serve-helpers.ts';
 
@@ -159,6 +160,58 @@ test('flush refuses mistakes with a clear message, before writing anything back'
   const none = flushCli([]);
   assert.equal(none.status, 1);
   assert.match(none.stderr, /no CACHE and no BACKING device given/);
+});
+
+test('SIGINT stops a flush in order: exit 130, what is left stays dirty, a second flush finishes it', async () => {
+  using t = tempDir('ubcache-flush-int-');
+  const { cache, backing, want } = await dirtyImages(t.dir);
+  // The backing device behind an export that takes 2 s per write: the flush is still copying when told to stop.
+  const slow = await startExport(t.dir, ['--name', 'disk', '--delay', '2s', backing]);
+  try {
+    const child = spawn(
+      process.execPath,
+      ['--import', 'tsx', join(ROOT, 'src', 'cli', 'main.ts'), 'flush', cache, slow.uri('disk')],
+      {
+        cwd: ROOT,
+        stdio: ['ignore', 'pipe', 'pipe'],
+      },
+    );
+    let out = '';
+    let err = '';
+    let told = false;
+    child.stdout.setEncoding('utf8').on('data', (d: string) => {
+      out += d;
+      if (!told && /writing back/.test(out)) {
+        told = true;
+        setTimeout(() => {
+          child.kill('SIGINT');
+        }, 500);
+      }
+    });
+    child.stderr.setEncoding('utf8').on('data', (d: string) => (err += d));
+    const status = await new Promise<number | null>((resolve) => {
+      child.on('exit', (code) => {
+        resolve(code);
+      });
+    });
+    assert.equal(status, 130, `${out}\n${err}`);
+    assert.match(err, /SIGINT: stopping writeback/);
+    assert.match(err, /interrupted: .* written back, .* still dirty in the cache/);
+    assert.doesNotMatch(out, /^done:/m);
+  } finally {
+    await slow.daemon.stop();
+  }
+  assert.equal(stateOf(backing), BDEV_STATE_DIRTY, 'not clean: the flush did not finish');
+  const dry = flushCli(['-n', cache, backing]);
+  assert.equal(dry.status, 0, dry.stderr);
+  assert.match(dry.stdout, /\(\d+ sectors\) dirty, superblock dirty/);
+  const r = flushCli([cache, backing]);
+  assert.equal(r.status, 0, `${r.stdout}\n${r.stderr}`);
+  assert.equal(stateOf(backing), BDEV_STATE_CLEAN);
+  assert.ok(
+    readFileSync(backing).subarray(DATA_OFFSET).equals(want),
+    'the backing image holds exactly what was written',
+  );
 });
 
 test('flush arguments', () => {
