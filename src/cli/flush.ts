@@ -456,8 +456,11 @@ async function flushWith(
     w.dev.attachment?.writeback.wake();
   }
   const failures: string[] = [];
+  // One waiter per device for the interruption, one idle wait at a time; a poll for the progress bar.
+  const stop = new Promise<void>((resolve) => wake.add(resolve));
   await Promise.all(
     work.map(async (w) => {
+      let idle: Promise<void> | undefined;
       for (;;) {
         if (interrupted.signal) return;
         const att = w.dev.attachment;
@@ -470,17 +473,12 @@ async function flushWith(
           failures.push(`${w.spec}: the writeback worker stopped`);
           return;
         }
+        const current = (idle ??= att.writeback.whenIdle().then(() => {
+          idle = undefined;
+        }));
         const poll = new AbortController();
-        const woken = new Promise<void>((resolve) => {
-          wake.add(resolve);
-          void att.writeback.whenIdle().then(resolve);
-          void sleep(200, poll.signal).then(() => {
-            resolve();
-          });
-        }).finally(() => {
-          poll.abort();
-        });
-        await woken;
+        await Promise.race([current, stop, sleep(200, poll.signal)]);
+        poll.abort();
         progress.update(total - left());
       }
     }),
