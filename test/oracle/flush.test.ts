@@ -5,7 +5,9 @@
 // without its cache: its superblock says clean, and once run (`running`, as
 // an operator does for a backing device whose cache is gone) /dev/bcacheN
 // reads exactly what the kernel itself serves from the original images with
-// their cache, which it registers afterwards in the same boot.
+// their cache, which it registers afterwards in the same boot (the backing
+// device first, with writeback held off, so that the kernel's view is read
+// as it serves the dirty data from its cache).
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -52,8 +54,12 @@ test(
           `echo 1 >/sys/block/${flushed}/bcache/stop`,
           `waitgone /sys/block/${flushed}/bcache`,
           // The kernel's own images, cache and all: its view of the device.
-          `echo /dev/${cache} >/sys/fs/bcache/register`,
+          // The backing device first, its writeback held off before the cache comes: the kernel's
+          // view is read as it serves the dirty data, not while its writeback races the read.
           `echo /dev/${bdev} >/sys/fs/bcache/register`,
+          `waitfor /sys/block/${bdev}/bcache/writeback_running || { dmesg | grep bcache; exit 1; }`,
+          `echo 0 >/sys/block/${bdev}/bcache/writeback_running`,
+          `echo /dev/${cache} >/sys/fs/bcache/register`,
           `waitfor /sys/block/${bdev}/bcache/cache || { dmesg | grep bcache; exit 1; }`,
           `echo 0 >/sys/block/${bdev}/bcache/writeback_running`,
           `echo "${k}.kernel_state=$(cat /sys/block/${bdev}/bcache/state)"`,
