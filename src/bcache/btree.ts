@@ -102,6 +102,14 @@ export interface LookupSegment {
   end: number;
   /** Where the data is in the cache, or null for a miss. */
   hit: Hit | null;
+  /**
+   * A miss that covers a key whose pointer is stale (its bucket was
+   * invalidated since). The staleness is not durable until the bucket's new
+   * gen is written with the prios: after a crash the key can be live again,
+   * pointing at data it held before. A write to the backing device under it
+   * must therefore invalidate it as it would a clean hit (request.ts).
+   */
+  staleKey?: true;
 }
 
 export interface InsertOptions {
@@ -444,17 +452,22 @@ export class Btree {
   /**
    * The index's answer for sectors [start, end) of `inode`: hits (pointers
    * adjusted to each segment's start) and holes, covering the range in order.
-   * Stale pointers count as holes. Hits make their bucket recently used.
+   * Stale pointers count as holes (marked staleKey). Hits make their bucket
+   * recently used.
    */
   async lookup(inode: number, start: number, end: number): Promise<LookupSegment[]> {
     const buckets = this.host.buckets;
     const bucketSize = buckets.bucketSize;
     let out: LookupSegment[] = [];
     let cursor = start;
-    const hole = (to: number): void => {
+    const hole = (to: number, staleKey = false): void => {
       const last = out[out.length - 1];
-      if (last && last.hit === null && last.end === cursor) last.end = to;
-      else out.push({ start: cursor, end: to, hit: null });
+      // Merged holes keep the mark: invalidating a little more than the stale key is harmless.
+      if (last && last.hit === null && last.end === cursor) {
+        last.end = to;
+        if (staleKey) last.staleKey = true;
+      } else
+        out.push(staleKey ? { start: cursor, end: to, hit: null, staleKey } : { start: cursor, end: to, hit: null });
       cursor = to;
     };
     const fn = (k: Bkey): boolean => {
@@ -467,7 +480,7 @@ export class Btree {
       const p = defined(k.ptrs[0], 'a key in a leaf view has a pointer');
       let stale = false;
       for (const q of k.ptrs) if (buckets.stale(q) > 0) stale = true;
-      if (stale) hole(e);
+      if (stale) hole(e, true);
       else {
         const bucket = Math.floor(p.offset / bucketSize);
         buckets.touch(bucket);

@@ -19,7 +19,10 @@
 //               - clean keys over the range are invalidated durably *before*
 //                 the backing device is touched (R8): a clean key claims the
 //                 cache holds what the backing device holds, and after a
-//                 crash the backing write may have landed;
+//                 crash the backing write may have landed; so are keys whose
+//                 pointer is stale in memory, since their bucket's new gen
+//                 is durable only once the prios are written: after a crash
+//                 such a key can be live again, over the data it held;
 //               - dirty keys over the range are invalidated only *after* the
 //                 backing write is durable (R9: FUA), or a crash could expose
 //                 the backing device's older data under them;
@@ -887,7 +890,11 @@ export class RequestPath {
       const segs = await cs.lookup(att.inode, start, end);
       const clean: LookupSegment[] = [];
       const dirty: LookupSegment[] = [];
-      for (const s of segs) if (s.hit) (s.hit.dirty ? dirty : clean).push(s);
+      for (const s of segs) {
+        if (s.hit) (s.hit.dirty ? dirty : clean).push(s);
+        // A stale key may be live again after a crash (its bucket's new gen not yet durable): it goes too.
+        else if (s.staleKey) clean.push(s);
+      }
       // R8: no durable clean key may outlive a backing write under it.
       if (clean.length > 0) await this.invalidate(att, clean, true);
       // R9: dirty keys go only once the data replacing them is durable.

@@ -4,17 +4,21 @@
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
+import { CrashableBlockDevice } from '../../src/blockdev/crashable.ts';
 import { FaultyBlockDevice } from '../../src/blockdev/faulty.ts';
 import { MemoryBlockDevice } from '../../src/blockdev/memory.ts';
 import {
   CACHE_MODE_NONE,
   CACHE_MODE_WRITEAROUND,
   CACHE_MODE_WRITEBACK,
+  CACHE_MODE_WRITETHROUGH,
   SB_OFFSET,
   SB_SIZE,
 } from '../../src/format/constants.ts';
 import { bdevState, decodeSuperblock } from '../../src/format/superblock.ts';
 import { hitRatio, hprint } from '../../src/bcache/stats.ts';
+import { captureLog } from '../../src/util/log.ts';
+import { defined } from '../../src/util/assert.ts';
 import { assertNothingLeft } from './helpers.ts';
 import { makePair, mem, MiB, pattern } from './request-helpers.ts';
 
@@ -358,5 +362,43 @@ test('readahead rounds a miss up to its size, never over cached data, never past
     [[200, 208]],
   );
   await p.registry.stopAll();
+  assertNothingLeft();
+});
+
+test('writethrough: a write over a key whose bucket was invalidated (gen not yet durable) invalidates it durably; after a power cut the old data does not come back', async () => {
+  const cacheDev = new CrashableBlockDevice(48 * MiB, { name: 'cache' });
+  const backingDev = new CrashableBlockDevice(16 * MiB, { name: 'backing' });
+  const first = await makePair({ cacheDev, backingDev });
+  await first.dev.device.write(pattern(1, 64, 8), 64 * 512);
+  await first.dev.device.flush();
+  // A clean stop writes the leaf: the copy's key is durable (a power cut after it loses nothing).
+  await first.registry.stopAll();
+  const cache1 = cacheDev.powerCut(0);
+  const backing1 = backingDev.powerCut(0);
+  const p = await makePair({ cacheDev: cache1, backingDev: backing1, format: false });
+  let registry = p.registry;
+  try {
+    assert.equal(p.dev.cacheMode, CACHE_MODE_WRITETHROUGH);
+    const dev = p.dev.device;
+    const inode = defined(p.dev.attachment, 'attached').inode;
+    const hit = (await p.set.cs.lookup(inode, 0, 1 << 20)).find((s) => s.hit)?.hit;
+    assert.ok(hit, 'the writethrough copy is cached');
+    // The allocator invalidates the bucket: its gen moves on in memory only (the prios are not written).
+    p.set.cs.buckets.invalidate(hit.bucket);
+    // Unaligned to the 4 KiB cache block, so bypassed: nothing is allocated, no prio write makes the gen durable.
+    await dev.write(pattern(2, 65, 7), 65 * 512, { fua: true });
+    const cache2 = cache1.powerCut(1);
+    const backing2 = backing1.powerCut(2);
+    const cap = captureLog();
+    await registry.stopAll().finally(cap.restore);
+    const q = await makePair({ cacheDev: cache2, backingDev: backing2, format: false });
+    registry = q.registry;
+    const buf = Buffer.alloc(8 * 512);
+    await q.dev.device.read(buf, 64 * 512);
+    assert.ok(buf.subarray(0, 512).equals(pattern(1, 64, 1)), 'the sector before the write');
+    assert.ok(buf.subarray(512).equals(pattern(2, 65, 7)), 'the FUA write reads back, not the stale cached copy');
+  } finally {
+    await registry.stopAll();
+  }
   assertNothingLeft();
 });
