@@ -18,6 +18,7 @@
 import { IoError } from '../blockdev/types.ts';
 import { Prng } from '../util/prng.ts';
 import { deferred, errorMessage, Notifier, Worker, type Deferred } from '../util/lifecycle.ts';
+import type { Clock } from '../util/clock.ts';
 import { log } from '../util/log.ts';
 import {
   BTREE_PRIO,
@@ -56,6 +57,8 @@ export interface AllocatorHost {
   requestGc(): void;
   isDisabled(): boolean;
   fail(err: unknown): void;
+  /** Whose time the worker's stop bound is measured in (default: real time). */
+  clock?: Clock;
 }
 
 export interface AllocatorStats {
@@ -92,7 +95,7 @@ export class Allocator {
   readonly freeInc: Fifo;
   private readonly heapCap: number;
   private readonly waiters: Array<{ reserve: Reserve; d: Deferred<number> }> = [];
-  private readonly wake = new Notifier();
+  private readonly wake: Notifier;
   private worker: Worker | undefined;
   private fifoLast = 0;
   private readonly rng: Prng;
@@ -105,8 +108,10 @@ export class Allocator {
   avail = 0;
   readonly stats: AllocatorStats = { invalidated: 0, prioWrites: 0, allocWaits: 0, gcRequests: 0 };
 
+  /** `seed` drives the random replacement policy; production takes the time, simulations their own seed. */
   constructor(host: AllocatorHost, seed = Date.now()) {
     this.host = host;
+    this.wake = new Notifier(host.clock);
     this.b = host.buckets;
     const free = freeReserveSize(this.b.nbuckets);
     if (free < 1) throw new Error(`cache device is too small: ${this.b.nbuckets} buckets (at least 513 needed)`);
@@ -128,7 +133,10 @@ export class Allocator {
   }
 
   start(): void {
-    this.worker = new Worker('bcache_allocator', (signal) => this.run(signal), { stopTimeoutMs: 30_000 }).start();
+    this.worker = new Worker('bcache_allocator', (signal) => this.run(signal), {
+      stopTimeoutMs: 30_000,
+      clock: this.host.clock,
+    }).start();
   }
 
   async stop(): Promise<void> {

@@ -97,6 +97,7 @@ import {
   type Superblock,
 } from '../format/superblock.ts';
 import { formatUuid } from '../format/uuid-text.ts';
+import { realClock, type Clock, type Timer } from '../util/clock.ts';
 import { errorMessage, Mutex, WorkerScope } from '../util/lifecycle.ts';
 import { log } from '../util/log.ts';
 import { Allocator, RESERVE_BTREE } from './alloc.ts';
@@ -145,8 +146,14 @@ export interface CacheSetOptions {
   gcYield?: () => Promise<void>;
   /** Bound on stop() before it gives up waiting and closes anyway. */
   stopTimeoutMs?: number;
-  /** Seed of the random replacement policy. */
+  /** Seed of the random replacement policy (default: the time of day). */
   seed?: number;
+  /**
+   * Every duration, deadline and timer of the set and its workers (default:
+   * real time). The simulator and the tests that wait for a timer inject a
+   * SimClock (docs/design.md, lifecycle rule 6).
+   */
+  clock?: Clock;
   /** Unix seconds (last_mount). */
   now?: () => number;
   /**
@@ -185,6 +192,7 @@ export class CacheSet {
   readonly gc: Gc;
   /** Every worker of the set, its attachments' included: retire stops them all (DESIGN rule 5). */
   readonly workers: WorkerScope;
+  readonly clock: Clock;
   /** io_error_limit and io_error_halflife; the registry points this at the set's settings. */
   errorLimits: () => { limit: number; halflife: number } = () => ({ limit: 8, halflife: 0 });
   private readonly failureListeners: Array<(message: string) => void> = [];
@@ -205,6 +213,7 @@ export class CacheSet {
     this.dev = dev;
     this.sb = sb;
     this.options = options;
+    this.clock = options.clock ?? realClock;
     this.uuid = formatUuid(sb.setUuid);
     this.workers = new WorkerScope(`cache set ${this.uuid}`);
     this.io = new CacheIo(dev, () => this.ioDisabledFlag);
@@ -235,6 +244,7 @@ export class CacheSet {
         fail: (err) => {
           this.fail(err);
         },
+        clock: this.clock,
       },
       options.seed,
     );
@@ -318,6 +328,7 @@ export class CacheSet {
           this.fail(err);
         },
         isDisabled: () => this.ioDisabledFlag,
+        clock: this.clock,
       },
       journalBuckets,
       options.journalDelayMs ?? 100,
@@ -333,6 +344,7 @@ export class CacheSet {
         fail: (err) => {
           this.fail(err);
         },
+        clock: this.clock,
       },
       options.gcSectors,
       options.gcSliceMs,
@@ -989,16 +1001,16 @@ export class CacheSet {
   private async shutdown(clean: boolean): Promise<void> {
     this.stopping = true;
     const limit = this.options.stopTimeoutMs ?? 60_000;
-    let timer: NodeJS.Timeout | undefined;
+    let timer: Timer | undefined;
     const timedOut = await Promise.race([
       this.teardown(clean).then(() => false),
       new Promise<boolean>((resolve) => {
-        timer = setTimeout(() => {
+        timer = this.clock.setTimer(limit, () => {
           resolve(true);
-        }, limit);
+        });
       }),
     ]);
-    clearTimeout(timer);
+    timer?.cancel();
     if (timedOut) log.warn(`bcache: cache set ${this.uuid}: stop gave up after ${limit} ms`);
     this.openBuckets.closeAll();
     if (this.options.closeDevice !== false) await this.dev.close().catch(() => undefined);

@@ -77,6 +77,7 @@ import {
   WorkerScope,
   type Deferred,
 } from '../util/lifecycle.ts';
+import { realClock, type Clock } from '../util/clock.ts';
 import { msLeft, settledWithin } from '../util/deadline.ts';
 import { log } from '../util/log.ts';
 import { BackingIo } from './backing.ts';
@@ -178,6 +179,12 @@ export interface CachedDevOptions {
   settings?: Partial<CachedDevSettings>;
   /** Unix seconds (uuid first_reg/last_reg, invalidated). */
   now?: () => number;
+  /**
+   * Every duration, deadline and timer of the device, its request path,
+   * writeback and rate controller (default: real time; docs/design.md,
+   * lifecycle rule 6).
+   */
+  clock?: Clock;
   /** The device started running (it has its bcacheN): the registry exports it. */
   onRunning?: (dev: CachedDev) => void;
   /** The device finished stopping, however stop() was called: the registry forgets it. */
@@ -231,7 +238,8 @@ export class CachedDev implements RequestHost, WritebackHost {
   readonly stopTimeoutMs: number;
   /** When the backing device's current run of failures began (ms, monotonic); undefined while it works. */
   private failingSince: number | undefined;
-  private readonly backingTrouble = new Notifier();
+  private readonly backingTrouble: Notifier;
+  readonly clock: Clock;
   private statusWorker: Worker | undefined;
 
   constructor(backing: BlockDevice, sb: Superblock, options: CachedDevOptions) {
@@ -245,6 +253,8 @@ export class CachedDev implements RequestHost, WritebackHost {
     this.name = `bcache${options.index}`;
     this.settings = { ...defaultSettings(), ...options.settings };
     this.durableState = bdevState(sb);
+    this.clock = options.clock ?? realClock;
+    this.backingTrouble = new Notifier(this.clock);
     this.nowFn = options.now ?? (() => Math.floor(Date.now() / 1000));
     this.onRunning = options.onRunning;
     this.onStopped = options.onStopped;
@@ -619,7 +629,7 @@ export class CachedDev implements RequestHost, WritebackHost {
     }
     // Errors of a device being stopped are the stop's own doing.
     if (this.stopped || err.code === 'ESHUTDOWN') return;
-    this.failingSince ??= performance.now();
+    this.failingSince ??= this.clock.now();
     this.backingTrouble.notify();
     const errors = ++this.ioErrors;
     if (errors < this.settings.ioErrorLimit) {
@@ -670,12 +680,12 @@ export class CachedDev implements RequestHost, WritebackHost {
           reportedGone = true;
           log.warn(`${this.name}: backing device ${this.backingName} was removed`);
         }
-        this.failingSince ??= performance.now();
+        this.failingSince ??= this.clock.now();
       }
       for (;;) {
         const since = this.failingSince;
         if (since === undefined) break;
-        const waited = performance.now() - since;
+        const waited = this.clock.now() - since;
         if (waited >= this.offlineMs) {
           log.error(
             `bcache: bcache_status_update() ${this.backingName}: device offline for ${Math.round(waited / 1000)} seconds`,
@@ -683,7 +693,7 @@ export class CachedDev implements RequestHost, WritebackHost {
           this.backingFailed(`${this.name}: disable I/O request due to backing device offline`);
           return;
         }
-        if (!(await sleep(Math.min(this.probeMs, this.offlineMs - waited), signal))) return;
+        if (!(await sleep(Math.min(this.probeMs, this.offlineMs - waited), signal, this.clock))) return;
         // Straight to the device: a probe is not an I/O error of a request (io_errors).
         try {
           await this.backing.read(probe, SB_OFFSET);
@@ -715,6 +725,7 @@ export class CachedDev implements RequestHost, WritebackHost {
     this.onRunning?.(this);
     this.statusWorker ??= new Worker(`bcache_status_update ${this.name}`, (signal) => this.watchBacking(signal), {
       stopTimeoutMs: this.stopTimeoutMs,
+      clock: this.clock,
     }).start();
   }
 
@@ -750,7 +761,7 @@ export class CachedDev implements RequestHost, WritebackHost {
 
   private async shutdown(closeBacking: boolean): Promise<void> {
     const bound = this.stopTimeoutMs;
-    const deadline = performance.now() + bound;
+    const deadline = this.clock.now() + bound;
     if (!(await this.request.close(bound))) {
       log.warn(
         `${this.name}: ${this.request.requestsInFlight} request(s) still in flight after ${bound} ms; ` +
@@ -765,7 +776,11 @@ export class CachedDev implements RequestHost, WritebackHost {
       // References still held are requests stuck past the bound above: wait
       // only for what is left of it. At zero the attachment's end is running
       // (a detach's last uuid write, say): that gets a bound of its own.
-      const inTime = await settledWithin(att.finished, att.ref.isZero ? bound : msLeft(deadline));
+      const inTime = await settledWithin(
+        att.finished,
+        att.ref.isZero ? bound : msLeft(deadline, this.clock),
+        this.clock,
+      );
       if (!inTime) {
         log.warn(
           `${this.name}: the attachment to cache set ${att.cs.uuid} still has ${att.ref.count} reference(s) ` +
@@ -780,7 +795,7 @@ export class CachedDev implements RequestHost, WritebackHost {
     const flushed = this.backingIo.flush().catch((err: unknown) => {
       log.error(`${this.name}: flushing ${this.backingName} at stop: ${errorMessage(err)}`);
     });
-    if (!(await settledWithin(flushed, bound))) {
+    if (!(await settledWithin(flushed, bound, this.clock))) {
       log.warn(`${this.name}: flushing ${this.backingName} at stop: no answer within ${bound} ms; going on`);
     }
     if (this.runningFlag) log.info(`bcache: bcache_device_free() ${this.name} stopped`);
@@ -791,7 +806,7 @@ export class CachedDev implements RequestHost, WritebackHost {
       const closed = this.backing.close().catch((err: unknown) => {
         log.error(`${this.name}: closing ${this.backingName}: ${errorMessage(err)}`);
       });
-      if (!(await settledWithin(closed, bound))) {
+      if (!(await settledWithin(closed, bound, this.clock))) {
         log.warn(`${this.name}: closing ${this.backingName}: I/O still in flight after ${bound} ms; going on`);
       }
     }

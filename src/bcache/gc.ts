@@ -35,6 +35,7 @@
 import { MAX_KEY, posCmp, ptrAvailable, type Bkey, type BkeyPtr } from '../format/bkey.ts';
 import { MAX_CACHES_PER_SET } from '../format/constants.ts';
 import { Notifier, Worker, errorMessage } from '../util/lifecycle.ts';
+import { realClock, type Clock } from '../util/clock.ts';
 import { log } from '../util/log.ts';
 import type { Allocator } from './alloc.ts';
 import type { Btree } from './btree.ts';
@@ -126,6 +127,8 @@ export interface GcHost {
   metadataBuckets(): Iterable<number>;
   isDisabled(): boolean;
   fail(err: unknown): void;
+  /** Whose time slices are measured in (default: real time). */
+  clock?: Clock;
 }
 
 export interface GcStats {
@@ -169,7 +172,8 @@ const nextTurn = (): Promise<void> => new Promise<void>((resolve) => setImmediat
 
 export class Gc {
   private readonly host: GcHost;
-  private readonly wake = new Notifier();
+  private readonly wake: Notifier;
+  private readonly clock: Clock;
   private worker: Worker | undefined;
   private requested = false;
   /** Inserted sectors left before pressure triggers a pass (sectors_to_gc). */
@@ -204,6 +208,8 @@ export class Gc {
     yieldBetweenSlices: () => Promise<void> = nextTurn,
   ) {
     this.host = host;
+    this.clock = host.clock ?? realClock;
+    this.wake = new Notifier(this.clock);
     const b = host.buckets;
     this.sectorsBetweenRuns = sectorsBetweenRuns ?? Math.floor((b.nbuckets * b.bucketSize) / 16);
     this.sectorsToGc = this.sectorsBetweenRuns;
@@ -212,7 +218,10 @@ export class Gc {
   }
 
   start(): void {
-    this.worker = new Worker('bcache_gc', (signal) => this.run(signal), { stopTimeoutMs: 30_000 }).start();
+    this.worker = new Worker('bcache_gc', (signal) => this.run(signal), {
+      stopTimeoutMs: 30_000,
+      clock: this.clock,
+    }).start();
   }
 
   async stop(): Promise<void> {
@@ -303,7 +312,7 @@ export class Gc {
       for (;;) {
         if (signal?.aborted === true || this.host.isDisabled()) return;
         if (!btree.lock.tryRead()) await btree.lock.read();
-        const s0 = performance.now();
+        const s0 = this.clock.now();
         let end: SliceEnd;
         try {
           end = this.slice(st, s0 + this.sliceMs);
@@ -318,7 +327,7 @@ export class Gc {
         } finally {
           btree.lock.releaseRead();
         }
-        const pause = performance.now() - s0;
+        const pause = this.clock.now() - s0;
         slices++;
         if (pause > maxPause) maxPause = pause;
         if (finished) break;
@@ -348,7 +357,7 @@ export class Gc {
 
   /**
    * Mark leaves from the walk's position on, synchronously, until the walk
-   * is done, `deadline` (performance.now()) passes, or a node must be read
+   * is done, `deadline` (a time of the clock) passes, or a node must be read
    * from disk first. The caller holds the read lock.
    */
   private slice(st: PassState, deadline: number): SliceEnd {
@@ -391,7 +400,7 @@ export class Gc {
       if (posCmp(leaf.key.inode, leaf.key.offset, MAX_KEY.inode, MAX_KEY.offset) >= 0) return { done: true };
       st.inode = leaf.key.inode;
       st.offset = leaf.key.offset;
-      if (performance.now() >= deadline) return { done: false };
+      if (this.clock.now() >= deadline) return { done: false };
     }
   }
 

@@ -40,6 +40,7 @@ import {
 } from '../format/jset.ts';
 import { IoError } from '../blockdev/types.ts';
 import { deferred, errorMessage, Mutex, Notifier, Worker, type Deferred } from '../util/lifecycle.ts';
+import { realClock, type Clock } from '../util/clock.ts';
 import { log } from '../util/log.ts';
 import type { BtreeNode, JournalPin } from './btree-node.ts';
 import type { CacheIo } from './io.ts';
@@ -85,6 +86,8 @@ export interface JournalHost {
   writeNode(node: BtreeNode): Promise<void>;
   fail(err: unknown): void;
   isDisabled(): boolean;
+  /** Whose time group-commit deadlines are measured in (default: real time). */
+  clock?: Clock;
 }
 
 export interface JournalReadResult {
@@ -123,7 +126,8 @@ export class Journal {
   /** Jset writes are serialized. */
   private readonly writeLock = new Mutex();
   private readonly afterFlush: Array<{ entry: JournalPin; epoch: number }> = [];
-  private readonly wake = new Notifier();
+  private readonly wake: Notifier;
+  private readonly clock: Clock;
   private readonly nodeQueue = new Set<BtreeNode>();
   private worker: Worker | undefined;
   private dead: Error | undefined;
@@ -145,6 +149,8 @@ export class Journal {
   constructor(host: JournalHost, ring: readonly number[], delayMs: number) {
     if (ring.length === 0) throw new Error('journal: no journal buckets');
     this.host = host;
+    this.clock = host.clock ?? realClock;
+    this.wake = new Notifier(this.clock);
     this.ring = ring;
     this.bucketSeq = ring.map(() => 0);
     this.bucketBlocks = host.bucketSize / host.blockSize;
@@ -333,7 +339,10 @@ export class Journal {
   }
 
   start(): void {
-    this.worker = new Worker('bcache_journal', (signal) => this.run(signal), { stopTimeoutMs: 30_000 }).start();
+    this.worker = new Worker('bcache_journal', (signal) => this.run(signal), {
+      stopTimeoutMs: 30_000,
+      clock: this.clock,
+    }).start();
   }
 
   async stop(): Promise<void> {
@@ -441,7 +450,7 @@ export class Journal {
     o.u64s += u64s;
     o.pins++;
     if (o.deadline === 0) {
-      o.deadline = Date.now() + this.delayMs;
+      o.deadline = this.clock.now() + this.delayMs;
       this.wake.notify();
     }
     return o;
@@ -492,13 +501,13 @@ export class Journal {
         continue;
       }
       const o = this.open;
-      const due = o.urgent || (o.keys.length > 0 && Date.now() >= o.deadline);
+      const due = o.urgent || (o.keys.length > 0 && this.clock.now() >= o.deadline);
       if (due && !this.writeLock.isLocked) {
         await this.writeOpen(signal);
         await this.reclaimEarly();
         continue;
       }
-      const timeout = o.keys.length > 0 && !o.urgent ? Math.max(0, o.deadline - Date.now()) : undefined;
+      const timeout = o.keys.length > 0 && !o.urgent ? Math.max(0, o.deadline - this.clock.now()) : undefined;
       await this.wake.wait(signal, timeout);
     }
   }

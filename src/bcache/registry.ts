@@ -36,6 +36,7 @@ import type { BlockDevice } from '../blockdev/types.ts';
 import { BDEV_STATE_NONE, BDEV_STATE_STALE } from '../format/constants.ts';
 import { isBacking, type Superblock } from '../format/superblock.ts';
 import { formatUuid } from '../format/uuid-text.ts';
+import { realClock, type Clock } from '../util/clock.ts';
 import { settledWithin } from '../util/deadline.ts';
 import { errorMessage } from '../util/lifecycle.ts';
 import { log } from '../util/log.ts';
@@ -133,6 +134,12 @@ export interface RegistryOptions {
   /** Called for a new set before backing devices attach to it. */
   configureSet?: (set: RegisteredSet) => Promise<void>;
   now?: () => number;
+  /**
+   * Every duration, deadline and timer of the registry, its cache sets and
+   * its backing devices (default: real time; a set's own setOptions.clock
+   * wins). The simulator runs everything on one SimClock through this.
+   */
+  clock?: Clock;
   /** Options for every backing device (the offline timeout and the stop bound, for tests and serve). */
   deviceOptions?: Pick<CachedDevOptions, 'backingOfflineMs' | 'backingProbeMs' | 'stopTimeoutMs'>;
   /**
@@ -166,9 +173,11 @@ export class Registry {
   private nextIndex = 0;
   private stopPromise: Promise<void> | undefined;
   private readonly watchers = new Set<RegistryWatcher>();
+  readonly clock: Clock;
 
   constructor(options: RegistryOptions = {}) {
     this.options = options;
+    this.clock = options.clock ?? realClock;
   }
 
   /** Devices that are running (have a bcacheN), in registration order. */
@@ -219,6 +228,7 @@ export class Registry {
       index,
       settings: this.options.deviceSettings?.(name) ?? {},
       ...(this.options.now ? { now: this.options.now } : {}),
+      clock: this.clock,
       onRunning: (d) => {
         this.emit((w) => w.deviceRunning?.(d));
       },
@@ -256,6 +266,7 @@ export class Registry {
     }
     const holder: { set?: RegisteredSet } = {};
     const cs = await CacheSet.open(dev, {
+      clock: this.clock,
       ...this.options.setOptions,
       onStopped: () => {
         if (holder.set) this.setGone(holder.set);
@@ -324,7 +335,7 @@ export class Registry {
       ),
     );
     const bound = this.options.deviceStopTimeoutMs ?? 10_000;
-    if (await settledWithin(all, bound)) return;
+    if (await settledWithin(all, bound, this.clock)) return;
     const stuck = devices.filter((d) => !done.has(d));
     const sets = new Set<RegisteredSet>();
     for (const d of stuck) {

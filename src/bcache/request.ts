@@ -45,6 +45,7 @@ import {
   CACHE_MODE_WRITEBACK,
   SECTOR_SIZE,
 } from '../format/constants.ts';
+import type { Clock } from '../util/clock.ts';
 import { deferred, errorMessage, Notifier, sleep, Worker, type Deferred, type RefCount } from '../util/lifecycle.ts';
 import { defined } from '../util/assert.ts';
 import { msLeft, settledWithin } from '../util/deadline.ts';
@@ -86,6 +87,8 @@ export interface RequestHost {
   readonly stats: CacheAccounting;
   /** Bound on the stop of the request path's own worker (the backing flusher). */
   readonly stopTimeoutMs: number;
+  /** Whose time deadlines, the flusher's delay and sequential-bypass detection are measured in. */
+  readonly clock: Clock;
   /** The attachment to a cache set; undefined: every request goes to the backing device. */
   readonly attachment: RequestAttachment | undefined;
   /** R7: the superblock does not say DIRTY durably yet; markDirty() before a writeback-mode write. */
@@ -228,7 +231,7 @@ export class RequestPath {
   private fills = 0;
   private fillWaiters: Array<() => void> = [];
   private flusher: Worker | undefined;
-  private readonly flusherWake = new Notifier();
+  private readonly flusherWake: Notifier;
   /** Writeback-mode writes between their R7 check and their insert. */
   dirtyWritesInFlight = 0;
   /** Cache read races (cache_read_races): a hit's bucket was reused under the read. */
@@ -237,6 +240,7 @@ export class RequestPath {
   constructor(dev: RequestHost) {
     this.dev = dev;
     this.size = dev.sectors * SECTOR_SIZE;
+    this.flusherWake = new Notifier(dev.clock);
     dev.backingIo.onFlushed((epoch) => {
       this.backingFlushed(epoch);
     });
@@ -270,7 +274,7 @@ export class RequestPath {
    */
   async close(timeoutMs = Infinity): Promise<boolean> {
     this.closing = true;
-    const deadline = performance.now() + timeoutMs;
+    const deadline = this.dev.clock.now() + timeoutMs;
     if (this.pending.length > 0) {
       const flushed = this.dev.backingIo.flush().then(
         () => true,
@@ -279,7 +283,7 @@ export class RequestPath {
           return false;
         },
       );
-      const inTime = await settledWithin(flushed, msLeft(deadline));
+      const inTime = await settledWithin(flushed, msLeft(deadline, this.dev.clock), this.dev.clock);
       // Fills whose source is not known durable are dropped: a fill is only ever an optimisation.
       if (!inTime || !(await flushed)) {
         if (!inTime) log.warn(`${this.dev.name}: flushing ${this.dev.backingName} at stop took over ${timeoutMs} ms`);
@@ -288,7 +292,7 @@ export class RequestPath {
     }
     if (this.inflight === 0) return true;
     this.drained ??= deferred();
-    return settledWithin(this.drained.promise, msLeft(deadline));
+    return settledWithin(this.drained.promise, msLeft(deadline, this.dev.clock), this.dev.clock);
   }
 
   /** Stop the backing flusher; from here on a fill that would wait for it is dropped instead. */
@@ -400,7 +404,7 @@ export class RequestPath {
       // Congestion bypass (bch_get_congested, congested_*_threshold_us) is
       // not measured yet: the set is never congested, so only the cutoff counts.
       if (cutoff !== 0 && !(mode === CACHE_MODE_WRITEBACK && write && fua)) {
-        const bytes = this.seq.observe(start, end, Date.now());
+        const bytes = this.seq.observe(start, end, this.dev.clock.now());
         if (bytes >= cutoff) skip = true;
       }
     }
@@ -739,6 +743,7 @@ export class RequestPath {
     if (!this.flusher) {
       this.flusher = new Worker(`${this.dev.name} backing flusher`, (signal) => this.runFlusher(signal), {
         stopTimeoutMs: this.dev.stopTimeoutMs,
+        clock: this.dev.clock,
       }).start();
     }
     this.flusherWake.notify();
@@ -751,7 +756,7 @@ export class RequestPath {
   private async runFlusher(signal: AbortSignal): Promise<void> {
     while (!signal.aborted) {
       if (!(await this.flusherWake.wait(signal))) break;
-      if (this.fillBytes < MAX_FILL_BYTES / 4 && !(await sleep(BACKING_FLUSH_DELAY_MS, signal))) break;
+      if (this.fillBytes < MAX_FILL_BYTES / 4 && !(await sleep(BACKING_FLUSH_DELAY_MS, signal, this.dev.clock))) break;
       if (this.pending.length === 0) continue;
       try {
         await this.dev.backingIo.flush();

@@ -17,6 +17,7 @@
 // before that worker ends), so it holds the writeback worker's reference on
 // the attachment and stopping writeback stops both.
 
+import type { Clock } from '../util/clock.ts';
 import { errorMessage, sleep, Worker } from '../util/lifecycle.ts';
 import { log } from '../util/log.ts';
 import type { CacheSet } from './cache-set.ts';
@@ -76,6 +77,8 @@ export interface RateHost {
   readonly writebackRateState: WritebackRateState;
   /** The whole backing device in sectors (bdev_nr_sectors: the data offset included). */
   readonly backingSectors: number;
+  /** Whose time the update interval and the rate limiter's schedule are measured in. */
+  readonly clock: Clock;
 }
 
 /** What it needs of the cache set the device is attached to (the registry's RegisteredSet is one). */
@@ -295,7 +298,7 @@ export interface RateUpdateInstrument {
 }
 
 export interface RateUpdateOptions {
-  /** ms clock of the rate limiter (Date.now by default). */
+  /** ms clock of the rate limiter (default: the device's clock). */
   now?: () => number;
 }
 
@@ -317,7 +320,7 @@ export class WritebackRateUpdate {
   constructor(dev: RateHost, att: RateAttachment, options: RateUpdateOptions = {}) {
     this.dev = dev;
     this.att = att;
-    this.now = options.now ?? Date.now;
+    this.now = options.now ?? (() => dev.clock.now());
   }
 
   get running(): boolean {
@@ -328,6 +331,7 @@ export class WritebackRateUpdate {
     if (this.worker) return;
     this.worker = new Worker(`bcache_writeback_rate ${this.dev.name}`, (signal) => this.run(signal), {
       stopTimeoutMs: 30_000,
+      clock: this.dev.clock,
     }).start();
   }
 
@@ -340,7 +344,7 @@ export class WritebackRateUpdate {
     const cs = this.att.cs;
     const interval = (): number => updateSecondsClamped(this.dev.settings.writebackRateUpdateSeconds) * 1000;
     while (!signal.aborted && !cs.ioDisabled && !cs.stopped) {
-      if (!(await sleep(interval(), signal))) break;
+      if (!(await sleep(interval(), signal, this.dev.clock))) break;
       try {
         await this.step(signal);
       } catch (err) {

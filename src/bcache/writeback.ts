@@ -159,9 +159,9 @@ export class Writeback {
   private readonly att: WritebackAttachment;
   private worker: Worker | undefined;
   /** Dirty data appeared, a setting changed, detach began. */
-  private readonly wakeup = new Notifier();
+  private readonly wakeup: Notifier;
   /** Cuts the writeback_delay sleep short: detach, settings, stop. */
-  private readonly kick = new Notifier();
+  private readonly kick: Notifier;
   /** In the writeback_delay sleep: the dirty sectors (the controller's target) past which it ends. */
   private delayingUntilDirty: number | undefined;
   private keybuf: WbKey[] = [];
@@ -174,6 +174,8 @@ export class Writeback {
   constructor(dev: WritebackHost, att: WritebackAttachment) {
     this.dev = dev;
     this.att = att;
+    this.wakeup = new Notifier(dev.clock);
+    this.kick = new Notifier(dev.clock);
     this.rateUpdate = new WritebackRateUpdate(dev, att);
   }
 
@@ -187,6 +189,7 @@ export class Writeback {
     if (!this.att.ref.tryGet()) return;
     this.worker = new Worker(`bcache_writeback ${this.dev.name}`, (signal) => this.run(signal), {
       stopTimeoutMs: 60_000,
+      clock: this.dev.clock,
       onExit: () => {
         this.keybuf = [];
         for (const w of this.idleWaiters.splice(0)) w();
@@ -281,7 +284,7 @@ export class Writeback {
    * this worker's reference on the attachment.
    */
   private async run(signal: AbortSignal): Promise<void> {
-    this.limiter.reset(Date.now());
+    this.limiter.reset(this.dev.clock.now());
     this.rateUpdate.start();
     try {
       await this.loop(signal);
@@ -317,7 +320,7 @@ export class Writeback {
       if (this.keybuf.length === 0) {
         // Dirty writes still landing, or every key found is under a write in
         // flight: let them finish, then look again.
-        await sleep(1, signal);
+        await sleep(1, signal, this.dev.clock);
         continue;
       }
       try {
@@ -325,7 +328,7 @@ export class Writeback {
       } catch (err) {
         if (!aborted(signal)) log.error(`${this.dev.name}: writeback: ${errorMessage(err)}`);
         this.keybuf = [];
-        if (!(await sleep(1000, signal))) break;
+        if (!(await sleep(1000, signal, this.dev.clock))) break;
         continue;
       }
       this.keybuf = [];
@@ -333,13 +336,13 @@ export class Writeback {
       if (r.full && !att.detaching && !this.underPressure()) {
         // bch_writeback_thread's writeback_delay after a full pass, cut short (dirtied()) by dirty
         // data past the controller's target or by pressure.
-        this.delayingUntilDirty = targetSectors(rateInputs(this.dev, att, Date.now()));
+        this.delayingUntilDirty = targetSectors(rateInputs(this.dev, att, this.dev.clock.now()));
         try {
           await this.kick.wait(signal, this.dev.settings.writebackDelay * 1000);
         } finally {
           this.delayingUntilDirty = undefined;
         }
-        this.limiter.reset(Date.now());
+        this.limiter.reset(this.dev.clock.now());
       }
     }
   }
@@ -415,7 +418,7 @@ export class Writeback {
         ios.push(io);
       }
       if (writebackThrottled(att.detaching, this.dev.settings.writebackPercent) && !this.underPressure()) {
-        const ms = this.limiter.delay(sectors, this.dev.settings.writebackRate, Date.now());
+        const ms = this.limiter.delay(sectors, this.dev.settings.writebackRate, this.dev.clock.now());
         if (ms > 0) await this.kick.wait(signal, ms);
       }
     }

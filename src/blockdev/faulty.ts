@@ -39,6 +39,7 @@
 // Examples: `fail-nth=100:write`, `fail-range=4m+1m:write:EIO`, `pull-after=5000`,
 // `latency=5ms:read`, `fail-from=10:flush:ENOSPC`, `fail-nth=1:write:after`.
 
+import { realClock, type Clock } from '../util/clock.ts';
 import { deferred, sleep, type Deferred } from '../util/lifecycle.ts';
 import {
   IoError,
@@ -192,8 +193,12 @@ export class FaultyBlockDevice implements BlockDevice {
   private drained: Deferred<void> | undefined;
   private closed: Promise<void> | undefined;
 
-  constructor(inner: BlockDevice, options: { name?: string; rules?: readonly FaultRuleSpec[] } = {}) {
+  /** Whose time a delay rule waits (default: real time). */
+  private readonly clock: Clock;
+
+  constructor(inner: BlockDevice, options: { name?: string; rules?: readonly FaultRuleSpec[]; clock?: Clock } = {}) {
     this.inner = inner;
+    this.clock = options.clock ?? realClock;
     this.name = options.name ?? `faulty:${inner.name}`;
     for (const r of options.rules ?? []) this.addRule(r);
   }
@@ -354,7 +359,7 @@ export class FaultyBlockDevice implements BlockDevice {
         }
       }
       if (holds.length > 0) await Promise.all(holds);
-      if (delay > 0) await sleep(delay, this.stopping.signal);
+      if (delay > 0) await sleep(delay, this.stopping.signal, this.clock);
       if (this.isClosed() && (holds.length > 0 || delay > 0)) {
         throw new IoError('ESHUTDOWN', `${this.name}: device was closed while this ${op} was held or delayed`);
       }

@@ -3,6 +3,8 @@
 // either way, and the promise waited for keeps running: whoever gives up on
 // it must make sure its late settling is harmless.
 
+import { realClock, type Clock, type Timer } from './clock.ts';
+
 const MAX_TIMER_MS = 2 ** 31 - 1;
 
 /**
@@ -10,32 +12,29 @@ const MAX_TIMER_MS = 2 ** 31 - 1;
  * time (fulfilled or rejected: a stop path wants "done", not the value),
  * false past the bound. Never rejects.
  */
-export async function settledWithin(p: Promise<unknown>, ms: number): Promise<boolean> {
+export async function settledWithin(p: Promise<unknown>, ms: number, clock: Clock = realClock): Promise<boolean> {
   const done = p.then(
     () => true,
     () => true,
   );
   // setTimeout takes at most 2^31-1 ms (a larger delay fires at once): a bound that large is no bound.
   if (!(ms < MAX_TIMER_MS)) return done;
-  let timer: NodeJS.Timeout | undefined;
+  let timer: Timer | undefined;
   try {
     return await Promise.race([
       done,
       new Promise<boolean>((resolve) => {
-        timer = setTimeout(
-          () => {
-            resolve(false);
-          },
-          Math.max(0, ms),
-        );
+        timer = clock.setTimer(Math.max(0, ms), () => {
+          resolve(false);
+        });
       }),
     ]);
   } finally {
-    clearTimeout(timer);
+    timer?.cancel();
   }
 }
 
-/** Milliseconds left until `deadline` (a performance.now() time), never negative. */
-export function msLeft(deadline: number): number {
-  return Math.max(0, deadline - performance.now());
+/** Milliseconds left until `deadline` (a time of `clock`), never negative. */
+export function msLeft(deadline: number, clock: Clock = realClock): number {
+  return Math.max(0, deadline - clock.now());
 }

@@ -12,29 +12,16 @@
 //   writeback thread from clean->dirty until dirty->clean, forever if the cache
 //   died).
 
+import { realClock, type Clock, type Timer } from './clock.ts';
 import { log } from './log.ts';
 
 /**
- * Sleep for `ms` milliseconds or until `signal` aborts, whichever is first.
- * Resolves true if the full time elapsed, false if aborted. Never rejects, and
- * leaves no timer or listener behind either way.
+ * Sleep for `ms` milliseconds of `clock` or until `signal` aborts, whichever
+ * is first. Resolves true if the full time elapsed, false if aborted. Never
+ * rejects, and leaves no timer or listener behind either way.
  */
-export function sleep(ms: number, signal?: AbortSignal): Promise<boolean> {
-  if (signal?.aborted) return Promise.resolve(false);
-  return new Promise<boolean>((resolve) => {
-    const onAbort = (): void => {
-      clearTimeout(timer);
-      resolve(false);
-    };
-    const timer = setTimeout(
-      () => {
-        signal?.removeEventListener('abort', onAbort);
-        resolve(true);
-      },
-      Math.max(0, ms),
-    );
-    signal?.addEventListener('abort', onAbort, { once: true });
-  });
+export function sleep(ms: number, signal?: AbortSignal, clock: Clock = realClock): Promise<boolean> {
+  return clock.sleep(ms, signal);
 }
 
 /** The signal's state as a call, so that a check after an await is not narrowed away by TypeScript. */
@@ -68,6 +55,12 @@ export function deferred<T = void>(): Deferred<T> {
 export class Notifier {
   private pending = false;
   private waiter: Deferred<boolean> | undefined;
+  /** Whose time a wait's timeout is measured in. */
+  private readonly clock: Clock;
+
+  constructor(clock: Clock = realClock) {
+    this.clock = clock;
+  }
 
   notify(): void {
     const w = this.waiter;
@@ -94,7 +87,7 @@ export class Notifier {
     this.waiter = d;
     const finish = (value: boolean): void => {
       if (this.waiter === d) this.waiter = undefined;
-      if (timer !== undefined) clearTimeout(timer);
+      timer?.cancel();
       signal.removeEventListener('abort', onAbort);
       d.resolve(value);
     };
@@ -102,18 +95,15 @@ export class Notifier {
       finish(false);
     };
     signal.addEventListener('abort', onAbort, { once: true });
-    const timer =
+    const timer: Timer | undefined =
       timeoutMs === undefined
         ? undefined
-        : setTimeout(
-            () => {
-              finish(false);
-            },
-            Math.max(0, timeoutMs),
-          );
+        : this.clock.setTimer(Math.max(0, timeoutMs), () => {
+            finish(false);
+          });
     return d.promise.then((v) => {
       // notify() resolved it directly: clean up the timer and listener.
-      if (timer !== undefined) clearTimeout(timer);
+      timer?.cancel();
       signal.removeEventListener('abort', onAbort);
       return v;
     });
@@ -129,6 +119,8 @@ export interface WorkerOptions {
   onExit?: (error: unknown) => void;
   /** The scope it belongs to; default: the scope running when start() is called (WorkerScope.run). */
   scope?: WorkerScope;
+  /** Whose time the stop timeout and a periodic worker's interval are measured in (default: real time). */
+  clock?: Clock | undefined;
 }
 
 let currentScope: WorkerScope | undefined;
@@ -196,6 +188,7 @@ export class Worker {
   private readonly controller = new AbortController();
   private readonly stopTimeoutMs: number;
   private readonly onExit: ((error: unknown) => void) | undefined;
+  readonly clock: Clock;
   /** Set at start(): the owning scope, if any. */
   scope: WorkerScope | undefined;
   private readonly explicitScope: WorkerScope | undefined;
@@ -210,6 +203,7 @@ export class Worker {
     this.stopTimeoutMs = options.stopTimeoutMs ?? 60_000;
     this.onExit = options.onExit;
     this.explicitScope = options.scope;
+    this.clock = options.clock ?? realClock;
   }
 
   /** A worker that runs `step` every `intervalMs()` until stopped (never self-re-arming). */
@@ -223,7 +217,7 @@ export class Worker {
       name,
       async (signal) => {
         while (!signal.aborted) {
-          if (!(await sleep(intervalMs(), signal))) break;
+          if (!(await w.clock.sleep(intervalMs(), signal))) break;
           await step(signal);
           w.steps++;
         }
@@ -292,16 +286,16 @@ export class Worker {
     this.controller.abort('worker stopped');
     const end = this.endPromise;
     if (!end) return;
-    let timer: NodeJS.Timeout | undefined;
+    let timer: Timer | undefined;
     const timedOut = await Promise.race([
       end.then(() => false),
       new Promise<boolean>((resolve) => {
-        timer = setTimeout(() => {
+        timer = this.clock.setTimer(this.stopTimeoutMs, () => {
           resolve(true);
-        }, this.stopTimeoutMs);
+        });
       }),
     ]);
-    clearTimeout(timer);
+    timer?.cancel();
     if (timedOut) log.warn(`worker ${this.name}: gave up waiting ${this.stopTimeoutMs} ms for it to stop`);
   }
 }

@@ -18,6 +18,7 @@ import {
   CACHE_MODE_WRITEBACK,
   CACHE_MODE_WRITETHROUGH,
 } from '../../src/format/constants.ts';
+import { realClock } from '../../src/util/clock.ts';
 import { deferred, RefCount } from '../../src/util/lifecycle.ts';
 import { assertNothingLeft, formatCache } from './helpers.ts';
 import { MiB, pattern } from './request-helpers.ts';
@@ -76,6 +77,7 @@ async function rig(mode: number) {
     settings: { sequentialCutoff: 0, readahead: 0, ioDisable: false },
     stats: new CacheAccounting(),
     stopTimeoutMs: 5000,
+    clock: realClock,
     attachment: att,
     needsMarkDirty: true,
     async markDirty() {

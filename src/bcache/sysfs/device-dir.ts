@@ -35,7 +35,7 @@ const DEFAULT_STRIPE_SECTORS = 2 ** 31;
  * writeback_running is 0; next io is how far the rate limiter's schedule is
  * ahead of now (negative: behind), in whole ms.
  */
-export function writebackRateDebug(dev: CachedDev, nowMs: number = Date.now()): string {
+export function writebackRateDebug(dev: CachedDev, nowMs: number = dev.clock.now()): string {
   const wb = dev.settings.writebackRunning;
   const st = dev.writebackRateState;
   const next = st.limiter.next;

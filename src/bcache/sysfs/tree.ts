@@ -58,6 +58,7 @@ export class SysfsTree {
         this.tick();
         return Promise.resolve();
       },
+      { clock: registry.clock },
     );
     this.root = this.buildRoot();
   }
