@@ -27,6 +27,7 @@
 import { bkeyU64s, keyText, makeKey, makePtr, MAX_KEY, posCmp, type Bkey } from '../format/bkey.ts';
 import { FormatError } from '../format/errors.ts';
 import { defined } from '../util/assert.ts';
+import { allDone } from '../util/lifecycle.ts';
 import { log } from '../util/log.ts';
 import { RwLock } from '../util/rwlock.ts';
 import type { Buckets } from './buckets.ts';
@@ -146,6 +147,8 @@ export interface InsertResult {
 export interface BtreeOptions {
   /** Clean leaves kept in memory beyond those in use (interior nodes are always kept). */
   cacheLeaves: number;
+  /** Where new nodes' random seqs come from (default: the system's randomness; a simulation's seed). */
+  newSeq?: (() => bigint) | undefined;
 }
 
 export class Btree {
@@ -159,6 +162,7 @@ export class Btree {
   private clock = 0;
   private readonly cacheLeaves: number;
   private readonly capacity: number;
+  private readonly newSeq: () => bigint;
   /** Nodes written, read, split: for stats and tests. */
   readonly stats = { reads: 0, writes: 0, rewrites: 0, splits: 0, newRoots: 0, evictions: 0 };
 
@@ -166,6 +170,7 @@ export class Btree {
     this.host = host;
     this.geo = host.geo;
     this.cacheLeaves = Math.max(4, options.cacheLeaves);
+    this.newSeq = options.newSeq ?? randomSeq;
     this.capacity = nodeCapacityU64s(host.geo);
   }
 
@@ -291,7 +296,7 @@ export class Btree {
     const key = makeKey(position.inode, position.offset, this.geo.nodeSectors, false, [
       makePtr(0, this.host.buckets.sector(bucket), gen),
     ]);
-    const node = new BtreeNode(key, level, randomSeq(), keys, 0);
+    const node = new BtreeNode(key, level, this.newSeq(), keys, 0);
     return node;
   }
 
@@ -855,7 +860,7 @@ export class Btree {
       this.stats.newRoots++;
     }
     // R2: every new node is on disk before anything durable points at it.
-    await Promise.all(created.map((n) => this.writeNewNode(n)));
+    await allDone(created.map((n) => this.writeNewNode(n)));
     await this.host.io.flush();
     // Appends to the old nodes still in flight must land before their buckets can be freed.
     for (const n of path) while (n.writing) await n.writing.catch(() => undefined);

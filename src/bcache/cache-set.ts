@@ -98,7 +98,8 @@ import {
 } from '../format/superblock.ts';
 import { formatUuid } from '../format/uuid-text.ts';
 import { realClock, type Clock, type Timer } from '../util/clock.ts';
-import { errorMessage, Mutex, WorkerScope } from '../util/lifecycle.ts';
+import { Prng } from '../util/prng.ts';
+import { allDone, errorMessage, Mutex, WorkerScope } from '../util/lifecycle.ts';
 import { log } from '../util/log.ts';
 import { Allocator, RESERVE_BTREE } from './alloc.ts';
 import { Btree, type InsertResult, type LookupSegment } from './btree.ts';
@@ -127,6 +128,16 @@ const INSERT_CHUNK = 64;
 /** bch_data_invalidate chunks: at most 2^15 sectors per key. */
 const INVALIDATE_CHUNK = 1 << 15;
 
+/** Node seqs from a seeded PRNG (never 0: a zero seq means "not a node"), so that a seeded run writes the same bytes. */
+function seqsFrom(rng: Prng): () => bigint {
+  return () => {
+    for (;;) {
+      const v = (BigInt(rng.next()) << 32n) | BigInt(rng.next());
+      if (v !== 0n) return v;
+    }
+  };
+}
+
 export interface CacheSetOptions {
   /** Group-commit delay of the journal (journal_delay_ms). */
   journalDelayMs?: number;
@@ -146,7 +157,12 @@ export interface CacheSetOptions {
   gcYield?: () => Promise<void>;
   /** Bound on stop() before it gives up waiting and closes anyway. */
   stopTimeoutMs?: number;
-  /** Seed of the random replacement policy (default: the time of day). */
+  /**
+   * Seed of the random replacement policy and of new btree nodes' seqs
+   * (default: the time of day, the system's randomness). Give each bring-up
+   * of a cache a different seed: a node's seq is what tells its bsets from
+   * those an earlier node left in the same bucket, so seqs must not repeat.
+   */
   seed?: number;
   /**
    * Every duration, deadline and timer of the set and its workers (default:
@@ -307,7 +323,10 @@ export class CacheSet {
           this.fail(err);
         },
       },
-      { cacheLeaves: Math.max(16, Math.floor(cacheBytes / this.nodeGeo.nodeBytes)) },
+      {
+        cacheLeaves: Math.max(16, Math.floor(cacheBytes / this.nodeGeo.nodeBytes)),
+        newSeq: options.seed === undefined ? undefined : seqsFrom(new Prng(options.seed ^ 0x5eed)),
+      },
     );
     this.journal = new Journal(
       {
@@ -553,7 +572,7 @@ export class CacheSet {
     const b = this.buckets;
     // Old journal entries of a previous life of this device must not be read back as ours.
     const zero = Buffer.alloc(this.sb.blockSize * SECTOR_SIZE);
-    await Promise.all(this.journal.ring.map((bucket) => this.io.writeMeta(zero, b.sector(bucket))));
+    await allDone(this.journal.ring.map((bucket) => this.io.writeMeta(zero, b.sector(bucket))));
     initialGcFinish(b, this.allocator, this.metadataBuckets());
     this.allocator.initialStock();
     await this.prios.write();
@@ -1031,7 +1050,7 @@ export class CacheSet {
     await this.gc.stop();
     if (clean && !this.disabled() && this.btree.hasRoot) {
       await attempt('writing dirty btree nodes', async () => {
-        await Promise.all(this.btree.dirtyNodes().map((n: BtreeNode) => this.btree.writeNode(n)));
+        await allDone(this.btree.dirtyNodes().map((n: BtreeNode) => this.btree.writeNode(n)));
       });
     }
     await this.allocator.stop();

@@ -39,7 +39,7 @@ import {
   type Jset,
 } from '../format/jset.ts';
 import { IoError } from '../blockdev/types.ts';
-import { deferred, errorMessage, Mutex, Notifier, Worker, type Deferred } from '../util/lifecycle.ts';
+import { allDone, deferred, errorMessage, Mutex, Notifier, Worker, type Deferred } from '../util/lifecycle.ts';
 import { realClock, type Clock } from '../util/clock.ts';
 import { log } from '../util/log.ts';
 import type { BtreeNode, JournalPin } from './btree-node.ts';
@@ -493,7 +493,7 @@ export class Journal {
         const nodes = [...this.nodeQueue];
         this.nodeQueue.clear();
         try {
-          await Promise.all(nodes.map((n) => this.host.writeNode(n)));
+          await allDone(nodes.map((n) => this.host.writeNode(n)));
         } catch (err) {
           this.die(err);
           return;
@@ -581,7 +581,7 @@ export class Journal {
     const nodes = this.host.nodesPinning(oldest, 8);
     if (nodes.length === 0) return;
     try {
-      await Promise.all(nodes.map((n) => this.host.writeNode(n)));
+      await allDone(nodes.map((n) => this.host.writeNode(n)));
     } catch (err) {
       this.die(err);
     }
@@ -647,7 +647,7 @@ export class Journal {
         const nodes = this.host.nodesPinning(oldest, 8);
         if (nodes.length > 0) {
           this.stats.nodeFlushes++;
-          await Promise.all(nodes.map((n) => this.host.writeNode(n)));
+          await allDone(nodes.map((n) => this.host.writeNode(n)));
           await this.host.io.flush();
           continue;
         }

@@ -16,6 +16,7 @@ import { metaBucketBytes, PRIO_ENTRY_BYTES, PRIO_SET_HEADER_BYTES, priosPerBucke
 import { bchCrc64 } from '../format/crc64.ts';
 import { FormatError } from '../format/errors.ts';
 import { encodePrioBucket, psetMagic } from '../format/prio.ts';
+import { allDone } from '../util/lifecycle.ts';
 import { log } from '../util/log.ts';
 import { RESERVE_PRIO, type Allocator } from './alloc.ts';
 import type { Buckets } from './buckets.ts';
@@ -84,7 +85,7 @@ export class Prios {
       );
       writes.push(io.writeMeta(buf, b.sector(fresh[i] ?? 0)));
     }
-    await Promise.all(writes);
+    await allDone(writes);
     await io.flush();
     this.current = fresh;
     for (const r of fresh) b.unpinBucket(r);

@@ -376,6 +376,22 @@ export class Mutex {
   }
 }
 
+/**
+ * Promise.all for I/O: waits for every promise before it rejects with the
+ * first failure, so that nothing is left in flight behind an error (a stop
+ * that follows must not return while a write it does not know of is still
+ * running; docs/design.md, lifecycle rule 5).
+ */
+export async function allDone<T>(promises: readonly Promise<T>[]): Promise<T[]> {
+  const results = await Promise.allSettled(promises);
+  const values: T[] = [];
+  for (const r of results) {
+    if (r.status === 'rejected') throw r.reason;
+    values.push(r.value);
+  }
+  return values;
+}
+
 export function errorMessage(err: unknown): string {
   if (err instanceof Error) return err.message;
   return String(err);
