@@ -1,0 +1,58 @@
+// npm run sim -- --seed N [--ops K] [--seeds M] [--no-power-cuts] [--trace]
+//
+// Runs the simulator (sim.ts) for one seed, or for M seeds from N, and prints
+// for each: the seed, the digest of its trace and the verdict. A failing seed
+// is its own repro: `npm run sim -- --seed N --ops K` runs it again, exactly.
+// Exit status 1 if any seed failed.
+
+import { runSim } from './sim.ts';
+
+function usage(message: string): never {
+  process.stderr.write(
+    `sim: ${message}\nusage: npm run sim -- --seed N [--ops K] [--seeds M] [--no-power-cuts] [--trace]\n`,
+  );
+  process.exit(2);
+}
+
+function intArg(args: string[], name: string, fallback: number): number {
+  const i = args.indexOf(name);
+  if (i < 0) return fallback;
+  const v = Number(args[i + 1]);
+  if (!Number.isSafeInteger(v) || v < 0) usage(`${name} needs a non-negative integer`);
+  return v;
+}
+
+async function main(): Promise<void> {
+  const args = process.argv.slice(2);
+  const known = new Set(['--seed', '--ops', '--seeds', '--no-power-cuts', '--trace']);
+  for (const [i, a] of args.entries()) {
+    if (a.startsWith('--') && !known.has(a)) usage(`unknown option ${a}`);
+    if (!a.startsWith('--') && !['--seed', '--ops', '--seeds'].includes(args[i - 1] ?? '')) usage(`unexpected ${a}`);
+  }
+  const first = intArg(args, '--seed', 1);
+  const ops = intArg(args, '--ops', 300);
+  const seeds = intArg(args, '--seeds', 1);
+  const powerCuts = !args.includes('--no-power-cuts');
+  const keepTrace = args.includes('--trace');
+  let failed = 0;
+  const t0 = performance.now();
+  for (let seed = first; seed < first + Math.max(1, seeds); seed++) {
+    const r = await runSim({ seed, ops, powerCuts, keepTrace });
+    if (r.trace) process.stdout.write(`${r.trace.join('\n')}\n`);
+    const s = r.stats;
+    process.stdout.write(
+      `seed ${r.seed} ops ${r.ops} digest ${r.digest} ${r.ok ? 'ok' : 'FAIL'} ` +
+        `(${(r.simMs / 1000).toFixed(1)} s simulated, ${r.events} events; ` +
+        `${s.writes}+${s.fuaWrites} fua writes, ${s.reads} reads, ${s.flushes} flushes, ` +
+        `${s.gcs} gc, ${s.powerCuts} power cuts, ${s.restarts} restarts)` +
+        `${r.ok ? '' : `\n  ${r.verdict}\n  repro: npm run sim -- --seed ${r.seed} --ops ${r.ops}${powerCuts ? '' : ' --no-power-cuts'}`}\n`,
+    );
+    if (!r.ok) failed++;
+  }
+  if (seeds > 1) {
+    process.stdout.write(`${seeds} seeds, ${failed} failed, ${((performance.now() - t0) / 1000).toFixed(1)} s\n`);
+  }
+  process.exitCode = failed > 0 ? 1 : 0;
+}
+
+await main();

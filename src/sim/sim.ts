@@ -1,0 +1,535 @@
+// The deterministic simulator (docs/simulation.md): the whole engine (one
+// cache set, three bcache devices in writeback, writethrough and writearound
+// mode, writeback with its rate controller, GC, the journal, clean restarts
+// and power cuts) on simulated devices and simulated time, driven by random
+// client operations, all from one seed. The same seed gives the same run, and
+// the run's trace (every device operation, client operation, log line and
+// their simulated times) hashes to the same digest, on any machine.
+//
+// After every step it checks:
+// - durability: every read returns what the model (model.ts) allows, so
+//   flushed data reads back and nothing reads as garbage, across power cuts;
+// - liveness: every client operation, GC request and stop completes within a
+//   bound of simulated time;
+// - lifecycle: after a stop (clean, or after a power cut) no worker of the
+//   engine is alive, no timer of it is pending, and its devices see no more
+//   I/O however long time runs on; a clean stop leaves nothing unflushed.
+
+import { createHash, type Hash } from 'node:crypto';
+import { CrashableBlockDevice } from '../blockdev/crashable.ts';
+import type { BlockDevice } from '../blockdev/types.ts';
+import type { CachedDevSettings } from '../bcache/cached-dev.ts';
+import { Registry } from '../bcache/registry.ts';
+import {
+  CACHE_MODE_NAMES,
+  CACHE_MODE_WRITEAROUND,
+  CACHE_MODE_WRITEBACK,
+  CACHE_MODE_WRITETHROUGH,
+  SB_OFFSET,
+} from '../format/constants.ts';
+import { encodeSuperblock, newBackingSuperblock, newCacheSuperblock } from '../format/superblock.ts';
+import { SimClock } from '../util/clock.ts';
+import { errorMessage, Worker } from '../util/lifecycle.ts';
+import { setLogSink } from '../util/log.ts';
+import { Prng } from '../util/prng.ts';
+import { SimDevice, type LatencyProfile, type SimDeviceEnv } from './device.ts';
+import { ClientModel, encodeWrite } from './model.ts';
+
+const SECTOR = 512;
+const MiB = 1024 * 1024;
+
+export interface SimOptions {
+  seed: number;
+  /** Steps to run (each a batch of client operations or a control action). */
+  ops?: number;
+  /** Power cuts among the steps (default true). */
+  powerCuts?: boolean;
+  /** Keep the trace's lines (for debugging a seed): they are returned in the result. */
+  keepTrace?: boolean;
+}
+
+export interface SimStats {
+  reads: number;
+  writes: number;
+  fuaWrites: number;
+  flushes: number;
+  gcs: number;
+  powerCuts: number;
+  restarts: number;
+  settingChanges: number;
+  idle: number;
+}
+
+export interface SimResult {
+  seed: number;
+  ops: number;
+  /** sha256 of the trace, first 16 hex digits. */
+  digest: string;
+  ok: boolean;
+  /** "ok", or the first violation. */
+  verdict: string;
+  /** Simulated time the run took (ms). */
+  simMs: number;
+  events: number;
+  stats: SimStats;
+  trace?: string[];
+}
+
+/** A step's client operations, a GC or a stop that has not completed by then is a liveness failure. */
+export const LIVENESS_MS = 120_000;
+/** Bound on a whole stop (clean or after a power cut) of the engine. */
+export const STOP_BOUND_MS = 180_000;
+
+const MODES = [CACHE_MODE_WRITEBACK, CACHE_MODE_WRITETHROUGH, CACHE_MODE_WRITEAROUND] as const;
+
+class Violation extends Error {}
+
+interface Engine {
+  registry: Registry;
+  devices: SimDevice[];
+  /** The bcache device of each backing device, by model index. */
+  bdevs: BlockDevice[];
+  generation: number;
+}
+
+/** One run: all its state, so that nothing is shared between runs in one process. */
+class Run implements SimDeviceEnv {
+  readonly clock = new SimClock(0);
+  private readonly hash: Hash = createHash('sha256');
+  private readonly keep: string[] | undefined;
+  events = 0;
+  private readonly violations: string[] = [];
+  readonly rng: Prng;
+  readonly seed: number;
+  readonly model: ClientModel;
+  private cache: CrashableBlockDevice;
+  private backings: CrashableBlockDevice[];
+  private engine: Engine | undefined;
+  private writeId = 0;
+  private generation = 0;
+  private readonly latency: LatencyProfile;
+  private readonly settings: Array<Partial<CachedDevSettings>>;
+  readonly stats: SimStats = {
+    reads: 0,
+    writes: 0,
+    fuaWrites: 0,
+    flushes: 0,
+    gcs: 0,
+    powerCuts: 0,
+    restarts: 0,
+    settingChanges: 0,
+    idle: 0,
+  };
+
+  constructor(seed: number, keepTrace: boolean) {
+    this.seed = seed;
+    this.rng = new Prng(seed);
+    this.keep = keepTrace ? [] : undefined;
+    this.model = new ClientModel(MODES.length);
+    // 1024 buckets of 16 KiB: a 16 MiB cache before 3 x 8 MiB of backing devices, so that it
+    // fills, GC runs and writeback must keep up.
+    this.cache = new CrashableBlockDevice(16 * MiB, { name: 'cache' });
+    this.backings = MODES.map((_, i) => new CrashableBlockDevice(8 * MiB, { name: `backing${i}` }));
+    const r = this.rng;
+    this.latency = {
+      baseMs: r.below(3),
+      jitterMs: 1 + r.below(20),
+      flushMs: 1 + r.below(10),
+      stallMs: 100 + r.below(2000),
+      stallEvery: r.bool() ? 0 : 50 + r.below(500),
+    };
+    this.settings = MODES.map(() => ({
+      sequentialCutoff: r.bool() ? 0 : (64 << r.below(4)) * 1024,
+      readahead: r.below(4) === 0 ? 16 * 1024 : 0,
+      writebackDelay: 1 + r.below(10),
+      writebackPercent: r.below(4) === 0 ? 0 : 10,
+      writebackRateUpdateSeconds: 1 + r.below(5),
+      writebackRunning: true,
+    }));
+    this.trace(`seed ${seed} latency ${JSON.stringify(this.latency)} settings ${JSON.stringify(this.settings)}`);
+  }
+
+  trace(event: string): void {
+    this.events++;
+    const line = `${this.clock.now()} ${event}`;
+    this.hash.update(line);
+    this.hash.update('\n');
+    this.keep?.push(line);
+  }
+
+  violation(message: string): void {
+    this.trace(`VIOLATION ${message}`);
+    this.violations.push(message);
+  }
+
+  /** Throw the first violation seen, if any (device callbacks cannot throw into the driver). */
+  private check(): void {
+    const v = this.violations[0];
+    if (v !== undefined) throw new Violation(v);
+  }
+
+  digest(): string {
+    return this.hash.copy().digest('hex').slice(0, 16);
+  }
+
+  get traceLines(): string[] | undefined {
+    return this.keep;
+  }
+
+  /** Run until `p` settles; past `bound` of simulated time it is a liveness violation named `what`. */
+  private async within<T>(p: Promise<T>, bound: number, what: string): Promise<T> {
+    // A rejection is handled by the caller's await below; this keeps it from being "unhandled" meanwhile.
+    p.catch(() => undefined);
+    if (!(await this.clock.runUntil(p, bound))) {
+      throw new Violation(`liveness: ${what} did not complete within ${bound} ms of simulated time`);
+    }
+    return p;
+  }
+
+  private uuid(): Buffer {
+    const b = Buffer.alloc(16);
+    for (let i = 0; i < 16; i += 4) b.writeUInt32LE(this.rng.next(), i);
+    return b;
+  }
+
+  /** make-bcache -C and -B, with uuids from the seed. */
+  async format(): Promise<void> {
+    const setUuid = this.uuid();
+    const bucketSize = 32;
+    const csb = newCacheSuperblock({
+      uuid: this.uuid(),
+      setUuid,
+      blockSize: 8,
+      bucketSize,
+      nbuckets: Math.floor(this.cache.size / SECTOR / bucketSize),
+      discard: false,
+      replacement: this.rng.below(3),
+    });
+    await this.cache.write(encodeSuperblock(csb), SB_OFFSET);
+    await this.cache.flush();
+    for (const [i, dev] of this.backings.entries()) {
+      const sb = newBackingSuperblock({
+        uuid: this.uuid(),
+        setUuid,
+        blockSize: 8,
+        bucketSize: 1024,
+        dataOffset: 16,
+        writeback: MODES[i] === CACHE_MODE_WRITEBACK,
+      });
+      await dev.write(encodeSuperblock(sb), SB_OFFSET);
+      await dev.flush();
+    }
+  }
+
+  /** Register the cache and the backing devices (in an order from the seed) on simulated devices. */
+  async bringUp(): Promise<void> {
+    const gen = ++this.generation;
+    const clock = this.clock;
+    const devSeed = (i: number): number => (this.seed * 1009 + gen * 31 + i) % 2 ** 31;
+    const cache = new SimDevice(this.cache, this, devSeed(0), this.latency);
+    const backings = this.backings.map((b, i) => new SimDevice(b, this, devSeed(i + 1), this.latency));
+    const registry = new Registry({
+      clock,
+      // Unix seconds written to superblocks: simulated too.
+      now: () => 1_700_000_000 + Math.floor(clock.now() / 1000),
+      setOptions: {
+        // A different seed each bring-up: node seqs must not repeat on one cache (CacheSetOptions.seed).
+        seed: (this.seed * 7919 + gen) % 2 ** 31,
+        now: () => 1_700_000_000 + Math.floor(clock.now() / 1000),
+        journalDelayMs: 1 + this.rng.below(50),
+        gcSliceMs: 0,
+        gcYield: () => clock.sleep(0).then(() => undefined),
+      },
+      deviceSettings: (name) => this.settings[Number(name.replace('bcache', ''))],
+    });
+    const order = [cache, ...backings];
+    for (let i = order.length - 1; i > 0; i--) {
+      const j = this.rng.below(i + 1);
+      const a = order[i];
+      const b = order[j];
+      if (a && b) [order[i], order[j]] = [b, a];
+    }
+    this.trace(`bring-up ${gen}: ${order.map((d) => d.name).join(' ')}`);
+    for (const d of order) await this.within(registry.register(d), LIVENESS_MS, `register ${d.name}`);
+    const bdevs: BlockDevice[] = [];
+    for (const [i, b] of backings.entries()) {
+      const cd = registry.devices.find((d) => d.backing === b);
+      if (!cd) throw new Violation(`bring-up: ${b.name} is not registered`);
+      if (!cd.running) throw new Violation(`bring-up: ${cd.name} (${b.name}) is not running`);
+      if (cd.attachment === undefined) throw new Violation(`bring-up: ${cd.name} (${b.name}) is not attached`);
+      const mode = MODES[i] ?? CACHE_MODE_WRITETHROUGH;
+      await this.within(cd.setCacheMode(mode), LIVENESS_MS, `${cd.name}: cache mode`);
+      this.trace(`${b.name} is ${cd.name}, ${CACHE_MODE_NAMES[mode] ?? mode}`);
+      bdevs.push(cd.device);
+    }
+    this.engine = { registry, devices: [cache, ...backings], bdevs, generation: gen };
+  }
+
+  /**
+   * Stop the engine (`how`: a clean stop, or the teardown after a power cut)
+   * and check the lifecycle rules: bounded, then nothing of it alive, pending
+   * or touching its devices however long time runs on.
+   */
+  async stop(how: string): Promise<void> {
+    const e = this.engine;
+    if (!e) return;
+    this.engine = undefined;
+    this.trace(`stop (${how})`);
+    await this.within(e.registry.stopAll(), STOP_BOUND_MS, `stop (${how})`);
+    const live = [...Worker.live()].map((w) => w.name);
+    if (live.length > 0) throw new Violation(`lifecycle: worker(s) alive after stop (${how}): ${live.join(', ')}`);
+    for (const d of e.devices) d.fence(`the engine stopped (${how})`);
+    // What is still in flight below a stopped engine was issued by something that outlived the stop.
+    const inflight = e.devices.flatMap((d) => [...d.inflight].map(([id, what]) => `${d.name} #${id} ${what}`));
+    if (inflight.length > 0)
+      throw new Violation(`lifecycle: I/O in flight after stop (${how}): ${inflight.join(', ')}`);
+    // Time runs on: a timer or worker left behind would now fire or touch a device.
+    const pending = this.clock.pending;
+    await this.clock.advance(10 * 60_000);
+    this.check();
+    if (pending > 0) throw new Violation(`lifecycle: ${pending} timer(s) pending after stop (${how})`);
+  }
+
+  /** A clean stop, then a restart on the same devices: a clean stop leaves nothing unflushed. */
+  async restart(): Promise<void> {
+    this.stats.restarts++;
+    await this.stop('clean');
+    for (const d of [this.cache, ...this.backings]) {
+      if (d.volatileWrites > 0) {
+        throw new Violation(`lifecycle: a clean stop left ${d.volatileWrites} unflushed write(s) on ${d.name}`);
+      }
+    }
+    // Fresh devices over the same images (the old ones are closed).
+    const fresh = (d: CrashableBlockDevice): CrashableBlockDevice => d.powerCut(0, { policy: 'drop' });
+    this.cache = fresh(this.cache);
+    this.backings = this.backings.map(fresh);
+    await this.bringUp();
+  }
+
+  /** Cut the power to every device at once; the engine's teardown runs on dead devices; then bring up again. */
+  async powerCut(): Promise<void> {
+    this.stats.powerCuts++;
+    const cutSeed = this.rng.next();
+    this.trace(`power cut ${cutSeed}`);
+    this.model.powerCut();
+    const all = [this.cache, ...this.backings];
+    const fresh = all.map((d, i) => d.powerCut((cutSeed + i) >>> 0));
+    const [cache, ...backings] = fresh;
+    if (!cache) throw new Error('no cache device');
+    this.cache = cache;
+    this.backings = backings;
+    await this.stop('power cut');
+    await this.bringUp();
+  }
+
+  private live(): Engine {
+    if (!this.engine) throw new Error('sim: no engine');
+    return this.engine;
+  }
+
+  /** One batch of concurrent client operations, each checked against the model. */
+  async clientBatch(): Promise<void> {
+    const e = this.live();
+    const n = 1 + this.rng.below(6);
+    const ops: Array<Promise<void>> = [];
+    const devSectors = (e.bdevs[0]?.size ?? 0) / SECTOR;
+    for (let k = 0; k < n; k++) {
+      const dev = this.rng.below(e.bdevs.length);
+      const bdev = e.bdevs[dev];
+      if (!bdev) continue;
+      const r = this.rng.below(100);
+      // Mostly 4 KiB-aligned (the cache's block), sometimes not (those bypass the cache).
+      const aligned = this.rng.below(10) !== 0;
+      const count = aligned ? 8 * (1 + this.rng.below(this.rng.below(4) === 0 ? 64 : 8)) : 1 + this.rng.below(16);
+      // A hot region a quarter of the device draws most operations, so that data is read back and overwritten.
+      const span = this.rng.below(4) === 0 ? devSectors : devSectors / 4;
+      let first = this.rng.below(span - count);
+      if (aligned) first -= first % 8;
+      if (r < 45) {
+        if (this.model.writeInFlight(dev, first, count)) continue;
+        ops.push(this.write(dev, bdev, first, count, this.rng.below(10) === 0));
+      } else if (r < 92) {
+        ops.push(this.read(dev, bdev, first, count));
+      } else {
+        ops.push(this.flush(dev, bdev));
+      }
+    }
+    await this.within(Promise.all(ops), LIVENESS_MS, `a batch of ${ops.length} client operation(s)`);
+    this.check();
+  }
+
+  private async write(dev: number, bdev: BlockDevice, first: number, count: number, fua: boolean): Promise<void> {
+    const id = ++this.writeId;
+    if (fua) this.stats.fuaWrites++;
+    else this.stats.writes++;
+    const rec = this.model.beginWrite(dev, first, count, id);
+    this.trace(`client write ${id}: dev ${dev} ${first}+${count}${fua ? ' fua' : ''}`);
+    try {
+      await bdev.write(encodeWrite(dev, id, first, count), first * SECTOR, { fua });
+    } catch (err) {
+      this.violation(`client write ${id} to device ${dev} failed: ${errorMessage(err)}`);
+      return;
+    }
+    this.model.endWrite(rec, fua);
+    this.trace(`client write ${id} done`);
+  }
+
+  private async read(dev: number, bdev: BlockDevice, first: number, count: number): Promise<void> {
+    this.stats.reads++;
+    const t0 = this.model.beginRead();
+    this.trace(`client read: dev ${dev} ${first}+${count}`);
+    const buf = Buffer.alloc(count * SECTOR);
+    try {
+      await bdev.read(buf, first * SECTOR);
+    } catch (err) {
+      this.violation(`client read of device ${dev} ${first}+${count} failed: ${errorMessage(err)}`);
+      return;
+    }
+    const wrong = this.model.checkRead(dev, first, count, t0, buf);
+    this.trace(`client read done: dev ${dev} ${first}+${count}`);
+    if (wrong !== undefined) this.violation(`durability: ${wrong}`);
+  }
+
+  private async flush(dev: number, bdev: BlockDevice): Promise<void> {
+    this.stats.flushes++;
+    const f0 = this.model.beginFlush();
+    this.trace(`client flush: dev ${dev}`);
+    try {
+      await bdev.flush();
+    } catch (err) {
+      this.violation(`client flush of device ${dev} failed: ${errorMessage(err)}`);
+      return;
+    }
+    this.model.endFlush(dev, f0);
+    this.trace(`client flush done: dev ${dev}`);
+  }
+
+  /** A FLUSH on every device at once. */
+  async flushAll(): Promise<void> {
+    const e = this.live();
+    this.trace('flush all');
+    await this.within(Promise.all(e.bdevs.map((b, dev) => this.flush(dev, b))), LIVENESS_MS, 'a FLUSH of every device');
+    this.check();
+  }
+
+  /** Settings a user changes at run time, and a GC asked for by hand. */
+  async control(): Promise<void> {
+    const e = this.live();
+    const r = this.rng.below(4);
+    if (r === 0) {
+      this.stats.gcs++;
+      this.trace('gc');
+      for (const set of e.registry.sets.values()) await this.within(set.cs.runGc(), LIVENESS_MS, 'a GC pass');
+      return;
+    }
+    this.stats.settingChanges++;
+    const dev = e.registry.devices[this.rng.below(e.registry.devices.length)];
+    if (!dev) return;
+    if (r === 1) {
+      dev.settings.writebackRunning = !dev.settings.writebackRunning;
+      this.trace(`${dev.name} writeback_running ${dev.settings.writebackRunning ? 1 : 0}`);
+    } else if (r === 2) {
+      dev.settings.writebackPercent = [0, 1, 10, 40][this.rng.below(4)] ?? 10;
+      this.trace(`${dev.name} writeback_percent ${dev.settings.writebackPercent}`);
+    } else {
+      dev.settings.sequentialCutoff = this.rng.bool() ? 0 : 128 * 1024;
+      this.trace(`${dev.name} sequential_cutoff ${dev.settings.sequentialCutoff}`);
+    }
+    dev.attachment?.writeback.wake();
+  }
+
+  /** Let time pass with no client: writeback, rate updates and journal deadlines run. */
+  async idle(): Promise<void> {
+    this.stats.idle++;
+    const ms = this.rng.below(10_000);
+    this.trace(`idle ${ms}`);
+    await this.clock.advance(ms);
+    this.check();
+  }
+
+  /** Read back everything ever written, with nothing in flight: each sector as the model says. */
+  async verifyAll(): Promise<void> {
+    const e = this.live();
+    for (const [dev, bdev] of e.bdevs.entries()) {
+      const sectors = this.model.written(dev);
+      let i = 0;
+      while (i < sectors.length) {
+        const first = sectors[i] ?? 0;
+        let count = 1;
+        while (count < 256 && sectors[i + count] === first + count) count++;
+        await this.within(this.read(dev, bdev, first, count), LIVENESS_MS, `verifying device ${dev}`);
+        i += count;
+      }
+    }
+    this.check();
+  }
+
+  /** Everything the engine does after all steps: a final read-back, a clean stop, nothing left. */
+  async finish(): Promise<void> {
+    await this.verifyAll();
+    await this.stop('clean, at the end');
+    for (const d of [this.cache, ...this.backings]) {
+      if (d.volatileWrites > 0) {
+        throw new Violation(`lifecycle: a clean stop left ${d.volatileWrites} unflushed write(s) on ${d.name}`);
+      }
+    }
+  }
+
+  /** Stop whatever is left without checks (after a violation), so the next run in this process starts clean. */
+  async abandon(): Promise<void> {
+    const e = this.engine;
+    this.engine = undefined;
+    if (!e) return;
+    const stopped = e.registry.stopAll();
+    stopped.catch(() => undefined);
+    await this.clock.runUntil(stopped, STOP_BOUND_MS);
+    await this.clock.advance(10 * 60_000);
+  }
+}
+
+/** Run one seed. Never throws for a violation: the verdict says it. */
+export async function runSim(options: SimOptions): Promise<SimResult> {
+  const ops = options.ops ?? 300;
+  const run = new Run(options.seed, options.keepTrace === true);
+  // The engine's log lines are part of the trace (and of the digest), not of the output.
+  const restore = setLogSink((level, line) => {
+    run.trace(`log ${level}: ${line}`);
+  });
+  let verdict = 'ok';
+  try {
+    await run.format();
+    await run.bringUp();
+    for (let step = 0; step < ops; step++) {
+      const r = run.rng.below(1000);
+      if (r < 800) await run.clientBatch();
+      else if (r < 880) await run.idle();
+      else if (r < 940) await run.control();
+      else if (r < 955 && options.powerCuts !== false) await run.powerCut();
+      else if (r < 965) await run.restart();
+      else await run.flushAll();
+    }
+    await run.finish();
+  } catch (err) {
+    verdict =
+      err instanceof Violation
+        ? err.message
+        : `crash: ${err instanceof Error ? (err.stack ?? err.message) : String(err)}`;
+    run.trace(`verdict ${verdict}`);
+    await run.abandon().catch(() => undefined);
+  } finally {
+    restore();
+  }
+  const result: SimResult = {
+    seed: options.seed,
+    ops,
+    digest: run.digest(),
+    ok: verdict === 'ok',
+    verdict,
+    simMs: run.clock.now(),
+    events: run.events,
+    stats: run.stats,
+  };
+  const trace = run.traceLines;
+  if (trace) result.trace = trace;
+  return result;
+}
