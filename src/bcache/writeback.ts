@@ -388,6 +388,12 @@ export class Writeback {
     const maxInFlight = this.underPressure() ? MAX_IN_FLIGHT_PRESSURE : MAX_IN_FLIGHT;
     let slot: (() => void) | undefined;
     const ios: Promise<void>[] = [];
+    // A dirty key goes to the backing device only once the key is durable.
+    // Otherwise a power cut can lose the key and keep the backing write: the
+    // clean key the write had replaced comes back and serves the old data
+    // over a backing device holding the new, until it is evicted and the new
+    // data appears without anyone writing it (the simulator, seed 106).
+    if (keys.length > 0) await att.cs.flush();
     let i = 0;
     while (i < keys.length && !signal.aborted) {
       // A group: up to 5 contiguous keys, at most 5000 sectors.
