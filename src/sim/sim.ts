@@ -263,6 +263,29 @@ class Run implements SimDeviceEnv {
       bdevs.push(cd.device);
     }
     this.engine = { registry, devices: [cache, ...backings], bdevs, generation: gen };
+    await this.probe();
+  }
+
+  /**
+   * Debugging a seed: SIM_PROBE=DEV:SECTOR traces what the index says of that
+   * sector of that device after every bring-up and step (a hit with its
+   * bucket, gen and dirtiness, or a miss). Off, it changes nothing.
+   */
+  async probe(): Promise<void> {
+    const spec = process.env['SIM_PROBE'];
+    const e = this.engine;
+    if (spec === undefined || !e) return;
+    const [dev, sector] = spec.split(':').map(Number);
+    const cd = e.registry.devices.find((d) => d.backing === e.devices[(dev ?? 0) + 1]);
+    const att = cd?.attachment;
+    if (!cd || !att || sector === undefined) return;
+    const s = sector + cd.dataOffset;
+    const segs = await this.within(att.cs.lookup(att.inode, s, s + 1), LIVENESS_MS, 'probe');
+    const h = segs[0]?.hit;
+    const b = h ? att.cs.buckets : undefined;
+    this.trace(
+      `probe ${spec}: ${h ? `hit bucket ${h.bucket} gen ${h.gen} (now ${b?.gen[h.bucket]}) ${h.dirty ? 'dirty' : 'clean'} at ${h.sector}` : 'miss'}`,
+    );
   }
 
   /**
@@ -507,6 +530,7 @@ export async function runSim(options: SimOptions): Promise<SimResult> {
       else if (r < 955 && options.powerCuts !== false) await run.powerCut();
       else if (r < 965) await run.restart();
       else await run.flushAll();
+      await run.probe();
     }
     await run.finish();
   } catch (err) {
