@@ -198,6 +198,18 @@ export class SimClock implements Clock {
     return isSettled();
   }
 
+  /**
+   * Run until `p` settles and return its value (or throw its error); past
+   * `maxMs` of simulated time, throw: whatever it waits for is not coming.
+   * Tests await every engine call through this.
+   */
+  async run<T>(p: Promise<T>, maxMs = 3_600_000): Promise<T> {
+    void p.catch(() => undefined); // rejections are the caller's, from the await below
+    if (!(await this.runUntil(p, maxMs)))
+      throw new Error(`SimClock: still waiting after ${maxMs} ms of simulated time`);
+    return p;
+  }
+
   /** Fire timers until none is pending or `maxMs` has passed; true if it went idle. */
   async runUntilIdle(maxMs = Infinity): Promise<boolean> {
     const limit = this.nowMs + maxMs;

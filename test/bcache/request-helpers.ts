@@ -73,6 +73,7 @@ export async function makePair(o: PairOptions = {}): Promise<Pair> {
     // writeback_percent 0: writeback unthrottled, whatever the controller would set.
     deviceSettings: () => ({ writebackDelay: 0, writebackPercent: 0, ...o.settings }),
     ...(o.registry?.now ? { now: o.registry.now } : {}),
+    ...(o.registry?.clock ? { clock: o.registry.clock } : {}),
   });
   const c = await registry.register(cacheDev);
   const b = await registry.register(backingDev);

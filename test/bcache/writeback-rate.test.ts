@@ -18,6 +18,7 @@ import {
   type WritebackRateUpdate,
 } from '../../src/bcache/writeback-rate.ts';
 import { writebackRateDebug } from '../../src/bcache/sysfs/device-dir.ts';
+import { SimClock } from '../../src/util/clock.ts';
 import { Worker } from '../../src/util/lifecycle.ts';
 import { assertNothingLeft, sectorData } from './helpers.ts';
 import { makePair } from './request-helpers.ts';
@@ -231,16 +232,27 @@ async function writeDirty(p: Awaited<ReturnType<typeof makePair>>, n: number, se
   for (let k = 0; k < n; k++) await p.dev.device.write(sectorData(seed, k * 16, 8), k * 16 * S);
 }
 
-const slow = { timeout: 30_000 };
+/**
+ * A pair on simulated time: rate updates, writeback delays and stop bounds
+ * take no real time, and `run` drives the clock until what it is given settles.
+ */
+async function simPair(
+  o: Parameters<typeof makePair>[0],
+): Promise<{ p: Awaited<ReturnType<typeof makePair>>; clock: SimClock; run: <T>(x: Promise<T>) => Promise<T> }> {
+  const clock = new SimClock();
+  const run = <T>(x: Promise<T>): Promise<T> => clock.run(x);
+  const p = await run(makePair({ ...o, registry: { ...o?.registry, clock } }));
+  return { p, clock, run };
+}
 
-test('stop while a step is blocked waits for it; the step then changes nothing and none runs after', slow, async () => {
-  const p = await makePair({
+test('stop while a step is blocked waits for it; the step then changes nothing and none runs after', async () => {
+  const { p, clock, run } = await simPair({
     backing: { writeback: true },
     settings: { writebackRunning: false, writebackPercent: 10, writebackRateUpdateSeconds: 1, sequentialCutoff: 0 },
   });
   const wb = p.dev.attachment?.writeback;
   assert.ok(wb);
-  await writeDirty(p, 16, 1);
+  await run(writeDirty(p, 16, 1));
   let entered!: () => void;
   const inStep = new Promise<void>((resolve) => (entered = resolve));
   let release!: () => void;
@@ -252,29 +264,32 @@ test('stop while a step is blocked waits for it; the step then changes nothing a
   };
   let after = 0;
   wb.rateUpdate.instrument.afterStep = () => after++;
-  await inStep;
+  await run(inStep);
+  assert.equal(clock.now(), 1000, 'the first step comes one update interval after the start');
   assert.equal(wb.rateUpdate.running, true);
   let stopped = false;
   const stopping = wb.stop().then(() => (stopped = true));
-  // Let every callback that could end the stop run: it must still be waiting for the step.
-  for (let k = 0; k < 20; k++) await new Promise((resolve) => setImmediate(resolve));
+  // Ten simulated seconds (below the 30 s stop bound): everything that could end the stop has run.
+  await clock.advance(10_000);
   assert.equal(stopped, false, 'stop() waits for the step in progress');
   const rateBefore = p.dev.settings.writebackRate;
   release();
-  await stopping;
+  await run(stopping);
   assert.equal(wb.rateUpdate.running, false);
   assert.equal(after, 0, 'the aborted step applied nothing');
   assert.equal(wb.rateUpdate.steps, 0);
   assert.equal(p.dev.settings.writebackRate, rateBefore);
   assert.equal(p.dev.writebackRateState.target, 0);
   assert.ok(![...Worker.live()].some((w) => w.name.startsWith('bcache_writeback')), 'neither writeback worker lives');
-  await p.registry.stopAll();
+  await run(p.registry.stopAll());
+  await clock.advance(60_000);
   assert.equal(after, 0, 'no step after stop');
+  assert.equal(clock.pending, 0, 'no simulated timer left');
   assertNothingLeft();
 });
 
-test('writeback_percent 0: the update leaves the rate alone', slow, async () => {
-  const p = await makePair({
+test('writeback_percent 0: the update leaves the rate alone', async () => {
+  const { p, run } = await simPair({
     backing: { writeback: true },
     settings: { writebackRunning: false, writebackPercent: 0, writebackRateUpdateSeconds: 1, sequentialCutoff: 0 },
   });
@@ -282,140 +297,133 @@ test('writeback_percent 0: the update leaves the rate alone', slow, async () => 
     const wb = p.dev.attachment?.writeback;
     assert.ok(wb);
     const next = stepWatcher(wb.rateUpdate);
-    await writeDirty(p, 4, 2);
-    assert.equal(await next(() => true), undefined, 'the controller did not run');
+    await run(writeDirty(p, 4, 2));
+    assert.equal(await run(next(() => true)), undefined, 'the controller did not run');
     assert.equal(p.dev.settings.writebackRate, 1024);
   } finally {
-    await p.registry.stopAll();
+    await run(p.registry.stopAll());
   }
   assertNothingLeft();
 });
 
-test(
-  'real writeback: the controller raises the rate above target, the data drains, and the rate falls to the minimum',
-  slow,
-  async () => {
-    // A 48 MiB cache of 768 buckets x 128 sectors: 1% is a target of 983 sectors.
-    const p = await makePair({
-      backing: { writeback: true },
-      settings: {
-        writebackRunning: false,
-        writebackPercent: 1,
-        writebackRatePTermInverse: 1,
-        writebackRateUpdateSeconds: 1,
-        writebackRate: 8,
-        sequentialCutoff: 0,
-      },
+test('real writeback: the controller raises the rate above target, the data drains, and the rate falls to the minimum', async () => {
+  // A 48 MiB cache of 768 buckets x 128 sectors: 1% is a target of 983 sectors.
+  const { p, run } = await simPair({
+    backing: { writeback: true },
+    settings: {
+      writebackRunning: false,
+      writebackPercent: 1,
+      writebackRatePTermInverse: 1,
+      writebackRateUpdateSeconds: 1,
+      writebackRate: 8,
+      sequentialCutoff: 0,
+    },
+  });
+  try {
+    const d = p.dev;
+    const wb = d.attachment?.writeback;
+    assert.ok(wb);
+    const next = stepWatcher(wb.rateUpdate);
+    await run(writeDirty(p, 512, 3));
+    assert.equal(d.dirtySectors, 4096);
+    // error = 4096 - 983 = 3113 = P; the limiter is idle, so the integral stays 0.
+    const raised = await run(next((r) => r !== undefined));
+    assert.deepEqual(raised, {
+      rate: 3113,
+      target: 983,
+      proportional: 3113,
+      integral: 0,
+      integralScaled: 0,
+      change: 3105,
     });
-    try {
-      const d = p.dev;
-      const wb = d.attachment?.writeback;
-      assert.ok(wb);
-      const next = stepWatcher(wb.rateUpdate);
-      await writeDirty(p, 512, 3);
-      assert.equal(d.dirtySectors, 4096);
-      // error = 4096 - 983 = 3113 = P; the limiter is idle, so the integral stays 0.
-      const raised = await next((r) => r !== undefined);
-      assert.deepEqual(raised, {
-        rate: 3113,
-        target: 983,
-        proportional: 3113,
-        integral: 0,
-        integralScaled: 0,
-        change: 3105,
-      });
-      assert.equal(d.settings.writebackRate, 3113);
-      assert.match(
-        writebackRateDebug(d),
-        /^rate:\t\t0\.0k\/sec\ndirty:\t\t2\.0M\ntarget:\t\t491\.5k\n/,
-        'writeback not running',
-      );
+    assert.equal(d.settings.writebackRate, 3113);
+    assert.match(
+      writebackRateDebug(d),
+      /^rate:\t\t0\.0k\/sec\ndirty:\t\t2\.0M\ntarget:\t\t491\.5k\n/,
+      'writeback not running',
+    );
 
-      d.settings.writebackRunning = true;
-      wb.wake();
-      await wb.whenIdle();
-      assert.equal(d.dirtySectors, 0, 'written back');
-      assert.equal(wb.stats.sectorsWritten, 4096);
+    d.settings.writebackRunning = true;
+    wb.wake();
+    await run(wb.whenIdle());
+    assert.equal(d.dirtySectors, 0, 'written back');
+    assert.equal(wb.stats.sectorsWritten, 4096);
 
-      // New dirty data below target: the next update brings the rate down to writeback_rate_minimum.
-      d.settings.writebackRunning = false;
-      await writeDirty(p, 16, 4);
-      assert.ok(d.dirtySectors > 0 && d.dirtySectors < 983);
-      const fell = await next((r) => r !== undefined && r.rate === 8);
-      assert.ok(fell && fell.proportional < 0);
-      assert.equal(d.settings.writebackRate, 8);
-      d.settings.writebackRunning = true;
-      assert.match(writebackRateDebug(d), /^rate:\t\t4\.0k\/sec\n/);
-      d.settings.writebackRunning = false;
-    } finally {
-      await p.registry.stopAll();
-    }
-    assertNothingLeft();
-  },
-);
+    // New dirty data below target: the next update brings the rate down to writeback_rate_minimum.
+    d.settings.writebackRunning = false;
+    await run(writeDirty(p, 16, 4));
+    assert.ok(d.dirtySectors > 0 && d.dirtySectors < 983);
+    const fell = await run(next((r) => r !== undefined && r.rate === 8));
+    assert.ok(fell && fell.proportional < 0);
+    assert.equal(d.settings.writebackRate, 8);
+    d.settings.writebackRunning = true;
+    assert.match(writebackRateDebug(d), /^rate:\t\t4\.0k\/sec\n/);
+    d.settings.writebackRunning = false;
+  } finally {
+    await run(p.registry.stopAll());
+  }
+  assertNothingLeft();
+});
 
-test('detaching writes back at full speed whatever the rate', slow, async () => {
-  const p = await makePair({
+test('detaching writes back at full speed whatever the rate', async () => {
+  const { p, clock, run } = await simPair({
     backing: { writeback: true },
     settings: { writebackRunning: false, writebackPercent: 10, writebackRateUpdateSeconds: 60, sequentialCutoff: 0 },
   });
   try {
-    await p.dev.device.write(sectorData(5, 0, 2048), 0);
+    await run(p.dev.device.write(sectorData(5, 0, 2048), 0));
     assert.equal(p.dev.dirtySectors, 2048);
     // 1 sector/s would take over half an hour for this MiB if it were paced.
     p.dev.settings.writebackRate = 1;
-    await p.dev.detach();
+    // Within a simulated minute: paced, it would take half an hour.
+    await clock.run(p.dev.detach(), 60_000);
     assert.equal(p.dev.attached, false);
     const raw = Buffer.alloc(2048 * S);
     await p.backingDev.read(raw, 16 * S);
     assert.ok(raw.equals(sectorData(5, 0, 2048)), 'on the backing device');
   } finally {
-    await p.registry.stopAll();
+    await run(p.registry.stopAll());
   }
   assertNothingLeft();
 });
 
-test(
-  'an idle set writes back at the maximum rate after attached² × 6 updates; the next request hands back to the controller',
-  slow,
-  async () => {
-    const p = await makePair({
-      backing: { writeback: true },
-      settings: { writebackRunning: false, writebackPercent: 10, writebackRateUpdateSeconds: 1, sequentialCutoff: 0 },
-    });
-    try {
-      const d = p.dev;
-      const att = d.attachment;
-      assert.ok(att);
-      const next = stepWatcher(att.writeback.rateUpdate);
-      await writeDirty(p, 16, 5);
-      // Below target: the controller holds the minimum for five updates, the sixth finds the set idle.
-      for (let k = 1; k <= 5; k++) {
-        const r = await next(() => true);
-        assert.ok(r, `update ${k} ran the controller`);
-        assert.equal(d.settings.writebackRate, 8);
-        assert.equal(att.set.atMaxWritebackRate, false);
-      }
-      assert.equal(await next(() => true), undefined, 'the sixth update took the idle shortcut');
-      assert.equal(d.settings.writebackRate, WRITEBACK_RATE_MAX);
-      assert.equal(att.set.atMaxWritebackRate, true);
-      assert.match(writebackRateDebug(d), /proportional:\t0\.0k\nintegral:\t0\.0k\nchange:\t\t0\.0k\/sec/);
-      // Any request on the set ends it: every device back to 1, the controller takes over.
-      await d.device.read(Buffer.alloc(4096), 0);
-      assert.equal(d.settings.writebackRate, 1);
+test('an idle set writes back at the maximum rate after attached² × 6 updates; the next request hands back to the controller', async () => {
+  const { p, run } = await simPair({
+    backing: { writeback: true },
+    settings: { writebackRunning: false, writebackPercent: 10, writebackRateUpdateSeconds: 1, sequentialCutoff: 0 },
+  });
+  try {
+    const d = p.dev;
+    const att = d.attachment;
+    assert.ok(att);
+    const next = stepWatcher(att.writeback.rateUpdate);
+    await run(writeDirty(p, 16, 5));
+    // Below target: the controller holds the minimum for five updates, the sixth finds the set idle.
+    for (let k = 1; k <= 5; k++) {
+      const r = await run(next(() => true));
+      assert.ok(r, `update ${k} ran the controller`);
+      assert.equal(d.settings.writebackRate, 8);
       assert.equal(att.set.atMaxWritebackRate, false);
-      assert.equal(att.set.idleCounter, 0);
-      assert.ok(await next(() => true), 'the controller runs again');
-      assert.equal(d.settings.writebackRate, 8);
-      // idle_max_writeback_rate 0 turns the shortcut off.
-      await findAttribute(SET_ATTRIBUTES, 'idle_max_writeback_rate', 'set').parse('0')(p.set);
-      assert.equal(findAttribute(SET_ATTRIBUTES, 'idle_max_writeback_rate', 'set').show(p.set), '0');
-      att.set.idleCounter = 100;
-      assert.ok(await next(() => true), 'the controller ran although the set is idle');
-      assert.equal(d.settings.writebackRate, 8);
-    } finally {
-      await p.registry.stopAll();
     }
-    assertNothingLeft();
-  },
-);
+    assert.equal(await run(next(() => true)), undefined, 'the sixth update took the idle shortcut');
+    assert.equal(d.settings.writebackRate, WRITEBACK_RATE_MAX);
+    assert.equal(att.set.atMaxWritebackRate, true);
+    assert.match(writebackRateDebug(d), /proportional:\t0\.0k\nintegral:\t0\.0k\nchange:\t\t0\.0k\/sec/);
+    // Any request on the set ends it: every device back to 1, the controller takes over.
+    await run(d.device.read(Buffer.alloc(4096), 0));
+    assert.equal(d.settings.writebackRate, 1);
+    assert.equal(att.set.atMaxWritebackRate, false);
+    assert.equal(att.set.idleCounter, 0);
+    assert.ok(await run(next(() => true)), 'the controller runs again');
+    assert.equal(d.settings.writebackRate, 8);
+    // idle_max_writeback_rate 0 turns the shortcut off.
+    await findAttribute(SET_ATTRIBUTES, 'idle_max_writeback_rate', 'set').parse('0')(p.set);
+    assert.equal(findAttribute(SET_ATTRIBUTES, 'idle_max_writeback_rate', 'set').show(p.set), '0');
+    att.set.idleCounter = 100;
+    assert.ok(await run(next(() => true)), 'the controller ran although the set is idle');
+    assert.equal(d.settings.writebackRate, 8);
+  } finally {
+    await run(p.registry.stopAll());
+  }
+  assertNothingLeft();
+});
