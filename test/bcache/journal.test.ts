@@ -6,6 +6,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { CrashableBlockDevice } from '../../src/blockdev/crashable.ts';
+import { SimClock } from '../../src/util/clock.ts';
 import { MemoryBlockDevice } from '../../src/blockdev/memory.ts';
 import { setMagic } from '../../src/format/superblock.ts';
 import { scanJournalBucket } from '../../src/format/jset.ts';
@@ -102,25 +103,33 @@ test('an entry missing in the middle of the replay range is an error naming it',
   assertNothingLeft();
 });
 
-test('group commit: concurrent flushes share journal writes; a quiet journal writes after its delay', async () => {
+test('group commit: concurrent flushes share journal writes; a quiet journal writes when its delay is up', async () => {
+  // On simulated time: the delay is exact, and waiting for it takes no real time.
+  const clock = new SimClock();
+  const run = <T>(p: Promise<T>): Promise<T> => clock.run(p);
   const dev = new MemoryBlockDevice(32 * MiB);
   await formatCache(dev, { bucketSize: 64 });
-  const cs = await CacheSet.open(dev, { closeDevice: false, journalDelayMs: 60_000 });
-  await writeExtent(cs, 0, 0, 8, 1, true);
+  const cs = await run(CacheSet.open(dev, { closeDevice: false, journalDelayMs: 60_000, clock }));
+  await run(writeExtent(cs, 0, 0, 8, 1, true));
   const before = cs.stats.journal.entriesWritten;
-  await Promise.all(Array.from({ length: 20 }, () => cs.flush()));
+  await run(Promise.all(Array.from({ length: 20 }, () => cs.flush())));
   const written = cs.stats.journal.entriesWritten - before;
   assert.ok(written >= 1 && written <= 2, `20 concurrent flushes took ${written} journal writes`);
-  await cs.stop();
-  // With a short delay the open entry is written without anyone asking.
-  const cs2 = await CacheSet.open(dev, { closeDevice: false, journalDelayMs: 5 });
+  await run(cs.stop());
+  // With a 5 s delay the open entry is written without anyone asking, 5 s after its first key.
+  const cs2 = await run(CacheSet.open(dev, { closeDevice: false, journalDelayMs: 5000, clock }));
   const n = cs2.stats.journal.entriesWritten;
-  await writeExtent(cs2, 0, 8, 8, 2, true);
+  await run(writeExtent(cs2, 0, 8, 8, 2, true));
   const entry = cs2.journal.openEntry;
   assert.ok(entry.keys.length >= 1, 'the keys wait in the open entry');
-  while (!entry.durable) await new Promise<void>((resolve) => setImmediate(resolve));
+  await clock.advance(4999);
+  assert.equal(entry.durable, false, 'not before the delay is up');
+  assert.equal(cs2.stats.journal.entriesWritten, n);
+  await clock.advance(1);
+  assert.equal(entry.durable, true, 'written when the delay is up');
   assert.ok(cs2.stats.journal.entriesWritten > n);
-  await cs2.stop();
+  await run(cs2.stop());
+  assert.equal(clock.pending, 0);
   assertNothingLeft();
 });
 
