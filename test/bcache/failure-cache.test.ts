@@ -10,6 +10,7 @@ import { SB_OFFSET, SB_SIZE } from '../../src/format/constants.ts';
 import { bdevState, decodeSuperblock } from '../../src/format/superblock.ts';
 import type { MemoryBlockDevice } from '../../src/blockdev/memory.ts';
 import { Cmd } from '../../src/nbd/protocol.ts';
+import { SimClock } from '../../src/util/clock.ts';
 import { watchLog } from '../helpers/log-watch.ts';
 import { assertQuiet, checkRetired, collected, makeRig, restart, retired, within, type Rig } from './failure-rig.ts';
 import { pattern } from './request-helpers.ts';
@@ -253,7 +254,7 @@ test('the cache device is pulled while detaching and while writeback_running is 
  * The rate-update scenario up to the checks; its own frame keeps the
  * references to the set's objects, so they are gone before the collection check.
  */
-async function rateStepHeldWhenPulled(rig: Rig): Promise<void> {
+async function rateStepHeldWhenPulled(rig: Rig, clock: SimClock): Promise<void> {
   const update = rig.dev.attachment?.writeback.rateUpdate;
   assert.ok(update?.running, 'the rate update runs with writeback');
   // The step reads the cache device and that read is held: a step stuck in
@@ -271,6 +272,8 @@ async function rateStepHeldWhenPulled(rig: Rig): Promise<void> {
   let stepsAfter = 0;
   update.instrument.afterStep = () => stepsAfter++;
   const stepsBefore = update.steps;
+  // The update comes one simulated second after writeback started: now, not after a real second.
+  await clock.advance(1000);
   await within(10_000, 'the held step', hold.waitForHeld());
   rig.cache.pull();
   // A FLUSH meets the pulled device (a cache flush error is fatal): the set
@@ -283,8 +286,9 @@ async function rateStepHeldWhenPulled(rig: Rig): Promise<void> {
   }
   let done = false;
   void rig.set.retired.then(() => (done = true));
-  // Every callback that could finish the retire runs: it still waits for the step.
-  for (let k = 0; k < 20; k++) await new Promise<void>((resolve) => setImmediate(resolve));
+  // Every callback that could finish the retire runs, and five simulated seconds pass (below
+  // the rate worker's 30 s stop bound): it still waits for the step.
+  await clock.advance(5000);
   assert.equal(done, false, 'the retire waits for the step in progress');
   assert.equal(update.running, false, 'the rate worker is stopping');
   hold.release();
@@ -298,12 +302,13 @@ async function rateStepHeldWhenPulled(rig: Rig): Promise<void> {
 }
 
 test('the cache device is pulled while a rate update is in progress, its step blocked in I/O: the retire waits for it, then nothing of the set runs', async () => {
-  const rig = await makeRig({ settings: { writebackRunning: false, writebackRateUpdateSeconds: 1 } });
+  const clock = new SimClock();
+  const rig = await makeRig({ settings: { writebackRunning: false, writebackRateUpdateSeconds: 1 }, clock });
   await rig.dev.setCacheMode(1);
   const a = pattern(12, 0, 128);
   assert.equal(await write(rig, 0, a), 0);
   assert.equal(await flush(rig), 0);
-  await rateStepHeldWhenPulled(rig);
+  await rateStepHeldWhenPulled(rig, clock);
   assert.equal(rig.dev.stopped, true, 'dirty: stopped');
   await otherServes(rig);
   await finish(rig);

@@ -16,6 +16,7 @@ import type { CachedDev, CachedDevSettings } from '../../src/bcache/cached-dev.t
 import type { CacheSet } from '../../src/bcache/cache-set.ts';
 import { Registry, type RegisteredSet } from '../../src/bcache/registry.ts';
 import { NbdServer } from '../../src/nbd/server.ts';
+import type { Clock } from '../../src/util/clock.ts';
 import { Worker, type WorkerScope } from '../../src/util/lifecycle.ts';
 import { RawNbdClient } from '../helpers/nbd-raw-client.ts';
 import { formatCache } from './helpers.ts';
@@ -28,6 +29,13 @@ export interface RigOptions {
   backingProbeMs?: number;
   cacheBytes?: number;
   backingBytes?: number;
+  /**
+   * The engine's clock (default: real time). With a SimClock the engine's
+   * timers wait until the test advances it, while the NBD client and server
+   * still talk over a real socket: the test decides when a rate update or a
+   * stop bound comes, and waiting for one costs no real time.
+   */
+  clock?: Clock;
 }
 
 export interface Rig {
@@ -67,6 +75,7 @@ export async function makeRig(o: RigOptions = {}): Promise<Rig> {
   const cache = new FaultyBlockDevice(cacheMem, { name: 'cache' });
   const backing = new FaultyBlockDevice(backingMem, { name: 'backing' });
   const registry = new Registry({
+    ...(o.clock ? { clock: o.clock } : {}),
     setOptions: { journalDelayMs: 2, stopTimeoutMs: 10_000 },
     deviceSettings: (name) =>
       name === 'bcache0' ? { writebackDelay: 0, writebackRate: 1 << 20, sequentialCutoff: 0, ...o.settings } : {},
