@@ -10,24 +10,25 @@ import { runSim } from '../../src/sim/sim.ts';
 import { assertNothingLeft } from '../bcache/helpers.ts';
 
 /** The seeds CI runs, and how many steps each. */
-const CI_SEEDS = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12];
-const CI_OPS = 300;
+// Sized to stay well under a minute on a loaded 2-core machine; `npm run sim -- --seeds 1000` is the soak.
+const CI_SEEDS = [1, 2, 3, 4, 5, 6, 7, 8];
+const CI_OPS = 250;
 
 test('the same seed gives the same digest: twice in this process, and in another process', async () => {
-  const a = await runSim({ seed: 42, ops: 120 });
-  const b = await runSim({ seed: 42, ops: 120 });
+  const a = await runSim({ seed: 42, ops: 80 });
+  const b = await runSim({ seed: 42, ops: 80 });
   assert.equal(a.verdict, 'ok');
   assert.equal(a.digest, b.digest, 'same process');
   assert.equal(a.events, b.events);
   assert.equal(a.simMs, b.simMs);
-  const other = await runSim({ seed: 43, ops: 120 });
+  const other = await runSim({ seed: 43, ops: 80 });
   assert.notEqual(other.digest, a.digest, 'another seed is another run');
   const main = fileURLToPath(new URL('../../src/sim/main.ts', import.meta.url));
-  const r = spawnSync(process.execPath, ['--import', 'tsx', main, '--seed', '42', '--ops', '120'], {
+  const r = spawnSync(process.execPath, ['--import', 'tsx', main, '--seed', '42', '--ops', '80'], {
     encoding: 'utf8',
   });
   assert.equal(r.status, 0, r.stderr);
-  assert.match(r.stdout, new RegExp(`^seed 42 ops 120 digest ${a.digest} ok `));
+  assert.match(r.stdout, new RegExp(`^seed 42 ops 80 digest ${a.digest} ok `));
   assertNothingLeft();
 });
 
