@@ -1,4 +1,4 @@
-// npm run sim -- --seed N [--ops K] [--seeds M] [--no-power-cuts] [--trace]
+// npm run sim -- --seed N [--ops K] [--seeds M] [--workload mixed|fill] [--no-power-cuts] [--trace]
 //
 // Runs the simulator (sim.ts) for one seed, or for M seeds from N, and prints
 // for each: the seed, the digest of its trace and the verdict. A failing seed
@@ -9,7 +9,7 @@ import { runSim } from './sim.ts';
 
 function usage(message: string): never {
   process.stderr.write(
-    `sim: ${message}\nusage: npm run sim -- --seed N [--ops K] [--seeds M] [--no-power-cuts] [--trace]\n`,
+    `sim: ${message}\nusage: npm run sim -- --seed N [--ops K] [--seeds M] [--workload mixed|fill] [--no-power-cuts] [--trace]\n`,
   );
   process.exit(2);
 }
@@ -24,20 +24,25 @@ function intArg(args: string[], name: string, fallback: number): number {
 
 async function main(): Promise<void> {
   const args = process.argv.slice(2);
-  const known = new Set(['--seed', '--ops', '--seeds', '--no-power-cuts', '--trace']);
+  const known = new Set(['--seed', '--ops', '--seeds', '--workload', '--no-power-cuts', '--trace']);
   for (const [i, a] of args.entries()) {
     if (a.startsWith('--') && !known.has(a)) usage(`unknown option ${a}`);
-    if (!a.startsWith('--') && !['--seed', '--ops', '--seeds'].includes(args[i - 1] ?? '')) usage(`unexpected ${a}`);
+    if (!a.startsWith('--') && !['--seed', '--ops', '--seeds', '--workload'].includes(args[i - 1] ?? ''))
+      usage(`unexpected ${a}`);
   }
   const first = intArg(args, '--seed', 1);
-  const ops = intArg(args, '--ops', 300);
+  const wi = args.indexOf('--workload');
+  const workloadArg = wi < 0 ? 'mixed' : args[wi + 1];
+  if (workloadArg !== 'mixed' && workloadArg !== 'fill') usage('--workload is mixed or fill');
+  const workload = workloadArg;
+  const ops = intArg(args, '--ops', workload === 'fill' ? 4 : 300);
   const seeds = intArg(args, '--seeds', 1);
   const powerCuts = !args.includes('--no-power-cuts');
   const keepTrace = args.includes('--trace');
   let failed = 0;
   const t0 = performance.now();
   for (let seed = first; seed < first + Math.max(1, seeds); seed++) {
-    const r = await runSim({ seed, ops, powerCuts, keepTrace });
+    const r = await runSim({ seed, ops, powerCuts, keepTrace, workload });
     if (r.trace) process.stdout.write(`${r.trace.join('\n')}\n`);
     const s = r.stats;
     process.stdout.write(
@@ -45,7 +50,7 @@ async function main(): Promise<void> {
         `(${(r.simMs / 1000).toFixed(1)} s simulated, ${r.events} events; ` +
         `${s.writes}+${s.fuaWrites} fua writes, ${s.reads} reads, ${s.flushes} flushes, ` +
         `${s.gcs} gc, ${s.powerCuts} power cuts, ${s.restarts} restarts)` +
-        `${r.ok ? '' : `\n  ${r.verdict}\n  repro: npm run sim -- --seed ${r.seed} --ops ${r.ops}${powerCuts ? '' : ' --no-power-cuts'}`}\n`,
+        `${r.ok ? '' : `\n  ${r.verdict}\n  repro: npm run sim -- --seed ${r.seed} --ops ${r.ops}${workload === 'mixed' ? '' : ` --workload ${workload}`}${powerCuts ? '' : ' --no-power-cuts'}`}\n`,
     );
     if (!r.ok) failed++;
   }

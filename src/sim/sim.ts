@@ -38,8 +38,28 @@ import { ClientModel, encodeWrite } from './model.ts';
 const SECTOR = 512;
 const MiB = 1024 * 1024;
 
+/**
+ * What the clients do. `mixed` (the default, what CI runs): random batches of
+ * reads, writes and flushes over three devices, with control actions,
+ * restarts and power cuts among them. `fill`: issue 7's soak, scaled to the
+ * simulator: one device over a cache of 64 KiB buckets barely larger than the
+ * region used; each round picks a cache mode, reads the whole region, then
+ * writes it over in 4 KiB writes eight at a time with a FLUSH every 64
+ * writes, some FUA writes and write-zeroes, and ends with a power cut
+ * (kill -9) or a clean stop (SIGTERM). `ops` counts rounds there.
+ */
+export type Workload = 'mixed' | 'fill';
+
+interface Geometry {
+  cacheBytes: number;
+  bucketSize: number;
+  backingBytes: number;
+  modes: number[];
+}
+
 export interface SimOptions {
   seed: number;
+  workload?: Workload;
   /** Steps to run (each a batch of client operations or a control action). */
   ops?: number;
   /** Power cuts among the steps (default true). */
@@ -82,6 +102,14 @@ export const STOP_BOUND_MS = 180_000;
 
 const MODES = [CACHE_MODE_WRITEBACK, CACHE_MODE_WRITETHROUGH, CACHE_MODE_WRITEAROUND] as const;
 
+const GEOMETRY: Record<Workload, Geometry> = {
+  // 1024 buckets of 16 KiB: a 16 MiB cache before 3 x 8 MiB of backing devices, so that it
+  // fills, GC runs and writeback must keep up.
+  mixed: { cacheBytes: 16 * MiB, bucketSize: 32, backingBytes: 8 * MiB, modes: [...MODES] },
+  // 576 buckets of 64 KiB (the allocator needs more than 512) before a 28 MiB region.
+  fill: { cacheBytes: 36 * MiB, bucketSize: 128, backingBytes: 32 * MiB, modes: [CACHE_MODE_WRITEBACK] },
+};
+
 class Violation extends Error {}
 
 interface Engine {
@@ -121,15 +149,21 @@ class Run implements SimDeviceEnv {
     idle: 0,
   };
 
-  constructor(seed: number, keepTrace: boolean) {
+  /** Each backing device's cache mode (the fill workload changes it every round). */
+  readonly modes: number[];
+  private readonly geometry: Geometry;
+
+  constructor(seed: number, keepTrace: boolean, workload: Workload = 'mixed') {
     this.seed = seed;
     this.rng = new Prng(seed);
     this.keep = keepTrace ? [] : undefined;
-    this.model = new ClientModel(MODES.length);
-    // 1024 buckets of 16 KiB: a 16 MiB cache before 3 x 8 MiB of backing devices, so that it
-    // fills, GC runs and writeback must keep up.
-    this.cache = new CrashableBlockDevice(16 * MiB, { name: 'cache' });
-    this.backings = MODES.map((_, i) => new CrashableBlockDevice(8 * MiB, { name: `backing${i}` }));
+    this.geometry = GEOMETRY[workload];
+    this.modes = [...this.geometry.modes];
+    this.model = new ClientModel(this.modes.length);
+    this.cache = new CrashableBlockDevice(this.geometry.cacheBytes, { name: 'cache' });
+    this.backings = this.modes.map(
+      (_, i) => new CrashableBlockDevice(this.geometry.backingBytes, { name: `backing${i}` }),
+    );
     const r = this.rng;
     this.latency = {
       baseMs: r.below(3),
@@ -138,7 +172,7 @@ class Run implements SimDeviceEnv {
       stallMs: 100 + r.below(2000),
       stallEvery: r.bool() ? 0 : 50 + r.below(500),
     };
-    this.settings = MODES.map(() => ({
+    this.settings = this.modes.map(() => ({
       sequentialCutoff: r.bool() ? 0 : (64 << r.below(4)) * 1024,
       readahead: r.below(4) === 0 ? 16 * 1024 : 0,
       writebackDelay: 1 + r.below(10),
@@ -195,7 +229,7 @@ class Run implements SimDeviceEnv {
   /** make-bcache -C and -B, with uuids from the seed. */
   async format(): Promise<void> {
     const setUuid = this.uuid();
-    const bucketSize = 32;
+    const bucketSize = this.geometry.bucketSize;
     const csb = newCacheSuperblock({
       uuid: this.uuid(),
       setUuid,
@@ -214,7 +248,7 @@ class Run implements SimDeviceEnv {
         blockSize: 8,
         bucketSize: 1024,
         dataOffset: 16,
-        writeback: MODES[i] === CACHE_MODE_WRITEBACK,
+        writeback: this.modes[i] === CACHE_MODE_WRITEBACK,
       });
       await dev.write(encodeSuperblock(sb), SB_OFFSET);
       await dev.flush();
@@ -257,7 +291,7 @@ class Run implements SimDeviceEnv {
       if (!cd) throw new Violation(`bring-up: ${b.name} is not registered`);
       if (!cd.running) throw new Violation(`bring-up: ${cd.name} (${b.name}) is not running`);
       if (cd.attachment === undefined) throw new Violation(`bring-up: ${cd.name} (${b.name}) is not attached`);
-      const mode = MODES[i] ?? CACHE_MODE_WRITETHROUGH;
+      const mode = this.modes[i] ?? CACHE_MODE_WRITETHROUGH;
       await this.within(cd.setCacheMode(mode), LIVENESS_MS, `${cd.name}: cache mode`);
       this.trace(`${b.name} is ${cd.name}, ${CACHE_MODE_NAMES[mode] ?? mode}`);
       bdevs.push(cd.device);
@@ -427,6 +461,57 @@ class Run implements SimDeviceEnv {
     this.trace(`client flush done: dev ${dev}`);
   }
 
+  /** Write zeroes (write "0" to the model: what a never-written sector reads as). */
+  private async zero(dev: number, bdev: BlockDevice, first: number, count: number): Promise<void> {
+    const rec = this.model.beginWrite(dev, first, count, 0);
+    this.trace(`client zero: dev ${dev} ${first}+${count}`);
+    try {
+      await bdev.writeZeroes(first * SECTOR, count * SECTOR);
+    } catch (err) {
+      this.violation(`client write-zeroes on device ${dev} failed: ${errorMessage(err)}`);
+      return;
+    }
+    this.model.endWrite(rec, false);
+    this.trace(`client zero done: dev ${dev} ${first}+${count}`);
+  }
+
+  /** One round of the fill workload (see Workload). */
+  async fillRound(round: number): Promise<void> {
+    const mode = MODES[this.rng.below(MODES.length)] ?? CACHE_MODE_WRITEBACK;
+    this.modes[0] = mode;
+    const e = this.live();
+    const cd = e.registry.devices.find((d) => d.backing === e.devices[1]);
+    if (!cd) throw new Error('sim: no device');
+    this.trace(`round ${round}: ${CACHE_MODE_NAMES[mode] ?? mode}`);
+    await this.within(cd.setCacheMode(mode), LIVENESS_MS, 'cache mode');
+    const bdev = e.bdevs[0];
+    if (!bdev) throw new Error('sim: no device');
+    const region = Math.min(bdev.size / SECTOR, (28 * MiB) / SECTOR);
+    // The read pass: every block, 64 KiB reads eight at a time.
+    for (let s = 0; s < region; s += 8 * 128) {
+      const batch: Array<Promise<void>> = [];
+      for (let k = 0; k < 8 && s + k * 128 < region; k++) batch.push(this.read(0, bdev, s + k * 128, 128));
+      await this.within(Promise.all(batch), LIVENESS_MS, `read pass at sector ${s}`);
+      this.check();
+    }
+    // The write pass: 4 KiB writes eight at a time, a FLUSH every 64.
+    let n = 0;
+    for (let s = 0; s < region; s += 8 * 8) {
+      const batch: Array<Promise<void>> = [];
+      for (let k = 0; k < 8 && s + k * 8 < region; k++) {
+        const first = s + k * 8;
+        const r = this.rng.below(100);
+        if (r < 3) batch.push(this.zero(0, bdev, first, 8));
+        else batch.push(this.write(0, bdev, first, 8, r < 8));
+        if (++n % 64 === 0) batch.push(this.flush(0, bdev));
+      }
+      await this.within(Promise.all(batch), LIVENESS_MS, `write pass at sector ${s}`);
+      this.check();
+    }
+    if (this.rng.bool()) await this.powerCut();
+    else await this.restart();
+  }
+
   /** A FLUSH on every device at once. */
   async flushAll(): Promise<void> {
     const e = this.live();
@@ -512,8 +597,9 @@ class Run implements SimDeviceEnv {
 
 /** Run one seed. Never throws for a violation: the verdict says it. */
 export async function runSim(options: SimOptions): Promise<SimResult> {
-  const ops = options.ops ?? 300;
-  const run = new Run(options.seed, options.keepTrace === true);
+  const workload = options.workload ?? 'mixed';
+  const ops = options.ops ?? (workload === 'fill' ? 4 : 300);
+  const run = new Run(options.seed, options.keepTrace === true, workload);
   // The engine's log lines are part of the trace (and of the digest), not of the output.
   const restore = setLogSink((level, line) => {
     run.trace(`log ${level}: ${line}`);
@@ -522,7 +608,8 @@ export async function runSim(options: SimOptions): Promise<SimResult> {
   try {
     await run.format();
     await run.bringUp();
-    for (let step = 0; step < ops; step++) {
+    for (let round = 0; workload === 'fill' && round < ops; round++) await run.fillRound(round);
+    for (let step = 0; workload === 'mixed' && step < ops; step++) {
       const r = run.rng.below(1000);
       if (r < 800) await run.clientBatch();
       else if (r < 880) await run.idle();
