@@ -180,6 +180,9 @@ class Run implements SimDeviceEnv {
       writebackRateUpdateSeconds: 1 + r.below(5),
       writebackRunning: true,
     }));
+    // The soak's passes are sequential: with a cutoff they would go around the cache, which
+    // issue 7's did not (its read pass filled the cache with miss fills).
+    if (workload === 'fill') for (const st of this.settings) st.sequentialCutoff = 0;
     this.trace(`seed ${seed} latency ${JSON.stringify(this.latency)} settings ${JSON.stringify(this.settings)}`);
   }
 
@@ -494,6 +497,8 @@ class Run implements SimDeviceEnv {
       await this.within(Promise.all(batch), LIVENESS_MS, `read pass at sector ${s}`);
       this.check();
     }
+    const cs = cd.attachment?.cs;
+    this.trace(`read pass done: cache_available_percent ${cs?.cacheAvailablePercent} dirty ${cd.dirtySectors}`);
     // The write pass: 4 KiB writes eight at a time, a FLUSH every 64.
     let n = 0;
     for (let s = 0; s < region; s += 8 * 8) {
@@ -508,6 +513,7 @@ class Run implements SimDeviceEnv {
       await this.within(Promise.all(batch), LIVENESS_MS, `write pass at sector ${s}`);
       this.check();
     }
+    this.trace(`write pass done: cache_available_percent ${cs?.cacheAvailablePercent} dirty ${cd.dirtySectors}`);
     if (this.rng.bool()) await this.powerCut();
     else await this.restart();
   }
