@@ -664,6 +664,18 @@ export class Journal {
       }
       // Nothing old is needed any more, but no durable jset says so yet: write one in the reserved block.
       const metaBlocks = this.blocksFor(0);
+      if (this.blocksFree < metaBlocks && next !== this.last) {
+        // After a restart nothing more is written to the bucket of the newest
+        // entry (resume()), so its reserved block is gone; the spare bucket
+        // is the reserve then. Without this a ring that was as full as normal
+        // writes allow when the power went fails the set at bring-up (the
+        // simulator, fill seed 14).
+        this.cur = next;
+        this.bucketSeq[next] = 0;
+        this.blocksFree = this.bucketBlocks;
+        this.writeSector = (this.ring[next] ?? 0) * this.host.bucketSize;
+        this.stats.reclaimedBuckets++;
+      }
       if (this.blocksFree < metaBlocks) {
         throw new Error('journal: the ring is full and the reserved block is gone');
       }
