@@ -26,7 +26,7 @@
 //   scale   a 256 GiB cache: start to first byte, restart, peak RSS (scale.ts).
 //
 // --only takes row names: micro, the export workloads (4k-randread-qd1, ...),
-// hit, gc, writeback, zipf, zipf-ra, slow-writeback, scale. --runtime sets the length of
+// hit, gc, writeback, zipf, zipf-ra, slow-writeback, slow-writethrough, slow-seqread, scale. --runtime sets the length of
 // every plain fio run (defaults: export 8 s, cache 10 s, slow-writeback 15 s,
 // scale writes 20 s); the Zipf runs last --zipf-runtime seconds (default 90,
 // or 3 x --runtime when that is given), cold and warm being its first and
@@ -360,7 +360,10 @@ async function main(): Promise<void> {
       rows.push(...r.rows);
       report['cache'] = r.json;
     }
-    if (suites.includes('slow') && ['zipf', 'zipf-ra', 'slow-writeback'].some(want)) {
+    if (
+      suites.includes('slow') &&
+      ['zipf', 'zipf-ra', 'slow-writeback', 'slow-writethrough', 'slow-seqread'].some(want)
+    ) {
       const dir = mkdtempSync(join(work, 'slow-'));
       const r = await slowSuite({
         dir,

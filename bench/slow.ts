@@ -41,6 +41,12 @@
 //              4k random writes, QD32, over 1000 MiB for 15 s through
 //              ubcache serve in writeback mode (256 MiB cache) against fio
 //              writing the slow device directly.
+//   slow-writethrough
+//              the same in writethrough mode (goal: never slower than the
+//              device alone, >= 0.9x).
+//   slow-seqread
+//              1 MiB sequential reads, QD8, through serve (bypassed past
+//              sequential_cutoff) against fio reading the device directly.
 //
 // Ratios from one run on one machine; never a pass/fail test.
 
@@ -87,6 +93,7 @@ const zipf: Workload = {
   extra: ['--random_distribution=zipf:1.2'],
 };
 const randwrite: Workload = { name: '4k-randwrite-qd32', rw: 'randwrite', bs: '4k', iodepth: 32, numjobs: 1 };
+const seqread: Workload = { name: '1m-seqread-qd8', rw: 'read', bs: '1m', iodepth: 8, numjobs: 1 };
 
 export interface SlowSuiteOptions {
   dir: string;
@@ -513,40 +520,36 @@ export async function slowSuite(o: SlowSuiteOptions): Promise<SuiteResult> {
     }));
   }
 
-  if (o.want('slow-writeback')) {
-    // ubcache serve, writeback, over its own fresh slow device.
+  // ubcache serve over its own fresh slow device, in `mode`, running `w`; the
+  // reference is fio running `w` on another fresh slow device directly.
+  const overSlow = async (
+    tag: string,
+    mode: 'writeback' | 'writethrough',
+    w: Workload,
+    sets: string[],
+  ): Promise<{ r: FioResult; direct: FioResult; note: string }> => {
     const ub = await (async (): Promise<{ r: FioResult; note: string }> => {
-      const img = sparse(join(dir, 'slow-w1.img'), 1024 * MiB);
-      const sock = join(dir, 'slow-w1.sock');
-      return withProcess(slowDevice(sock, img), sock, 'slow device for ubcache writeback', async () => {
+      const img = sparse(join(dir, `${tag}-1.img`), 1024 * MiB);
+      const sock = join(dir, `${tag}-1.sock`);
+      return withProcess(slowDevice(sock, img), sock, `slow device for ubcache ${mode}`, async () => {
         const backing = await openBacking(o.backing, sock, dir, { dropMs: 0 });
         try {
-          const cache = sparse(join(dir, 'wb-cache.img'), 256 * MiB);
+          const cache = sparse(join(dir, `${tag}-cache.img`), 256 * MiB);
           await makeOverSlow(cache, backing.spec);
-          const z = join(dir, 'wb.sock');
-          const control = join(dir, 'wb-control.sock');
-          const serve = ubcache([
-            'serve',
-            '--socket',
-            z,
-            '--control',
-            control,
-            '--set',
-            'bcache0.cache_mode=writeback',
-            '--set',
-            'bcache0.sequential_cutoff=0',
-            cache,
-            backing.spec,
-          ]);
-          return await withProcess(serve, z, 'ubcache serve (writeback) over the slow device', async () => {
-            progress(`slow-writeback: ubcache serve (${o.runtime} s) ...`);
-            const r = await fio(`nbd+unix:///bcache0?socket=${z}`, randwrite, o.runtime, SPAN);
+          const z = join(dir, `${tag}.sock`);
+          const control = join(dir, `${tag}-control.sock`);
+          const args = ['serve', '--socket', z, '--control', control, '--set', `bcache0.cache_mode=${mode}`];
+          for (const x of sets) args.push('--set', x);
+          const serve = ubcache([...args, cache, backing.spec]);
+          return await withProcess(serve, z, `ubcache serve (${mode}) over the slow device`, async () => {
+            progress(`${tag}: ubcache serve, ${mode} (${o.runtime} s) ...`);
+            const r = await fio(`nbd+unix:///bcache0?socket=${z}`, w, o.runtime, SPAN);
             const dirty = (await ctl(control, 'cat', '/sys/block/bcache0/bcache/dirty_data')).trim();
             const bypassed = (
               await controlRequest(control, 'GET', '/sys/block/bcache0/bcache/stats_total/bypassed')
             ).trim();
             const note = `dirty_data ${dirty} at the end, bypassed ${bypassed}; peak RSS ${peakRssMiB(serve.child.pid).toFixed(0)} MiB; file I/O engine ${await ioEngineOf(control)}; backing via ${o.backing}`;
-            progress(`slow-writeback: ubcache ${fmtIops(r.iops)} IOPS (${note})`);
+            progress(`${tag}: ubcache ${fmtIops(r.iops)} IOPS, ${r.mibps.toFixed(0)} MiB/s (${note})`);
             return { r, note };
           });
         } finally {
@@ -554,25 +557,56 @@ export async function slowSuite(o: SlowSuiteOptions): Promise<SuiteResult> {
         }
       });
     })();
-    // The reference: fio writing a fresh slow device directly.
-    const img = sparse(join(dir, 'slow-w2.img'), 1024 * MiB);
-    const sock = join(dir, 'slow-w2.sock');
-    const direct = await withProcess(slowDevice(sock, img), sock, 'slow device written directly', async () => {
-      progress(`slow-writeback: the slow device written directly (${o.runtime} s) ...`);
-      const r = await fio(slowUri(sock), randwrite, o.runtime, SPAN);
-      progress(`slow-writeback: direct ${fmtIops(r.iops)} IOPS`);
+    const img = sparse(join(dir, `${tag}-2.img`), 1024 * MiB);
+    const sock = join(dir, `${tag}-2.sock`);
+    const direct = await withProcess(slowDevice(sock, img), sock, 'slow device used directly', async () => {
+      progress(`${tag}: the slow device directly (${o.runtime} s) ...`);
+      const r = await fio(slowUri(sock), w, o.runtime, SPAN);
+      progress(`${tag}: direct ${fmtIops(r.iops)} IOPS, ${r.mibps.toFixed(0)} MiB/s`);
       return r;
     });
+    return { ...ub, direct };
+  };
+
+  if (o.want('slow-writeback')) {
+    const x = await overSlow('slow-wb', 'writeback', randwrite, ['bcache0.sequential_cutoff=0']);
     rows.push({
       id: 'slow-writeback',
       what: `writeback 4k randwrite QD32 over the 5 ms device, 256 MiB cache, 1000 MiB span, ${o.runtime} s`,
-      value: `${fmtIops(ub.r.iops)} IOPS`,
-      reference: `${fmtIops(direct.iops)} IOPS (slow device written directly by fio)`,
-      ratio: ub.r.iops / direct.iops,
+      value: `${fmtIops(x.r.iops)} IOPS`,
+      reference: `${fmtIops(x.direct.iops)} IOPS (slow device written directly by fio)`,
+      ratio: x.r.iops / x.direct.iops,
       goal: { of: 'ratio', op: '>=', limit: 2, unit: '×' },
-      notes: ub.note,
+      notes: x.note,
     });
-    json['slowWriteback'] = { ubcache: ub.r, direct, notes: ub.note };
+    json['slowWriteback'] = { ubcache: x.r, direct: x.direct, notes: x.note };
+  }
+  if (o.want('slow-writethrough')) {
+    const x = await overSlow('slow-wt', 'writethrough', randwrite, ['bcache0.sequential_cutoff=0']);
+    rows.push({
+      id: 'slow-writethrough',
+      what: `writethrough 4k randwrite QD32 over the 5 ms device, 256 MiB cache, 1000 MiB span, ${o.runtime} s`,
+      value: `${fmtIops(x.r.iops)} IOPS`,
+      reference: `${fmtIops(x.direct.iops)} IOPS (slow device written directly by fio)`,
+      ratio: x.r.iops / x.direct.iops,
+      goal: { of: 'ratio', op: '>=', limit: 0.9, unit: '×' },
+      notes: x.note,
+    });
+    json['slowWritethrough'] = { ubcache: x.r, direct: x.direct, notes: x.note };
+  }
+  if (o.want('slow-seqread')) {
+    // Sequential reads past sequential_cutoff (4 MiB by default) bypass the cache: the cost of the way through.
+    const x = await overSlow('slow-seq', 'writethrough', seqread, []);
+    rows.push({
+      id: 'slow-seqread',
+      what: `1 MiB sequential reads QD8 through serve (bypassed: past sequential_cutoff) over the 5 ms device, ${o.runtime} s`,
+      value: `${x.r.mibps.toFixed(0)} MiB/s`,
+      reference: `${x.direct.mibps.toFixed(0)} MiB/s (slow device read directly by fio)`,
+      ratio: x.r.mibps / x.direct.mibps,
+      goal: { of: 'ratio', op: '>=', limit: 0.9, unit: '×' },
+      notes: x.note,
+    });
+    json['slowSeqread'] = { ubcache: x.r, direct: x.direct, notes: x.note };
   }
   return { rows, lines, json };
 }
