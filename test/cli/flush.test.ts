@@ -9,32 +9,21 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { closeSync, mkdirSync, openSync, readSync, readFileSync } from 'node:fs';
+import { mkdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { BDEV_STATE_CLEAN, BDEV_STATE_DIRTY, SB_OFFSET, SB_SIZE } from '../../src/format/constants.ts';
 import { bdevState, decodeSuperblock } from '../../src/format/superblock.ts';
 import { CopyOnWriteDevice, formatBytes, parseFlushArgs } from '../../src/cli/flush.ts';
 import { MemoryBlockDevice } from '../../src/blockdev/memory.ts';
 import { CliError } from '../../src/cli/common.ts';
-import { ROOT, startExport, tempDir, ubcache } from '../helpers/daemon.ts';
+import { readFileRange, ROOT, startExport, tempDir, ubcache } from '../helpers/daemon.ts';
 import { flushCli } from './flush-helpers.ts';
 import { Client, makeImages, MiB, startServe } from '../e2e/serve-helpers.ts';
 
 const DATA_OFFSET = 8192;
 
-function readAt(path: string, offset: number, length: number): Buffer {
-  const fd = openSync(path, 'r');
-  try {
-    const buf = Buffer.alloc(length);
-    readSync(fd, buf, 0, length, offset);
-    return buf;
-  } finally {
-    closeSync(fd);
-  }
-}
-
 function stateOf(path: string): number {
-  return bdevState(decodeSuperblock(readAt(path, SB_OFFSET, SB_SIZE)));
+  return bdevState(decodeSuperblock(readFileRange(path, SB_OFFSET, SB_SIZE)));
 }
 
 /** What was written through bcache0: offset and data. */

@@ -10,7 +10,7 @@ import { existsSync, openSync, readSync, closeSync } from 'node:fs';
 import { join } from 'node:path';
 import { SB_OFFSET, SB_SIZE } from '../../src/format/constants.ts';
 import { bdevCacheMode, bdevState, decodeSuperblock } from '../../src/format/superblock.ts';
-import { Daemon, run, tempDir, ubcache } from '../helpers/daemon.ts';
+import { Daemon, readFileRange, run, tempDir, ubcache } from '../helpers/daemon.ts';
 import { Client, makeImages, MiB, startServe } from './serve-helpers.ts';
 
 function superblock(path: string) {
@@ -19,17 +19,6 @@ function superblock(path: string) {
     const block = Buffer.alloc(SB_SIZE);
     readSync(fd, block, 0, SB_SIZE, SB_OFFSET);
     return decodeSuperblock(block);
-  } finally {
-    closeSync(fd);
-  }
-}
-
-function rawRead(path: string, offset: number, length: number): Buffer {
-  const fd = openSync(path, 'r');
-  try {
-    const buf = Buffer.alloc(length);
-    readSync(fd, buf, 0, length, offset);
-    return buf;
   } finally {
     closeSync(fd);
   }
@@ -115,7 +104,7 @@ test('serve: writeback through NBD, a second daemon refused, SIGTERM leaves the 
   assert.equal(bdevState(sb), 2, 'dirty: the data is in the cache');
   assert.equal(bdevCacheMode(sb), 1, 'writeback, from --set');
   assert.ok(
-    rawRead(backing, 8192 + 4 * MiB, MiB).every((b) => b === 0),
+    readFileRange(backing, 8192 + 4 * MiB, MiB).every((b) => b === 0),
     'not written back (writeback_running=0)',
   );
 
@@ -157,7 +146,7 @@ test('serve: a backing device whose cache is not given waits, and says so; with 
     await c.flush();
     c.close();
     assert.ok(
-      rawRead(only.backing, 8192, 4096).every((b) => b === 0x5a),
+      readFileRange(only.backing, 8192, 4096).every((b) => b === 0x5a),
       'uncached: straight to the backing device',
     );
   } finally {

@@ -4,7 +4,7 @@
 // single test file run against a stale or missing build fails with a hint.
 
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { closeSync, existsSync, ftruncateSync, mkdtempSync, openSync, rmSync, watch } from 'node:fs';
+import { closeSync, existsSync, ftruncateSync, mkdtempSync, openSync, readSync, rmSync, watch } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { basename, dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -165,6 +165,18 @@ export function sparseFile(path: string, size: number): string {
     closeSync(fd);
   }
   return path;
+}
+
+/** `length` bytes of the file at `path` from byte `offset` (zeros past its end). */
+export function readFileRange(path: string, offset: number, length: number): Buffer {
+  const fd = openSync(path, 'r');
+  try {
+    const buf = Buffer.alloc(length);
+    readSync(fd, buf, 0, length, offset);
+    return buf;
+  } finally {
+    closeSync(fd);
+  }
 }
 
 /** Resolves once `path` exists (watching its directory; no polling). */

@@ -5,14 +5,13 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
-import { openSync, readSync, closeSync } from 'node:fs';
 import { join } from 'node:path';
 import { IoError } from '../../src/blockdev/types.ts';
 import { MemoryBlockDevice } from '../../src/blockdev/memory.ts';
 import { NbdClient, type NbdClientOptions } from '../../src/nbd/client.ts';
 import { encodeErrorChunk, encodeGreeting } from '../../src/nbd/codec.ts';
 import { Cmd, NBD_MAGIC, NbdErr, OLDSTYLE_MAGIC, ReplyType, TxFlag } from '../../src/nbd/protocol.ts';
-import { sparseFile, tempDir } from '../helpers/daemon.ts';
+import { readFileRange, sparseFile, tempDir } from '../helpers/daemon.ts';
 import {
   chunk,
   dataChunk,
@@ -32,17 +31,6 @@ const unhandled: unknown[] = [];
 process.on('unhandledRejection', (reason) => {
   unhandled.push(reason);
 });
-
-function fileBytes(path: string, offset: number, length: number): Buffer {
-  const fd = openSync(path, 'r');
-  try {
-    const buf = Buffer.alloc(length);
-    readSync(fd, buf, 0, length, offset);
-    return buf;
-  } finally {
-    closeSync(fd);
-  }
-}
 
 /** Assert `p` rejects with an IoError of `code` whose message matches `pattern`. */
 async function rejectsWith(p: Promise<unknown>, code: string, pattern: RegExp): Promise<IoError> {
@@ -144,7 +132,7 @@ test(
         ),
       );
       await c.flush();
-      const direct = fileBytes(file, MiB, 4 * MiB);
+      const direct = readFileRange(file, MiB, 4 * MiB);
       assert.ok(direct.equals(data), 'the file holds what was written');
       const back = Buffer.alloc(4 * MiB);
       await c.read(back, MiB);
@@ -338,9 +326,9 @@ test(
       assert.deepEqual(c.info.advertisedBlockSize, { min: 1, preferred: 4096, max: 32 * MiB });
       const data = await roundTrip(c, MiB, 2 * MiB);
       await c.flush();
-      assert.ok(fileBytes(file, MiB, 2 * MiB).equals(data));
+      assert.ok(readFileRange(file, MiB, 2 * MiB).equals(data));
       await c.writeZeroes(MiB, 64 * KiB, { noHole: true });
-      assert.ok(fileBytes(file, MiB, 64 * KiB).every((b) => b === 0));
+      assert.ok(readFileRange(file, MiB, 64 * KiB).every((b) => b === 0));
       await c.trim(2 * MiB, MiB);
       const status = await c.blockStatus(0, 16 * MiB);
       assert.equal(
@@ -377,10 +365,10 @@ test(
       const data = await roundTrip(c, 512 * KiB, MiB);
       await c.write(data.subarray(0, 4096), 0, { fua: true });
       await c.flush();
-      assert.ok(fileBytes(file, 512 * KiB, MiB).equals(data));
-      assert.ok(fileBytes(file, 0, 4096).equals(data.subarray(0, 4096)));
+      assert.ok(readFileRange(file, 512 * KiB, MiB).equals(data));
+      assert.ok(readFileRange(file, 0, 4096).equals(data.subarray(0, 4096)));
       await c.writeZeroes(512 * KiB, 4096);
-      assert.ok(fileBytes(file, 512 * KiB, 4096).every((b) => b === 0));
+      assert.ok(readFileRange(file, 512 * KiB, 4096).every((b) => b === 0));
     } finally {
       await c.close();
       await srv.stop();

@@ -7,14 +7,14 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
-import { closeSync, openSync, readSync, rmSync } from 'node:fs';
+import { rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { NbdBlockDevice } from '../../src/blockdev/nbd.ts';
 import { MemoryBlockDevice } from '../../src/blockdev/memory.ts';
 import { IoError } from '../../src/blockdev/types.ts';
 import { Registry } from '../../src/bcache/registry.ts';
 import { SysfsTree } from '../../src/bcache/sysfs/tree.ts';
-import { sparseFile, tempDir } from '../helpers/daemon.ts';
+import { readFileRange, sparseFile, tempDir } from '../helpers/daemon.ts';
 import { watchLog } from '../helpers/log-watch.ts';
 import { startNbdkit, tools, type ChildServer } from '../helpers/nbd-servers.ts';
 import { assertNothingLeft, formatCache } from '../bcache/helpers.ts';
@@ -23,17 +23,6 @@ import { formatBacking, pattern } from '../bcache/request-helpers.ts';
 const KiB = 1024;
 const MiB = 1024 * 1024;
 const skip = !tools.nbdkit && 'nbdkit is not installed';
-
-function fileBytes(path: string, offset: number, length: number): Buffer {
-  const fd = openSync(path, 'r');
-  try {
-    const buf = Buffer.alloc(length);
-    readSync(fd, buf, 0, length, offset);
-    return buf;
-  } finally {
-    closeSync(fd);
-  }
-}
 
 /** Start nbdkit again on the socket a killed one left behind (nbdkit refuses an existing socket path). */
 async function restartNbdkit(dir: string, args: string[]): Promise<ChildServer> {
@@ -112,7 +101,7 @@ test(
       assert.equal(stats.online, true);
       await dev.flush();
       for (const [at, data] of model) {
-        assert.ok(fileBytes(file, at, block).equals(data), `the file holds the last write at ${at}`);
+        assert.ok(readFileRange(file, at, block).equals(data), `the file holds the last write at ${at}`);
       }
     } finally {
       stopAt = 0;

@@ -18,9 +18,8 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
-import { closeSync, openSync, readSync } from 'node:fs';
 import { join } from 'node:path';
-import { sparseFile, tempDir, ubcache } from '../helpers/daemon.ts';
+import { readFileRange, sparseFile, tempDir, ubcache } from '../helpers/daemon.ts';
 import { startNbdkit, tools } from '../helpers/nbd-servers.ts';
 import { oracleFacts, oracleSkipReason, runOracle, ORACLE_SH_PRELUDE } from '../helpers/oracle.ts';
 import { Client, startServe } from '../e2e/serve-helpers.ts';
@@ -47,17 +46,6 @@ function pattern(): Buffer {
 
 function md5(buf: Buffer): string {
   return createHash('md5').update(buf).digest('hex');
-}
-
-function fileBytes(path: string, offset: number, length: number): Buffer {
-  const fd = openSync(path, 'r');
-  try {
-    const buf = Buffer.alloc(length);
-    readSync(fd, buf, 0, length, offset);
-    return buf;
-  } finally {
-    closeSync(fd);
-  }
 }
 
 function cacheState(showSuperOutput: string): string | undefined {
@@ -121,7 +109,7 @@ test(
     }
     assert.equal(cacheState(ubcache(['show-super', backing]).stdout), 'dirty', "so does the export's file");
     assert.ok(
-      fileBytes(backing, dataOffset + START_BLOCK * 4096, data.length).every((b) => b === 0),
+      readFileRange(backing, dataOffset + START_BLOCK * 4096, data.length).every((b) => b === 0),
       'nothing written back to the file yet: what the kernel serves comes from the cache image',
     );
 
@@ -170,6 +158,9 @@ test(
     assert.equal(facts.get('written'), md5(data), "the kernel's writeback puts it on the backing device");
     // \bbad\b: a set uuid in the output may hold the hex letters "bad".
     assert.ok(!/error|\bbad\b|corrupt|inconsistent|missing/i.test(r.output.split('dmesg check:')[1] ?? ''), r.output);
-    assert.ok(fileBytes(backing, dataOffset + START_BLOCK * 4096, data.length).equals(data), "and the export's file");
+    assert.ok(
+      readFileRange(backing, dataOffset + START_BLOCK * 4096, data.length).equals(data),
+      "and the export's file",
+    );
   },
 );
