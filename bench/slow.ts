@@ -568,45 +568,65 @@ export async function slowSuite(o: SlowSuiteOptions): Promise<SuiteResult> {
     return { ...ub, direct };
   };
 
-  if (o.want('slow-writeback')) {
-    const x = await overSlow('slow-wb', 'writeback', randwrite, ['bcache0.sequential_cutoff=0']);
-    rows.push({
+  // The rows over the slow device: serve in a mode against fio on the device alone.
+  const span = `256 MiB cache, 1000 MiB span, ${o.runtime} s`;
+  const slowRows: Array<{
+    id: 'slow-writeback' | 'slow-writethrough' | 'slow-seqread';
+    key: string;
+    mode: 'writeback' | 'writethrough';
+    w: Workload;
+    sets: string[];
+    what: string;
+    bandwidth: boolean;
+    limit: number;
+  }> = [
+    {
       id: 'slow-writeback',
-      what: `writeback 4k randwrite QD32 over the 5 ms device, 256 MiB cache, 1000 MiB span, ${o.runtime} s`,
-      value: `${fmtIops(x.r.iops)} IOPS`,
-      reference: `${fmtIops(x.direct.iops)} IOPS (slow device written directly by fio)`,
-      ratio: x.r.iops / x.direct.iops,
-      goal: { of: 'ratio', op: '>=', limit: 2, unit: '×' },
-      notes: x.note,
-    });
-    json['slowWriteback'] = { ubcache: x.r, direct: x.direct, notes: x.note };
-  }
-  if (o.want('slow-writethrough')) {
-    const x = await overSlow('slow-wt', 'writethrough', randwrite, ['bcache0.sequential_cutoff=0']);
-    rows.push({
+      key: 'slowWriteback',
+      mode: 'writeback',
+      w: randwrite,
+      sets: ['bcache0.sequential_cutoff=0'],
+      what: `writeback 4k randwrite QD32 over the 5 ms device, ${span}`,
+      bandwidth: false,
+      limit: 2,
+    },
+    {
       id: 'slow-writethrough',
-      what: `writethrough 4k randwrite QD32 over the 5 ms device, 256 MiB cache, 1000 MiB span, ${o.runtime} s`,
-      value: `${fmtIops(x.r.iops)} IOPS`,
-      reference: `${fmtIops(x.direct.iops)} IOPS (slow device written directly by fio)`,
-      ratio: x.r.iops / x.direct.iops,
-      goal: { of: 'ratio', op: '>=', limit: 0.9, unit: '×' },
-      notes: x.note,
-    });
-    json['slowWritethrough'] = { ubcache: x.r, direct: x.direct, notes: x.note };
-  }
-  if (o.want('slow-seqread')) {
-    // Sequential reads past sequential_cutoff (4 MiB by default) bypass the cache: the cost of the way through.
-    const x = await overSlow('slow-seq', 'writethrough', seqread, []);
-    rows.push({
+      key: 'slowWritethrough',
+      mode: 'writethrough',
+      w: randwrite,
+      sets: ['bcache0.sequential_cutoff=0'],
+      what: `writethrough 4k randwrite QD32 over the 5 ms device, ${span}`,
+      bandwidth: false,
+      limit: 0.9,
+    },
+    {
+      // Sequential reads past sequential_cutoff (4 MiB by default) bypass the cache: the cost of the way through.
       id: 'slow-seqread',
+      key: 'slowSeqread',
+      mode: 'writethrough',
+      w: seqread,
+      sets: [],
       what: `1 MiB sequential reads QD8 through serve (bypassed: past sequential_cutoff) over the 5 ms device, ${o.runtime} s`,
-      value: `${x.r.mibps.toFixed(0)} MiB/s`,
-      reference: `${x.direct.mibps.toFixed(0)} MiB/s (slow device read directly by fio)`,
-      ratio: x.r.mibps / x.direct.mibps,
-      goal: { of: 'ratio', op: '>=', limit: 0.9, unit: '×' },
+      bandwidth: true,
+      limit: 0.9,
+    },
+  ];
+  for (const row of slowRows) {
+    if (!o.want(row.id)) continue;
+    const x = await overSlow(row.id, row.mode, row.w, row.sets);
+    const fmt = (r: FioResult): string => (row.bandwidth ? `${r.mibps.toFixed(0)} MiB/s` : `${fmtIops(r.iops)} IOPS`);
+    const of = (r: FioResult): number => (row.bandwidth ? r.mibps : r.iops);
+    rows.push({
+      id: row.id,
+      what: row.what,
+      value: fmt(x.r),
+      reference: `${fmt(x.direct)} (slow device ${row.w.rw.includes('write') ? 'written' : 'read'} directly by fio)`,
+      ratio: of(x.r) / of(x.direct),
+      goal: { of: 'ratio', op: '>=', limit: row.limit, unit: '×' },
       notes: x.note,
     });
-    json['slowSeqread'] = { ubcache: x.r, direct: x.direct, notes: x.note };
+    json[row.key] = { ubcache: x.r, direct: x.direct, notes: x.note };
   }
   return { rows, lines, json };
 }
