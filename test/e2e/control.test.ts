@@ -9,12 +9,12 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
-import { closeSync, existsSync, openSync, readSync, statSync } from 'node:fs';
+import { existsSync, statSync } from 'node:fs';
 import { request } from 'node:http';
 import { createConnection } from 'node:net';
 import { join } from 'node:path';
 import { controlRequest } from '../../src/control/client.ts';
-import { Daemon, run, sparseFile, tempDir, ubcache, UBCACHE } from '../helpers/daemon.ts';
+import { Daemon, run, sparseFile, tempDir, ubcache, UBCACHE, readFileRange } from '../helpers/daemon.ts';
 import { Client, makeImages, MiB, startServe } from './serve-helpers.ts';
 
 async function ctl(control: string, ...args: string[]): Promise<string> {
@@ -24,17 +24,6 @@ async function ctl(control: string, ...args: string[]): Promise<string> {
 /** Distinct, checkable 4 KiB blocks. */
 function block(tag: number, i: number): Buffer {
   return Buffer.alloc(4096, `${tag}:${i};`);
-}
-
-function rawRead(path: string, offset: number, length: number): Buffer {
-  const fd = openSync(path, 'r');
-  try {
-    const b = Buffer.alloc(length);
-    readSync(fd, b, 0, length, offset);
-    return b;
-  } finally {
-    closeSync(fd);
-  }
 }
 
 /** A client writing and reading back blocks until stopped; every failure is kept. */
@@ -137,9 +126,9 @@ test('runtime register, attach, detach, stop and unregister while clients do I/O
 
     // Everything written is on the backing devices (data_offset 8 KiB).
     for (let n = Math.max(0, written0 - 64); n < written0; n++) {
-      assert.ok(rawRead(backing, 8192 + (n % 64) * 4096, 4096).equals(block(1, n)), `bcache0 block ${n % 64}`);
+      assert.ok(readFileRange(backing, 8192 + (n % 64) * 4096, 4096).equals(block(1, n)), `bcache0 block ${n % 64}`);
     }
-    assert.ok(rawRead(second, 8192 + ((written1 - 1) % 32) * 4096, 4096).equals(block(2, written1 - 1)));
+    assert.ok(readFileRange(second, 8192 + ((written1 - 1) % 32) * 4096, 4096).equals(block(2, written1 - 1)));
   } finally {
     await s.daemon.kill();
   }

@@ -7,26 +7,15 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
-import { closeSync, openSync, readSync, writeFileSync } from 'node:fs';
+import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { have, run, sparseFile, startExport, tempDir, ubcache, UBCACHE } from '../helpers/daemon.ts';
+import { have, run, sparseFile, startExport, tempDir, ubcache, UBCACHE, readFileRange } from '../helpers/daemon.ts';
 import { startNbdkit, tools } from '../helpers/nbd-servers.ts';
 import { startServe } from './serve-helpers.ts';
 
 const MiB = 1024 * 1024;
 /** The backing device's data starts after its 8 KiB superblock area (make's default data offset). */
 const DATA_OFFSET = 8192;
-
-function fileBytes(path: string, offset: number, length: number): Buffer {
-  const fd = openSync(path, 'r');
-  try {
-    const buf = Buffer.alloc(length);
-    readSync(fd, buf, 0, length, offset);
-    return buf;
-  } finally {
-    closeSync(fd);
-  }
-}
 
 function cacheState(showSuperOutput: string): string | undefined {
   return /dev\.data\.cache_state\t\d+ \[(\w+)\]/.exec(showSuperOutput)?.[1];
@@ -77,13 +66,13 @@ test(
         await run('nbdcopy', ['--flush', dataFile, s1.uri()]);
         const back = join(tmp.dir, 'back.bin');
         await run('nbdcopy', [s1.uri(), back]);
-        assert.ok(fileBytes(back, 0, data.length).equals(data), 'read back through serve');
+        assert.ok(readFileRange(back, 0, data.length).equals(data), 'read back through serve');
       } finally {
         await s1.daemon.stop().finally(() => s1.daemon.kill());
       }
       assert.equal(cacheState(ubcache(['show-super', remote]).stdout), 'dirty', 'the backing superblock says dirty');
       assert.ok(
-        fileBytes(backing, DATA_OFFSET, data.length).every((b) => b === 0),
+        readFileRange(backing, DATA_OFFSET, data.length).every((b) => b === 0),
         'nothing written back yet',
       );
 
@@ -105,12 +94,12 @@ test(
         writeFileSync(moreFile, more);
         // nbdcopy writes the 1 MiB file at the start of bcache0.
         await run('nbdcopy', ['--flush', moreFile, s2.uri()]);
-        assert.ok(fileBytes(backing, DATA_OFFSET, MiB).equals(more), 'writethrough: on the server at once');
+        assert.ok(readFileRange(backing, DATA_OFFSET, MiB).equals(more), 'writethrough: on the server at once');
         data.set(more, 0);
       } finally {
         await s2.daemon.stop().finally(() => s2.daemon.kill());
       }
-      assert.ok(fileBytes(backing, DATA_OFFSET, data.length).equals(data), "the server's file holds all the data");
+      assert.ok(readFileRange(backing, DATA_OFFSET, data.length).equals(data), "the server's file holds all the data");
       assert.equal(cacheState(ubcache(['show-super', remote]).stdout), 'clean');
     } finally {
       await srv.stop();
@@ -143,7 +132,7 @@ test(
         writeFileSync(dataFile, data);
         await run('nbdcopy', ['--flush', dataFile, s.uri('bcache1')]);
         // Writethrough (the default): on the server's file already.
-        assert.ok(fileBytes(remoteFile, DATA_OFFSET, MiB).equals(data));
+        assert.ok(readFileRange(remoteFile, DATA_OFFSET, MiB).equals(data));
       } finally {
         await s.daemon.stop().finally(() => s.daemon.kill());
       }
@@ -177,10 +166,10 @@ test('export proxies a remote export: nbdinfo and nbdcopy through ubcache to nbd
     const dataFile = join(tmp.dir, 'data.bin');
     writeFileSync(dataFile, data);
     await run('nbdcopy', ['--flush', dataFile, proxy.uri('nbd')]);
-    assert.ok(fileBytes(file, 0, data.length).equals(data), "the data is in nbdkit's file");
+    assert.ok(readFileRange(file, 0, data.length).equals(data), "the data is in nbdkit's file");
     const out = join(tmp.dir, 'out.bin');
     await run('nbdcopy', [proxy.uri('nbd'), out]);
-    assert.ok(fileBytes(out, 0, data.length).equals(data));
+    assert.ok(readFileRange(out, 0, data.length).equals(data));
   } finally {
     await proxy.daemon.stop().finally(() => proxy.daemon.kill());
     await srv.stop();
