@@ -675,7 +675,7 @@ async function untilAborted(p: Promise<unknown>, signal: AbortSignal): Promise<v
   }
 }
 
-/** Settle a request not (or no longer) on a connection. */
+/** Settle a request once. The caller owns its buffer again: drop our reference so nothing here can touch it. */
 function settleOnce(req: Request, err?: Error): void {
   if (req.settled) return;
   req.settled = true;
@@ -930,12 +930,7 @@ class Connection implements ReadSink {
   }
 
   private settle(req: Request, err?: Error): void {
-    if (req.settled) return;
-    req.settled = true;
-    // The caller owns its buffer again: drop our reference so nothing here can touch it.
-    req.buf = undefined;
-    if (err) req.reject(err);
-    else req.resolve();
+    settleOnce(req, err);
   }
 
   /** The reply to `req` is complete. */
