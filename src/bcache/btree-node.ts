@@ -102,6 +102,14 @@ export class BtreeNode {
   /** The pin of the bset being written, released once a flush covers it. */
   writingPin: JournalPin | undefined;
   writing: Promise<void> | undefined;
+  /**
+   * The flush epoch that makes this node's last completed write durable (0:
+   * nothing unflushed). An append waits for it first: without a flush between
+   * them the device may keep a later bset and lose an earlier one, and a node
+   * whose seq shows up past a hole is unreadable (the kernel's "corrupted
+   * btree").
+   */
+  unflushedEpoch = 0;
   /** Replaced by a rewrite: in-flight work must not touch the tree for it. */
   freed = false;
   /** Queued for a write by the journal worker. */

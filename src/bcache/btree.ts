@@ -305,13 +305,19 @@ export class Btree {
     const buf = encodeNodeBset(node.keys.toArray(), node, this.geo);
     await this.host.io.writeMeta(buf, node.bucketSector);
     node.written = buf.length / this.geo.blockBytes;
+    node.unflushedEpoch = this.host.io.nextFlushEpoch;
     this.stats.writes++;
   }
 
   /**
    * Append a leaf's pending set as a new bset. Writes of one node are
-   * serialized; the pin moves to the write and goes back to the journal once
-   * a flush covers it.
+   * serialized, and each starts only once the one before it is durable (a
+   * flush first if none has covered it yet): after a power cut a node's bsets
+   * are then an intact prefix, at most its last one torn, never a hole with
+   * a later bset behind it (which neither we nor the kernel can read; the
+   * kernel gets the same order by writing every bset with FUA). The
+   * pin moves to the write and goes back to the journal once a flush covers
+   * it.
    */
   async writeNode(node: BtreeNode): Promise<void> {
     while (node.writing) await node.writing;
@@ -324,7 +330,10 @@ export class Btree {
     node.writingPin = node.pin;
     node.pin = undefined;
     node.written += buf.length / this.geo.blockBytes;
-    const write = this.host.io.writeMeta(buf, at);
+    const io = this.host.io;
+    // Journal commits flush often, so the previous append is nearly always durable already.
+    const write =
+      node.unflushedEpoch > io.durableEpoch ? io.flush().then(() => io.writeMeta(buf, at)) : io.writeMeta(buf, at);
     node.writing = write;
     try {
       await write;
@@ -335,8 +344,9 @@ export class Btree {
       node.writing = undefined;
     }
     this.stats.writes++;
+    node.unflushedEpoch = io.nextFlushEpoch;
     if (node.writingPin !== undefined) {
-      this.host.journalUnpinAfterFlush(node.writingPin, this.host.io.nextFlushEpoch);
+      this.host.journalUnpinAfterFlush(node.writingPin, node.unflushedEpoch);
       node.writingPin = undefined;
     }
   }
