@@ -6,7 +6,7 @@
 // backing block device; we have no such name, and `running` and `stop` must
 // be reachable for them).
 
-import { basename } from 'node:path';
+import { basename, resolve } from 'node:path';
 import { DEVICE_ATTRIBUTES } from '../attributes.ts';
 import type { CachedDev } from '../cached-dev.ts';
 import { OperationError } from '../errors.ts';
@@ -50,6 +50,16 @@ export function writebackRateDebug(dev: CachedDev, nowMs: number = dev.clock.now
     `change:\t\t${h(wb ? st.change : 0)}/sec\n` +
     `next io:\t${nextIo}ms\n`
   );
+}
+
+/**
+ * ubcache's own: the device as it was registered, a local path made
+ * absolute (the daemon's working directory is not the reader's) and a URI
+ * or other spec as it is. `ubcache ctl` names devices by it, as bcache-tools
+ * names them by /dev path.
+ */
+export function devicePath(name: string): string {
+  return /^[a-z][a-z0-9+.-]*:/i.test(name) ? name : resolve(name);
 }
 
 /** An engine operation's refusal, as the sysfs store returns it. */
@@ -120,6 +130,7 @@ export function deviceDir(ctx: TreeContext, dev: CachedDev): SysfsDir {
       ['partial_stripes_expensive', ro(() => '0')],
       ['backing_dev_name', ro(() => basename(dev.backingName))],
       ['backing_dev_uuid', ro(() => dev.uuid)],
+      ['backing_dev_path', ro(() => devicePath(dev.backingName))],
       ...settable,
       ...statsDirs(ctx, () => dev.stats),
     ];

@@ -13,6 +13,7 @@ import { CUTOFF_WRITEBACK, CUTOFF_WRITEBACK_SYNC } from '../cutoffs.ts';
 import { hprint } from '../stats.ts';
 import { monotonicNs } from '../time-stats.ts';
 import { statsDirs, type TreeContext } from './context.ts';
+import { devicePath } from './device-dir.ts';
 import { log } from '../../util/log.ts';
 import { attributeFile, dir, link, parseUlong, ro, rw, SysfsError, wo, type SysfsDir, type SysfsNode } from './node.ts';
 
@@ -78,6 +79,8 @@ function cacheDir(set: RegisteredSet): SysfsDir {
     ['bucket_size', ro(() => hprint(cs.bucketSize * 512))],
     ['block_size', ro(() => hprint(cs.blockSize * 512))],
     ['nbuckets', ro(() => String(cs.buckets.nbuckets))],
+    // ubcache's own: the cache device as registered (the kernel's cache0 is a link to its /sys/block dir).
+    ['dev_path', ro(() => devicePath(cs.dev.name))],
     ['discard', ro(() => (cacheDiscard(cs.sb) ? '1' : '0'))],
     ['written', ro(() => hprint(cs.io.stats.sectorsWritten * 512))],
     // The decayed count that io_error_limit is compared with (ca->io_errors >> IO_ERROR_SHIFT).
