@@ -1,239 +1,254 @@
-// `ubcache ctl`: bcache's sysfs tree of a running `ubcache serve`, used as
-// people use sysfs: cat, write (echo >), ls, tree; plus status and stats.
+// `ubcache ctl`: a running `ubcache serve`, operated through its control
+// socket. bcache's sysfs tree as people use sysfs (cat, write, ls, tree),
+// bcache-tools' `bcache` verbs over those same writes (show, register,
+// unregister, attach, detach, set-cachemode, stop), and ubcache's own
+// status, stats and wait-clean. One file per concern under ctl/; this one
+// parses the command line and dispatches.
 
-import { controlRequest, errorText, type ControlResponse } from '../control/client.ts';
+import { parseArgs, type ParseArgsConfig } from 'node:util';
 import { defaultControlPath } from '../control/paths.ts';
-import { errorMessage } from '../util/lifecycle.ts';
-import { CliError, parseCommandArgs, type Subcommand } from './common.ts';
+import { CliError, type Subcommand } from './common.ts';
+import { processOutput } from './output.ts';
+import { Control } from './ctl/connection.ts';
+import { showDetail, showDevices } from './ctl/show.ts';
+import { PERIODS, stats, type Period } from './ctl/stats.ts';
+import { status } from './ctl/status.ts';
+import { cat, ls, tree } from './ctl/sysfs-commands.ts';
+import { registered } from './ctl/tree-json.ts';
+import { attach, detach, register, setCacheMode, unregister } from './ctl/verbs.ts';
+import { waitClean } from './ctl/wait-clean.ts';
+import { parseSeconds } from './ctl/watch.ts';
 
 const HELP = `Usage: ubcache ctl [--control PATH] COMMAND [ARGS]
 
-Read and write bcache's sysfs attributes of a running ubcache serve. Paths
-are the kernel's; the leading /sys may be omitted.
+Operate a running ubcache serve: bcache's sysfs attributes, and bcache-tools'
+\`bcache\` verbs over them. Paths are the kernel's; the leading /sys may be
+omitted. DEV is bcacheN, a device's path or URI as registered, or a backing
+device's or cache set's uuid.
 
-Commands:
-  cat PATH           print an attribute, e.g. cat block/bcache0/bcache/state
-  write PATH VALUE   write an attribute (echo VALUE > PATH), e.g.
-                     write /sys/block/bcache0/bcache/cache_mode writeback
-                     write /sys/fs/bcache/register /dev/sdb
-  ls [PATH]          list a directory (default /sys/fs/bcache)
-  tree [PATH]        every attribute below PATH (default /sys) with its value
-  status             cache sets and bcache devices: state, mode, dirty data, hit ratio
-  stats              hit and miss counters of every device and set
+bcache verbs (as bcache-tools' bcache):
+  show [-m] [-d DEV]     registered devices (-m: with uuids); -d: DEV's superblock
+  register DEV...        register cache or backing devices (they start serving)
+  unregister DEV         stop a backing device, or unregister a cache device's set
+  attach CSET|CACHEDEV DEV
+                         attach backing device DEV to a cache set
+  detach DEV             detach DEV from its cache set (dirty data written back first)
+  set-cachemode DEV MODE writethrough, writeback, writearound or none
+  stop DEV               stop a backing device, or a cache device's set
+
+ubcache's own:
+  status                 cache sets and bcache devices: state, mode, dirty data, hit ratio
+  stats [--total|--day|--hour|--five-minute] [--json] [--watch SECONDS]
+                         hit and miss counters of every device and set
+  wait-clean [-d DEV] [--timeout SECONDS]
+                         wait until dirty data is written back (exit 124 on timeout)
+
+sysfs:
+  cat PATH               print an attribute, e.g. cat block/bcache0/bcache/state
+  write PATH VALUE       write an attribute (echo VALUE > PATH), e.g.
+                         write /sys/block/bcache0/bcache/cache_mode writeback
+  ls [PATH]              list a directory (default /sys/fs/bcache)
+  tree [PATH]            every attribute below PATH (default /sys) with its value
 
 Options:
-  --control PATH     the control socket (default $XDG_RUNTIME_DIR/ubcache/control.sock,
-                     else /run/ubcache/control.sock)
-  -h, --help         show this help
+  --control PATH         the control socket (default $XDG_RUNTIME_DIR/ubcache/control.sock,
+                         else /run/ubcache/control.sock)
+  -h, --help             show this help
 `;
 
-/** The tree's JSON view: values, null for write-only files, directories, and links as {"$link": target}. */
-interface JsonObject {
-  [k: string]: Json;
-}
-type Json = string | null | JsonObject;
+const HINT = "Run 'ubcache ctl --help' for the commands.";
+const COMMANDS =
+  'show, register, unregister, attach, detach, set-cachemode, stop, status, stats, wait-clean, cat, write, ls, tree';
 
-/** "block/bcache0" -> "/sys/block/bcache0". */
-export function sysPath(path: string): string {
-  const parts = path.split('/').filter((p) => p !== '');
-  if (parts[0] === 'sys') parts.shift();
-  return `/sys/${parts.map(encodeURIComponent).join('/')}`.replace(/\/$/, '') || '/sys';
-}
-
-async function call(socket: string, method: string, path: string, body?: string): Promise<ControlResponse> {
-  let r: ControlResponse;
-  try {
-    r = await controlRequest(socket, method, path, body);
-  } catch (err) {
-    throw new CliError(`cannot reach the control socket ${socket}: ${errorMessage(err)}`, {
-      hint: 'Is ubcache serve running? Pass its --control PATH if it was started with one.',
-    });
-  }
-  if (r.status >= 400) throw new CliError(errorText(r));
-  return r;
-}
-
-async function json(socket: string, path: string): Promise<Json> {
-  const r = await call(socket, 'GET', `/json${path}`);
-  return JSON.parse(r.body) as Json;
-}
-
-function isDir(j: Json | undefined): j is JsonObject {
-  return typeof j === 'object' && j !== null && typeof j['$link'] !== 'string';
-}
-
-function printTree(j: Json, prefix: string, out: string[]): void {
-  if (!isDir(j)) return;
-  for (const [name, v] of Object.entries(j)) {
-    const path = `${prefix}/${name}`;
-    if (v === null) continue;
-    if (typeof v === 'string')
-      out.push(v.includes('\n') ? `${path}:\n  ${v.split('\n').join('\n  ')}` : `${path}: ${v}`);
-    else if (isDir(v)) printTree(v, path, out);
-    else out.push(`${path} -> ${String(v['$link'])}`);
-  }
-}
-
-function field(dir: Json | undefined, ...names: string[]): string {
-  let j = dir;
-  for (const n of names) j = isDir(j) ? j[n] : undefined;
-  return typeof j === 'string' ? j : '-';
-}
-
-/** The selected option of a bracketed choice list. */
-function selected(list: string): string {
-  return /\[([^\]]+)\]/.exec(list)?.[1] ?? list;
-}
-
-function table(rows: string[][]): string {
-  const widths = rows[0]?.map((_, i) => Math.max(...rows.map((r) => (r[i] ?? '').length))) ?? [];
-  return (
-    rows
-      .map((r) =>
-        r
-          .map((c, i) => c.padEnd(widths[i] ?? 0))
-          .join('  ')
-          .trimEnd(),
-      )
-      .join('\n') + '\n'
-  );
-}
-
-function sets(root: Json): Array<[string, Json]> {
-  const fs = isDir(root) && isDir(root['fs']) ? root['fs']['bcache'] : undefined;
-  return isDir(fs) ? Object.entries(fs).filter(([, v]) => isDir(v)) : [];
-}
-
-function devices(root: Json): Array<[string, Json]> {
-  const block = isDir(root) ? root['block'] : undefined;
-  return isDir(block)
-    ? Object.entries(block).map(([n, v]) => [n, isDir(v) ? v['bcache'] : undefined] as [string, Json])
-    : [];
-}
-
-function status(root: Json): string {
-  const out: string[] = [];
-  const s = sets(root);
-  out.push(
-    s.length === 0
-      ? 'no cache set\n'
-      : table([
-          ['SET', 'AVAILABLE', 'DIRTY', 'HIT%', 'BUCKET', 'BLOCK'],
-          ...s.map(([uuid, d]) => [
-            uuid,
-            `${field(d, 'cache_available_percent')}%`,
-            field(d, 'dirty_data'),
-            field(d, 'stats_total', 'cache_hit_ratio'),
-            field(d, 'bucket_size'),
-            field(d, 'block_size'),
-          ]),
-        ]),
-  );
-  const d = devices(root);
-  out.push(
-    d.length === 0
-      ? 'no bcache device\n'
-      : table([
-          ['DEVICE', 'RUNNING', 'STATE', 'MODE', 'DIRTY', 'HIT%', 'BACKING'],
-          ...d.map(([name, b]) => [
-            name,
-            field(b, 'running') === '1' ? 'yes' : 'no',
-            field(b, 'state'),
-            selected(field(b, 'cache_mode')),
-            field(b, 'dirty_data'),
-            field(b, 'stats_total', 'cache_hit_ratio'),
-            field(b, 'backing_dev_name'),
-          ]),
-        ]),
-  );
-  return out.join('\n');
-}
-
-function stats(root: Json): string {
-  const rows = [
-    ['OBJECT', 'PERIOD', 'HITS', 'MISSES', 'HIT%', 'BYPASS_HITS', 'BYPASS_MISSES', 'COLLISIONS', 'BYPASSED'],
-  ];
-  const objects: Array<[string, Json]> = [
-    ...devices(root),
-    ...sets(root).map(([u, v]) => [`set ${u}`, v] as [string, Json]),
-  ];
-  for (const [name, dir] of objects) {
-    for (const period of ['total', 'five_minute', 'hour', 'day']) {
-      const f = (n: string): string => field(dir, `stats_${period}`, n);
-      rows.push([
-        name,
-        period,
-        f('cache_hits'),
-        f('cache_misses'),
-        f('cache_hit_ratio'),
-        f('cache_bypass_hits'),
-        f('cache_bypass_misses'),
-        f('cache_miss_collisions'),
-        f('bypassed'),
-      ]);
+/** --control and --help before the command; the command and its arguments after. */
+function splitGlobal(args: string[]): { control?: string; help: boolean; cmd?: string; rest: string[] } {
+  let control: string | undefined;
+  let help = false;
+  for (let i = 0; i < args.length; i++) {
+    const a = args[i] ?? '';
+    if (a === '--control') {
+      control = args[++i];
+      if (control === undefined) throw new CliError('option --control needs a PATH', { hint: HINT });
+    } else if (a.startsWith('--control=')) {
+      control = a.slice('--control='.length);
+    } else if (a === '-h' || a === '--help') {
+      help = true;
+    } else if (a.startsWith('-') && a !== '-') {
+      throw new CliError(`unknown option '${a}' before the command`, { hint: HINT });
+    } else {
+      return { ...(control === undefined ? {} : { control }), help, cmd: a, rest: args.slice(i + 1) };
     }
   }
-  return rows.length === 1 ? 'nothing registered\n' : table(rows);
+  return { ...(control === undefined ? {} : { control }), help, rest: [] };
+}
+
+/** A command's own options (--control may also come after the command, as it always could). */
+function parseCommand<const O extends NonNullable<ParseArgsConfig['options']>>(cmd: string, args: string[], options: O) {
+  try {
+    return parseArgs({
+      args,
+      options: { ...options, control: { type: 'string' }, help: { type: 'boolean', short: 'h' } },
+      allowPositionals: true,
+      strict: true,
+    });
+  } catch (err) {
+    throw new CliError(`${cmd}: ${err instanceof Error ? err.message : String(err)}`, { hint: HINT });
+  }
+}
+
+function usage(text: string): CliError {
+  return new CliError(`usage: ubcache ctl ${text}`, { hint: HINT });
 }
 
 export const run: Subcommand = async (args) => {
-  const parsed = parseCommandArgs(
-    args,
-    { control: { type: 'string' }, help: { type: 'boolean', short: 'h' } },
-    "Run 'ubcache ctl --help' for the commands.",
-  );
-  if (parsed.values.help === true) {
+  const global = splitGlobal(args);
+  const { cmd, rest } = global;
+  if (global.help || cmd === 'help') {
     process.stdout.write(HELP);
     return 0;
   }
-  const socket = parsed.values.control ?? defaultControlPath();
-  const [cmd, ...rest] = parsed.positionals;
-  const need = (n: number, usage: string): void => {
-    if (rest.length !== n) throw new CliError(`usage: ubcache ctl ${usage}`);
+  if (cmd === undefined) throw new CliError('no command given', { hint: HINT });
+  const out = processOutput.stdout;
+  const control = (parsed: { values: { control?: string | undefined } }): Control =>
+    new Control(parsed.values.control ?? global.control ?? defaultControlPath());
+  /** The command's positionals, exactly `n` of them (or between min and max). */
+  const operands = (
+    parsed: { positionals: string[]; values: { help?: boolean | undefined } },
+    min: number,
+    max: number,
+    text: string,
+  ): string[] => {
+    if (parsed.values.help === true) {
+      out.write(`usage: ubcache ctl ${text}\n`);
+      return [];
+    }
+    const p = parsed.positionals;
+    if (p.length < min || p.length > max) throw usage(text);
+    return p;
   };
   switch (cmd) {
-    case 'cat': {
-      need(1, 'cat PATH');
-      process.stdout.write((await call(socket, 'GET', sysPath(rest[0] ?? ''))).body);
+    case 'cat':
+    case 'write':
+    case 'ls':
+    case 'tree':
+    case 'status': {
+      const texts = { cat: 'cat PATH', write: 'write PATH VALUE', ls: 'ls [PATH]', tree: 'tree [PATH]', status: 'status' };
+      const counts = { cat: [1, 1], write: [2, 2], ls: [0, 1], tree: [0, 1], status: [0, 0] } as const;
+      const parsed = parseCommand(cmd, rest, {});
+      const [min, max] = counts[cmd];
+      const p = operands(parsed, min, max, texts[cmd]);
+      if (parsed.values.help === true) return 0;
+      const ctl = control(parsed);
+      if (cmd === 'cat') out.write(await cat(ctl, p[0] ?? ''));
+      else if (cmd === 'write') await ctl.write(p[0] ?? '', p[1] ?? '');
+      else if (cmd === 'ls') out.write(await ls(ctl, p[0] ?? '/sys/fs/bcache'));
+      else if (cmd === 'tree') out.write(await tree(ctl, p[0] ?? '/sys'));
+      else out.write(status(await ctl.json()));
       return 0;
     }
-    case 'write': {
-      need(2, 'write PATH VALUE');
-      await call(socket, 'PUT', sysPath(rest[0] ?? ''), rest[1] ?? '');
-      return 0;
-    }
-    case 'ls': {
-      if (rest.length > 1) throw new CliError('usage: ubcache ctl ls [PATH]');
-      const path = sysPath(rest[0] ?? '/sys/fs/bcache');
-      const j = await json(socket, path);
-      process.stdout.write(
-        isDir(j)
-          ? Object.keys(j)
-              .map((n) => `${n}\n`)
-              .join('')
-          : `${path}\n`,
+    case 'show': {
+      const parsed = parseCommand(cmd, rest, {
+        device: { type: 'string', short: 'd' },
+        more: { type: 'boolean', short: 'm' },
+      });
+      operands(parsed, 0, 0, 'show [-m] [-d DEV]');
+      if (parsed.values.help === true) return 0;
+      const ctl = control(parsed);
+      const dev = parsed.values.device;
+      out.write(
+        dev !== undefined
+          ? await showDetail(ctl, dev)
+          : await showDevices(registered(await ctl.json()), parsed.values.more === true),
       );
       return 0;
     }
-    case 'tree': {
-      if (rest.length > 1) throw new CliError('usage: ubcache ctl tree [PATH]');
-      const path = sysPath(rest[0] ?? '/sys');
-      const out: string[] = [];
-      printTree(await json(socket, path), path === '/sys' ? '/sys' : path, out);
-      process.stdout.write(out.map((l) => `${l}\n`).join(''));
+    case 'register': {
+      const parsed = parseCommand(cmd, rest, {});
+      const p = operands(parsed, 1, Infinity, 'register DEV...');
+      if (parsed.values.help === true) return 0;
+      await register(control(parsed), p);
       return 0;
     }
-    case 'status':
-      need(0, 'status');
-      process.stdout.write(status(await json(socket, '/sys')));
+    case 'unregister':
+    case 'stop':
+    case 'detach': {
+      const parsed = parseCommand(cmd, rest, {});
+      const [dev] = operands(parsed, 1, 1, `${cmd} DEV`);
+      if (parsed.values.help === true || dev === undefined) return 0;
+      if (cmd === 'detach') {
+        const note = await detach(control(parsed), dev);
+        if (note !== undefined) process.stderr.write(`ubcache ctl: ${note}\n`);
+      } else {
+        await unregister(control(parsed), dev, cmd);
+      }
       return 0;
-    case 'stats':
-      need(0, 'stats');
-      process.stdout.write(stats(await json(socket, '/sys')));
+    }
+    case 'attach': {
+      const parsed = parseCommand(cmd, rest, {});
+      const [to, dev] = operands(parsed, 2, 2, 'attach CSET_UUID|CACHEDEV DEV');
+      if (parsed.values.help === true || to === undefined || dev === undefined) return 0;
+      await attach(control(parsed), to, dev);
       return 0;
-    case undefined:
-      throw new CliError('no command given', { hint: "Run 'ubcache ctl --help' for the commands." });
+    }
+    case 'set-cachemode': {
+      const parsed = parseCommand(cmd, rest, {});
+      const [dev, mode] = operands(parsed, 2, 2, 'set-cachemode DEV writethrough|writeback|writearound|none');
+      if (parsed.values.help === true || dev === undefined || mode === undefined) return 0;
+      await setCacheMode(control(parsed), dev, mode);
+      return 0;
+    }
+    case 'stats': {
+      const parsed = parseCommand(cmd, rest, {
+        total: { type: 'boolean' },
+        day: { type: 'boolean' },
+        hour: { type: 'boolean' },
+        'five-minute': { type: 'boolean' },
+        json: { type: 'boolean' },
+        watch: { type: 'string' },
+      });
+      operands(parsed, 0, 0, 'stats [--total|--day|--hour|--five-minute] [--json] [--watch SECONDS]');
+      if (parsed.values.help === true) return 0;
+      const v = parsed.values;
+      const chosen: Period[] = PERIODS.filter((p) => v[p === 'five_minute' ? 'five-minute' : p] === true);
+      if (chosen.length > 1) throw new CliError('stats: choose one of --total, --day, --hour, --five-minute');
+      let watchSeconds: number | undefined;
+      if (v.watch !== undefined) watchSeconds = seconds('--watch', v.watch);
+      await stats(
+        control(parsed),
+        {
+          periods: chosen.length > 0 ? chosen : PERIODS,
+          json: v.json === true,
+          ...(watchSeconds === undefined ? {} : { watchSeconds }),
+        },
+        out,
+      );
+      return 0;
+    }
+    case 'wait-clean': {
+      const parsed = parseCommand(cmd, rest, { device: { type: 'string', short: 'd' }, timeout: { type: 'string' } });
+      operands(parsed, 0, 0, 'wait-clean [-d DEV] [--timeout SECONDS]');
+      if (parsed.values.help === true) return 0;
+      const { device, timeout } = parsed.values;
+      await waitClean(
+        control(parsed),
+        {
+          ...(device === undefined ? {} : { device }),
+          ...(timeout === undefined ? {} : { timeoutSeconds: seconds('--timeout', timeout) }),
+        },
+        out,
+        processOutput.stderr,
+      );
+      return 0;
+    }
     default:
-      throw new CliError(`unknown command '${cmd}'`, { hint: 'The commands are cat, write, ls, tree, status, stats.' });
+      throw new CliError(`unknown command '${cmd}'`, { hint: `The commands are ${COMMANDS}.` });
   }
 };
+
+function seconds(option: string, text: string): number {
+  try {
+    return parseSeconds(option, text);
+  } catch (err) {
+    throw new CliError(err instanceof Error ? err.message : String(err), { hint: HINT });
+  }
+}
