@@ -3,20 +3,18 @@
 // bcache-tools' `bcache` verbs over those same writes (show, register,
 // unregister, attach, detach, set-cachemode, stop), and ubcache's own
 // status, stats and wait-clean. One file per concern under ctl/; this one
-// parses the command line and dispatches.
+// parses the command line and dispatches, loading a command's module when it
+// runs (ctl is started often, by scripts and tests: reading superblocks
+// pulls in the device and NBD code, which the sysfs commands do not need).
 
 import { parseArgs, type ParseArgsConfig } from 'node:util';
 import { defaultControlPath } from '../control/paths.ts';
 import { CliError, type Subcommand } from './common.ts';
 import { processOutput } from './output.ts';
 import { Control } from './ctl/connection.ts';
-import { showDetail, showDevices } from './ctl/show.ts';
-import { PERIODS, stats, type Period } from './ctl/stats.ts';
-import { status } from './ctl/status.ts';
+import { PERIODS, type Period } from './ctl/periods.ts';
 import { cat, ls, tree } from './ctl/sysfs-commands.ts';
 import { registered } from './ctl/tree-json.ts';
-import { attach, detach, register, setCacheMode, unregister } from './ctl/verbs.ts';
-import { waitClean } from './ctl/wait-clean.ts';
 import { parseSeconds } from './ctl/watch.ts';
 
 const HELP = `Usage: ubcache ctl [--control PATH] COMMAND [ARGS]
@@ -83,7 +81,11 @@ function splitGlobal(args: string[]): { control?: string; help: boolean; cmd?: s
 }
 
 /** A command's own options (--control may also come after the command, as it always could). */
-function parseCommand<const O extends NonNullable<ParseArgsConfig['options']>>(cmd: string, args: string[], options: O) {
+function parseCommand<const O extends NonNullable<ParseArgsConfig['options']>>(
+  cmd: string,
+  args: string[],
+  options: O,
+) {
   try {
     return parseArgs({
       args,
@@ -132,7 +134,13 @@ export const run: Subcommand = async (args) => {
     case 'ls':
     case 'tree':
     case 'status': {
-      const texts = { cat: 'cat PATH', write: 'write PATH VALUE', ls: 'ls [PATH]', tree: 'tree [PATH]', status: 'status' };
+      const texts = {
+        cat: 'cat PATH',
+        write: 'write PATH VALUE',
+        ls: 'ls [PATH]',
+        tree: 'tree [PATH]',
+        status: 'status',
+      };
       const counts = { cat: [1, 1], write: [2, 2], ls: [0, 1], tree: [0, 1], status: [0, 0] } as const;
       const parsed = parseCommand(cmd, rest, {});
       const [min, max] = counts[cmd];
@@ -143,7 +151,7 @@ export const run: Subcommand = async (args) => {
       else if (cmd === 'write') await ctl.write(p[0] ?? '', p[1] ?? '');
       else if (cmd === 'ls') out.write(await ls(ctl, p[0] ?? '/sys/fs/bcache'));
       else if (cmd === 'tree') out.write(await tree(ctl, p[0] ?? '/sys'));
-      else out.write(status(await ctl.json()));
+      else out.write((await import('./ctl/status.ts')).status(await ctl.json()));
       return 0;
     }
     case 'show': {
@@ -154,6 +162,7 @@ export const run: Subcommand = async (args) => {
       operands(parsed, 0, 0, 'show [-m] [-d DEV]');
       if (parsed.values.help === true) return 0;
       const ctl = control(parsed);
+      const { showDetail, showDevices } = await import('./ctl/show.ts');
       const dev = parsed.values.device;
       out.write(
         dev !== undefined
@@ -166,7 +175,7 @@ export const run: Subcommand = async (args) => {
       const parsed = parseCommand(cmd, rest, {});
       const p = operands(parsed, 1, Infinity, 'register DEV...');
       if (parsed.values.help === true) return 0;
-      await register(control(parsed), p);
+      await (await import('./ctl/verbs.ts')).register(control(parsed), p);
       return 0;
     }
     case 'unregister':
@@ -175,6 +184,7 @@ export const run: Subcommand = async (args) => {
       const parsed = parseCommand(cmd, rest, {});
       const [dev] = operands(parsed, 1, 1, `${cmd} DEV`);
       if (parsed.values.help === true || dev === undefined) return 0;
+      const { detach, unregister } = await import('./ctl/verbs.ts');
       if (cmd === 'detach') {
         const note = await detach(control(parsed), dev);
         if (note !== undefined) process.stderr.write(`ubcache ctl: ${note}\n`);
@@ -187,14 +197,14 @@ export const run: Subcommand = async (args) => {
       const parsed = parseCommand(cmd, rest, {});
       const [to, dev] = operands(parsed, 2, 2, 'attach CSET_UUID|CACHEDEV DEV');
       if (parsed.values.help === true || to === undefined || dev === undefined) return 0;
-      await attach(control(parsed), to, dev);
+      await (await import('./ctl/verbs.ts')).attach(control(parsed), to, dev);
       return 0;
     }
     case 'set-cachemode': {
       const parsed = parseCommand(cmd, rest, {});
       const [dev, mode] = operands(parsed, 2, 2, 'set-cachemode DEV writethrough|writeback|writearound|none');
       if (parsed.values.help === true || dev === undefined || mode === undefined) return 0;
-      await setCacheMode(control(parsed), dev, mode);
+      await (await import('./ctl/verbs.ts')).setCacheMode(control(parsed), dev, mode);
       return 0;
     }
     case 'stats': {
@@ -213,7 +223,9 @@ export const run: Subcommand = async (args) => {
       if (chosen.length > 1) throw new CliError('stats: choose one of --total, --day, --hour, --five-minute');
       let watchSeconds: number | undefined;
       if (v.watch !== undefined) watchSeconds = seconds('--watch', v.watch);
-      await stats(
+      await (
+        await import('./ctl/stats.ts')
+      ).stats(
         control(parsed),
         {
           periods: chosen.length > 0 ? chosen : PERIODS,
@@ -229,7 +241,9 @@ export const run: Subcommand = async (args) => {
       operands(parsed, 0, 0, 'wait-clean [-d DEV] [--timeout SECONDS]');
       if (parsed.values.help === true) return 0;
       const { device, timeout } = parsed.values;
-      await waitClean(
+      await (
+        await import('./ctl/wait-clean.ts')
+      ).waitClean(
         control(parsed),
         {
           ...(device === undefined ? {} : { device }),

@@ -8,7 +8,6 @@
 import { realpathSync } from 'node:fs';
 import { resolve } from 'node:path';
 import { CliError } from '../common.ts';
-import { superblockIdentity } from './superblock.ts';
 import type { BackingDevice, CacheSetEntry, Registered } from './tree-json.ts';
 
 export type Target = { kind: 'backing'; dev: BackingDevice } | { kind: 'cache'; set: CacheSetEntry };
@@ -51,7 +50,8 @@ export async function findDevice(reg: Registered, spec: string): Promise<Target>
   if (dev) return { kind: 'backing', dev };
   const set = reg.sets.find((s) => same(s.cachePath));
   if (set) return { kind: 'cache', set };
-  const sb = await superblockIdentity(abs);
+  // Loaded only now: reading a device pulls in the device and NBD code.
+  const sb = await (await import('./superblock.ts')).superblockIdentity(abs);
   if (sb?.kind === 'data') {
     const d = reg.devices.find((x) => x.uuid === sb.uuid);
     if (d) return { kind: 'backing', dev: d };

@@ -23,7 +23,10 @@ import { readSuperblockBlock, superblockIdentity } from './superblock.ts';
 import { table } from './table.ts';
 import { registered, type Registered } from './tree-json.ts';
 
-async function typeCell(path: string, fallback: 'data' | 'cache'): Promise<{ type: string; uuid?: string; set?: string }> {
+async function typeCell(
+  path: string,
+  fallback: 'data' | 'cache',
+): Promise<{ type: string; uuid?: string; set?: string }> {
   const sb = await superblockIdentity(path);
   if (!sb) return { type: `? (${fallback})` };
   return { type: `${sb.version} (${sb.kind})`, uuid: sb.uuid, set: sb.setUuid };

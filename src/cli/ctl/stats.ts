@@ -12,11 +12,9 @@ import type { TextStream } from '../output.ts';
 import { CliError } from '../common.ts';
 import { DaemonUnreachable, type Control } from './connection.ts';
 import { table } from './table.ts';
+import type { Period } from './periods.ts';
 import { field, registered, type Json } from './tree-json.ts';
 import { watchLoop } from './watch.ts';
-
-export const PERIODS = ['total', 'five_minute', 'hour', 'day'] as const;
-export type Period = (typeof PERIODS)[number];
 
 const FILES = [
   'cache_hits',

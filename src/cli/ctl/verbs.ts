@@ -42,7 +42,8 @@ export async function attach(ctl: Control, to: string, spec: string): Promise<vo
     set = to.toLowerCase();
   } else {
     const t = await findDevice(reg, to);
-    if (t.kind !== 'cache') throw new CliError(`attach: ${to} is not a cache device; give a cache device or a set uuid`);
+    if (t.kind !== 'cache')
+      throw new CliError(`attach: ${to} is not a cache device; give a cache device or a set uuid`);
     set = t.set.uuid;
   }
   if (dev.attachedTo !== undefined) {

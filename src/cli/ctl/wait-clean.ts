@@ -67,7 +67,10 @@ function stalls(reg: Registered, names: string[]): string | undefined {
       notes.push(
         `writeback_running is 0 on ${d.name}: nothing writes its dirty data back (ubcache ctl write block/${d.name}/bcache/writeback_running 1)`,
       );
-    } else if (selected(value(d.dir, 'cache_mode') ?? '') === 'writeback' && value(d.dir, 'writeback_percent') !== '0') {
+    } else if (
+      selected(value(d.dir, 'cache_mode') ?? '') === 'writeback' &&
+      value(d.dir, 'writeback_percent') !== '0'
+    ) {
       notes.push(
         `${d.name} writes back slowly while its dirty data is under writeback_percent and requests keep coming; set-cachemode ${d.name} writethrough (or writeback_percent 0) drains it at full speed`,
       );
@@ -97,7 +100,9 @@ export async function waitClean(ctl: Control, o: WaitCleanOptions, out: TextStre
       t.kind === 'backing' ? [t.dev.name] : reg.devices.filter((d) => d.attachedTo === t.set.uuid).map((d) => d.name);
   }
   if (names.length === 0) {
-    out.write(`nothing to wait for: no bcache device ${o.device === undefined ? 'is registered' : `uses ${o.device}`}\n`);
+    out.write(
+      `nothing to wait for: no bcache device ${o.device === undefined ? 'is registered' : `uses ${o.device}`}\n`,
+    );
     return;
   }
   let m = measure(reg, names);
