@@ -113,7 +113,7 @@ export const run: Subcommand = async (args) => {
   const out = processOutput.stdout;
   const control = (parsed: { values: { control?: string | undefined } }): Control =>
     new Control(parsed.values.control ?? global.control ?? defaultControlPath());
-  /** The command's positionals, exactly `n` of them (or between min and max). */
+  /** The command's operands, between min and max of them (with -h: its usage printed, none). */
   const operands = (
     parsed: { positionals: string[]; values: { help?: boolean | undefined } },
     min: number,
