@@ -1,7 +1,7 @@
 // `npm run bench`: every figure ubcache is judged by, each as a ratio against
 // its reference measured in the same run, in one markdown table.
 //
-//   npm run bench [-- --suite micro,export,cache,slow,scale --runtime 10 --only zipf,gc
+//   npm run bench [-- --suite micro,export,cache,slow,scale,ceph --runtime 10 --only zipf,gc
 //                     --backing nbd|fuse|auto --slow-threads 256 --zipf-runtime 90
 //                     --json out.json]
 //
@@ -24,9 +24,15 @@
 //           build whose make takes no URI fails at once, not after the other
 //           suites.
 //   scale   a 256 GiB cache: start to first byte, restart, peak RSS (scale.ts).
+//   ceph    serve in front of a Ceph RBD image (a single-node cluster started
+//           for the run, test/fixtures/ceph) against the image used
+//           directly: writeback 4k randwrite, 4k randread and Zipf reads
+//           (ceph.ts). Skipped, saying why, where the cluster cannot run
+//           (not root, Ceph or qemu-block-extra not installed).
 //
 // --only takes row names: micro, the export workloads (4k-randread-qd1, ...),
-// hit, gc, writeback, zipf, zipf-ra, slow-writeback, slow-writethrough, slow-seqread, scale. --runtime sets the length of
+// hit, gc, writeback, zipf, zipf-ra, slow-writeback, slow-writethrough, slow-seqread, scale,
+// ceph-randwrite, ceph-randread, ceph-zipf. --runtime sets the length of
 // every plain fio run (defaults: export 8 s, cache 10 s, slow-writeback 15 s,
 // scale writes 20 s); the Zipf runs last --zipf-runtime seconds (default 90,
 // or 3 x --runtime when that is given), cold and warm being its first and
@@ -57,6 +63,8 @@ import { join, dirname } from 'node:path';
 import { parseArgs } from 'node:util';
 import { probeNbdBacking, type BackingMode } from './backing.ts';
 import { cacheSuite } from './cache.ts';
+import { cephSuite } from './ceph.ts';
+import { missingCeph } from '../test/fixtures/ceph/cluster.ts';
 import { microSuite } from './micro.ts';
 import {
   fio,
@@ -256,7 +264,7 @@ function fmtLoad(l: number[]): string {
 async function main(): Promise<void> {
   const { values } = parseArgs({
     options: {
-      suite: { type: 'string', default: 'micro,export,cache,slow,scale' },
+      suite: { type: 'string', default: 'micro,export,cache,slow,scale,ceph' },
       runtime: { type: 'string' },
       'zipf-runtime': { type: 'string' },
       size: { type: 'string', default: '1G' },
@@ -282,8 +290,8 @@ async function main(): Promise<void> {
   }
   const suites = values.suite.split(',');
   for (const s of suites) {
-    if (!['micro', 'export', 'cache', 'slow', 'scale'].includes(s))
-      throw new Error(`unknown suite ${s} (micro, export, cache, slow, scale)`);
+    if (!['micro', 'export', 'cache', 'slow', 'scale', 'ceph'].includes(s))
+      throw new Error(`unknown suite ${s} (micro, export, cache, slow, scale, ceph)`);
   }
   const given = values.runtime === undefined ? undefined : Number(values.runtime);
   if (given !== undefined && !(given > 0)) throw new Error(`bad --runtime ${values.runtime}`);
@@ -389,6 +397,20 @@ async function main(): Promise<void> {
       rmSync(dir, { recursive: true, force: true });
       rows.push(...r.rows);
       report['scale'] = r.json;
+    }
+    if (suites.includes('ceph') && ['ceph-randwrite', 'ceph-randread', 'ceph-zipf'].some(want)) {
+      const why = missingCeph();
+      if (why !== undefined) {
+        progress(`ceph suite skipped: ${why}`);
+        details.push(`### ceph suite: skipped (${why})`, '');
+      } else {
+        const dir = mkdtempSync(join(work, 'ceph-'));
+        const r = await cephSuite({ dir, outDir, runtime: given ?? 15, zipfRuntime, want });
+        rmSync(dir, { recursive: true, force: true });
+        rows.push(...r.rows);
+        details.push('### ceph suite: ubcache serve in front of an RBD image vs the image alone', '', ...r.lines);
+        report['ceph'] = r.json;
+      }
     }
   } finally {
     rmSync(work, { recursive: true, force: true });
