@@ -399,9 +399,14 @@ export class FlashVolume implements BlockDevice {
     return this.dev;
   }
 
-  /** The size when asked (a `size` store changes it; an NBD export keeps the size it was added with). */
+  /**
+   * The size when asked (a `size` store changes it; an NBD export keeps the
+   * size it was added with), in whole cache blocks: a partial last block
+   * cannot be reached with block-sized I/O, as on the kernel's /dev/bcacheN.
+   */
   get size(): number {
-    return this.dev.sectors * SECTOR_SIZE;
+    const bs = this.logicalBlockSize;
+    return Math.floor((this.dev.sectors * SECTOR_SIZE) / bs) * bs;
   }
 
   read(buf: Buffer, offset: number): Promise<void> {

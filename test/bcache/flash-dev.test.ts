@@ -110,10 +110,18 @@ test('flash_vol_create makes a volume that reads zeroes where unwritten, keeps w
   await assert.rejects(dev.read(Buffer.alloc(512), 0), { code: 'EINVAL', message: /multiples of 4096/ });
   await assert.rejects(dev.write(Buffer.alloc(4096), 8 * MiB), { code: 'EINVAL', message: /past the end/ });
   await assert.rejects(rig.tree.write(`${setPath}/flash_vol_create`, 'lots'), { code: 'EINVAL' });
+  // A size that is not whole blocks: the slot keeps its sectors, the device whole blocks of them.
+  await rig.tree.write(`${setPath}/flash_vol_create`, '10000');
+  const odd = rig.running[1];
+  assert.ok(odd);
+  assert.equal(odd.sectors, 19);
+  assert.equal(odd.device.size, 8192);
+  await rig.tree.write('/sys/block/bcache1/bcache/unregister', '1');
+  await rig.tree.stop();
 
   // Restart: the set's registration runs the volume again, with its data.
   await rig.registry.stopAll();
-  assert.deepEqual(rig.stopped, [vol], 'the stop announced the volume gone');
+  assert.deepEqual(rig.stopped, [odd, vol], 'the stops announced the volumes gone');
   await assert.rejects(dev.read(Buffer.alloc(4096), 0), { code: 'ESHUTDOWN' });
   rig = await start(cache);
   const again = rig.running[0];
