@@ -281,6 +281,9 @@ export class FlashDev {
         await this.cs.invalidate(this.inode, start, end, { fua: options.fua === true });
         return;
       }
+      if (options.fastOnly === true) {
+        throw new IoError('ENOTSUP', `${this.name}: zeroes that must stay allocated (NO_HOLE) are written, not fast`);
+      }
       const chunk = Math.floor(ZERO_CHUNK_BYTES / SECTOR_SIZE);
       const zeroes = Buffer.alloc(Math.min(end - start, chunk) * SECTOR_SIZE);
       for (let s = start; s < end; s += chunk) {

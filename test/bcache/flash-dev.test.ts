@@ -165,6 +165,23 @@ test('a discard invalidates its keys and frees their buckets; unregister deletes
   );
   assert.deepEqual(await checkMarks(rig.set.cs), []);
 
+  // WRITE_ZEROES: a hole, or with NO_HOLE zeroes written as data (never fast).
+  await vol.device.write(data.subarray(0, 128 * 1024), 0);
+  await vol.device.writeZeroes(0, 64 * 1024);
+  await vol.device.writeZeroes(64 * 1024, 64 * 1024, { noHole: true });
+  await assert.rejects(vol.device.writeZeroes(0, 4096, { noHole: true, fastOnly: true }), { code: 'ENOTSUP' });
+  assert.deepEqual(
+    (await vol.device.blockStatus(0, 256 * 1024)).map((e) => [e.length, e.hole]),
+    [
+      [64 * 1024, true],
+      [64 * 1024, false],
+      [128 * 1024, true],
+    ],
+  );
+  const zeroed = Buffer.alloc(128 * 1024, 1);
+  await vol.device.read(zeroed, 0);
+  assert.ok(zeroed.every((x) => x === 0));
+
   // Unregister deletes: the slot is invalidated, the data goes, the other volume stays.
   await vol.device.write(data.subarray(0, 1 * MiB), 0);
   await rig.tree.write('/sys/block/bcache0/bcache/unregister', '1');
