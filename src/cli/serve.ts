@@ -525,8 +525,9 @@ export const run: Subcommand = async (args) => {
       return 0;
     }
     const running = [...registry.running, ...registry.volumes];
-    // A cache set alone is served too: flash_vol_create makes volumes in it.
-    if (running.length === 0 && registry.sets.size === 0) {
+    // Cache devices alone are served too (flash_vol_create makes volumes in
+    // them); backing devices that all wait for their cache sets are not.
+    if (running.length === 0 && (registry.sets.size === 0 || registry.devices.length > 0)) {
       const hint =
         registry.devices.length === 0
           ? 'Give a backing device too (ubcache make -B), not only a cache device.'
