@@ -112,6 +112,7 @@ import { Journal, logReplay, type JournalEntry } from './journal.ts';
 import { OpenBuckets, type AllocSectorsOptions, type SectorAllocation } from './open-buckets.ts';
 import { Prios } from './prio.ts';
 import { UuidTable } from './uuids.ts';
+import { isFlashOnly } from '../format/uuid.ts';
 
 export type { LookupSegment, InsertResult } from './btree.ts';
 export type { SectorAllocation, AllocSectorsOptions } from './open-buckets.ts';
@@ -721,6 +722,16 @@ export class CacheSet {
 
   dirtySectors(inode: number): number {
     return this.dirty.get(inode) ?? 0;
+  }
+
+  /** c->flash_dev_dirty_sectors: what flash-only volumes hold (all of it dirty, never written back). */
+  flashDirtySectors(): number {
+    let n = 0;
+    for (const [inode, sectors] of this.dirty) {
+      const e = this.uuids.entries[inode];
+      if (e && isFlashOnly(e)) n += sectors;
+    }
+    return n;
   }
 
   /** Every change of dirty sectors, as it happens (the per-stripe counters of a cached device). */

@@ -44,6 +44,7 @@ import { CacheSet, type CacheSetOptions } from './cache-set.ts';
 import { parseUuidPrefix } from './sysfs/uuid-parse.ts';
 import { CachedDev, type CachedDevOptions, type CachedDevSettings } from './cached-dev.ts';
 import { OperationError } from './errors.ts';
+import { FlashDev } from './flash-dev.ts';
 import { CacheAccounting } from './stats.ts';
 
 /** Cache set tunables that live above the engine core (bcache.md §3.2). */
@@ -75,6 +76,8 @@ export class RegisteredSet {
   readonly settings: SetSettings = defaultSetSettings();
   /** Attached backing devices. */
   readonly devices = new Set<CachedDev>();
+  /** Running flash-only volumes, by uuid slot. */
+  readonly volumes = new Map<number, FlashDev>();
   stopping = false;
   /**
    * idle_counter: rate updates since the last request on any device of the
@@ -159,6 +162,9 @@ export interface RegistryWatcher {
   deviceStopped?(dev: CachedDev): void;
   setRegistered?(set: RegisteredSet): void;
   setGone?(set: RegisteredSet): void;
+  /** A flash-only volume got its bcacheN (created, or found when its set registered). */
+  volumeRunning?(vol: FlashDev): void;
+  volumeStopped?(vol: FlashDev): void;
 }
 
 export type Registered = { kind: 'cache'; set: RegisteredSet } | { kind: 'backing'; dev: CachedDev };
@@ -178,6 +184,11 @@ export class Registry {
   constructor(options: RegistryOptions = {}) {
     this.options = options;
     this.clock = options.clock ?? realClock;
+  }
+
+  /** Flash-only volumes running, set by set. */
+  get volumes(): FlashDev[] {
+    return [...this.sets.values()].flatMap((s) => [...s.volumes.values()]);
   }
 
   /** Devices that are running (have a bcacheN), in registration order. */
@@ -293,7 +304,54 @@ export class Registry {
         log.error(`bcache: bch_cached_dev_attach() ${errorMessage(err)}`);
       }
     }
+    // flash_devs_run(): the volumes in the uuid table.
+    for (const slot of cs.uuids.flashSlots()) this.runVolume(set, slot);
     return set;
+  }
+
+  /** flash_dev_run(): the volume in `slot` gets its bcacheN. */
+  private runVolume(set: RegisteredSet, slot: number): FlashDev {
+    const vol = new FlashDev(set.cs, slot, {
+      index: this.nextIndex++,
+      ...(this.options.deviceOptions?.stopTimeoutMs !== undefined
+        ? { stopTimeoutMs: this.options.deviceOptions.stopTimeoutMs }
+        : {}),
+      onStopped: (v) => {
+        if (set.volumes.get(v.inode) === v) set.volumes.delete(v.inode);
+        this.emit((w) => w.volumeStopped?.(v));
+      },
+    });
+    set.volumes.set(slot, vol);
+    log.info(`bcache: flash_dev_run() ${vol.name}: flash-only volume ${slot} of cache set ${set.uuid}`);
+    this.emit((w) => w.volumeRunning?.(vol));
+    return vol;
+  }
+
+  /**
+   * flash_vol_create (bch_flash_dev_create): a new flash-only volume of
+   * `bytes` (rounded down to sectors) in the set's first free uuid slot,
+   * written with the uuid table, then run.
+   */
+  async createFlashVolume(set: RegisteredSet, bytes: number): Promise<FlashDev> {
+    if (set.stopping || set.gone || this.stopping()) {
+      throw new OperationError('EBUSY', `cache set ${set.uuid} is stopping: no volume can be created`);
+    }
+    const slot = set.cs.uuids.createFlash(bytes, this.options.now?.() ?? Math.floor(Date.now() / 1000));
+    if (slot < 0) {
+      log.error("bcache: bch_flash_dev_create() Can't create volume, no room for UUID");
+      throw new OperationError('EINVAL', "Can't create volume, no room for UUID");
+    }
+    await set.cs.writeUuids();
+    return this.runVolume(set, slot);
+  }
+
+  /** A flash volume's `unregister`: stop and delete it. */
+  async unregisterVolume(vol: FlashDev): Promise<void> {
+    await vol.unregister(this.options.now?.() ?? Math.floor(Date.now() / 1000));
+  }
+
+  private async stopVolumes(set: RegisteredSet): Promise<void> {
+    await Promise.all([...set.volumes.values()].map((v) => v.stop()));
   }
 
   /**
@@ -306,7 +364,7 @@ export class Registry {
       return;
     }
     set.stopping = true;
-    await this.stopDevices([...set.devices]);
+    await Promise.all([this.stopDevices([...set.devices]), this.stopVolumes(set)]);
     await set.cs.stop();
     this.setGone(set);
   }
@@ -507,6 +565,7 @@ export class Registry {
       this.options.panic?.(set.uuid);
     }
     await cs.workers.stopAll();
+    await this.stopVolumes(set);
     await Promise.all(
       [...set.devices].map(async (d) => {
         const att = d.attachment;

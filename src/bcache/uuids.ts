@@ -6,7 +6,16 @@
 
 import { makeKey, makePtr, type Bkey } from '../format/bkey.ts';
 import { INVALID_UUID, metaBucketBytes, UUID_ENTRY_BYTES } from '../format/constants.ts';
-import { decodeUuidBucket, emptyUuidEntry, encodeUuidBucket, isFreeSlot, type UuidEntry } from '../format/uuid.ts';
+import { randomBytes } from 'node:crypto';
+import {
+  decodeUuidBucket,
+  emptyUuidEntry,
+  encodeUuidBucket,
+  isFlashOnly,
+  isFreeSlot,
+  UUID_FLASH_ONLY,
+  type UuidEntry,
+} from '../format/uuid.ts';
 import { RESERVE_BTREE, type Allocator } from './alloc.ts';
 import type { Buckets } from './buckets.ts';
 import type { CacheIo } from './io.ts';
@@ -108,5 +117,39 @@ export class UuidTable {
     const e = this.get(slot);
     e.uuid = Buffer.from(INVALID_UUID);
     e.invalidated = now;
+  }
+
+  /** The slots of flash-only volumes, in slot order (flash_devs_run). */
+  flashSlots(): number[] {
+    const out: number[] = [];
+    this.entries.forEach((e, i) => {
+      if (isFlashOnly(e) && !isFreeSlot(e)) out.push(i);
+    });
+    return out;
+  }
+
+  /**
+   * bch_flash_dev_create()'s slot, in memory (write() makes it durable): the
+   * first free slot gets a random uuid, an empty label, first_reg = last_reg
+   * = `now`, UUID_FLASH_ONLY and `bytes` >> 9 sectors. Returns the slot, or
+   * -1 when the table is full.
+   */
+  createFlash(bytes: number, now: number): number {
+    if (!Number.isSafeInteger(bytes) || bytes < 0)
+      throw new RangeError(`flash volume size ${bytes} is not a byte count`);
+    const slot = this.findEmpty();
+    if (slot < 0) return -1;
+    let uuid = randomBytes(16);
+    while (isFreeSlot({ ...emptyUuidEntry(), uuid })) uuid = randomBytes(16);
+    this.set(slot, {
+      uuid,
+      label: Buffer.alloc(32),
+      firstReg: now,
+      lastReg: now,
+      invalidated: 0,
+      flags: UUID_FLASH_ONLY,
+      sectors: Math.floor(bytes / 512),
+    });
+    return slot;
   }
 }

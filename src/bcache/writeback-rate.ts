@@ -266,8 +266,7 @@ export function rateInputs(dev: RateHost, att: RateAttachment, nowMs: number): R
   const bdevSectors = dev.backingSectors;
   return {
     dirty: cs.dirtySectors(att.inode),
-    // No flash-only volumes yet: nothing to subtract.
-    cacheSectors: cs.sb.nbuckets * cs.sb.bucketSize,
+    cacheSectors: cs.sb.nbuckets * cs.sb.bucketSize - cs.flashDirtySectors(),
     bdevSectors,
     cachedDevSectors: Math.max(cachedDevSectors, bdevSectors),
     writebackPercent: s.writebackPercent,

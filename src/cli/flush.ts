@@ -26,7 +26,7 @@ import {
   SB_SIZE,
 } from '../format/constants.ts';
 import { bdevState, decodeSuperblock, isBacking } from '../format/superblock.ts';
-import { isFreeSlot, isInvalidatedSlot } from '../format/uuid.ts';
+import { isFlashOnly, isFreeSlot, isInvalidatedSlot } from '../format/uuid.ts';
 import { formatUuid } from '../format/uuid-text.ts';
 import { openBlockDevice } from '../blockdev/open.ts';
 import type { BlockDevice, BlockDeviceCaps, Extent, WriteOptions, ZeroOptions } from '../blockdev/types.ts';
@@ -262,7 +262,8 @@ function orphanDirty(
   for (const set of registry.sets.values()) {
     const cs = set.cs;
     cs.uuids.entries.forEach((e, slot) => {
-      if (isFreeSlot(e)) return;
+      // Flash-only volumes' data is theirs, never written back (and never orphaned).
+      if (isFreeSlot(e) || isFlashOnly(e)) return;
       const mine = given.some((g) => g.dev?.attachment?.cs === cs && g.dev.attachment.inode === slot);
       if (mine) return;
       const sectors = cs.dirtySectors(slot);

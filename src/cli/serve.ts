@@ -474,6 +474,27 @@ export const run: Subcommand = async (args) => {
     setGone: () => {
       lastGone();
     },
+    // Flash-only volumes are exported as their bcacheN too, in the cache's block size.
+    volumeRunning: (v) => {
+      try {
+        server.addExport({
+          name: v.name,
+          description: `${v.name}: flash-only volume ${v.inode} of cache set ${v.cs.uuid}`,
+          device: v.device,
+          blockSize: { min: v.blockBytes },
+        });
+        if (state.serving) log.info(`export ${v.name} added (flash-only volume of ${v.cs.uuid})`);
+      } catch (err) {
+        log.error(`cannot export ${v.name}: ${errorMessage(err)}`);
+      }
+    },
+    volumeStopped: (v) => {
+      if (server.exports.some((e) => e.device === v.device)) {
+        void server.removeExport(v.name).then(() => {
+          log.info(`export ${v.name} removed`);
+        });
+      }
+    },
   });
   const lastGone = (): void => {
     if (state.serving && !state.requested && registry.empty) {
@@ -503,8 +524,10 @@ export const run: Subcommand = async (args) => {
       await stopped.promise;
       return 0;
     }
-    const running = registry.running;
-    if (running.length === 0) {
+    const running = [...registry.running, ...registry.volumes];
+    // Cache devices alone are served too (flash_vol_create makes volumes in
+    // them); backing devices that all wait for their cache sets are not.
+    if (running.length === 0 && (registry.sets.size === 0 || registry.devices.length > 0)) {
       const hint =
         registry.devices.length === 0
           ? 'Give a backing device too (ubcache make -B), not only a cache device.'
@@ -512,7 +535,7 @@ export const run: Subcommand = async (args) => {
       await stopAll();
       throw new CliError('no bcache device to serve', { hint });
     }
-    const exportList = running.map((d) => d.name).join(', ');
+    const exportList = running.map((d) => d.name).join(', ') || 'none yet';
     for (const target of plan.listen) {
       let bound: ListenTarget;
       try {

@@ -2,7 +2,8 @@
 // its internal/ directory, cache0/ (the cache device's own attributes; in
 // the kernel a link to /sys/block/<cdev>/bcache, a directory here since the
 // cache device has no block device name of ours) and a bdevN link per
-// attached backing device (N is its uuid slot).
+// attached backing device (N is its uuid slot), and flash_vol_create with a
+// volumeN link per flash-only volume (flash-dir.ts).
 
 import { CACHE_REPLACEMENT_NAMES } from '../../format/constants.ts';
 import { cacheDiscard, cacheReplacement, cacheSync } from '../../format/superblock.ts';
@@ -14,6 +15,8 @@ import { hprint } from '../stats.ts';
 import { monotonicNs } from '../time-stats.ts';
 import { statsDirs, type TreeContext } from './context.ts';
 import { devicePath } from './device-dir.ts';
+import { parseHumanSize } from './flash-dir.ts';
+import { OperationError } from '../errors.ts';
 import { log } from '../../util/log.ts';
 import { attributeFile, dir, link, parseUlong, ro, rw, SysfsError, wo, type SysfsDir, type SysfsNode } from './node.ts';
 
@@ -126,6 +129,18 @@ export function setDir(ctx: TreeContext, set: RegisteredSet): SysfsDir {
         }),
       ],
       ['synchronous', ro(() => (cacheSync(cs.sb) ? '1' : '0'))],
+      [
+        'flash_vol_create',
+        wo(async (text) => {
+          const bytes = parseHumanSize('flash_vol_create', text);
+          try {
+            await ctx.registry.createFlashVolume(set, bytes);
+          } catch (err) {
+            if (err instanceof OperationError) throw new SysfsError(err.code, err.message, { cause: err });
+            throw err;
+          }
+        }),
+      ],
       ...settable,
       ['bucket_size', ro(() => hprint(cs.bucketSize * 512))],
       ['block_size', ro(() => hprint(cs.blockSize * 512))],
@@ -159,6 +174,7 @@ export function setDir(ctx: TreeContext, set: RegisteredSet): SysfsDir {
       const att = d.attachment;
       if (att) entries.push([`bdev${att.inode}`, link(`/sys/block/${d.name}/bcache`)]);
     }
+    for (const v of set.volumes.values()) entries.push([`volume${v.inode}`, link(`/sys/block/${v.name}/bcache`)]);
     return entries;
   });
 }

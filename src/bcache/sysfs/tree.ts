@@ -17,6 +17,7 @@ import type { CacheAccounting } from '../stats.ts';
 import { ACCOUNTING_INTERVAL_MS, AccountingViews } from './accounting.ts';
 import type { TreeContext } from './context.ts';
 import { deviceDir } from './device-dir.ts';
+import { flashDir } from './flash-dir.ts';
 import { dir, ro, SysfsError, wo, type SysfsDir, type SysfsFile, type SysfsNode } from './node.ts';
 import { setDir } from './set-dir.ts';
 
@@ -122,13 +123,23 @@ export class SysfsTree {
       ],
       ...[...registry.sets.values()].map((s) => [s.uuid, setDir(this.ctx, s)] as const),
     ]);
-    const block = dir(() =>
-      registry.devices.map((d) => {
+    const block = dir(() => [
+      ...registry.devices.map((d) => {
         const entries: Array<readonly [string, SysfsNode]> = [['bcache', deviceDir(this.ctx, d)]];
         if (d.running) entries.push(['size', ro(() => String(d.sectors))]);
         return [d.name, dir(() => entries)] as const;
       }),
-    );
+      ...registry.volumes.map(
+        (v) =>
+          [
+            v.name,
+            dir(() => [
+              ['bcache', flashDir(this.ctx, v)],
+              ['size', ro(() => String(v.sectors))],
+            ]),
+          ] as const,
+      ),
+    ]);
     return dir(() => [
       ['fs', dir(() => [['bcache', fsBcache]])],
       ['block', block],
