@@ -32,6 +32,11 @@ export function controlRequest(
       },
     );
     req.on('error', reject);
+    // The socket may fail (EPIPE) after the reply came, when the server
+    // answered and closed before the request was all written; by then the
+    // request has let go of its socket, and an error with no listener would
+    // end the process. The reply decides; a late socket error changes nothing.
+    req.on('socket', (socket) => socket.on('error', reject));
     req.end(body);
   });
 }
