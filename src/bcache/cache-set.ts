@@ -369,7 +369,6 @@ export class CacheSet {
       journal: this.journal,
       io: this.io,
       enabled: () => this.copyGcEnabled,
-      insertReplace: (key, expected) => this.insert([key], { replace: expected }),
       isDisabled: () => this.ioDisabledFlag,
     });
     this.gc = new Gc(

@@ -26,6 +26,7 @@
 // durable last_seq has passed every entry that existed when the copies went
 // in. Clean keys need no such wait: a hole over clean data is a miss.
 
+import { IoError } from '../blockdev/types.ts';
 import { makeKey, makePtr, type Bkey, type BkeyPtr } from '../format/bkey.ts';
 import { SECTOR_SIZE } from '../format/constants.ts';
 import { allDone, errorMessage } from '../util/lifecycle.ts';
@@ -44,8 +45,6 @@ export interface MovingGcHost {
   io: CacheIo;
   /** copy_gc_enabled. */
   enabled(): boolean;
-  /** Compare-and-insert (cs.insert with `replace`). */
-  insertReplace(key: Bkey, expected: Bkey): Promise<InsertResult>;
   isDisabled(): boolean;
 }
 
@@ -63,6 +62,8 @@ export interface MovingGcStats {
   bucketsFreed: number;
   /** Fresh buckets the copies went into. */
   bucketsUsed: number;
+  /** Rounds cut short because a leaf rewrite found no node bucket ready. */
+  noNodeBuckets: number;
 }
 
 /** A bucket copies are written into. */
@@ -97,6 +98,7 @@ export class MovingGc {
     collisions: 0,
     bucketsFreed: 0,
     bucketsUsed: 0,
+    noNodeBuckets: 0,
   };
 
   constructor(host: MovingGcHost) {
@@ -136,12 +138,19 @@ export class MovingGc {
         // The copies' data durable before any key points at it.
         await host.io.flush();
         for (const c of copies) {
-          const r = await host.insertReplace(c.key, c.expected);
+          if (host.isDisabled()) throw new IoError('EIO', 'cache set I/O is disabled');
+          const r = await this.insert(c);
           this.stats.collisions += r.collisions;
           if (r.sectors > 0) {
             this.stats.keysMoved++;
             this.stats.sectorsMoved += r.sectors;
             if (c.key.dirty) movedDirty = true;
+          }
+          if (!r.done) {
+            // A leaf to rewrite and no node bucket ready: the round ends here (see insert()).
+            this.stats.noNodeBuckets++;
+            room = false;
+            break;
           }
         }
       }
@@ -159,6 +168,22 @@ export class MovingGc {
     } finally {
       this.finish(chosen, dests, durable ? undefined : entry);
     }
+  }
+
+  /**
+   * Compare-and-insert one copy against the key it was read from (the
+   * unjournaled insert writeback's completion does), except that a leaf
+   * rewrite never waits for node buckets: the GC worker runs this, and the
+   * allocator may be waiting for the next GC pass to refill the btree
+   * reserve. `done` is false when the copy could not go in for that reason.
+   */
+  private async insert(c: Copy): Promise<InsertResult & { done: boolean }> {
+    const btree = this.host.btree;
+    const result: InsertResult = { sectors: 0, collisions: 0, inserted: [] };
+    const options = { replace: c.expected, bucketsNow: true };
+    let left = btree.insertNow([c.key], options, result);
+    if (left.length > 0) left = await btree.insertRest(left, options, result);
+    return { ...result, done: left.length === 0 };
   }
 
   /** Buckets to move: the least used data buckets whose live data fits the reserve. */
