@@ -101,6 +101,13 @@ export class MovingGc {
     noNodeBuckets: 0,
   };
 
+  private running = false;
+
+  /** A round is in progress (between choosing its buckets and releasing them). */
+  get inProgress(): boolean {
+    return this.running;
+  }
+
   constructor(host: MovingGcHost) {
     this.host = host;
   }
@@ -118,6 +125,7 @@ export class MovingGc {
     if (chosen.length === 0) return;
     const b = host.buckets;
     for (const i of chosen) b.pinBucket(i);
+    this.running = true;
     this.stats.bucketsChosen += chosen.length;
     const dests: Dest[] = [];
     let movedDirty = false;
@@ -166,6 +174,7 @@ export class MovingGc {
       if (!movedDirty) durable = true;
       else entry ??= host.journal.openEntry;
     } finally {
+      this.running = false;
       this.finish(chosen, dests, durable ? undefined : entry);
     }
   }
