@@ -139,3 +139,56 @@ test('with copy_gc_enabled off, GC moves nothing', async () => {
   await cs.stop();
   assertNothingLeft();
 });
+
+/** A memory device whose flushes ask a hook first; the first one it gives work to waits for that work. */
+class FlushHookDevice extends MemoryBlockDevice {
+  onFlush: (() => Promise<void> | undefined) | undefined;
+  override async flush(): Promise<void> {
+    const work = this.onFlush?.();
+    if (work) {
+      this.onFlush = undefined;
+      await work;
+    }
+    return super.flush();
+  }
+}
+
+test('a write racing a move wins: the copy loses its compare-and-insert', async () => {
+  const dev = new FlushHookDevice(64 * MiB);
+  await formatCache(dev, { bucketSize: BUCKET, blockSize: 1 });
+  const cs = await CacheSet.open(dev, { closeDevice: false, journalDelayMs: 1, seed: 3 });
+  const n = 64;
+  const model = new IndexModel(2, n * BUCKET);
+  let seed = 1;
+  for (let e = 0; e < n; e++) {
+    await writeExtent(cs, 1, e * BUCKET, BUCKET, seed, true);
+    model.set(1, e * BUCKET, (e + 1) * BUCKET, { seed: seed++, dirty: true });
+  }
+  for (let e = 0; e < n; e++) {
+    await writeExtent(cs, 1, e * BUCKET, BUCKET / 2, seed, true);
+    model.set(1, e * BUCKET, e * BUCKET + BUCKET / 2, { seed: seed++, dirty: true });
+  }
+  // The first flush during a moving round (its live keys chosen and pinned)
+  // waits until every live half has been written again.
+  dev.onFlush = () => {
+    if (!cs.movingGc.inProgress) return undefined;
+    return (async () => {
+      for (let e = 0; e < n; e++) {
+        const start = e * BUCKET + BUCKET / 2;
+        await writeExtent(cs, 1, start, BUCKET / 2, seed, true);
+        model.set(1, start, start + BUCKET / 2, { seed: seed++, dirty: true });
+      }
+    })();
+  };
+  await stockMovingReserve(cs);
+  await cs.runGc();
+  assert.equal(dev.onFlush, undefined, 'the writes raced a moving round');
+  const st = cs.stats.movingGc;
+  assert.ok(st.collisions > 0, `copies lost to the racing writes (${JSON.stringify(st)})`);
+  assert.equal(st.keysMoved, 0, 'no copy went in over newer data');
+  await checkRange(cs, model, 1, 0, n * BUCKET);
+  assert.equal(cs.dirtySectors(1), n * BUCKET);
+  assert.deepEqual(await checkMarks(cs), []);
+  await cs.stop();
+  assertNothingLeft();
+});
