@@ -119,7 +119,7 @@ export class MovingGc {
    */
   async run(signal?: AbortSignal): Promise<void> {
     const host = this.host;
-    this.releaseHeld();
+    if (this.held && !host.isDisabled()) await this.releaseHeld();
     if (!host.enabled() || host.isDisabled() || this.held) return;
     const chosen = this.choose();
     if (chosen.length === 0) return;
@@ -294,7 +294,8 @@ export class MovingGc {
   private async makeDurable(entry: JournalEntry): Promise<boolean> {
     const { btree, journal } = this.host;
     await allDone(btree.dirtyNodes().map((n) => btree.writeNode(n)));
-    await journal.commit(entry);
+    // A commit of the open entry: its first flush covers those node writes, and `entry` is durable after it.
+    await journal.commit();
     for (let i = 0; i < DURABLE_TRIES; i++) {
       if (journal.replayFrom > entry.seq) return true;
       await allDone(btree.nodesPinning(entry, Number.MAX_SAFE_INTEGER).map((n) => btree.writeNode(n)));
@@ -325,9 +326,11 @@ export class MovingGc {
   }
 
   /** Sources held over from a round whose copies were not yet durable: released once they are. */
-  private releaseHeld(): void {
+  private async releaseHeld(): Promise<void> {
     const held = this.held;
-    if (!held || !held.entry.durable || this.host.journal.replayFrom <= held.entry.seq) return;
+    if (!held) return;
+    // The round may have ended before its leaves were written: the whole wait again.
+    if (!(await this.makeDurable(held.entry))) return;
     this.held = undefined;
     this.releaseSources(held.buckets);
   }
