@@ -430,6 +430,17 @@ export const SET_ATTRIBUTES: ReadonlyArray<Attribute<RegisteredSet>> = [
     ),
     internal: true,
   },
+  {
+    // internal/copy_gc_enabled: moving GC after each GC pass (movinggc.ts), on by default as in the kernel.
+    ...bool<RegisteredSet>(
+      'copy_gc_enabled',
+      (s) => s.cs.copyGcEnabled,
+      (s, v) => {
+        s.cs.copyGcEnabled = v;
+      },
+    ),
+    internal: true,
+  },
   choice(
     'errors',
     ERRORS,

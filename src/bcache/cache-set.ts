@@ -57,6 +57,7 @@
 //   cs.uuids: the uuid table (find, findEmpty, get, set, invalidate);
 //       await cs.writeUuids() makes changes durable (R4).
 //   cs.triggerGc(), await cs.runGc(), cs.rescalePriorities(sectors)
+//   cs.copyGcEnabled (copy_gc_enabled): moving GC after each pass; cs.movingGc.stats
 //   await cs.stop(): stops GC, writes dirty nodes, stops the allocator,
 //       writes a final journal entry and the superblock, closes the device.
 
@@ -107,6 +108,7 @@ import { BtreeNode, nodeGeometry, type NodeGeometry } from './btree-node.ts';
 import { Buckets, GC_MARK_DIRTY, GC_MARK_RECLAIMABLE } from './buckets.ts';
 import { type DirtySink } from './extents.ts';
 import { Gc, initialGcFinish, initialMarkKey } from './gc.ts';
+import { MovingGc } from './movinggc.ts';
 import { CacheIo } from './io.ts';
 import { Journal, logReplay, type JournalEntry } from './journal.ts';
 import { OpenBuckets, type AllocSectorsOptions, type SectorAllocation } from './open-buckets.ts';
@@ -158,6 +160,8 @@ export interface CacheSetOptions {
   gcYield?: () => Promise<void>;
   /** Bound on stop() before it gives up waiting and closes anyway. */
   stopTimeoutMs?: number;
+  /** copy_gc_enabled at bring-up (default true, as in the kernel): moving GC after each GC pass. */
+  copyGc?: boolean;
   /**
    * Seed of the random replacement policy and of new btree nodes' seqs
    * (default: the time of day, the system's randomness). Give each bring-up
@@ -188,6 +192,7 @@ export interface CacheSetStats {
   journal: Journal['stats'];
   allocator: Allocator['stats'];
   gc: Gc['stats'];
+  movingGc: MovingGc['stats'];
   io: CacheIo['stats'];
 }
 
@@ -207,6 +212,9 @@ export class CacheSet {
   readonly btree: Btree;
   readonly journal: Journal;
   readonly gc: Gc;
+  readonly movingGc: MovingGc;
+  /** copy_gc_enabled: moving GC runs after each GC pass. */
+  copyGcEnabled: boolean;
   /** Every worker of the set, its attachments' included: retire stops them all (DESIGN rule 5). */
   readonly workers: WorkerScope;
   readonly clock: Clock;
@@ -354,6 +362,16 @@ export class CacheSet {
       options.journalDelayMs ?? 100,
     );
     if (sb.journalBuckets.length === 0) sb.journalBuckets = journalBuckets;
+    this.copyGcEnabled = options.copyGc ?? true;
+    this.movingGc = new MovingGc({
+      buckets: this.buckets,
+      btree: this.btree,
+      allocator: this.allocator,
+      journal: this.journal,
+      io: this.io,
+      enabled: () => this.copyGcEnabled,
+      isDisabled: () => this.ioDisabledFlag,
+    });
     this.gc = new Gc(
       {
         buckets: this.buckets,
@@ -365,6 +383,7 @@ export class CacheSet {
           this.fail(err);
         },
         clock: this.clock,
+        afterPass: (signal) => this.movingGc.run(signal),
       },
       options.gcSectors,
       options.gcSliceMs,
@@ -682,6 +701,7 @@ export class CacheSet {
       journal: this.journal.stats,
       allocator: this.allocator.stats,
       gc: this.gc.stats,
+      movingGc: this.movingGc.stats,
       io: this.io.stats,
     };
   }

@@ -25,8 +25,8 @@
 // The computed marks go into fresh arrays and are installed at the end
 // (with the lock held, no await in between), so writes never wait for a
 // pass to end to get a bucket. Leaves that are mostly stale
-// keys are rewritten afterwards. Moving GC is not done (the kernel's is off
-// by default).
+// keys are rewritten afterwards, and then moving GC runs (movinggc.ts,
+// copy_gc_enabled).
 //
 // The worker runs a pass when asked (trigger_gc), when the allocator found
 // nothing to invalidate, and when more than nbuckets x bucket_size / 16
@@ -129,6 +129,8 @@ export interface GcHost {
   fail(err: unknown): void;
   /** Whose time slices are measured in (default: real time). */
   clock?: Clock;
+  /** Run after each pass, with its marks installed: moving GC (bch_moving_gc after bch_btree_gc). */
+  afterPass?: (signal?: AbortSignal) => Promise<void>;
 }
 
 export interface GcStats {
@@ -353,6 +355,9 @@ export class Gc {
       const at = last ?? leaf.key;
       if (await btree.compactLeaf(at.inode, Math.max(0, at.offset - 1))) this.stats.rewrites++;
     }
+    // (A slice may have seen the signal; it is read again: it can have come during the rewrites.)
+    const stopped = (): boolean => signal?.aborted === true || this.host.isDisabled();
+    if (this.host.afterPass && !stopped()) await this.host.afterPass(signal);
   }
 
   /**

@@ -357,6 +357,11 @@ export class Journal {
     e.pins++;
   }
 
+  /** last_seq of the newest durable jset: a crash now replays the entries from this seq on. */
+  get replayFrom(): number {
+    return this.durableLastSeq;
+  }
+
   unpin(e: JournalPin): void {
     if (e.pins <= 0) throw new Error(`journal: entry ${e.order} unpinned more often than pinned`);
     e.pins--;

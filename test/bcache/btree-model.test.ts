@@ -3,7 +3,7 @@
 // nodes shrunk to 1 KiB (two 512-byte blocks): every other insert into a leaf
 // rewrites it, splits and new roots happen all the time and the tree grows
 // four levels deep; the small cache keeps invalidation, prio writes and GC
-// busy.
+// busy. Moving GC (copy_gc_enabled, the default) runs after each pass.
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -55,6 +55,7 @@ test('the index matches the model through splits, new roots, GC and bucket reuse
   let roots = 0;
   let prioWrites = 0;
   let gcRuns = 0;
+  let moved = 0;
   let depth = 0;
   for (const seed of [1, 2, 3, 4]) {
     const s = await run(seed, 700);
@@ -63,11 +64,14 @@ test('the index matches the model through splits, new roots, GC and bucket reuse
     roots += s.btree.newRoots;
     prioWrites += s.allocator.prioWrites;
     gcRuns += s.gc.runs;
+    moved += s.movingGc.keysMoved;
   }
   assert.ok(splits > 10, `splits happened (${splits})`);
   assert.ok(roots > 3, `new roots happened (${roots})`);
   assert.ok(prioWrites > 0, `buckets were reused (${prioWrites} prio writes)`);
   assert.ok(gcRuns > 0, `GC ran (${gcRuns})`);
+  // Moving GC (on by default) ran during the ops, and the model still matched.
+  assert.ok(moved > 0, `moving GC moved keys (${moved})`);
   assert.ok(depth >= 3, `the tree grew ${depth} levels deep`);
   assertNothingLeft();
 });

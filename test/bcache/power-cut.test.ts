@@ -228,7 +228,7 @@ class CutAt implements BlockDevice {
   }
 }
 
-async function run(seed: number): Promise<{ cuts: number; inOp: number }> {
+async function run(seed: number): Promise<{ cuts: number; inOp: number; moved: number; movingAtCut: number }> {
   const rng = new Prng(seed);
   let dev = new CrashableBlockDevice(4 * MiB);
   await formatCache(dev, { bucketSize: 8, blockSize: 1 });
@@ -239,13 +239,20 @@ async function run(seed: number): Promise<{ cuts: number; inOp: number }> {
   const model = new CrashModel();
   let cuts = 0;
   let inOp = 0;
+  let moved = 0;
+  let movingAtCut = 0;
   let n = 0;
   for (let round = 0; round < 5; round++) {
     // Arm the cut: power goes at a random I/O from now on (or, if the ops run out first, after them).
     cut.arm(1 + rng.below(400), seed * 100 + round);
     for (let i = 0; i < 150 && !cut.isOff(); i++) {
       const o = randomOp(rng, model.index(), 16);
-      if (o.op === 'check' || o.op === 'gc') continue;
+      if (o.op === 'check') continue;
+      if (o.op === 'gc') {
+        // Not awaited: the pass and the moving GC after it run on while the ops go on, and the cut may hit them.
+        cs.triggerGc();
+        continue;
+      }
       try {
         await step(cs, model, o, seed * 1_000_000 + n++);
       } catch (err) {
@@ -255,6 +262,8 @@ async function run(seed: number): Promise<{ cuts: number; inOp: number }> {
     }
     const next = cut.cut();
     cuts++;
+    if (cs.movingGc.inProgress) movingAtCut++;
+    moved += cs.stats.movingGc.keysMoved;
     await cs.stop();
     dev = next;
     cut = new CutAt(dev, Number.MAX_SAFE_INTEGER, seed + round);
@@ -265,17 +274,23 @@ async function run(seed: number): Promise<{ cuts: number; inOp: number }> {
     cs = await CacheSet.open(cut, { ...options, seed: seed * 1000 + round + 1 });
     await verifyAfterCrash(cs, model, seed);
   }
+  moved += cs.stats.movingGc.keysMoved;
   await cs.stop();
-  return { cuts, inOp };
+  return { cuts, inOp, moved, movingAtCut };
 }
 
 test('power cuts: flushed data survives exactly, the rest reads old or new, never garbage', async () => {
   const cap = captureLog();
   let inOp = 0;
+  let moved = 0;
+  let movingAtCut = 0;
   try {
     for (let seed = 11; seed < 35; seed++) {
       try {
-        inOp += (await run(seed)).inOp;
+        const r = await run(seed);
+        inOp += r.inOp;
+        moved += r.moved;
+        movingAtCut += r.movingAtCut;
       } catch (err) {
         const tail = cap.lines.slice(-15).join('\n');
         throw new Error(
@@ -288,6 +303,9 @@ test('power cuts: flushed data survives exactly, the rest reads old or new, neve
     cap.restore();
   }
   assert.ok(inOp > 0, 'some cuts hit an operation in flight');
+  // Moving GC (on by default) copied keys between cuts, and some cuts came while a round was in flight.
+  assert.ok(moved > 0, `moving GC moved keys (${moved})`);
+  assert.ok(movingAtCut > 0, `cuts during a moving GC round (${movingAtCut})`);
   assertNothingLeft();
 });
 

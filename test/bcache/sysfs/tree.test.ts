@@ -107,6 +107,7 @@ test('a cache set, its internal/ and cache0/: formats', async () => {
     'internal/cutoff_writeback_sync': '70\n',
     'internal/writeback_keys_done': '0\n',
     'internal/io_disable': '0\n',
+    'internal/copy_gc_enabled': '1\n',
     'cache0/io_errors': '0\n',
     'cache0/bucket_size': '64.0k\n',
     'cache0/block_size': '4.0k\n',
@@ -115,6 +116,14 @@ test('a cache set, its internal/ and cache0/: formats', async () => {
     'cache0/cache_replacement_policy': '[lru] fifo random\n',
   };
   for (const [name, value] of Object.entries(expected)) assert.equal(t.read(`${S}/${name}`), value, name);
+  // copy_gc_enabled switches the engine's moving GC.
+  const set0 = [...rig.registry.sets.values()][0];
+  assert.ok(set0);
+  await t.write(`${S}/internal/copy_gc_enabled`, '0\n');
+  assert.equal(t.read(`${S}/internal/copy_gc_enabled`), '0\n');
+  assert.equal(set0.cs.copyGcEnabled, false);
+  await t.write(`${S}/internal/copy_gc_enabled`, '1\n');
+  assert.equal(set0.cs.copyGcEnabled, true);
   for (const name of ['cache_available_percent', 'root_usage_percent']) {
     const v = Number(t.read(`${S}/${name}`).trimEnd());
     assert.ok(Number.isInteger(v) && v >= 0 && v <= 100, `${name} is a percentage`);
