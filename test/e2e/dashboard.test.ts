@@ -166,16 +166,32 @@ test(
     });
     const browser = Browser.launch(chromium ?? 'chromium', join(tmp.dir, 'profile'));
     const consoleErrors: string[] = [];
+    // The first console error fails the test at once rather than leaving a wait in the page to hang.
+    let failPage: (err: Error) => void = () => undefined;
+    const pageFailed = new Promise<never>((_resolve, reject) => {
+      failPage = reject;
+    });
+    pageFailed.catch(() => undefined);
+    const consoleError = (text: string): void => {
+      consoleErrors.push(text);
+      failPage(new Error(`the page logged an error: ${text}`));
+    };
+    const fioStopping = { now: false };
+    void fioExit.then((code) => {
+      if (!fioStopping.now) failPage(new Error(`fio exited (${code}) before the test stopped it: ${fioErr}`));
+    });
+    const inPage = <T>(page: string, expression: string): Promise<T> =>
+      Promise.race([browser.evaluate<T>(page, expression), pageFailed]);
     browser.on('Runtime.consoleAPICalled', (p) => {
       const type = p['type'];
-      if (type === 'error' || type === 'assert') consoleErrors.push(`console.${type}: ${JSON.stringify(p['args'])}`);
+      if (type === 'error' || type === 'assert') consoleError(`console.${type}: ${JSON.stringify(p['args'])}`);
     });
-    browser.on('Runtime.exceptionThrown', (p) =>
-      consoleErrors.push(`exception: ${JSON.stringify(p['exceptionDetails'])}`),
-    );
+    browser.on('Runtime.exceptionThrown', (p) => {
+      consoleError(`exception: ${JSON.stringify(p['exceptionDetails'])}`);
+    });
     browser.on('Log.entryAdded', (p) => {
       const e = p['entry'] as { level: string; text: string; url?: string };
-      if (e.level === 'error') consoleErrors.push(`log: ${e.text} ${e.url ?? ''}`);
+      if (e.level === 'error') consoleError(`log: ${e.text} ${e.url ?? ''}`);
     });
     try {
       const page = await browser.newPage();
@@ -192,7 +208,7 @@ test(
       await loaded;
 
       // fio's requests show: some IOPS plotted, two samples in.
-      const first = await browser.evaluate<{ points: number; requests: number }>(
+      const first = await inPage<{ points: number; requests: number }>(
         page,
         waitInPage(`(d) => {
         const p = d.plots.iops;
@@ -205,7 +221,7 @@ test(
       const w = await controlRequest(control, 'PUT', `/sys/fs/bcache/${uuid}/internal/io_disable`, '0');
       assert.equal(w.status, 204);
       // The plots move: more points, and the request counters went on.
-      const moved = await browser.evaluate<{ requests: number; plots: Record<string, PlotState> }>(
+      const moved = await inPage<{ requests: number; plots: Record<string, PlotState> }>(
         page,
         waitInPage(`(d) => {
         const p = d.plots.iops;
@@ -236,7 +252,7 @@ test(
       assert.deepEqual(plots['writeback']?.series, ['bcache0 rate', 'bcache0 proportional', 'bcache0 integral']);
       assert.ok((plots['available']?.last[0] ?? 0) > 0, 'cache available plotted');
       for (const [id, p] of Object.entries(plots)) assert.equal(p.points, iops.points, `${id} has every sample`);
-      const tables = await browser.evaluate<{ devices: string; errors: string }>(
+      const tables = await inPage<{ devices: string; errors: string }>(
         page,
         `({ devices: document.querySelector('#devices tbody').innerText, errors: document.getElementById('errors').innerText })`,
       );
@@ -246,9 +262,9 @@ test(
       const out = process.env['UBCACHE_DASHBOARD_PNG'];
       if (out !== undefined) {
         // For the docs: a minute of history.
-        await browser.evaluate(page, waitInPage(`(d) => d.samples >= 60`));
+        await inPage(page, waitInPage(`(d) => d.samples >= 60`));
       }
-      const height = await browser.evaluate<number>(page, 'document.documentElement.scrollHeight');
+      const height = await inPage<number>(page, 'document.documentElement.scrollHeight');
       await browser.send(
         'Emulation.setDeviceMetricsOverride',
         { width: 1280, height, deviceScaleFactor: 1, mobile: false },
@@ -262,6 +278,7 @@ test(
       assert.deepEqual(consoleErrors, [], 'no console error');
     } finally {
       await browser.close();
+      fioStopping.now = true;
       fio.kill('SIGTERM');
       const code = await fioExit;
       await serve.daemon.stop().finally(() => serve.daemon.kill());
