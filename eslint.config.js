@@ -32,6 +32,16 @@ export default tseslint.config(
     },
   },
   {
+    // The dashboard's page script runs in the browser as it is, with uPlot as a global.
+    files: ['src/control/dashboard/**/*.js'],
+    ...tseslint.configs.disableTypeChecked,
+    languageOptions: {
+      sourceType: 'module',
+      globals: globals.browser,
+      parserOptions: { projectService: false, project: null },
+    },
+  },
+  {
     files: ['scripts/**/*.mjs'],
     ...tseslint.configs.disableTypeChecked,
     languageOptions: { globals: globals.node, parserOptions: { projectService: false, project: null } },

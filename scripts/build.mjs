@@ -10,7 +10,7 @@
 // without it and the thread pool does the I/O. UBCACHE_NO_URING=1 builds
 // without it on purpose.
 import { spawnSync } from 'node:child_process';
-import { existsSync, chmodSync, rmSync } from 'node:fs';
+import { existsSync, chmodSync, cpSync, rmSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
@@ -35,6 +35,9 @@ if (t.status !== 0) {
   process.exit(1);
 }
 chmodSync(join(root, 'bin', 'ubcache'), 0o755);
+// The dashboard's page, script and style are served as they are (no bundler):
+// next to the compiled dashboard.js module, which reads them from there.
+cpSync(join(root, 'src', 'control', 'dashboard'), join(root, 'dist', 'control', 'dashboard'), { recursive: true });
 
 // The native addon. Find node-gyp: npm exports the path of its bundled copy to
 // lifecycle scripts; otherwise look next to npm itself.

@@ -29,7 +29,8 @@
 // - 130/143 on a second SIGINT/SIGTERM, which exits at once.
 //
 // While it runs, the control socket serves bcache's sysfs tree (register,
-// attach, detach, stop, unregister, every attribute) and /metrics. Exports
+// attach, detach, stop, unregister, every attribute), /metrics and the
+// dashboard's /api/stats; --http serves the read-only part on TCP. Exports
 // follow the devices: one is added when a bcache device starts running and
 // removed when it stops, however it stopped. Once no device and no cache
 // set is left, the daemon shuts down and exits 0 on its own (DESIGN rule 5).
@@ -48,8 +49,9 @@ import type { CachedDev } from '../bcache/cached-dev.ts';
 import { Registry, type RegisteredSet, type RegistryOptions } from '../bcache/registry.ts';
 import { SysfsTree } from '../bcache/sysfs/tree.ts';
 import { defaultControlPath } from '../control/paths.ts';
-import { renderMetrics } from '../control/metrics.ts';
 import { ControlServer } from '../control/server.ts';
+import { collectStats } from '../control/stats.ts';
+import { parseHttpAddress } from '../control/http-address.ts';
 import { formatAddress, NbdServer, type ListenTarget } from '../nbd/server.ts';
 import { deferred, errorMessage } from '../util/lifecycle.ts';
 import { log } from '../util/log.ts';
@@ -77,7 +79,11 @@ ${tlsHelp(27)}  --control PATH           the control socket (bcache's sysfs tree
                            see ubcache ctl); default
                            $XDG_RUNTIME_DIR/ubcache/control.sock, else
                            /run/ubcache/control.sock. Mode 0600.
-  --metrics HOST:PORT      also serve /metrics (Prometheus) on loopback TCP.
+  --http [HOST:]PORT       serve the live dashboard (/), its /api/stats and
+                           /metrics (Prometheus) on TCP, read-only; HOST is
+                           127.0.0.1 unless given. No authentication: a
+                           non-loopback HOST is allowed, with a warning.
+                           --metrics is an alias.
   --set TARGET.ATTR=VALUE  set a bcache attribute before serving, with
                            bcache's names and sysfs syntax. TARGET is bcacheN
                            (a backing device), "set" (every cache set) or a
@@ -133,7 +139,8 @@ export interface ServePlan {
   tls: ServerTlsSettings;
   sets: SetOption[];
   control: string;
-  metrics?: { host: string; port: number };
+  /** --http (alias --metrics): the dashboard and /metrics on TCP. */
+  http?: { host: string; port: number };
   /** Fault rules by device, as given (--fault DEV:RULES). */
   faults?: Map<string, string>;
   /** --shutdown-timeout: clients' time to finish at shutdown (ms). */
@@ -262,6 +269,7 @@ export function parseServeArgs(args: string[]): ServePlan | 'help' {
       socket: { type: 'string', multiple: true },
       set: { type: 'string', multiple: true },
       control: { type: 'string' },
+      http: { type: 'string' },
       metrics: { type: 'string' },
       fault: { type: 'string', multiple: true },
       'shutdown-timeout': { type: 'string' },
@@ -302,11 +310,11 @@ export function parseServeArgs(args: string[]): ServePlan | 'help' {
         : parseDurationOption('--shutdown-timeout', shutdownText),
     stopTimeoutMs: stopText === undefined ? DEFAULT_STOP_TIMEOUT_MS : parseDurationOption('--stop-timeout', stopText),
   };
-  if (v.metrics !== undefined) {
-    const m = parseListen(v.metrics);
-    if (!('host' in m)) throw new CliError('--metrics takes HOST:PORT on loopback, e.g. 127.0.0.1:9323');
-    plan.metrics = { host: m.host, port: m.port };
+  if (v.http !== undefined && v.metrics !== undefined) {
+    throw new CliError('--http and --metrics are the same option: give one', { hint: usageHint });
   }
+  const http = v.http ?? v.metrics;
+  if (http !== undefined) plan.http = parseHttpAddress(v.http !== undefined ? '--http' : '--metrics', http);
   return plan;
 }
 
@@ -386,7 +394,7 @@ export const run: Subcommand = async (args) => {
     shutdownTimeoutMs: plan.shutdownTimeoutMs,
     ...(tls ? { tls } : {}),
   });
-  const control = new ControlServer({ tree, metrics: () => renderMetrics(registry, server.exports) });
+  const control = new ControlServer({ tree, stats: () => collectStats(registry, server.exports) });
   const stopped = deferred();
   // An object, not a boolean: the compiler cannot see the handlers change it between awaits.
   const state = { requested: false, serving: false };
@@ -551,10 +559,10 @@ export const run: Subcommand = async (args) => {
       );
       if (requested()) break;
     }
-    if (plan.metrics && !requested()) {
+    if (plan.http && !requested()) {
       try {
-        const m = await control.listenMetrics(plan.metrics.host, plan.metrics.port);
-        log.info(`metrics on http://${formatAddress(m)}/metrics`);
+        const h = await control.listenHttp(plan.http.host, plan.http.port);
+        log.info(`dashboard on http://${formatAddress(h)}/ (metrics on http://${formatAddress(h)}/metrics)`);
       } catch (err) {
         await stopAll();
         throw new CliError(errorMessage(err));

@@ -1,13 +1,12 @@
 // /metrics in the Prometheus text exposition format (version 0.0.4): the I/O engine, the
 // cache counters of every bcache device and cache set, dirty data, the
-// writeback rate, cache availability, and the NBD request counts and
-// latency histograms per export and command.
+// writeback rate and its controller, cache availability, and the NBD request
+// counts and latency histograms per export and command. The values come from
+// stats.ts's snapshot, which /api/stats (the dashboard) serves as JSON.
 
 import type { Registry } from '../bcache/registry.ts';
-import { ioEngineStatus, type IoEngineName } from '../blockdev/io-engine.ts';
 import type { Export } from '../nbd/exports.ts';
-import { LATENCY_BUCKETS_S } from '../nbd/metrics.ts';
-import { commandName } from '../nbd/protocol.ts';
+import { collectStats, type CounterStats, type StatsSnapshot } from './stats.ts';
 
 type Labels = Record<string, string>;
 
@@ -40,6 +39,11 @@ class Family {
 }
 
 export function renderMetrics(registry: Registry, exports: readonly Export[]): string {
+  return formatMetrics(collectStats(registry, exports));
+}
+
+/** A snapshot in the Prometheus text format. */
+export function formatMetrics(snap: StatsSnapshot): string {
   const f = (name: string, type: Family['type'], help: string): Family => new Family(`ubcache_${name}`, type, help);
   const hits = f(
     'cache_hits_total',
@@ -62,6 +66,21 @@ export function renderMetrics(registry: Registry, exports: readonly Export[]): s
   const bypassed = f('bypassed_bytes_total', 'counter', 'Bytes of requests that skipped the cache.');
   const dirty = f('dirty_bytes', 'gauge', 'Dirty data of the device in the cache (dirty_data).');
   const rate = f('writeback_rate_bytes_per_second', 'gauge', 'Current writeback rate (writeback_rate).');
+  const wbTarget = f(
+    'writeback_target_bytes',
+    'gauge',
+    'Dirty data the writeback rate controller aims at (writeback_rate_debug target).',
+  );
+  const wbProportional = f(
+    'writeback_rate_proportional_bytes_per_second',
+    'gauge',
+    "The controller's proportional term (writeback_rate_debug proportional); 0 while writeback does not run.",
+  );
+  const wbIntegral = f(
+    'writeback_rate_integral_bytes_per_second',
+    'gauge',
+    "The controller's integral term, scaled (writeback_rate_debug integral); 0 while writeback does not run.",
+  );
   const running = f('device_running', 'gauge', '1 if the bcache device runs (is exported).');
   const available = f('cache_available_percent', 'gauge', 'Share of cache buckets not holding dirty data or metadata.');
   const ioDisabled = f('cache_set_io_disabled', 'gauge', '1 once the cache set disabled I/O after a fatal error.');
@@ -103,7 +122,7 @@ export function renderMetrics(registry: Registry, exports: readonly Export[]): s
     'counter',
     'Cache sets retired after a fatal error since start (a retired set leaves the other set metrics).',
   );
-  setsFailed.add({}, registry.setsFailed);
+  setsFailed.add({}, snap.setsFailed);
   const gcRuns = f('gc_runs_total', 'counter', 'Garbage collection passes over the btree.');
   const gcSeconds = f(
     'gc_duration_seconds_total',
@@ -119,61 +138,61 @@ export function renderMetrics(registry: Registry, exports: readonly Export[]): s
   const wbDone = f('writeback_keys_done_total', 'counter', 'Dirty extents written back.');
   const wbFailed = f('writeback_keys_failed_total', 'counter', 'Writebacks that collided with a write or failed.');
 
-  const counters = (labels: Labels, c: import('../bcache/stats.ts').CacheCounters): void => {
-    hits.add(labels, c.cacheHits);
-    misses.add(labels, c.cacheMisses);
-    bypassHits.add(labels, c.cacheBypassHits);
-    bypassMisses.add(labels, c.cacheBypassMisses);
-    collisions.add(labels, c.cacheMissCollisions);
-    readaheads.add(labels, c.cacheReadaheads);
-    bypassed.add(labels, c.sectorsBypassed * 512);
+  const counters = (labels: Labels, c: CounterStats): void => {
+    hits.add(labels, c.hits);
+    misses.add(labels, c.misses);
+    bypassHits.add(labels, c.bypassHits);
+    bypassMisses.add(labels, c.bypassMisses);
+    collisions.add(labels, c.missCollisions);
+    readaheads.add(labels, c.readaheads);
+    bypassed.add(labels, c.bypassedBytes);
   };
-  for (const d of registry.devices) {
+  for (const d of snap.devices) {
     const labels = { device: d.name };
-    counters(labels, d.stats.total);
-    dirty.add(labels, d.dirtySectors * 512);
-    rate.add(labels, d.attachment && d.settings.writebackRunning ? d.settings.writebackRate * 512 : 0);
+    counters(labels, d.counters);
+    dirty.add(labels, d.dirtyBytes);
+    rate.add(labels, d.writeback.rate);
+    wbTarget.add(labels, d.writeback.target);
+    wbProportional.add(labels, d.writeback.proportional);
+    wbIntegral.add(labels, d.writeback.integral);
     running.add(labels, d.running ? 1 : 0);
     backingIoErrors.add(labels, d.ioErrors);
-    deviceIoDisabled.add(labels, d.settings.ioDisable ? 1 : 0);
-    const remote = d.backing.stats?.();
-    if (remote) {
-      backingReconnects.add(labels, remote.reconnects);
-      backingOutage.add(labels, remote.outageMs / 1000);
-      backingOnline.add(labels, remote.online ? 1 : 0);
+    deviceIoDisabled.add(labels, d.ioDisabled ? 1 : 0);
+    if (d.remote) {
+      backingReconnects.add(labels, d.remote.reconnects);
+      backingOutage.add(labels, d.remote.outageSeconds);
+      backingOnline.add(labels, d.remote.connected ? 1 : 0);
     }
   }
-  for (const s of registry.sets.values()) {
+  for (const s of snap.sets) {
     const labels = { set: s.uuid };
-    counters(labels, s.stats.total);
-    available.add(labels, s.cs.cacheAvailablePercent);
-    ioDisabled.add(labels, s.cs.ioDisabled ? 1 : 0);
-    cacheRead.add(labels, s.cs.io.stats.sectorsRead * 512);
-    cacheWritten.add(labels, s.cs.io.stats.sectorsWritten * 512);
-    cacheIoErrors.add(labels, s.cs.io.errorsTotal);
-    cacheIoErrorsDecayed.add(labels, s.cs.io.ioErrors);
-    const gc = s.cs.gc.stats;
-    gcRuns.add(labels, gc.runs);
-    gcSeconds.add(labels, gc.time.totalNs / 1e9);
-    gcLast.add(labels, gc.time.lastDurationNs / 1e9);
-    gcPause.add(labels, gc.maxPauseMs / 1000);
-    const wb = s.writebackKeys;
-    wbDone.add(labels, wb.done);
-    wbFailed.add(labels, wb.failed);
+    counters(labels, s.counters);
+    available.add(labels, s.availablePercent);
+    ioDisabled.add(labels, s.ioDisabled ? 1 : 0);
+    cacheRead.add(labels, s.cacheReadBytes);
+    cacheWritten.add(labels, s.cacheWrittenBytes);
+    cacheIoErrors.add(labels, s.ioErrorsTotal);
+    cacheIoErrorsDecayed.add(labels, s.ioErrors);
+    gcRuns.add(labels, s.gc.runs);
+    gcSeconds.add(labels, s.gc.seconds);
+    gcLast.add(labels, s.gc.lastSeconds);
+    gcPause.add(labels, s.gc.maxPauseSeconds);
+    wbDone.add(labels, s.writebackKeys.done);
+    wbFailed.add(labels, s.writebackKeys.failed);
   }
 
   const requests = f('nbd_requests_total', 'counter', 'NBD requests served, by export and command.');
   const errors = f('nbd_request_errors_total', 'counter', 'NBD requests answered with an error.');
   const bytes = f('nbd_request_bytes_total', 'counter', 'Bytes named by NBD requests (length field).');
   const latency = f('nbd_request_duration_seconds', 'histogram', 'Time from dispatch to reply of NBD requests.');
-  for (const e of exports) {
-    for (const [type, c] of e.metrics.commands) {
-      const labels = { export: e.name, command: commandName(type).toLowerCase() };
+  for (const e of snap.exports) {
+    for (const c of e.commands) {
+      const labels = { export: e.name, command: c.command };
       requests.add(labels, c.requests);
       errors.add(labels, c.errors);
       bytes.add(labels, c.bytes);
       let cumulative = 0;
-      LATENCY_BUCKETS_S.forEach((le, i) => {
+      snap.latencyBucketsSeconds.forEach((le, i) => {
         cumulative += c.buckets[i] ?? 0;
         latency.add({ ...labels, le: String(le) }, cumulative, '_bucket');
       });
@@ -187,14 +206,8 @@ export function renderMetrics(registry: Registry, exports: readonly Export[]): s
     'gauge',
     'The I/O engine of the file devices: 1 for the one in use (io_uring or threadpool).',
   );
-  let engineName: IoEngineName | undefined;
-  try {
-    engineName = ioEngineStatus().name;
-  } catch {
-    // A forced engine that is unavailable: serve refused to start, so no one scrapes this.
-  }
-  if (engineName !== undefined) {
-    for (const name of ['io_uring', 'threadpool'] as const) engine.add({ engine: name }, name === engineName ? 1 : 0);
+  if (snap.engine !== null) {
+    for (const name of ['io_uring', 'threadpool'] as const) engine.add({ engine: name }, name === snap.engine ? 1 : 0);
   }
   return [
     engine,
@@ -207,6 +220,9 @@ export function renderMetrics(registry: Registry, exports: readonly Export[]): s
     bypassed,
     dirty,
     rate,
+    wbTarget,
+    wbProportional,
+    wbIntegral,
     running,
     available,
     ioDisabled,

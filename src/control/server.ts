@@ -5,10 +5,13 @@
 //   PUT|POST /sys/PATH     write the body (at most 4096 bytes, as sysfs) to a file
 //   GET /json[/sys/PATH]   the tree (or a subtree) as JSON
 //   GET /metrics           Prometheus text format
+//   GET /api/stats         the same figures as JSON, with the recent warnings and errors
+//   GET /                  the live dashboard (dashboard.ts), which reads /api/stats
 //
 // Errors are JSON {"error": "EINVAL", "message": "..."} with a status that
 // fits the errno; a bad request never affects the daemon. An optional
-// second listener on loopback TCP serves /metrics only.
+// second listener on TCP (serve --http, loopback by default) serves the
+// read-only part: /metrics, /api/stats and the dashboard, never /sys or /json.
 //
 // A body larger than a store takes is answered 413 as soon as that is known,
 // and the rest of it is then read and dropped (up to MAX_DISCARD_BYTES) with
@@ -27,6 +30,10 @@ import { errorCode } from '../blockdev/types.ts';
 import { isStaleSocket } from '../nbd/server.ts';
 import { errorMessage } from '../util/lifecycle.ts';
 import { log } from '../util/log.ts';
+import { DASHBOARD_CSP, dashboardAsset, type DashboardStats } from './dashboard.ts';
+import { formatMetrics } from './metrics.ts';
+import { RecentLog } from './recent-log.ts';
+import type { StatsSnapshot } from './stats.ts';
 
 const STATUS: Record<Errno, number> = {
   EINVAL: 400,
@@ -43,7 +50,8 @@ const LOOPBACK = new Set(['127.0.0.1', '::1', 'localhost']);
 
 export interface ControlServerOptions {
   tree: SysfsTree;
-  metrics: () => string;
+  /** The figures /metrics and /api/stats report, taken at each request. */
+  stats: () => StatsSnapshot;
 }
 
 class HttpError extends Error {
@@ -60,14 +68,17 @@ class HttpError extends Error {
 
 export class ControlServer {
   private readonly tree: SysfsTree;
-  private readonly metrics: () => string;
+  private readonly stats: () => StatsSnapshot;
+  /** Warnings and errors logged since the server was made, for /api/stats. */
+  readonly recentLog = new RecentLog();
   private readonly servers: Server[] = [];
   private socketPath: string | undefined;
   private closing: Promise<void> | undefined;
 
   constructor(options: ControlServerOptions) {
     this.tree = options.tree;
-    this.metrics = options.metrics;
+    this.stats = options.stats;
+    this.recentLog.start();
   }
 
   /** Listen on the unix socket at `path` (mode 0600). A stale socket of a dead daemon is replaced. */
@@ -113,25 +124,31 @@ export class ControlServer {
     this.servers.push(server);
   }
 
-  /** Serve /metrics on loopback TCP. Resolves with the bound address. */
-  async listenMetrics(host: string, port: number): Promise<{ host: string; port: number }> {
-    if (!LOOPBACK.has(host)) {
-      throw new Error(`--metrics ${host}:${port}: only a loopback address (127.0.0.1, ::1, localhost) is allowed`);
-    }
+  /**
+   * Serve /metrics, /api/stats and the dashboard on TCP. Resolves with the
+   * bound address. Off loopback it warns: there is no authentication.
+   */
+  async listenHttp(host: string, port: number): Promise<{ host: string; port: number }> {
     const server = this.newServer(true);
     try {
       await listenOn(server, port, host);
     } catch (err) {
       server.close();
-      throw new Error(`cannot listen for metrics on ${host}:${port}: ${errorMessage(err)}`, { cause: err });
+      throw new Error(`cannot listen for HTTP on ${host}:${port}: ${errorMessage(err)}`, { cause: err });
     }
     this.servers.push(server);
+    if (!LOOPBACK.has(host)) {
+      log.warn(
+        `the dashboard and /metrics on ${host}:${port} have no authentication: whoever reaches it sees the devices, their paths and the recent errors`,
+      );
+    }
     const a = server.address() as AddressInfo;
     return { host: a.address, port: a.port };
   }
 
   /** Stop listening, drop open connections, remove the socket file. Idempotent. */
   close(): Promise<void> {
+    this.recentLog.stop();
     this.closing ??= (async () => {
       await Promise.all(
         this.servers.map(
@@ -156,9 +173,9 @@ export class ControlServer {
     return this.closing;
   }
 
-  private newServer(metricsOnly: boolean): Server {
+  private newServer(readOnly: boolean): Server {
     const server = createServer({ requestTimeout: 30_000, headersTimeout: 10_000 }, (req, res) => {
-      this.handle(req, res, metricsOnly).catch((err: unknown) => {
+      this.handle(req, res, readOnly).catch((err: unknown) => {
         log.error(`control: ${req.method ?? '?'} ${req.url ?? '?'}: ${errorMessage(err)}`);
         if (!res.headersSent) reply(res, 500, { error: 'EIO', message: errorMessage(err) });
         else res.destroy();
@@ -170,7 +187,8 @@ export class ControlServer {
     return server;
   }
 
-  private async handle(req: IncomingMessage, res: ServerResponse, metricsOnly: boolean): Promise<void> {
+  /** `readOnly`: the TCP listener, which serves the figures and the dashboard and nothing that changes anything. */
+  private async handle(req: IncomingMessage, res: ServerResponse, readOnly: boolean): Promise<void> {
     try {
       const method = req.method ?? '';
       let pathname: string;
@@ -179,12 +197,35 @@ export class ControlServer {
       } catch {
         throw new HttpError(400, 'EINVAL', `bad request path ${req.url ?? ''}: not a valid URL path`);
       }
-      if (pathname === '/metrics' || metricsOnly) {
-        if (pathname !== '/metrics') throw new HttpError(404, 'ENOENT', 'only /metrics is served here');
+      if (pathname === '/metrics') {
         allow(method, ['GET']);
         res.writeHead(200, { 'content-type': 'text/plain; version=0.0.4; charset=utf-8' });
-        res.end(this.metrics());
+        res.end(formatMetrics(this.stats()));
         return;
+      }
+      if (pathname === '/api/stats') {
+        allow(method, ['GET']);
+        const body: DashboardStats = { ...this.stats(), recentErrors: this.recentLog.list() };
+        reply(res, 200, body, { 'cache-control': 'no-store' });
+        return;
+      }
+      const asset = dashboardAsset(pathname);
+      if (asset) {
+        allow(method, ['GET']);
+        res.writeHead(200, {
+          'content-type': asset.type,
+          'content-security-policy': DASHBOARD_CSP,
+          'x-content-type-options': 'nosniff',
+        });
+        res.end(asset.body);
+        return;
+      }
+      if (readOnly) {
+        throw new HttpError(
+          404,
+          'ENOENT',
+          `no such endpoint ${pathname}; here: / (the dashboard), /api/stats and /metrics`,
+        );
       }
       if (pathname === '/json' || pathname.startsWith('/json/')) {
         allow(method, ['GET']);
@@ -192,7 +233,11 @@ export class ControlServer {
         return;
       }
       if (pathname !== '/sys' && !pathname.startsWith('/sys/')) {
-        throw new HttpError(404, 'ENOENT', `no such endpoint ${pathname}; use /sys/..., /json/sys/... or /metrics`);
+        throw new HttpError(
+          404,
+          'ENOENT',
+          `no such endpoint ${pathname}; use /sys/..., /json/sys/..., /metrics, /api/stats or / (the dashboard)`,
+        );
       }
       if (method === 'GET') {
         const stat = this.tree.stat(pathname);

@@ -22,19 +22,26 @@ const stderrSink: LogSink = (level, line) => {
 
 let sink: LogSink = stderrSink;
 let threshold: LogLevel = envLevel();
+/** Listeners that see every line written, after the sink (the dashboard's recent errors). */
+const taps = new Set<LogSink>();
+
+function emit(level: LogLevel, line: string): void {
+  sink(level, line);
+  for (const tap of taps) tap(level, line);
+}
 
 export const log = {
   debug(line: string): void {
-    if (order[threshold] <= order.debug) sink('debug', line);
+    if (order[threshold] <= order.debug) emit('debug', line);
   },
   info(line: string): void {
-    if (order[threshold] <= order.info) sink('info', line);
+    if (order[threshold] <= order.info) emit('info', line);
   },
   warn(line: string): void {
-    if (order[threshold] <= order.warn) sink('warn', line);
+    if (order[threshold] <= order.warn) emit('warn', line);
   },
   error(line: string): void {
-    sink('error', line);
+    emit('error', line);
   },
 };
 
@@ -44,6 +51,14 @@ export function setLogSink(next: LogSink): () => void {
   sink = next;
   return () => {
     sink = prev;
+  };
+}
+
+/** See every line written from now on, besides the sink. Returns a function that stops it. */
+export function tapLog(listener: LogSink): () => void {
+  taps.add(listener);
+  return () => {
+    taps.delete(listener);
   };
 }
 
