@@ -31,8 +31,19 @@
 // While it runs, the control socket serves bcache's sysfs tree (register,
 // attach, detach, stop, unregister, every attribute) and /metrics. Exports
 // follow the devices: one is added when a bcache device starts running and
-// removed when it stops, however it stopped. Once no device and no cache
-// set is left, the daemon shuts down and exits 0 on its own (DESIGN rule 5).
+// removed when it stops, however it stopped.
+//
+// A service (DESIGN rule 5): the daemon outlives its devices, as the
+// kernel's bcache module does. It starts with no device at all if given
+// none, and keeps running when devices stop, fail or are unregistered, so
+// that its control socket and /metrics are there when an operator needs
+// them most, right after a failure. It stops on SIGINT/SIGTERM, on a write
+// of 1 to /sys/fs/bcache/shutdown (the control socket), when the --run
+// command exits, or with --exit-when-idle once no device and no cache set
+// is left (the one-shot behaviour). Around that, the service conventions of
+// nbdkit and systemd: --run (src/daemon/captive.ts), -P/--pidfile,
+// --exit-with-parent, sd_notify readiness and status, socket activation,
+// journal priorities (src/daemon/*.ts, src/util/log.ts).
 
 import { parseFaultSpec } from '../blockdev/faulty.ts';
 import { openBlockDevice } from '../blockdev/open.ts';
@@ -52,27 +63,47 @@ import { renderMetrics } from '../control/metrics.ts';
 import { ControlServer } from '../control/server.ts';
 import { formatAddress, NbdServer, type ListenTarget } from '../nbd/server.ts';
 import { deferred, errorMessage } from '../util/lifecycle.ts';
-import { log } from '../util/log.ts';
-import { CliError, parseCommandArgs, type Subcommand } from './common.ts';
+import { log, setLogLevel } from '../util/log.ts';
+import { CliError, packageVersion, parseCommandArgs, type Subcommand } from './common.ts';
+import { captiveEnv, runCaptive, type Captive } from '../daemon/captive.ts';
+import { notifierFromEnv, statusMessage } from '../daemon/notify.ts';
+import { exitWithParent } from '../daemon/parent.ts';
+import { writePidfile } from '../daemon/pidfile.ts';
+import { listenFdsFromEnv, SocketActivationError } from '../daemon/socket-activation.ts';
+import { statusLine } from '../daemon/status.ts';
+import { SysfsError, wo } from '../bcache/sysfs/node.ts';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { DEFAULT_LISTEN, parseListen } from './export.ts';
 import { loadTls, parseTlsOptions, tlsHelp, TLS_OPTIONS } from './tls-options.ts';
 import type { ServerTlsSettings } from '../nbd/server-tls.ts';
 
-const HELP = `Usage: ubcache serve [options] DEVICE...
+const HELP = `Usage: ubcache serve [options] [DEVICE...]
 
 Register each DEVICE (a cache or a backing device made by ubcache make or
 make-bcache, in any order), attach each backing device to its cache set, and
 serve every bcache device over NBD as bcache0, bcache1, ... in registration
-order, until SIGINT or SIGTERM. The first one is also the default export (the
-empty name). A backing device whose cache set is not given is served uncached
-only if its superblock says it has no cache.
+order. The first one is also the default export (the empty name). A backing
+device whose cache set is not given is served uncached only if its
+superblock says it has no cache.
+
+serve is a service, as the kernel's bcache module: with no DEVICE it starts
+empty, waiting for devices written to /sys/fs/bcache/register on the control
+socket, and it keeps running when its devices stop, fail or are
+unregistered. It stops on SIGINT or SIGTERM, or when told to:
+  ubcache ctl write /sys/fs/bcache/shutdown 1
 
 Options:
   --listen HOST:PORT       listen on TCP; default 127.0.0.1:10809 when no
-                           --socket is given. Repeatable. There is no
+                           other listener is given. Repeatable. There is no
                            authentication: listen on 0.0.0.0 only on a
                            trusted network.
+  -p, --port PORT          listen on TCP port PORT (of -i, else 127.0.0.1)
+  -i, --ipaddr IPADDR      listen on IPADDR (port -p, else 10809)
   --socket PATH            listen on a unix socket. Repeatable.
+  -U, --unix PATH|-        the same; "-" makes a private socket in a new
+                           temporary directory (for --run). Repeatable.
 ${tlsHelp(27)}  --control PATH           the control socket (bcache's sysfs tree over HTTP,
                            see ubcache ctl); default
                            $XDG_RUNTIME_DIR/ubcache/control.sock, else
@@ -86,6 +117,20 @@ ${tlsHelp(27)}  --control PATH           the control socket (bcache's sysfs tree
                              --set bcache0.writeback_running=0
                              --set bcache0.sequential_cutoff=0
                              --set set.journal_delay_ms=10
+  -r, --read-only          serve every export read-only (writes get EPERM)
+  --exit-when-idle         exit once no bcache device and no cache set is
+                           left (and at start if there is nothing to serve),
+                           instead of waiting for more
+  --run 'CMD'              captive mode (as nbdkit's): once listening, run CMD
+                           with sh -c and $uri, $nbd (the default export's
+                           NBD URI), $uri_bcache0, ... (one per export),
+                           $unixsocket, $port, $exportname set; stop when CMD
+                           exits and exit with its status
+  -P, --pidfile FILE       write the pid to FILE once ready (left at exit)
+  --exit-with-parent       stop when the process that started serve exits
+  -f, --foreground         accepted for nbdkit's sake: serve never forks
+  -v, --verbose            debug messages (UBCACHE_LOG=debug)
+  -V, --version            print the version and exit
   --shutdown-timeout DURATION
                            at SIGINT/SIGTERM, how long clients' requests in
                            flight get to finish before the clients are
@@ -111,6 +156,12 @@ ${tlsHelp(27)}  --control PATH           the control socket (bcache's sysfs tree
                              --fault disk.img:fail-from=10:write
                              --fault disk.img:latency=5ms:read
   -h, --help               show this help
+
+systemd: with $NOTIFY_SOCKET set (Type=notify) serve sends READY=1 once
+serving, STATUS= lines and STOPPING=1; with $LISTEN_FDS (socket activation)
+it accepts NBD clients on the sockets passed instead of listening itself;
+with $JOURNAL_STREAM its log lines carry journal priorities. See
+contrib/ubcache.service.
 
 Clients:
   nbdinfo nbd://127.0.0.1:10809/bcache0
@@ -140,6 +191,25 @@ export interface ServePlan {
   shutdownTimeoutMs: number;
   /** --stop-timeout: the engine's stop bound (ms); see stopBounds(). */
   stopTimeoutMs: number;
+  // --- The service options (nbdkit's conventions) ---
+  /** Listeners were named (--listen, --socket, -U, -p, -i), so socket activation is refused. */
+  listenGiven: boolean;
+  /** -U -: a private unix socket in a new temporary directory. */
+  privateSocket: boolean;
+  /** -r/--read-only: every export is read-only. */
+  readOnly: boolean;
+  /** --exit-when-idle: exit once nothing is left, and at start if nothing can be served. */
+  exitWhenIdle: boolean;
+  /** --run CMD: captive mode. */
+  run?: string;
+  /** -P/--pidfile FILE */
+  pidfile?: string;
+  /** --exit-with-parent */
+  exitWithParent: boolean;
+  /** -v/--verbose */
+  verbose: boolean;
+  /** -V/--version: print the version and exit. */
+  version: boolean;
 }
 
 export const DEFAULT_SHUTDOWN_TIMEOUT_MS = 30_000;
@@ -267,6 +337,7 @@ export function parseServeArgs(args: string[]): ServePlan | 'help' {
       'shutdown-timeout': { type: 'string' },
       'stop-timeout': { type: 'string' },
       ...TLS_OPTIONS,
+      ...SERVICE_OPTIONS,
       help: { type: 'boolean', short: 'h' },
     },
     usageHint,
@@ -274,18 +345,25 @@ export function parseServeArgs(args: string[]): ServePlan | 'help' {
   const v = parsed.values;
   if (v.help === true) return 'help';
   const devices = parsed.positionals;
-  if (devices.length === 0) {
-    throw new CliError('no DEVICE to register', {
+  if (devices.length === 0 && v['exit-when-idle'] === true && v.version !== true) {
+    throw new CliError('no DEVICE to register, and --exit-when-idle would exit at once', {
       hint: 'Name the cache and backing devices, e.g. ubcache serve cache.img disk.img',
     });
   }
-  const sockets = (v.socket ?? []).map((path): ListenTarget => {
+  const unix = (v.unix ?? []).filter((p) => p !== '-');
+  const sockets = [...(v.socket ?? []), ...unix].map((path): ListenTarget => {
     if (path === '') throw new CliError('--socket needs a path', { hint: usageHint });
     return { path };
   });
   const tcp = (v.listen ?? []).map(parseListen);
-  const listen = tcp.length === 0 && sockets.length === 0 ? [DEFAULT_LISTEN] : [...tcp, ...sockets];
+  const portTcp = parsePortOptions(v.port, v.ipaddr);
+  if (portTcp) tcp.push(portTcp);
+  const privateSocket = (v.unix ?? []).includes('-');
+  const listenGiven = tcp.length > 0 || sockets.length > 0 || privateSocket;
+  const listen = listenGiven ? [...tcp, ...sockets] : [DEFAULT_LISTEN];
   if (v.control === '') throw new CliError('--control needs a path', { hint: usageHint });
+  if (v.run === '') throw new CliError('--run needs a command', { hint: usageHint });
+  if (v.pidfile === '') throw new CliError('--pidfile needs a path', { hint: usageHint });
   const faults = parseFaults(v.fault ?? [], devices);
   const shutdownText = v['shutdown-timeout'];
   const stopText = v['stop-timeout'];
@@ -301,6 +379,15 @@ export function parseServeArgs(args: string[]): ServePlan | 'help' {
         ? DEFAULT_SHUTDOWN_TIMEOUT_MS
         : parseDurationOption('--shutdown-timeout', shutdownText),
     stopTimeoutMs: stopText === undefined ? DEFAULT_STOP_TIMEOUT_MS : parseDurationOption('--stop-timeout', stopText),
+    listenGiven,
+    privateSocket,
+    readOnly: v['read-only'] === true || v.readonly === true,
+    exitWhenIdle: v['exit-when-idle'] === true,
+    ...(v.run !== undefined ? { run: v.run } : {}),
+    ...(v.pidfile !== undefined ? { pidfile: v.pidfile } : {}),
+    exitWithParent: v['exit-with-parent'] === true,
+    verbose: v.verbose === true,
+    version: v.version === true,
   };
   if (v.metrics !== undefined) {
     const m = parseListen(v.metrics);
@@ -309,6 +396,44 @@ export function parseServeArgs(args: string[]): ServePlan | 'help' {
   }
   return plan;
 }
+
+// --- The service options: nbdkit's names and short options where they mean the same ---
+
+const SERVICE_OPTIONS = {
+  unix: { type: 'string', short: 'U', multiple: true },
+  port: { type: 'string', short: 'p' },
+  ipaddr: { type: 'string', short: 'i' },
+  'read-only': { type: 'boolean', short: 'r' },
+  readonly: { type: 'boolean' },
+  'exit-when-idle': { type: 'boolean' },
+  run: { type: 'string' },
+  pidfile: { type: 'string', short: 'P' },
+  'exit-with-parent': { type: 'boolean' },
+  foreground: { type: 'boolean', short: 'f' },
+  verbose: { type: 'boolean', short: 'v' },
+  version: { type: 'boolean', short: 'V' },
+} as const;
+
+/**
+ * -p PORT and -i IPADDR: one TCP listener, as nbdkit's. nbdkit listens on
+ * every interface without -i; serve keeps to loopback (127.0.0.1), as with
+ * no option at all: NBD has no authentication without --tls.
+ */
+function parsePortOptions(port: string | undefined, ipaddr: string | undefined): ListenTarget | undefined {
+  if (port === undefined && ipaddr === undefined) return undefined;
+  let n: number = DEFAULT_LISTEN_PORT;
+  if (port !== undefined) {
+    n = Number(port);
+    if (!/^\d+$/.test(port) || n > 65535) {
+      throw new CliError(`-p/--port '${port}' is not a TCP port number`, { hint: 'For example -p 10809.' });
+    }
+  }
+  const host = ipaddr ?? '127.0.0.1';
+  if (host === '' || /[\s/]/.test(host)) throw new CliError(`-i/--ipaddr '${host}' is not an address`);
+  return { host: host.replace(/^\[(.*)\]$/, '$1'), port: n };
+}
+
+const DEFAULT_LISTEN_PORT = 10809;
 
 /** Register every device, applying the --set options as each device or set appears. */
 async function registerAll(plan: ServePlan, registry: Registry): Promise<void> {
@@ -369,8 +494,29 @@ export const run: Subcommand = async (args) => {
     process.stdout.write(HELP);
     return 0;
   }
+  if (plan.version) {
+    process.stdout.write(`ubcache ${packageVersion()}\n`);
+    return 0;
+  }
+  if (plan.verbose) setLogLevel('debug');
   // Keys and certificates are read before any device is opened: a typo costs nothing.
   const tls = loadTls(plan.tls);
+  // --- Service: what systemd or the caller passed in (read once, removed from the environment) ---
+  let activated: number[];
+  try {
+    activated = listenFdsFromEnv();
+  } catch (err) {
+    if (err instanceof SocketActivationError) throw new CliError(`socket activation: ${err.message}`);
+    throw err;
+  }
+  if (activated.length > 0 && (plan.listenGiven || plan.run !== undefined)) {
+    throw new CliError(
+      'socket activation (LISTEN_FDS) passed the listening sockets: --listen, --socket, -U, -p, -i and --run cannot be used with it',
+      { hint: 'Say where to listen in the .socket unit instead (contrib/ubcache.socket).' },
+    );
+  }
+  const notifier = notifierFromEnv();
+  // --- End of service inputs ---
   const bounds = stopBounds(plan.stopTimeoutMs);
   const registry = new Registry({
     ...configure(plan),
@@ -379,7 +525,22 @@ export const run: Subcommand = async (args) => {
     deviceOptions: { stopTimeoutMs: bounds.device },
     setOptions: { stopTimeoutMs: bounds.set },
   });
-  const tree = new SysfsTree(registry);
+  const tree = new SysfsTree(registry, {
+    daemonFiles: [
+      [
+        'shutdown',
+        wo((text) => {
+          if (text.trim() !== '1') {
+            throw new SysfsError('EINVAL', 'shutdown: write 1 to stop the daemon (as SIGTERM does)');
+          }
+          // After this write is answered: the shutdown closes the control socket last.
+          setImmediate(() => {
+            shutdown('shutdown requested on the control socket: shutting down (finishing requests in flight)');
+          });
+        }),
+      ],
+    ],
+  });
   const server = new NbdServer([], {
     ownsDevices: false,
     allowEmpty: true,
@@ -389,8 +550,21 @@ export const run: Subcommand = async (args) => {
   const control = new ControlServer({ tree, metrics: () => renderMetrics(registry, server.exports) });
   const stopped = deferred();
   // An object, not a boolean: the compiler cannot see the handlers change it between awaits.
-  const state = { requested: false, serving: false };
+  const state: { requested: boolean; serving: boolean; status: number; captive?: Captive } = {
+    requested: false,
+    serving: false,
+    status: 0,
+  };
   const requested = (): boolean => state.requested;
+  // --- Service: -U - (a private socket directory, removed at exit), status updates ---
+  const privateDir = plan.privateSocket ? mkdtempSync(join(tmpdir(), 'ubcache-')) : undefined;
+  const listen = privateDir !== undefined ? [...plan.listen, { path: join(privateDir, 'socket') }] : plan.listen;
+  let statusTimer: NodeJS.Timeout | undefined;
+  const sendStatus = (): void => {
+    if (state.serving && !state.requested) notifier?.send(statusMessage(statusLine(registry)));
+  };
+  let stopWatchingParent: (() => void) | undefined;
+  // --- End ---
   let stopPromise: Promise<void> | undefined;
   const stopAll = (): Promise<void> => {
     stopPromise ??= (async () => {
@@ -414,6 +588,7 @@ export const run: Subcommand = async (args) => {
         await control.close();
       } finally {
         clearTimeout(lastResort);
+        if (privateDir !== undefined) rmSync(privateDir, { recursive: true, force: true });
       }
       // Everything is stopped and closed. Should something still hold the
       // event loop (an I/O that never completed, in a thread or a ring), the
@@ -427,8 +602,14 @@ export const run: Subcommand = async (args) => {
     return stopPromise;
   };
   const shutdown = (why: string): void => {
+    if (state.requested) return;
     state.requested = true;
     log.info(why);
+    // --- Service: tell systemd, stop watching, leave a --run command to end by itself ---
+    notifier?.send('STOPPING=1\nSTATUS=shutting down');
+    clearInterval(statusTimer);
+    stopWatchingParent?.();
+    // --- End ---
     stopAll().then(
       () => {
         stopped.resolve();
@@ -448,6 +629,11 @@ export const run: Subcommand = async (args) => {
   };
   process.on('SIGINT', onSignal);
   process.on('SIGTERM', onSignal);
+  if (plan.exitWithParent) {
+    stopWatchingParent = exitWithParent(() => {
+      shutdown('the parent process exited (--exit-with-parent): shutting down');
+    });
+  }
   const unwatch = registry.watch({
     deviceRunning: (d) => {
       try {
@@ -457,11 +643,13 @@ export const run: Subcommand = async (args) => {
           device: d.device,
           // Requests must be sector-aligned; those not aligned to the cache block bypass it.
           blockSize: { min: 512 },
+          ...(plan.readOnly ? { readOnly: true } : {}),
         });
         if (state.serving) log.info(`export ${d.name} added (${d.backingName})`);
       } catch (err) {
         log.error(`cannot export ${d.name}: ${errorMessage(err)}`);
       }
+      sendStatus();
     },
     deviceStopped: (d) => {
       if (server.exports.some((e) => e.device === d.device)) {
@@ -470,14 +658,17 @@ export const run: Subcommand = async (args) => {
         });
       }
       lastGone();
+      sendStatus();
     },
     setGone: () => {
       lastGone();
+      sendStatus();
     },
   });
+  // Only with --exit-when-idle: otherwise an empty daemon waits for register, as the kernel's module does.
   const lastGone = (): void => {
-    if (state.serving && !state.requested && registry.empty) {
-      shutdown('no bcache device and no cache set is left: shutting down');
+    if (plan.exitWhenIdle && state.serving && !state.requested && registry.empty) {
+      shutdown('no bcache device and no cache set is left: shutting down (--exit-when-idle)');
     }
   };
   try {
@@ -504,26 +695,34 @@ export const run: Subcommand = async (args) => {
       return 0;
     }
     const running = registry.running;
-    if (running.length === 0) {
+    if (running.length === 0 && plan.devices.length > 0) {
       const hint =
         registry.devices.length === 0
           ? 'Give a backing device too (ubcache make -B), not only a cache device.'
           : 'The backing devices wait for their cache sets: give their cache devices too.';
-      await stopAll();
-      throw new CliError('no bcache device to serve', { hint });
+      if (plan.exitWhenIdle) {
+        await stopAll();
+        throw new CliError('no bcache device to serve', { hint });
+      }
+      log.warn(`no bcache device to serve yet (${hint}); waiting for register on the control socket`);
     }
-    const exportList = running.map((d) => d.name).join(', ');
-    for (const target of plan.listen) {
-      let bound: ListenTarget;
+    const exportList = running.length === 0 ? 'none yet' : running.map((d) => d.name).join(', ');
+    const bound: ListenTarget[] = [];
+    const targets: ListenTarget[] = activated.length > 0 ? activated.map((fd) => ({ fd })) : listen;
+    for (const target of targets) {
+      let at: ListenTarget;
       try {
-        bound = await server.listen(target);
+        at = await server.listen(target);
       } catch (err) {
         if (requested()) break;
         await stopAll();
-        throw new CliError(errorMessage(err));
+        throw new CliError(
+          'fd' in target ? `socket activation: fd ${target.fd}: ${errorMessage(err)}` : errorMessage(err),
+        );
       }
+      bound.push(at);
       log.info(
-        `listening on ${formatAddress(bound)} (exports: ${exportList})` +
+        `listening on ${formatAddress(at)}${'fd' in target ? ` (socket activation, fd ${target.fd})` : ''} (exports: ${exportList})` +
           (tls ? `; TLS ${tls.required ? 'required' : 'offered'}: ${tls.describe}` : ''),
       );
       if (requested()) break;
@@ -539,13 +738,45 @@ export const run: Subcommand = async (args) => {
     }
     if (!requested()) log.info(`control socket ${plan.control}`);
     state.serving = true;
+    // --- Service: ready (pidfile, systemd), status now and then, the --run command ---
+    if (!requested()) {
+      if (plan.pidfile !== undefined) {
+        try {
+          writePidfile(plan.pidfile);
+        } catch (err) {
+          await stopAll();
+          throw new CliError(`cannot write the pidfile ${plan.pidfile}: ${errorMessage(err)}`);
+        }
+      }
+      notifier?.send(`READY=1\n${statusMessage(statusLine(registry))}`);
+      if (notifier) {
+        statusTimer = setInterval(sendStatus, STATUS_INTERVAL_MS);
+        statusTimer.unref();
+      }
+      if (plan.run !== undefined) {
+        const vars = captiveEnv({ listeners: bound, exports: server.exports.map((e) => e.name), tls: plan.tls.mode });
+        log.debug(`--run: ${plan.run} (${Object.entries(vars).map(([k, val]) => `${k}=${val}`).join(' ')})`);
+        const captive = runCaptive(plan.run, vars);
+        state.captive = captive;
+        void captive.exited.then((status) => {
+          state.status = status;
+          shutdown(`the --run command exited with status ${status}: shutting down`);
+        });
+      }
+    }
+    // --- End ---
     lastGone();
     await stopped.promise;
     log.info('stopped');
-    return 0;
+    return state.status;
   } finally {
+    clearInterval(statusTimer);
+    stopWatchingParent?.();
     unwatch();
     process.off('SIGINT', onSignal);
     process.off('SIGTERM', onSignal);
   }
 };
+
+/** How often systemd's STATUS= is refreshed (besides at every device change): dirty data and hits move. */
+const STATUS_INTERVAL_MS = 10_000;
