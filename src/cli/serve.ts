@@ -755,7 +755,11 @@ export const run: Subcommand = async (args) => {
       }
       if (plan.run !== undefined) {
         const vars = captiveEnv({ listeners: bound, exports: server.exports.map((e) => e.name), tls: plan.tls.mode });
-        log.debug(`--run: ${plan.run} (${Object.entries(vars).map(([k, val]) => `${k}=${val}`).join(' ')})`);
+        log.debug(
+          `--run: ${plan.run} (${Object.entries(vars)
+            .map(([k, val]) => `${k}=${val}`)
+            .join(' ')})`,
+        );
         const captive = runCaptive(plan.run, vars);
         state.captive = captive;
         void captive.exited.then((status) => {
