@@ -56,7 +56,7 @@ import {
   type Attribute,
 } from '../bcache/attributes.ts';
 import type { CachedDev } from '../bcache/cached-dev.ts';
-import { Registry, type RegisteredSet, type RegistryOptions } from '../bcache/registry.ts';
+import { RegisteredSet, Registry, type RegistryOptions } from '../bcache/registry.ts';
 import { SysfsTree } from '../bcache/sysfs/tree.ts';
 import { defaultControlPath } from '../control/paths.ts';
 import { renderMetrics } from '../control/metrics.ts';
@@ -71,10 +71,12 @@ import { exitWithParent } from '../daemon/parent.ts';
 import { writePidfile } from '../daemon/pidfile.ts';
 import { listenFdsFromEnv, SocketActivationError } from '../daemon/socket-activation.ts';
 import { statusLine } from '../daemon/status.ts';
+import { ConfigError, loadServeConfig, type ConfigSection, type ServeConfig } from '../daemon/config.ts';
 import { SysfsError, wo } from '../bcache/sysfs/node.ts';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { join, resolve as resolvePath } from 'node:path';
+import type { BlockDevice } from '../blockdev/types.ts';
 import { DEFAULT_LISTEN, parseListen } from './export.ts';
 import { loadTls, parseTlsOptions, tlsHelp, TLS_OPTIONS } from './tls-options.ts';
 import type { ServerTlsSettings } from '../nbd/server-tls.ts';
@@ -210,6 +212,8 @@ export interface ServePlan {
   verbose: boolean;
   /** -V/--version: print the version and exit. */
   version: boolean;
+  /** --config FILE, read and checked. */
+  config?: ServeConfig;
 }
 
 export const DEFAULT_SHUTDOWN_TIMEOUT_MS = 30_000;
@@ -325,7 +329,32 @@ export function parseSetOption(text: string): SetOption {
 
 /** Turn the arguments into a plan, or 'help'. Throws CliError on anything wrong. */
 export function parseServeArgs(args: string[]): ServePlan | 'help' {
-  const parsed = parseCommandArgs(
+  const first = parseOptions(args);
+  const configPath = first.values.config;
+  if (configPath === undefined) return buildPlan(first, undefined);
+  // --- --config FILE: its [serve] options go first, so the command line's win; its devices first too ---
+  if (configPath === '') throw new CliError('--config needs a path', { hint: usageHint });
+  let config: ServeConfig;
+  try {
+    config = loadServeConfig(configPath);
+  } catch (err) {
+    if (err instanceof ConfigError) throw new CliError(err.message);
+    throw err;
+  }
+  // Each [serve] value checked alone, so that an error names its line.
+  config.serveArgs.forEach((arg, i) => {
+    try {
+      parseServeArgs([arg]);
+    } catch (err) {
+      if (err instanceof CliError) throw new CliError(`${config.serveWhere[i] ?? config.path}: ${err.message}`);
+      throw err;
+    }
+  });
+  return buildPlan(parseOptions([...config.serveArgs, ...args]), config);
+}
+
+function parseOptions(args: string[]) {
+  return parseCommandArgs(
     args,
     {
       listen: { type: 'string', multiple: true },
@@ -338,13 +367,20 @@ export function parseServeArgs(args: string[]): ServePlan | 'help' {
       'stop-timeout': { type: 'string' },
       ...TLS_OPTIONS,
       ...SERVICE_OPTIONS,
+      config: { type: 'string' },
       help: { type: 'boolean', short: 'h' },
     },
     usageHint,
   );
+}
+
+function buildPlan(parsed: ReturnType<typeof parseOptions>, config: ServeConfig | undefined): ServePlan | 'help' {
   const v = parsed.values;
   if (v.help === true) return 'help';
-  const devices = parsed.positionals;
+  const configDevices = (config?.sections ?? []).flatMap((c) =>
+    c.target.kind === 'cache' || c.target.kind === 'backing' ? [c.target.path] : [],
+  );
+  const devices = [...configDevices, ...parsed.positionals];
   if (devices.length === 0 && v['exit-when-idle'] === true && v.version !== true) {
     throw new CliError('no DEVICE to register, and --exit-when-idle would exit at once', {
       hint: 'Name the cache and backing devices, e.g. ubcache serve cache.img disk.img',
@@ -388,6 +424,7 @@ export function parseServeArgs(args: string[]): ServePlan | 'help' {
     exitWithParent: v['exit-with-parent'] === true,
     verbose: v.verbose === true,
     version: v.version === true,
+    ...(config ? { config } : {}),
   };
   if (v.metrics !== undefined) {
     const m = parseListen(v.metrics);
@@ -436,7 +473,7 @@ function parsePortOptions(port: string | undefined, ipaddr: string | undefined):
 const DEFAULT_LISTEN_PORT = 10809;
 
 /** Register every device, applying the --set options as each device or set appears. */
-async function registerAll(plan: ServePlan, registry: Registry): Promise<void> {
+async function registerAll(plan: ServePlan, registry: Registry, paths: DevicePaths): Promise<void> {
   for (const spec of plan.devices) {
     let dev;
     try {
@@ -445,10 +482,22 @@ async function registerAll(plan: ServePlan, registry: Registry): Promise<void> {
     } catch (err) {
       throw new CliError(`cannot register ${spec}: ${errorMessage(err)}`);
     }
+    paths.set(dev, spec);
+    let registered;
     try {
-      await registry.register(dev);
+      registered = await registry.register(dev);
     } catch (err) {
       throw new CliError(`cannot register ${spec}: ${errorMessage(err)}`);
+    }
+    // A config section said what the device is: the superblock must agree.
+    const said = plan.config?.sections.find(
+      (c) => (c.target.kind === 'cache' || c.target.kind === 'backing') && c.target.path === spec,
+    );
+    if (said && said.target.kind !== registered.kind) {
+      throw new CliError(
+        `${said.where}: ${spec} is a ${registered.kind} device, not a ${said.target.kind} device; ` +
+          `write [${registered.kind} "${spec}"] (its attributes are then ${registered.kind === 'cache' ? "its cache set's" : "a backing device's"})`,
+      );
     }
   }
   const names = new Set(registry.devices.map((d) => d.name));
@@ -469,9 +518,36 @@ async function registerAll(plan: ServePlan, registry: Registry): Promise<void> {
   }
 }
 
-function configure(plan: ServePlan): RegistryOptions {
+/** The path (or URI) each device was opened by, at start or by a runtime register: config sections name devices by path. */
+type DevicePaths = WeakMap<BlockDevice, string>;
+
+/** Does a config section name this backing device or cache set? */
+function sectionMatches(c: ConfigSection, paths: DevicePaths, dev: CachedDev | RegisteredSet): boolean {
+  const t = c.target;
+  if (dev instanceof RegisteredSet) {
+    if (t.kind === 'sets') return true;
+    if (t.kind === 'set') return t.uuid === dev.uuid;
+    return t.kind === 'cache' && samePath(paths.get(dev.cs.dev), t.path);
+  }
+  if (t.kind === 'backing-uuid') return t.uuid === dev.uuid;
+  return t.kind === 'backing' && samePath(paths.get(dev.backing), t.path);
+}
+
+function samePath(opened: string | undefined, path: string): boolean {
+  if (opened === undefined) return false;
+  return /^[a-z+]+:\/\//.test(opened) ? opened === path : resolvePath(opened) === path;
+}
+
+function configure(plan: ServePlan, paths: DevicePaths): RegistryOptions {
+  // The config file's settings first, then --set: the command line wins.
+  const sections = plan.config?.sections ?? [];
   return {
     configureDevice: async (dev) => {
+      for (const c of sections) {
+        if (c.target.kind !== 'backing' && c.target.kind !== 'backing-uuid') continue;
+        if (!sectionMatches(c, paths, dev)) continue;
+        for (const setting of c.settings) await (setting.apply as (d: CachedDev) => Promise<void>)(dev);
+      }
       for (const s of plan.sets) {
         if (s.target.kind === 'device' && s.target.name === dev.name) {
           await (s.apply as (d: CachedDev) => Promise<void>)(dev);
@@ -479,6 +555,11 @@ function configure(plan: ServePlan): RegistryOptions {
       }
     },
     configureSet: async (set) => {
+      for (const c of sections) {
+        if (c.target.kind !== 'cache' && c.target.kind !== 'set' && c.target.kind !== 'sets') continue;
+        if (!sectionMatches(c, paths, set)) continue;
+        for (const setting of c.settings) await (setting.apply as (t: RegisteredSet) => Promise<void>)(set);
+      }
       for (const s of plan.sets) {
         if (s.target.kind === 'sets' || (s.target.kind === 'set' && s.target.uuid === set.uuid)) {
           await (s.apply as (t: RegisteredSet) => Promise<void>)(set);
@@ -518,9 +599,14 @@ export const run: Subcommand = async (args) => {
   const notifier = notifierFromEnv();
   // --- End of service inputs ---
   const bounds = stopBounds(plan.stopTimeoutMs);
+  const paths: DevicePaths = new WeakMap();
   const registry = new Registry({
-    ...configure(plan),
-    open: (path) => openBlockDevice(path, { exclusive: true }),
+    ...configure(plan, paths),
+    open: async (path) => {
+      const dev = await openBlockDevice(path, { exclusive: true });
+      paths.set(dev, path);
+      return dev;
+    },
     deviceStopTimeoutMs: bounds.registry,
     deviceOptions: { stopTimeoutMs: bounds.device },
     setOptions: { stopTimeoutMs: bounds.set },
@@ -680,7 +766,7 @@ export const run: Subcommand = async (args) => {
     }
     try {
       tree.start();
-      await registerAll(plan, registry);
+      await registerAll(plan, registry, paths);
     } catch (err) {
       if (requested()) {
         // A signal during registration: not a failure.
