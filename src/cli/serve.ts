@@ -808,7 +808,8 @@ export const run: Subcommand = async (args) => {
       }
       bound.push(at);
       log.info(
-        `listening on ${formatAddress(at)}${'fd' in target ? ` (socket activation, fd ${target.fd})` : ''} (exports: ${exportList})` +
+        // A passed unix socket's path is not known to Node (no getsockname for pipes): it shows as its fd.
+        `listening on ${formatAddress(at)}${'fd' in target && !('fd' in at) ? ` (socket activation, fd ${target.fd})` : 'fd' in at ? ' (socket activation)' : ''} (exports: ${exportList})` +
           (tls ? `; TLS ${tls.required ? 'required' : 'offered'}: ${tls.describe}` : ''),
       );
       if (requested()) break;

@@ -318,10 +318,11 @@ export class NbdServer {
     this.listeners.push(server);
     if ('path' in target) return target;
     if ('fd' in target) {
-      // What the passed socket is bound to, for the log and for --run's variables.
+      // What a passed TCP socket is bound to, for the log; Node knows no path for a passed unix socket.
       const addr = server.address();
-      if (typeof addr === 'string') return { path: addr };
-      if (addr !== null) return { host: addr.address, port: addr.port };
+      if (addr !== null && typeof addr === 'object' && typeof addr.port === 'number') {
+        return { host: addr.address, port: addr.port };
+      }
       return target;
     }
     const addr = server.address() as AddressInfo;
