@@ -691,10 +691,16 @@ export const run: Subcommand = async (args) => {
     if (state.requested) return;
     state.requested = true;
     log.info(why);
-    // --- Service: tell systemd, stop watching, leave a --run command to end by itself ---
+    // --- Service: tell systemd, stop watching the parent, end a --run command still running ---
     notifier?.send('STOPPING=1\nSTATUS=shutting down');
     clearInterval(statusTimer);
     stopWatchingParent?.();
+    const child = state.captive?.child;
+    if (child && child.exitCode === null && child.signalCode === null) {
+      // Stopping for another reason (a signal, the control socket): its server is going away.
+      log.info('sending SIGTERM to the --run command');
+      child.kill('SIGTERM');
+    }
     // --- End ---
     stopAll().then(
       () => {
@@ -850,6 +856,8 @@ export const run: Subcommand = async (args) => {
         const captive = runCaptive(plan.run, vars);
         state.captive = captive;
         void captive.exited.then((status) => {
+          // Its status is serve's only if its exit is what stops serve (not our SIGTERM below).
+          if (state.requested) return;
           state.status = status;
           shutdown(`the --run command exited with status ${status}: shutting down`);
         });

@@ -178,6 +178,17 @@ test(
     if (have('nbdinfo')) assert.equal(lines[6], String(64 * 1024 * 1024 - 8192));
     assert.equal(existsSync(socket), false, 'the private socket and its directory are removed');
 
+    // serve stopped first (here by the command itself, on the control socket): the command gets SIGTERM.
+    const got = join(tmp.dir, 'got-term');
+    const ctlSock = join(tmp.dir, 'st.sock');
+    const waiting =
+      `trap 'kill $!; echo TERM > "${got}"; exit 0' TERM; ` +
+      `"${UBCACHE}" ctl --control "${ctlSock}" write /sys/fs/bcache/shutdown 1; sleep 600 & wait $!`;
+    const st = new Daemon(['serve', '-U', '-', '--control', ctlSock, '--run', waiting]);
+    assert.deepEqual(await st.exited, { code: 0, signal: null }, st.stderr);
+    assert.match(st.stderr, /sending SIGTERM to the --run command/);
+    await waitForFile(got);
+
     // A command killed by a signal: 128 + its number, as the shell reports it.
     const k = new Daemon(['serve', '-U', '-', '--control', join(tmp.dir, 'k.sock'), '--run', 'kill -TERM $$']);
     assert.deepEqual(await k.exited, { code: 143, signal: null }, k.stderr);
