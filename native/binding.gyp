@@ -8,7 +8,7 @@
   "targets": [
     {
       "target_name": "ubcache_native",
-      "sources": ["ubcache_native.c"],
+      "sources": ["ubcache_native.c", "daemon.c"],
       "cflags": ["-O2", "-Wall", "-Wextra"],
       "conditions": [
         [

@@ -33,6 +33,9 @@
  *       at the first use, and Node 20's ES module loader uses the pool
  *       before any of our code runs.
  *
+ *   notifySend, setParentDeathSignal (daemon.c): sd_notify and
+ *       --exit-with-parent for serve.
+ *
  *   uringSetup, uringRead, ... (uring.c, only when built with liburing):
  *       the io_uring I/O engine.
  *
@@ -98,6 +101,9 @@ const char *ubcache_errno_name(int e) {
     case EDQUOT: return "EDQUOT";
     case ESPIPE: return "ESPIPE";
     case ECANCELED: return "ECANCELED";
+    case ECONNREFUSED: return "ECONNREFUSED";
+    case ENOTSOCK: return "ENOTSOCK";
+    case EPROTOTYPE: return "EPROTOTYPE";
     default: return "EUNKNOWN";
   }
 }
@@ -310,6 +316,7 @@ static napi_value init(napi_env env, napi_value exports) {
     {"execve", NULL, js_execve, NULL, NULL, NULL, napi_default, NULL},
   };
   napi_define_properties(env, exports, sizeof props / sizeof props[0], props);
+  ubcache_daemon_register(env, exports);
 #ifdef UBCACHE_HAVE_URING
   ubcache_uring_register(env, exports);
 #endif

@@ -51,6 +51,14 @@ export interface NativeOps {
    * only by throwing. null when the addon predates it.
    */
   execve: ((path: string, argv: string[], env: string[]) => never) | null;
+  /**
+   * One datagram to an AF_UNIX SOCK_DGRAM address ('@' first: abstract), for
+   * sd_notify's $NOTIFY_SOCKET; throws an errno-coded Error. null when the
+   * addon predates it.
+   */
+  notifySend: ((address: string, message: string) => void) | null;
+  /** prctl(PR_SET_PDEATHSIG, signo) (--exit-with-parent). null when the addon predates it. */
+  setParentDeathSignal: ((signo: number) => void) | null;
   /** The io_uring engine's primitives (native/uring.c); null when the addon was built without liburing. */
   uring: UringOps | null;
 }
@@ -85,6 +93,8 @@ interface RawAddon {
   flock?: unknown;
   preadNowait?: unknown;
   execve?: unknown;
+  notifySend?: unknown;
+  setParentDeathSignal?: unknown;
   uringSetup?: unknown;
   uringRead?: unknown;
   uringWrite?: unknown;
@@ -156,7 +166,7 @@ function load(): NativeOps | null {
     }
     return null;
   }
-  const { fallocate, seek, blkdiscard, flock, preadNowait, execve } = raw;
+  const { fallocate, seek, blkdiscard, flock, preadNowait, execve, notifySend, setParentDeathSignal } = raw;
   if (typeof fallocate !== 'function' || typeof seek !== 'function') {
     log.warn(`native addon ${addonPath} lacks fallocate/seek; rebuild it with \`npm run build\``);
     return null;
@@ -168,6 +178,11 @@ function load(): NativeOps | null {
     flock: typeof flock === 'function' ? (flock as NonNullable<NativeOps['flock']>) : null,
     preadNowait: typeof preadNowait === 'function' ? (preadNowait as NonNullable<NativeOps['preadNowait']>) : null,
     execve: typeof execve === 'function' ? (execve as NonNullable<NativeOps['execve']>) : null,
+    notifySend: typeof notifySend === 'function' ? (notifySend as NonNullable<NativeOps['notifySend']>) : null,
+    setParentDeathSignal:
+      typeof setParentDeathSignal === 'function'
+        ? (setParentDeathSignal as NonNullable<NativeOps['setParentDeathSignal']>)
+        : null,
     uring: uringOps(raw),
   };
 }

@@ -3,6 +3,7 @@
 
 import { CliError, packageVersion, type Subcommand } from './common.ts';
 import { errorMessage } from '../util/lifecycle.ts';
+import { journalPrefix } from '../util/log.ts';
 
 interface Entry {
   summary: string;
@@ -124,12 +125,14 @@ export async function main(argv: string[]): Promise<number> {
     const run = await entry.load();
     return await run(rest);
   } catch (err) {
+    // Under systemd the journal files these at error priority (log.ts).
+    const prefix = journalPrefix('error');
     if (err instanceof CliError) {
-      process.stderr.write(`ubcache ${cmd}: ${err.message}\n`);
-      if (err.hint) process.stderr.write(`${err.hint}\n`);
+      process.stderr.write(`${prefix}ubcache ${cmd}: ${err.message}\n`);
+      if (err.hint) process.stderr.write(`${prefix}${err.hint}\n`);
       return err.status;
     }
-    process.stderr.write(`ubcache ${cmd}: ${errorMessage(err)}\n`);
+    process.stderr.write(`${prefix}ubcache ${cmd}: ${errorMessage(err)}\n`);
     return 1;
   }
 }

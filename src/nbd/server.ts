@@ -35,11 +35,13 @@ export interface ServerOptions extends Partial<TransmissionOptions> {
   tls?: ServerTls;
 }
 
-export type ListenTarget = { host: string; port: number } | { path: string };
+/** A TCP address, a unix socket path, or a listening socket passed in by socket activation (its fd). */
+export type ListenTarget = { host: string; port: number } | { path: string } | { fd: number };
 
 /** Where a listener ended up: "127.0.0.1:10809", "[::1]:10809" or "unix:/run/x.sock". */
 export function formatAddress(target: ListenTarget): string {
   if ('path' in target) return `unix:${target.path}`;
+  if ('fd' in target) return `fd ${target.fd}`;
   return target.host.includes(':') ? `[${target.host}]:${target.port}` : `${target.host}:${target.port}`;
 }
 
@@ -315,6 +317,14 @@ export class NbdServer {
     }
     this.listeners.push(server);
     if ('path' in target) return target;
+    if ('fd' in target) {
+      // What a passed TCP socket is bound to, for the log; Node knows no path for a passed unix socket.
+      const addr = server.address();
+      if (addr !== null && typeof addr === 'object' && typeof addr.port === 'number') {
+        return { host: addr.address, port: addr.port };
+      }
+      return target;
+    }
     const addr = server.address() as AddressInfo;
     return { host: addr.address, port: addr.port };
   }
@@ -336,6 +346,7 @@ export class NbdServer {
         resolve(server);
       };
       if ('path' in target) server.listen(target.path, done);
+      else if ('fd' in target) server.listen({ fd: target.fd }, done);
       else server.listen(target.port, target.host, done);
     });
   }

@@ -2,6 +2,15 @@
 // terminal and `grep` all read them. bcache's kernel messages are reproduced
 // verbatim where the engine has an equivalent (`bcache: register_bdev()
 // registered backing device ...`), so existing runbooks keep working.
+//
+// Under systemd, stderr goes to the journal, which takes a `<N>` prefix on a
+// line as its syslog priority (sd-daemon(3)): error <3>, warning <4>, info
+// <6>, debug <7>. The prefix is added only when stderr is the journal's
+// stream: JOURNAL_STREAM names its device and inode, and they must be
+// stderr's own (systemd.exec(5)), so that a terminal or a pipe into another
+// program never sees it.
+
+import { fstatSync } from 'node:fs';
 
 export type LogLevel = 'debug' | 'info' | 'warn' | 'error';
 
@@ -15,9 +24,39 @@ function envLevel(): LogLevel {
   return 'info';
 }
 
+/** sd-daemon(3)'s priority prefixes (syslog levels). */
+const JOURNAL_PRIORITY: Record<LogLevel, string> = { error: '<3>', warn: '<4>', info: '<6>', debug: '<7>' };
+
+/**
+ * Is stderr the journal's stream? JOURNAL_STREAM is "DEVICE:INODE" of the
+ * stream systemd connected; a child whose stderr was redirected inherits the
+ * variable but not the stream, hence the comparison.
+ */
+export function stderrIsJournal(
+  env: NodeJS.ProcessEnv = process.env,
+  stat: () => { dev: bigint; ino: bigint } = () => fstatSync(2, { bigint: true }),
+): boolean {
+  const stream = env['JOURNAL_STREAM'];
+  if (stream === undefined || stream === '') return false;
+  try {
+    const s = stat();
+    return stream === `${s.dev}:${s.ino}`;
+  } catch {
+    return false;
+  }
+}
+
+let journal: boolean | undefined;
+
+/** The journal's priority prefix for a line of this level, or "" when stderr is not the journal (main's errors use it too). */
+export function journalPrefix(level: LogLevel): string {
+  journal ??= stderrIsJournal();
+  return journal ? JOURNAL_PRIORITY[level] : '';
+}
+
 const stderrSink: LogSink = (level, line) => {
-  const prefix = level === 'warn' ? 'warning: ' : level === 'error' ? 'error: ' : '';
-  process.stderr.write(`ubcache: ${prefix}${line}\n`);
+  const word = level === 'warn' ? 'warning: ' : level === 'error' ? 'error: ' : '';
+  process.stderr.write(`${journalPrefix(level)}ubcache: ${word}${line}\n`);
 };
 
 let sink: LogSink = stderrSink;

@@ -2,8 +2,8 @@
 // real NBD clients doing I/O while devices are registered, attached,
 // detached and stopped and the cache set unregistered at runtime: no request
 // that should succeed fails, no data is lost, exports come and go with
-// their devices, and once nothing is left the daemon exits 0 by itself,
-// leaving no socket behind. Also: the control socket's mode, malformed
+// their devices, and once nothing is left the daemon (--exit-when-idle)
+// exits 0 by itself, leaving no socket behind. Also: the control socket's mode, malformed
 // requests, a second daemon on the same control path, a stale socket.
 
 import { test } from 'node:test';
@@ -60,7 +60,7 @@ test('runtime register, attach, detach, stop and unregister while clients do I/O
   const second = sparseFile(join(tmp.dir, 'second.img'), 32 * MiB);
   assert.equal(ubcache(['make', '-B', second]).status, 0);
   const control = join(tmp.dir, 'control.sock');
-  const s = await startServe(tmp.dir, ['--control', control, cache, backing]);
+  const s = await startServe(tmp.dir, ['--exit-when-idle', '--control', control, cache, backing]);
   try {
     assert.equal(statSync(control).mode & 0o777, 0o600, 'the control socket is for its owner only');
     const setUuid = (await ctl(control, 'ls', '/sys/fs/bcache')).split('\n').find((l) => /^[0-9a-f-]{36}$/.test(l));
@@ -103,7 +103,7 @@ test('runtime register, attach, detach, stop and unregister while clients do I/O
     // Unregister the set: bcache0 is already detached and keeps serving.
     await ctl(control, 'write', `/sys/fs/bcache/${setUuid}/unregister`, '1');
     await s.daemon.waitForLine(/Cache set .* unregistered/);
-    assert.equal(await ctl(control, 'ls', '/sys/fs/bcache'), 'register\nregister_quiet\npendings_cleanup\n');
+    assert.equal(await ctl(control, 'ls', '/sys/fs/bcache'), 'register\nregister_quiet\npendings_cleanup\nshutdown\n');
 
     const written0 = await io0.stop();
     assert.deepEqual([...io0.failures, ...io1.failures], [], 'no request that should succeed failed');
@@ -119,7 +119,7 @@ test('runtime register, attach, detach, stop and unregister while clients do I/O
     // Stop the last device: the daemon shuts down and exits 0 on its own.
     c0.close();
     await ctl(control, 'write', 'block/bcache0/bcache/stop', '1');
-    await s.daemon.waitForLine(/no bcache device and no cache set is left: shutting down/);
+    await s.daemon.waitForLine(/no bcache device and no cache set is left: shutting down \(--exit-when-idle\)/);
     assert.deepEqual(await s.daemon.exited, { code: 0, signal: null });
     assert.equal(existsSync(control), false, 'the control socket is removed');
     assert.equal(existsSync(s.socket), false, 'the NBD socket is removed');

@@ -5,7 +5,7 @@
 // writethrough device keeps serving from its backing device and its client
 // notices nothing, while the dirty writeback device stops, its client is
 // disconnected, and the daemon serves on; stopping the last device makes it
-// exit 0 by itself. A restart finds the flushed data where it belongs and the
+// exit 0 by itself (--exit-when-idle). A restart finds the flushed data where it belongs and the
 // dirty device refuses another cache. A backing device pulled with
 // `--fault BACKING:pull-after=N` stops only its own bcache device.
 
@@ -85,6 +85,7 @@ test(
     const { cache, clean, dirty } = makeTrio(tmp.dir);
     const control = join(tmp.dir, 'control.sock');
     const s = await startServe(tmp.dir, [
+      '--exit-when-idle',
       '--control',
       control,
       '--set',
@@ -173,7 +174,7 @@ test(
     const other = sparseFile(join(tmp.dir, 'other-cache.img'), 40 * MiB);
     assert.equal(ubcache(['make', '-b', '64k', '-C', other]).status, 0);
     // Alone with it, serve will not run the dirty device uncached and says why.
-    const refused = new Daemon(['serve', '--socket', join(tmp.dir, 'refused.sock'), other, dirty]);
+    const refused = new Daemon(['serve', '--exit-when-idle', '--socket', join(tmp.dir, 'refused.sock'), other, dirty]);
     assert.equal((await refused.exited).code, 1);
     assert.match(refused.stderr, /dirty\.img: its cache set .* is not registered and its superblock says dirty/);
     // Next to a device that runs: attaching it to the other cache is refused with the reason.

@@ -31,6 +31,12 @@ export type TreeJson = string | null | { $link: string } | { [name: string]: Tre
 export interface SysfsTreeOptions {
   /** The accounting tick's period (tests shorten it or call tick() themselves). */
   accountingIntervalMs?: number;
+  /**
+   * Files of the daemon itself, listed in /sys/fs/bcache after the kernel's
+   * (serve's `shutdown`): the module-level place, where the kernel has
+   * register and pendings_cleanup.
+   */
+  daemonFiles?: ReadonlyArray<readonly [string, SysfsFile]>;
 }
 
 export class SysfsTree {
@@ -41,9 +47,11 @@ export class SysfsTree {
   private stopping = false;
   private readonly root: SysfsDir;
   private readonly ctx: TreeContext;
+  private readonly daemonFiles: ReadonlyArray<readonly [string, SysfsFile]>;
 
   constructor(registry: Registry, options: SysfsTreeOptions = {}) {
     this.registry = registry;
+    this.daemonFiles = options.daemonFiles ?? [];
     this.ctx = {
       registry,
       views: this.views,
@@ -121,6 +129,7 @@ export class SysfsTree {
           this.background('pendings_cleanup', () => registry.stopPending());
         }),
       ],
+      ...this.daemonFiles,
       ...[...registry.sets.values()].map((s) => [s.uuid, setDir(this.ctx, s)] as const),
     ]);
     const block = dir(() => [
