@@ -63,7 +63,7 @@ test(
     ]);
     try {
       const metricsLine = await s.daemon.waitForLine(/metrics on http:\/\/127\.0\.0\.1:\d+\/metrics/);
-      const metricsUrl = /(http:\/\/\S+)/.exec(metricsLine)?.[1] ?? '';
+      const metricsUrl = /metrics on (http:\/\/\S+\/metrics)/.exec(metricsLine)?.[1] ?? '';
       const c = await Client.connect(s.socket);
       for (let i = 0; i < 16; i++) await c.write(i * 4096, Buffer.alloc(4096, i + 1));
       await c.flush();
