@@ -232,7 +232,11 @@ export class CacheSet {
     this.clock = options.clock ?? realClock;
     this.uuid = formatUuid(sb.setUuid);
     this.workers = new WorkerScope(`cache set ${this.uuid}`);
-    this.io = new CacheIo(dev, () => this.ioDisabledFlag);
+    const congestionRng = options.seed === undefined ? undefined : new Prng(options.seed ^ 0xc0de);
+    this.io = new CacheIo(dev, () => this.ioDisabledFlag, {
+      clock: this.clock,
+      ...(congestionRng ? { random: () => congestionRng.next() } : {}),
+    });
     this.buckets = new Buckets(sb.nbuckets, sb.bucketSize, sb.firstBucket);
     this.geometry = { bucketSize: sb.bucketSize, firstBucket: sb.firstBucket, nbuckets: sb.nbuckets };
     const magic = setMagic(sb);

@@ -91,6 +91,8 @@ export class RegisteredSet {
   constructor(cs: CacheSet) {
     this.cs = cs;
     cs.errorLimits = () => ({ limit: this.settings.ioErrorLimit, halflife: this.settings.ioErrorHalflife });
+    // congested_*_threshold_us: the cache device's latency is judged against the set's settings.
+    cs.io.congestion.thresholds = this.settings;
   }
 
   get uuid(): string {

@@ -401,11 +401,15 @@ export class RequestPath {
     else if (start % cs.blockSize !== 0 || sectors % cs.blockSize !== 0) skip = true;
     else {
       const cutoff = this.dev.settings.sequentialCutoff;
-      // Congestion bypass (bch_get_congested, congested_*_threshold_us) is
-      // not measured yet: the set is never congested, so only the cutoff counts.
-      if (cutoff !== 0 && !(mode === CACHE_MODE_WRITEBACK && write && fua)) {
-        const bytes = this.seq.observe(start, end, this.dev.clock.now());
-        if (bytes >= cutoff) skip = true;
+      // bch_get_congested(): 0, or the stream length (sectors) past which a
+      // slow cache device is bypassed; a congested set tracks streams even
+      // with sequential_cutoff 0, and then FUA writes in writeback mode are
+      // judged too (as the kernel that exempted sync writes did it).
+      const congested = cs.io.congestion.congested();
+      if (congested !== 0 || (cutoff !== 0 && !(mode === CACHE_MODE_WRITEBACK && write && fua))) {
+        const sequential = Math.floor(this.seq.observe(start, end, this.dev.clock.now()) / SECTOR_SIZE);
+        if (cutoff !== 0 && sequential >= Math.floor(cutoff / SECTOR_SIZE)) skip = true;
+        else if (congested !== 0 && sequential >= congested) skip = true;
       }
     }
     if (skip) {

@@ -135,6 +135,8 @@ export function setDir(ctx: TreeContext, set: RegisteredSet): SysfsDir {
         ro(() => hprint(cs.gc.stats.keys === 0 ? 0 : Math.floor((cs.gc.stats.data * 512) / cs.gc.stats.keys))),
       ],
       ['dirty_data', ro(() => hprint([...set.devices].reduce((n, d) => n + d.dirtySectors, 0) * 512))],
+      // bch_get_congested() in bytes: 0, or the stream length past which I/O goes around the slow cache.
+      ['congested', ro(() => hprint(cs.io.congestion.congested() * 512))],
       [
         'clear_stats',
         wo(() => {
