@@ -430,6 +430,30 @@ export const SET_ATTRIBUTES: ReadonlyArray<Attribute<RegisteredSet>> = [
     ),
     internal: true,
   },
+  {
+    // Accepted and shown; moving GC itself is not implemented yet (README, Control).
+    ...bool<RegisteredSet>(
+      'copy_gc_enabled',
+      (s) => s.settings.copyGcEnabled,
+      (s, v) => {
+        setSetting(s, 'copyGcEnabled', v);
+      },
+    ),
+    internal: true,
+  },
+  {
+    ...unsigned<RegisteredSet>(
+      'gc_after_writeback',
+      0,
+      1,
+      true,
+      (s) => s.settings.gcAfterWriteback,
+      (s, v) => {
+        setSetting(s, 'gcAfterWriteback', v);
+      },
+    ),
+    internal: true,
+  },
   choice(
     'errors',
     ERRORS,

@@ -71,15 +71,18 @@ export class CacheIo {
   private flushesStarted = 0;
   private flushedUpTo = 0;
   private readonly flushListeners: Array<(epoch: number) => void> = [];
-  readonly stats: IoStats = { metaSectorsWritten: 0, btreeSectorsWritten: 0, sectorsWritten: 0, sectorsRead: 0, flushes: 0, discards: 0 };
+  readonly stats: IoStats = {
+    metaSectorsWritten: 0,
+    btreeSectorsWritten: 0,
+    sectorsWritten: 0,
+    sectorsRead: 0,
+    flushes: 0,
+    discards: 0,
+  };
   /** How slow the device has been lately (the set's `congested`). */
   readonly congestion: Congestion;
 
-  constructor(
-    dev: BlockDevice,
-    isDisabled: () => boolean,
-    options: { clock?: Clock; random?: () => number } = {},
-  ) {
+  constructor(dev: BlockDevice, isDisabled: () => boolean, options: { clock?: Clock; random?: () => number } = {}) {
     this.dev = dev;
     this.isDisabled = isDisabled;
     this.congestion = new Congestion(

@@ -55,6 +55,10 @@ export interface SetSettings {
   errors: 'unregister' | 'panic';
   /** idle_max_writeback_rate: write back at full speed while the whole set is idle. */
   idleMaxWritebackRate: boolean;
+  /** copy_gc_enabled (0 by default, as Linux 6.1 shows it). */
+  copyGcEnabled: boolean;
+  /** gc_after_writeback: 0 or 1. */
+  gcAfterWriteback: number;
 }
 
 export function defaultSetSettings(): SetSettings {
@@ -65,6 +69,8 @@ export function defaultSetSettings(): SetSettings {
     ioErrorHalflife: 0,
     errors: 'unregister',
     idleMaxWritebackRate: true,
+    copyGcEnabled: false,
+    gcAfterWriteback: 0,
   };
 }
 
