@@ -12,6 +12,7 @@
 
 import { CACHE_MODE_NAMES } from '../format/constants.ts';
 import { log } from '../util/log.ts';
+import { ADMISSION_POLICIES } from './admission.ts';
 import type { CachedDev, CachedDevSettings } from './cached-dev.ts';
 import type { RegisteredSet, SetSettings } from './registry.ts';
 import { hprint } from './stats.ts';
@@ -333,6 +334,15 @@ export const DEVICE_ATTRIBUTES: ReadonlyArray<Attribute<CachedDev>> = [
     (d) => d.settings.ioDisable,
     (d, v) => {
       setting(d, 'ioDisable', v);
+    },
+  ),
+  // ubcache's own (admission.ts): which read misses enter the cache; `always` is bcache's behaviour.
+  choice(
+    'cache_admission',
+    ADMISSION_POLICIES,
+    (d) => ADMISSION_POLICIES.indexOf(d.settings.cacheAdmission),
+    (d, i) => {
+      setting(d, 'cacheAdmission', ADMISSION_POLICIES[i] ?? 'always');
     },
   ),
   {
