@@ -1,7 +1,7 @@
 // `npm run bench`: every figure ubcache is judged by, each as a ratio against
 // its reference measured in the same run, in one markdown table.
 //
-//   npm run bench [-- --suite micro,export,cache,slow,scale --runtime 10 --only zipf,gc
+//   npm run bench [-- --suite micro,export,cache,slow,scale,admission --runtime 10 --only zipf,gc
 //                     --backing nbd|fuse|auto --slow-threads 256 --zipf-runtime 90
 //                     --json out.json]
 //
@@ -24,9 +24,13 @@
 //           build whose make takes no URI fails at once, not after the other
 //           suites.
 //   scale   a 256 GiB cache: start to first byte, restart, peak RSS (scale.ts).
+//   admission  the engine alone: a Zipf hot set's hit ratio during a one-pass
+//           scan of cold data larger than the cache, cache_admission
+//           second-hit against always, and the CPU cost of a read hit under
+//           each (admission.ts).
 //
 // --only takes row names: micro, the export workloads (4k-randread-qd1, ...),
-// hit, gc, writeback, zipf, zipf-ra, slow-writeback, slow-writethrough, slow-seqread, scale. --runtime sets the length of
+// hit, gc, writeback, zipf, zipf-ra, slow-writeback, slow-writethrough, slow-seqread, scale, admission. --runtime sets the length of
 // every plain fio run (defaults: export 8 s, cache 10 s, slow-writeback 15 s,
 // scale writes 20 s); the Zipf runs last --zipf-runtime seconds (default 90,
 // or 3 x --runtime when that is given), cold and warm being its first and
@@ -57,6 +61,7 @@ import { join, dirname } from 'node:path';
 import { parseArgs } from 'node:util';
 import { probeNbdBacking, type BackingMode } from './backing.ts';
 import { cacheSuite } from './cache.ts';
+import { admissionSuite } from './admission.ts';
 import { microSuite } from './micro.ts';
 import {
   fio,
@@ -256,7 +261,7 @@ function fmtLoad(l: number[]): string {
 async function main(): Promise<void> {
   const { values } = parseArgs({
     options: {
-      suite: { type: 'string', default: 'micro,export,cache,slow,scale' },
+      suite: { type: 'string', default: 'micro,export,cache,slow,scale,admission' },
       runtime: { type: 'string' },
       'zipf-runtime': { type: 'string' },
       size: { type: 'string', default: '1G' },
@@ -282,8 +287,8 @@ async function main(): Promise<void> {
   }
   const suites = values.suite.split(',');
   for (const s of suites) {
-    if (!['micro', 'export', 'cache', 'slow', 'scale'].includes(s))
-      throw new Error(`unknown suite ${s} (micro, export, cache, slow, scale)`);
+    if (!['micro', 'export', 'cache', 'slow', 'scale', 'admission'].includes(s))
+      throw new Error(`unknown suite ${s} (micro, export, cache, slow, scale, admission)`);
   }
   const given = values.runtime === undefined ? undefined : Number(values.runtime);
   if (given !== undefined && !(given > 0)) throw new Error(`bad --runtime ${values.runtime}`);
@@ -389,6 +394,12 @@ async function main(): Promise<void> {
       rmSync(dir, { recursive: true, force: true });
       rows.push(...r.rows);
       report['scale'] = r.json;
+    }
+    if (suites.includes('admission') && want('admission')) {
+      const r = await admissionSuite();
+      rows.push(...r.rows);
+      details.push(...r.lines);
+      report['admission'] = r.json;
     }
   } finally {
     rmSync(work, { recursive: true, force: true });

@@ -11,10 +11,12 @@
 // "Recently" is a ghost table of the chunks (64 KiB of the backing device)
 // missed lately, each with a 16-bit mask of which of its 4 KiB blocks were
 // missed. The table is direct-mapped (a chunk has one slot, found by a hash;
-// a newer chunk in the same slot replaces the older), and has as many slots as
-// the cache has 64 KiB chunks, rounded up to a power of two: a block read
-// again before a cache's worth of other chunks was missed is admitted, which
-// is roughly what would have kept it in an LRU cache of that size anyway. The
+// a newer chunk in the same slot replaces the older), and has four slots per
+// 64 KiB chunk of the cache, rounded up to a power of two (at most 2M slots,
+// 20 MiB): a block read again before a few cache's worth of other chunks were
+// missed is admitted. A window of one cache's worth, what an LRU cache of that
+// size would have kept anyway, proved too short in the benchmark: a scan's
+// misses push the hot set's first sightings out before their second. The
 // blocks within a chunk are told apart so that a scan reading a chunk block
 // by block (sequentially, under the cutoff) does not admit it from its own
 // second block.
@@ -35,11 +37,14 @@ export const CHUNK_SECTORS = (64 * 1024) / SECTOR_SIZE;
 /** Sectors per bit of a chunk's mask (4 KiB: 16 bits cover the chunk). */
 const BLOCK_SECTORS = (4 * 1024) / SECTOR_SIZE;
 const MIN_SLOTS = 1024;
-const MAX_SLOTS = 1 << 22;
+/** At most 2M slots (20 MiB per device): a 128 GiB cache's worth at 4 per chunk. */
+const MAX_SLOTS = 1 << 21;
+/** Slots per 64 KiB chunk of cache. */
+const GHOST_FACTOR = 4;
 
-/** Slots for a cache of `cacheSectors`: its 64 KiB chunks, a power of two within [1024, 4M]. */
+/** Slots for a cache of `cacheSectors`: 4 per 64 KiB chunk of it, a power of two within [1024, 2M]. */
 export function slotsFor(cacheSectors: number): number {
-  const chunks = Math.ceil(cacheSectors / CHUNK_SECTORS);
+  const chunks = GHOST_FACTOR * Math.ceil(cacheSectors / CHUNK_SECTORS);
   let n = MIN_SLOTS;
   while (n < chunks && n < MAX_SLOTS) n *= 2;
   return n;

@@ -39,12 +39,12 @@ test('second-hit: one pass over many chunks admits nothing; the table forgets wh
   assert.ok(remembered > 300, `but most slots still hold one (${remembered})`);
 });
 
-test('slotsFor: one slot per 64 KiB of cache, a power of two, bounded', () => {
+test('slotsFor: four slots per 64 KiB of cache, a power of two, bounded', () => {
   assert.equal(slotsFor(0), 1024);
-  assert.equal(slotsFor((64 * 1024 * 1024) / S), 1024);
-  assert.equal(slotsFor((1024 * 1024 * 1024) / S), 16384);
-  assert.equal(slotsFor((1000 * 1024 * 1024) / S), 16384);
-  assert.equal(slotsFor(2 ** 50), 1 << 22);
+  assert.equal(slotsFor((64 * 1024 * 1024) / S), 4096);
+  assert.equal(slotsFor((1024 * 1024 * 1024) / S), 65536);
+  assert.equal(slotsFor((1000 * 1024 * 1024) / S), 65536);
+  assert.equal(slotsFor(2 ** 50), 1 << 21);
   assert.throws(() => new SecondHit(1000), /power of two/);
 });
 
