@@ -132,3 +132,51 @@ test('a slow cache device: reads and writes bypass it and count as bypassed; thr
   await clock.run(p.registry.stopAll());
   assertNothingLeft();
 });
+
+test('mild congestion: short requests still use the cache, a long enough stream bypasses it (cutoff 0)', async () => {
+  const clock = new SimClock();
+  const cacheDev = new FaultyBlockDevice(new MemoryBlockDevice(48 * MiB, { name: 'cache' }), { clock });
+  const p = await clock.run(
+    makePair({ cacheDev, settings: { sequentialCutoff: 0 }, registry: { clock, setOptions: { seed: 11 } } }),
+  );
+  p.set.settings.congestedReadThresholdUs = 1000;
+  p.set.settings.congestedWriteThresholdUs = 1000;
+  const d = p.dev.device;
+  const stats = p.dev.stats.total;
+  const congestion = p.set.cs.io.congestion;
+  // Two slow cache writes (200 ms each: -195 apiece), then a fast device again.
+  const rule = cacheDev.addLatency(200, { ops: ['write'] });
+  for (const sector of [0, 64]) {
+    await clock.run(d.write(pattern(1, sector, 8), sector * S));
+    await clock.run(p.dev.request.settle());
+  }
+  rule.remove();
+  assert.equal(stats.sectorsBypassed, 0);
+  const c = congestion.congested();
+  assert.ok(c > 256 && c < 4096, `mildly congested: streams past ${c} sectors bypass`);
+
+  // A short random read: cached as usual.
+  const small = Buffer.alloc(8 * S);
+  await clock.run(d.read(small, 8000 * S));
+  assert.equal(stats.sectorsBypassed, 0, 'a short request is not bypassed');
+  // A stream of 64 KiB reads: the first ones fill, then the stream is long enough to go around.
+  const buf = Buffer.alloc(128 * S);
+  const bypassedAfter: number[] = [];
+  for (let i = 0; i < 24; i++) {
+    await clock.run(d.read(buf, (10000 + i * 128) * S));
+    bypassedAfter.push(stats.sectorsBypassed);
+  }
+  await clock.run(p.dev.request.settle());
+  const seen = bypassedAfter.join(' ');
+  // Shorter than the congested size: cached; past it (with its random part), around the cache.
+  const under = Math.floor((c - 32) / 128);
+  assert.equal(bypassedAfter[under - 1], 0, `the stream's first ${under} reads use the cache (${seen})`);
+  const over = Math.ceil((c + 64) / 128);
+  for (let i = over; i < 24; i++) {
+    assert.equal(bypassedAfter[i], (bypassedAfter[i - 1] ?? 0) + 128, `read ${i} bypasses (${seen})`);
+  }
+  assert.equal(stats.cacheBypassMisses * 128, bypassedAfter[23], 'every bypassed read was a bypassed miss');
+
+  await clock.run(p.registry.stopAll());
+  assertNothingLeft();
+});
