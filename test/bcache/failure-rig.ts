@@ -20,7 +20,7 @@ import type { Clock } from '../../src/util/clock.ts';
 import { Worker, type WorkerScope } from '../../src/util/lifecycle.ts';
 import { RawNbdClient } from '../helpers/nbd-raw-client.ts';
 import { formatCache } from './helpers.ts';
-import { congestionOff, formatBacking, MiB } from './request-helpers.ts';
+import { formatBacking, MiB } from './request-helpers.ts';
 
 export interface RigOptions {
   settings?: Partial<CachedDevSettings>;
@@ -76,7 +76,6 @@ export async function makeRig(o: RigOptions = {}): Promise<Rig> {
   const backing = new FaultyBlockDevice(backingMem, { name: 'backing' });
   const registry = new Registry({
     ...(o.clock ? { clock: o.clock } : {}),
-    configureSet: congestionOff,
     setOptions: { journalDelayMs: 2, stopTimeoutMs: 10_000 },
     deviceSettings: (name) =>
       name === 'bcache0' ? { writebackDelay: 0, writebackRate: 1 << 20, sequentialCutoff: 0, ...o.settings } : {},
@@ -215,7 +214,6 @@ export async function restart(
   const registry = new Registry({
     setOptions: { journalDelayMs: 2 },
     deviceSettings: () => ({ writebackRunning: false }),
-    configureSet: congestionOff,
   });
   for (const m of images) await registry.register(m.clone());
   return {

@@ -37,18 +37,6 @@ export async function formatBacking(dev: BlockDevice, o: BackingFormat = {}): Pr
   return sb;
 }
 
-/**
- * Congestion bypass off for a set (thresholds 0), as the oracle tests do in
- * the VM: on a loaded machine a request's wall-clock latency can pass the
- * kernel's 2 ms / 20 ms thresholds, and tests must not depend on machine
- * speed. Tests of congestion itself set the thresholds they need.
- */
-export function congestionOff(set: RegisteredSet): Promise<void> {
-  set.settings.congestedReadThresholdUs = 0;
-  set.settings.congestedWriteThresholdUs = 0;
-  return Promise.resolve();
-}
-
 export interface PairOptions {
   cacheBytes?: number;
   backingBytes?: number;
@@ -86,7 +74,6 @@ export async function makePair(o: PairOptions = {}): Promise<Pair> {
     deviceSettings: () => ({ writebackDelay: 0, writebackPercent: 0, ...o.settings }),
     ...(o.registry?.now ? { now: o.registry.now } : {}),
     ...(o.registry?.clock ? { clock: o.registry.clock } : {}),
-    configureSet: o.registry?.configureSet ?? congestionOff,
   });
   const c = await registry.register(cacheDev);
   const b = await registry.register(backingDev);
