@@ -222,13 +222,6 @@ const serveArgs = [
   'bcache0.sequential_cutoff=0',
   '--set',
   'bcache0.writeback_running=0',
-  // Congestion bypass off: on a busy machine a cache read slower than 2 ms makes
-  // the set congested and sends requests around the cache, as the kernel would;
-  // the demo is here to show the cache at work.
-  '--set',
-  'set.congested_read_threshold_us=0',
-  '--set',
-  'set.congested_write_threshold_us=0',
   cache,
   diskUri,
 ];
