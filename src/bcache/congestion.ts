@@ -32,10 +32,22 @@ export interface CongestionThresholds {
   readonly congestedWriteThresholdUs: number;
 }
 
-/** The kernel's defaults (cache_set_alloc). */
-export const DEFAULT_CONGESTION_THRESHOLDS: CongestionThresholds = {
+/** The kernel's defaults (cache_set_alloc), what to write to turn congestion bypass on as in Linux. */
+export const KERNEL_CONGESTION_THRESHOLDS: CongestionThresholds = {
   congestedReadThresholdUs: 2000,
   congestedWriteThresholdUs: 20000,
+};
+
+/**
+ * ubcache's defaults: off. The kernel times the bio on the device; ubcache
+ * times the I/O from the call to its completion as the daemon sees it, so a
+ * busy machine (a loaded event loop, a descheduled process) reads as a slow
+ * cache device and the kernel's thresholds would send requests around a
+ * perfectly fast cache. Set the thresholds to turn it on.
+ */
+export const DEFAULT_CONGESTION_THRESHOLDS: CongestionThresholds = {
+  congestedReadThresholdUs: 0,
+  congestedWriteThresholdUs: 0,
 };
 
 /** fract_exp_two(x, fractBits): 2^(x / 2^fractBits), the fraction linear between powers. */
@@ -54,7 +66,7 @@ export function popcount32(v: number): number {
 }
 
 export class Congestion {
-  /** The set's settings (the registry points this at them); the kernel's defaults until then. */
+  /** The set's settings (the registry points this at them); off until then. */
   thresholds: CongestionThresholds = DEFAULT_CONGESTION_THRESHOLDS;
   private readonly clock: Clock;
   /** A random 32-bit word (get_random_u32), seeded in simulations. */

@@ -63,8 +63,11 @@ export interface SetSettings {
 
 export function defaultSetSettings(): SetSettings {
   return {
-    congestedReadThresholdUs: 2000,
-    congestedWriteThresholdUs: 20000,
+    // 0: congestion bypass off unless asked for (README, Control: ubcache times
+    // I/O as the daemon sees it, so the kernel's 2000 / 20000 would fire on a
+    // busy machine for reasons that are not the cache device's).
+    congestedReadThresholdUs: 0,
+    congestedWriteThresholdUs: 0,
     ioErrorLimit: 8,
     ioErrorHalflife: 0,
     errors: 'unregister',

@@ -48,10 +48,11 @@ const EXACT_VALUES = [
   'internal/feature_compat',
   'internal/feature_ro_compat',
   'internal/feature_incompat',
-  'congested_read_threshold_us',
-  'congested_write_threshold_us',
 ];
 const SHAPED_VALUES = [
+  // Off by default in ubcache (README, Control), 2000 and 20000 in the kernel.
+  'congested_read_threshold_us',
+  'congested_write_threshold_us',
   'congested',
   'internal/active_journal_entries',
   'internal/bset_tree_stats',
