@@ -1,7 +1,7 @@
 // `npm run bench`: every figure ubcache is judged by, each as a ratio against
 // its reference measured in the same run, in one markdown table.
 //
-//   npm run bench [-- --suite micro,export,cache,slow,scale,ceph --runtime 10 --only zipf,gc
+//   npm run bench [-- --suite micro,export,cache,slow,scale,ceph,admission --runtime 10 --only zipf,gc
 //                     --backing nbd|fuse|auto --slow-threads 256 --zipf-runtime 90
 //                     --json out.json]
 //
@@ -30,9 +30,14 @@
 //           (ceph.ts). Skipped, saying why, where the cluster cannot run
 //           (not root, Ceph or qemu-block-extra not installed).
 //
+//   admission  the engine alone: a Zipf hot set's hit ratio during a one-pass
+//           scan of cold data larger than the cache, cache_admission
+//           second-hit against always, and the CPU cost of a read hit under
+//           each (admission.ts).
+//
 // --only takes row names: micro, the export workloads (4k-randread-qd1, ...),
 // hit, gc, writeback, zipf, zipf-ra, slow-writeback, slow-writethrough, slow-seqread, scale,
-// ceph-randwrite, ceph-randread, ceph-zipf. --runtime sets the length of
+// ceph-randwrite, ceph-randread, ceph-zipf, admission. --runtime sets the length of
 // every plain fio run (defaults: export 8 s, cache 10 s, slow-writeback 15 s,
 // scale writes 20 s); the Zipf runs last --zipf-runtime seconds (default 90,
 // or 3 x --runtime when that is given), cold and warm being its first and
@@ -65,6 +70,7 @@ import { probeNbdBacking, type BackingMode } from './backing.ts';
 import { cacheSuite } from './cache.ts';
 import { cephSuite } from './ceph.ts';
 import { missingCeph } from '../test/fixtures/ceph/cluster.ts';
+import { admissionSuite } from './admission.ts';
 import { microSuite } from './micro.ts';
 import {
   fio,
@@ -264,7 +270,7 @@ function fmtLoad(l: number[]): string {
 async function main(): Promise<void> {
   const { values } = parseArgs({
     options: {
-      suite: { type: 'string', default: 'micro,export,cache,slow,scale,ceph' },
+      suite: { type: 'string', default: 'micro,export,cache,slow,scale,ceph,admission' },
       runtime: { type: 'string' },
       'zipf-runtime': { type: 'string' },
       size: { type: 'string', default: '1G' },
@@ -290,8 +296,8 @@ async function main(): Promise<void> {
   }
   const suites = values.suite.split(',');
   for (const s of suites) {
-    if (!['micro', 'export', 'cache', 'slow', 'scale', 'ceph'].includes(s))
-      throw new Error(`unknown suite ${s} (micro, export, cache, slow, scale, ceph)`);
+    if (!['micro', 'export', 'cache', 'slow', 'scale', 'ceph', 'admission'].includes(s))
+      throw new Error(`unknown suite ${s} (micro, export, cache, slow, scale, ceph, admission)`);
   }
   const given = values.runtime === undefined ? undefined : Number(values.runtime);
   if (given !== undefined && !(given > 0)) throw new Error(`bad --runtime ${values.runtime}`);
@@ -411,6 +417,12 @@ async function main(): Promise<void> {
         details.push('### ceph suite: ubcache serve in front of an RBD image vs the image alone', '', ...r.lines);
         report['ceph'] = r.json;
       }
+    }
+    if (suites.includes('admission') && want('admission')) {
+      const r = await admissionSuite();
+      rows.push(...r.rows);
+      details.push(...r.lines);
+      report['admission'] = r.json;
     }
   } finally {
     rmSync(work, { recursive: true, force: true });

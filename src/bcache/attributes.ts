@@ -12,6 +12,7 @@
 
 import { CACHE_MODE_NAMES } from '../format/constants.ts';
 import { log } from '../util/log.ts';
+import { ADMISSION_POLICIES } from './admission.ts';
 import type { CachedDev, CachedDevSettings } from './cached-dev.ts';
 import type { RegisteredSet, SetSettings } from './registry.ts';
 import { hprint } from './stats.ts';
@@ -335,6 +336,15 @@ export const DEVICE_ATTRIBUTES: ReadonlyArray<Attribute<CachedDev>> = [
       setting(d, 'ioDisable', v);
     },
   ),
+  // ubcache's own (admission.ts): which read misses enter the cache; `always` is bcache's behaviour.
+  choice(
+    'cache_admission',
+    ADMISSION_POLICIES,
+    (d) => ADMISSION_POLICIES.indexOf(d.settings.cacheAdmission),
+    (d, i) => {
+      setting(d, 'cacheAdmission', ADMISSION_POLICIES[i] ?? 'always');
+    },
+  ),
   {
     name: 'label',
     accepts: 'at most 32 bytes',
@@ -431,12 +441,25 @@ export const SET_ATTRIBUTES: ReadonlyArray<Attribute<RegisteredSet>> = [
     internal: true,
   },
   {
-    // internal/copy_gc_enabled: moving GC after each GC pass (movinggc.ts), on by default as in the kernel.
+    // internal/copy_gc_enabled: moving GC after each GC pass (movinggc.ts), off by default, as Linux 6.1 shows it.
     ...bool<RegisteredSet>(
       'copy_gc_enabled',
       (s) => s.cs.copyGcEnabled,
       (s, v) => {
         s.cs.copyGcEnabled = v;
+      },
+    ),
+    internal: true,
+  },
+  {
+    ...unsigned<RegisteredSet>(
+      'gc_after_writeback',
+      0,
+      1,
+      true,
+      (s) => s.settings.gcAfterWriteback,
+      (s, v) => {
+        setSetting(s, 'gcAfterWriteback', v);
       },
     ),
     internal: true,

@@ -33,6 +33,7 @@ import { RwLock } from '../util/rwlock.ts';
 import type { Buckets } from './buckets.ts';
 import { cutBack, cutFront, insertExtent, type DirtySink } from './extents.ts';
 import { KeyList } from './keylist.ts';
+import { monotonicNs, TimeStats } from './time-stats.ts';
 import {
   BtreeNode,
   bsetBlocks,
@@ -165,6 +166,13 @@ export class Btree {
   private readonly newSeq: () => bigint;
   /** Nodes written, read, split: for stats and tests. */
   readonly stats = { reads: 0, writes: 0, rewrites: 0, splits: 0, newRoots: 0, evictions: 0 };
+  /**
+   * The kernel's btree time stats (internal/btree_split_*, _read_*, _sort_*):
+   * a full leaf's rewrite on insert (btree_split, split or not), a node read
+   * from disk, and the merge of a read node's bsets into its sorted view (the
+   * kernel's sort on read).
+   */
+  readonly times = { split: new TimeStats(), read: new TimeStats(), sort: new TimeStats() };
 
   constructor(host: BtreeHost, options: BtreeOptions) {
     this.host = host;
@@ -186,6 +194,11 @@ export class Btree {
   /** Nodes in memory (for tests and stats). */
   get cachedNodes(): number {
     return this.cache.size;
+  }
+
+  /** The nodes in memory, in no particular order (sysfs statistics). */
+  nodesInMemory(): IterableIterator<BtreeNode> {
+    return this.cache.values();
   }
 
   // ---------------------------------------------------------------------------
@@ -242,8 +255,10 @@ export class Btree {
     const p = key.ptrs[0];
     if (!p) throw new FormatError('btree_node', 'key', `node key ${keyText(key)} has no pointer`);
     const buf = Buffer.allocUnsafe(this.geo.nodeBytes);
+    const t0 = monotonicNs();
     await this.host.io.read(buf, p.offset);
     this.stats.reads++;
+    const t1 = monotonicNs();
     const d = decodeNode(buf, key, this.geo);
     if (d.torn) {
       if (level > 0) {
@@ -261,6 +276,9 @@ export class Btree {
       keys = leafView(d.bsets, key, this.geo);
       if (markRaw) for (const k of keys) markRaw(k, level);
     }
+    const t2 = monotonicNs();
+    this.times.sort.update(t1, t2);
+    this.times.read.update(t0, t2);
     return new BtreeNode(key, level, d.seq, keys, d.written);
   }
 
@@ -801,7 +819,9 @@ export class Btree {
                 this.host.sectorsInserted(r.inserted.size);
               }
             }
+            const t0 = monotonicNs();
             const freed = await this.rewrite(path, view.toArray(), spare);
+            this.times.split.update(t0, monotonicNs());
             this.lock.releaseWrite();
             locked = false;
             result.sectors += scratch.sectors;

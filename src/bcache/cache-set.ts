@@ -160,7 +160,7 @@ export interface CacheSetOptions {
   gcYield?: () => Promise<void>;
   /** Bound on stop() before it gives up waiting and closes anyway. */
   stopTimeoutMs?: number;
-  /** copy_gc_enabled at bring-up (default true, as in the kernel): moving GC after each GC pass. */
+  /** copy_gc_enabled at bring-up (default false, as Linux 6.1 has it): moving GC after each GC pass. */
   copyGc?: boolean;
   /**
    * Seed of the random replacement policy and of new btree nodes' seqs
@@ -241,7 +241,11 @@ export class CacheSet {
     this.clock = options.clock ?? realClock;
     this.uuid = formatUuid(sb.setUuid);
     this.workers = new WorkerScope(`cache set ${this.uuid}`);
-    this.io = new CacheIo(dev, () => this.ioDisabledFlag);
+    const congestionRng = options.seed === undefined ? undefined : new Prng(options.seed ^ 0xc0de);
+    this.io = new CacheIo(dev, () => this.ioDisabledFlag, {
+      clock: this.clock,
+      ...(congestionRng ? { random: () => congestionRng.next() } : {}),
+    });
     this.buckets = new Buckets(sb.nbuckets, sb.bucketSize, sb.firstBucket);
     this.geometry = { bucketSize: sb.bucketSize, firstBucket: sb.firstBucket, nbuckets: sb.nbuckets };
     const magic = setMagic(sb);
@@ -362,7 +366,7 @@ export class CacheSet {
       options.journalDelayMs ?? 100,
     );
     if (sb.journalBuckets.length === 0) sb.journalBuckets = journalBuckets;
-    this.copyGcEnabled = options.copyGc ?? true;
+    this.copyGcEnabled = options.copyGc ?? false;
     this.movingGc = new MovingGc({
       buckets: this.buckets,
       btree: this.btree,

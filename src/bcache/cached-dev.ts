@@ -111,6 +111,7 @@ export function defaultSettings(): CachedDevSettings {
     readaheadCachePolicy: 'all',
     ioErrorLimit: 64,
     ioDisable: false,
+    cacheAdmission: 'always',
   };
 }
 

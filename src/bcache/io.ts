@@ -18,14 +18,24 @@
 // node, prios, uuids, superblock) or a failed flush is fatal at once: the
 // set's on-disk state would no longer be what it believes. Errors after I/O
 // was disabled are teardown noise and are not counted.
+//
+// Latency (bch_bbio_count_io_errors, congestion.ts): data reads and writes
+// and btree node reads and writes are timed against the set's
+// congested_*_threshold_us, as the kernel times the I/O it submits through
+// bbios; journal, prio, uuid and superblock writes are not, as there.
 
 import { IoError, type BlockDevice } from '../blockdev/types.ts';
 import { SECTOR_SIZE } from '../format/constants.ts';
+import { realClock, type Clock } from '../util/clock.ts';
 import { errorMessage } from '../util/lifecycle.ts';
 import { log } from '../util/log.ts';
+import { Congestion } from './congestion.ts';
 
 export interface IoStats {
+  /** Every metadata write, btree nodes included. */
   metaSectorsWritten: number;
+  /** Btree node writes (btree_written). */
+  btreeSectorsWritten: number;
   sectorsWritten: number;
   sectorsRead: number;
   flushes: number;
@@ -61,11 +71,24 @@ export class CacheIo {
   private flushesStarted = 0;
   private flushedUpTo = 0;
   private readonly flushListeners: Array<(epoch: number) => void> = [];
-  readonly stats: IoStats = { metaSectorsWritten: 0, sectorsWritten: 0, sectorsRead: 0, flushes: 0, discards: 0 };
+  readonly stats: IoStats = {
+    metaSectorsWritten: 0,
+    btreeSectorsWritten: 0,
+    sectorsWritten: 0,
+    sectorsRead: 0,
+    flushes: 0,
+    discards: 0,
+  };
+  /** How slow the device has been lately (the set's `congested`). */
+  readonly congestion: Congestion;
 
-  constructor(dev: BlockDevice, isDisabled: () => boolean) {
+  constructor(dev: BlockDevice, isDisabled: () => boolean, options: { clock?: Clock; random?: () => number } = {}) {
     this.dev = dev;
     this.isDisabled = isDisabled;
+    this.congestion = new Congestion(
+      options.clock ?? realClock,
+      options.random ?? (() => Math.floor(Math.random() * 0x1_0000_0000)),
+    );
   }
 
   /** Install the error policy (the cache set does, once its parts exist). */
@@ -106,21 +129,25 @@ export class CacheIo {
   /**
    * Run one I/O with its accounting; `fatal` errors retire the set whatever
    * the count. `what` names the I/O for messages; it is a function because
-   * only a failure needs it (this is on every cache hit's path).
+   * only a failure needs it (this is on every cache hit's path). `startMs`
+   * is from congestion.start() for a timed I/O, -1 for an untimed one.
    */
   private counted(
     what: () => string,
     isRead: boolean,
     fatal: boolean,
     io: Promise<void>,
+    startMs: number,
     onSuccess?: () => void,
   ): Promise<void> {
     return io.then(
       () => {
+        if (startMs >= 0) this.congestion.completed(!isRead, startMs);
         this.account(undefined, what, isRead);
         onSuccess?.();
       },
       (err: unknown) => {
+        if (startMs >= 0) this.congestion.completed(!isRead, startMs);
         if (!this.isDisabled()) this.errorsTotal++;
         if (fatal && !this.isDisabled() && this.hooks) {
           this.hooks.fatal(`${this.dev.name}: IO error ${what()}: ${errorMessage(err)}`);
@@ -160,11 +187,13 @@ export class CacheIo {
     if (refused) return Promise.reject(refused);
     // Counted when issued: the sectors a failed read asked for are few and rare.
     this.stats.sectorsRead += buf.length / SECTOR_SIZE;
+    const startMs = this.congestion.start(false);
     return this.counted(
       () => `reading ${this.hooks?.describe(sector) ?? 'from cache'}`,
       true,
       false,
       this.dev.read(buf, sector * SECTOR_SIZE),
+      startMs,
     );
   }
 
@@ -172,11 +201,13 @@ export class CacheIo {
   write(buf: Buffer, sector: number): Promise<void> {
     const refused = this.refusal('write');
     if (refused) return Promise.reject(refused);
+    const startMs = this.congestion.start(true);
     return this.counted(
       () => 'writing data to cache',
       false,
       false,
       this.dev.write(buf, sector * SECTOR_SIZE),
+      startMs,
       () => {
         this.stats.sectorsWritten += buf.length / SECTOR_SIZE;
       },
@@ -186,20 +217,25 @@ export class CacheIo {
   /** A metadata write: btree nodes, journal, prios, uuids, superblock. A failure retires the set. */
   async writeMeta(buf: Buffer, sector: number): Promise<void> {
     this.check('metadata write');
+    // Only btree nodes are timed (the kernel's other metadata writes are not bbios).
+    const btreeNode = this.hooks?.describe(sector) === undefined;
+    const startMs = btreeNode ? this.congestion.start(true) : -1;
     await this.counted(
       () => `writing ${this.hooks?.describe(sector) ?? 'btree node'}`,
       false,
       true,
       this.dev.write(buf, sector * SECTOR_SIZE),
+      startMs,
     );
     this.stats.metaSectorsWritten += buf.length / SECTOR_SIZE;
+    if (btreeNode) this.stats.btreeSectorsWritten += buf.length / SECTOR_SIZE;
   }
 
   /** A cache flush; a failure retires the set (what it should have made durable may not be). */
   async flush(): Promise<void> {
     this.check('flush');
     const epoch = ++this.flushesStarted;
-    await this.counted(() => 'flushing the cache device', false, true, this.dev.flush());
+    await this.counted(() => 'flushing the cache device', false, true, this.dev.flush(), -1);
     this.stats.flushes++;
     if (epoch > this.flushedUpTo) {
       this.flushedUpTo = epoch;
@@ -209,7 +245,13 @@ export class CacheIo {
 
   async discard(sector: number, sectors: number): Promise<void> {
     this.check('discard');
-    await this.counted(() => 'discarding', false, false, this.dev.discard(sector * SECTOR_SIZE, sectors * SECTOR_SIZE));
+    await this.counted(
+      () => 'discarding',
+      false,
+      false,
+      this.dev.discard(sector * SECTOR_SIZE, sectors * SECTOR_SIZE),
+      -1,
+    );
     this.stats.discards++;
   }
 }

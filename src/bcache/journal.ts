@@ -104,6 +104,8 @@ export interface JournalStats {
   keysWritten: number;
   reclaimedBuckets: number;
   nodeFlushes: number;
+  /** Times the journal had to look for room (the kernel's journal_reclaim runs: `reclaim`). */
+  reclaims: number;
 }
 
 export class Journal {
@@ -144,6 +146,7 @@ export class Journal {
     keysWritten: 0,
     reclaimedBuckets: 0,
     nodeFlushes: 0,
+    reclaims: 0,
   };
 
   constructor(host: JournalHost, ring: readonly number[], delayMs: number) {
@@ -331,6 +334,11 @@ export class Journal {
   /** The seq of the newest durable entry. */
   get seq(): number {
     return this.lastAssigned;
+  }
+
+  /** Entries not yet reclaimed, the open one included (active_journal_entries: fifo_used(&journal.pin)). */
+  get activeEntries(): number {
+    return this.live.length;
   }
 
   /** The open entry (tests, stats). */
@@ -633,6 +641,7 @@ export class Journal {
   private async makeRoom(blocks: number, signal?: AbortSignal): Promise<void> {
     for (;;) {
       if (this.blocksFree >= blocks) return;
+      this.stats.reclaims++;
       const n = this.ring.length;
       while (this.last !== this.cur && this.bucketFree(this.last)) this.last = (this.last + 1) % n;
       const next = (this.cur + 1) % n;

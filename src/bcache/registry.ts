@@ -56,16 +56,22 @@ export interface SetSettings {
   errors: 'unregister' | 'panic';
   /** idle_max_writeback_rate: write back at full speed while the whole set is idle. */
   idleMaxWritebackRate: boolean;
+  /** gc_after_writeback: 0 or 1. */
+  gcAfterWriteback: number;
 }
 
 export function defaultSetSettings(): SetSettings {
   return {
-    congestedReadThresholdUs: 2000,
-    congestedWriteThresholdUs: 20000,
+    // 0: congestion bypass off unless asked for (README, Control: ubcache times
+    // I/O as the daemon sees it, so the kernel's 2000 / 20000 would fire on a
+    // busy machine for reasons that are not the cache device's).
+    congestedReadThresholdUs: 0,
+    congestedWriteThresholdUs: 0,
     ioErrorLimit: 8,
     ioErrorHalflife: 0,
     errors: 'unregister',
     idleMaxWritebackRate: true,
+    gcAfterWriteback: 0,
   };
 }
 
@@ -94,6 +100,8 @@ export class RegisteredSet {
   constructor(cs: CacheSet) {
     this.cs = cs;
     cs.errorLimits = () => ({ limit: this.settings.ioErrorLimit, halflife: this.settings.ioErrorHalflife });
+    // congested_*_threshold_us: the cache device's latency is judged against the set's settings.
+    cs.io.congestion.thresholds = this.settings;
   }
 
   get uuid(): string {

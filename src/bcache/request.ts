@@ -55,6 +55,7 @@ import type { CacheSet, LookupSegment, SectorAllocation } from './cache-set.ts';
 import type { CacheAccounting } from './stats.ts';
 import { CollisionTracker, type Window } from './tracker.ts';
 import { CUTOFF_CACHE_ADD, CUTOFF_CACHE_READA, CUTOFF_WRITEBACK_SYNC } from './cutoffs.ts';
+import { SecondHit, slotsFor, type AdmissionPolicy } from './admission.ts';
 
 /** The request path's tunables, part of a backing device's settings (read on every request). */
 export interface RequestSettings {
@@ -64,6 +65,8 @@ export interface RequestSettings {
   readonly readahead: number;
   /** dc->io_disable: every request fails fast. */
   readonly ioDisable: boolean;
+  /** Which read misses are filled (ubcache's extension, admission.ts): `always` is bcache's behaviour. */
+  readonly cacheAdmission: AdmissionPolicy;
 }
 
 /**
@@ -236,6 +239,8 @@ export class RequestPath {
   dirtyWritesInFlight = 0;
   /** Cache read races (cache_read_races): a hit's bucket was reused under the read. */
   cacheReadRaces = 0;
+  /** The second-hit policy's ghost table, for the cache set it was sized for (made on first use). */
+  private ghost: { cs: CacheSet; table: SecondHit } | undefined;
 
   constructor(dev: RequestHost) {
     this.dev = dev;
@@ -401,11 +406,15 @@ export class RequestPath {
     else if (start % cs.blockSize !== 0 || sectors % cs.blockSize !== 0) skip = true;
     else {
       const cutoff = this.dev.settings.sequentialCutoff;
-      // Congestion bypass (bch_get_congested, congested_*_threshold_us) is
-      // not measured yet: the set is never congested, so only the cutoff counts.
-      if (cutoff !== 0 && !(mode === CACHE_MODE_WRITEBACK && write && fua)) {
-        const bytes = this.seq.observe(start, end, this.dev.clock.now());
-        if (bytes >= cutoff) skip = true;
+      // bch_get_congested(): 0, or the stream length (sectors) past which a
+      // slow cache device is bypassed; a congested set tracks streams even
+      // with sequential_cutoff 0, and then FUA writes in writeback mode are
+      // judged too (as the kernel that exempted sync writes did it).
+      const congested = cs.io.congestion.congested();
+      if (congested !== 0 || (cutoff !== 0 && !(mode === CACHE_MODE_WRITEBACK && write && fua))) {
+        const sequential = Math.floor(this.seq.observe(start, end, this.dev.clock.now()) / SECTOR_SIZE);
+        if (cutoff !== 0 && sequential >= Math.floor(cutoff / SECTOR_SIZE)) skip = true;
+        else if (congested !== 0 && sequential >= congested) skip = true;
       }
     }
     if (skip) {
@@ -467,7 +476,7 @@ export class RequestPath {
     att.set.stats.markRead(!miss, bypass);
     let win: Window | undefined;
     let ra: Readahead | undefined;
-    if (miss && !bypass) {
+    if (miss && !bypass && (this.dev.settings.cacheAdmission === 'always' || this.admit(att, segs))) {
       const last = defined(segs[segs.length - 1], 'a read with a miss has segments');
       if (!last.hit && raMax > 0 && !raRaced) ra = await this.readaheadRange(att, last.start, end, raMax);
       win = tracker.openWindow(start, ra ? ra.end : end);
@@ -489,6 +498,25 @@ export class RequestPath {
     } finally {
       if (win && !filling) tracker.closeWindow(win);
     }
+  }
+
+  /** The admission policy's verdict on a read's misses (never called under `always`). */
+  private admit(att: RequestAttachment, segs: LookupSegment[]): boolean {
+    const cs = att.cs;
+    let g = this.ghost;
+    if (g?.cs !== cs) {
+      g = { cs, table: new SecondHit(slotsFor(cs.buckets.nbuckets * cs.bucketSize)) };
+      this.ghost = g;
+    }
+    let seen = false;
+    for (const s of segs) if (!s.hit && g.table.admit(s.start, s.end)) seen = true;
+    return seen;
+  }
+
+  /** The admission policy's counts since its table was made (sysfs cache_admission_*), or zeros. */
+  get admissionStats(): { admitted: number; declined: number } {
+    const t = this.ghost?.table;
+    return { admitted: t?.admitted ?? 0, declined: t?.declined ?? 0 };
   }
 
   /**

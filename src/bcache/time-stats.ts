@@ -50,15 +50,45 @@ export class TimeStats {
     maxDurationMs: number;
     lastSec: number;
   } {
-    const scale = 2 ** EWMA_FACTOR;
     return {
-      averageFrequencySec: Math.floor(Math.floor(this.averageFrequency / scale) / 1e9),
-      averageDurationMs: Math.floor(Math.floor(this.averageDuration / scale) / 1e6),
-      maxDurationMs: Math.floor(this.maxDurationNs / 1e6),
-      lastSec: this.lastNs === 0 ? -1 : Math.floor((nowNs - this.lastNs) / 1e9),
+      averageFrequencySec: this.averageFrequencyIn('sec'),
+      averageDurationMs: this.averageDurationIn('ms'),
+      maxDurationMs: Math.floor(this.maxDurationNs / NS_PER.ms),
+      lastSec: this.lastIn('sec', nowNs),
     };
   }
+
+  /**
+   * sysfs_print_time_stats(stats, NAME, FREQ, DUR): the four files
+   * NAME_average_frequency_FREQ, NAME_average_duration_DUR,
+   * NAME_max_duration_DUR and NAME_last_FREQ (-1 before the first run), in
+   * the kernel's order, values without their newline.
+   */
+  files(name: string, freq: TimeUnit, dur: TimeUnit, nowNs: number): Array<[string, string]> {
+    return [
+      [`${name}_average_frequency_${freq}`, String(this.averageFrequencyIn(freq))],
+      [`${name}_average_duration_${dur}`, String(this.averageDurationIn(dur))],
+      [`${name}_max_duration_${dur}`, String(Math.floor(this.maxDurationNs / NS_PER[dur]))],
+      [`${name}_last_${freq}`, String(this.lastIn(freq, nowNs))],
+    ];
+  }
+
+  private averageFrequencyIn(unit: TimeUnit): number {
+    return Math.floor(Math.floor(this.averageFrequency / 2 ** EWMA_FACTOR) / NS_PER[unit]);
+  }
+
+  private averageDurationIn(unit: TimeUnit): number {
+    return Math.floor(Math.floor(this.averageDuration / 2 ** EWMA_FACTOR) / NS_PER[unit]);
+  }
+
+  private lastIn(unit: TimeUnit, nowNs: number): number {
+    return this.lastNs === 0 ? -1 : Math.floor((nowNs - this.lastNs) / NS_PER[unit]);
+  }
 }
+
+/** The units of sysfs_print_time_stats (NSEC_PER_sec, _ms, _us). */
+export type TimeUnit = 'sec' | 'ms' | 'us';
+const NS_PER: Record<TimeUnit, number> = { sec: 1e9, ms: 1e6, us: 1e3 };
 
 /** Monotonic nanoseconds (the kernel's local_clock()). */
 export function monotonicNs(): number {

@@ -20,6 +20,8 @@ async function run(seed: number, ops: number, btreeCacheSize?: number): Promise<
   await formatCache(dev, { bucketSize: 8, blockSize: 1 });
   const cs = await CacheSet.open(dev, {
     closeDevice: false,
+    // Moving GC after every pass (off by default, as in the kernel): the model must hold while keys move.
+    copyGc: true,
     journalDelayMs: 1,
     gcSectors: 2000,
     // A GC slice per leaf: inserts, rewrites and splits interleave with every walk.

@@ -74,7 +74,7 @@ async function rig(mode: number) {
     dataOffset: DATA_OFFSET,
     cacheMode: mode,
     state: BDEV_STATE_CLEAN,
-    settings: { sequentialCutoff: 0, readahead: 0, ioDisable: false },
+    settings: { sequentialCutoff: 0, readahead: 0, ioDisable: false, cacheAdmission: 'always' },
     stats: new CacheAccounting(),
     stopTimeoutMs: 5000,
     clock: realClock,

@@ -132,6 +132,9 @@ export function deviceDir(ctx: TreeContext, dev: CachedDev): SysfsDir {
       ['backing_dev_uuid', ro(() => dev.uuid)],
       ['backing_dev_path', ro(() => devicePath(dev.backingName))],
       ...settable,
+      // ubcache's own: what the admission policy decided (0 under `always`).
+      ['cache_admission_admitted', ro(() => String(dev.request.admissionStats.admitted))],
+      ['cache_admission_declined', ro(() => String(dev.request.admissionStats.declined))],
       ...statsDirs(ctx, () => dev.stats),
     ];
     if (dev.running) entries.push(['dev', link(`/sys/block/${dev.name}`)]);

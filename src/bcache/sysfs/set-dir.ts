@@ -18,7 +18,20 @@ import { devicePath } from './device-dir.ts';
 import { parseHumanSize } from './flash-dir.ts';
 import { OperationError } from '../errors.ts';
 import { log } from '../../util/log.ts';
-import { attributeFile, dir, link, parseUlong, ro, rw, SysfsError, wo, type SysfsDir, type SysfsNode } from './node.ts';
+import {
+  attributeFile,
+  dir,
+  link,
+  parseUlong,
+  ro,
+  roRaw,
+  rw,
+  SysfsError,
+  wo,
+  type SysfsDir,
+  type SysfsNode,
+} from './node.ts';
+import { bsetTreeStats, btreeUsedPercent, featureList, priorityStats } from './set-internals.ts';
 
 function internalDir(set: RegisteredSet): SysfsDir {
   const cs = set.cs;
@@ -27,7 +40,15 @@ function internalDir(set: RegisteredSet): SysfsDir {
   );
   return dir(() => [
     ...settable,
+    ['active_journal_entries', ro(() => String(cs.journal.activeEntries))],
+    ...btreeTimeStats(set),
     ['btree_nodes', ro(() => String(cs.gc.stats.nodes))],
+    ['btree_used_percent', ro(() => String(btreeUsedPercent(cs.btree, cs.nodeGeo.nodeBytes)))],
+    ['bset_tree_stats', roRaw(() => bsetTreeStats(cs.btree))],
+    ['cache_read_races', ro(() => String([...set.devices].reduce((n, d) => n + d.request.cacheReadRaces, 0)))],
+    ['reclaim', ro(() => String(cs.journal.stats.reclaims))],
+    ['reclaimed_journal_buckets', ro(() => String(cs.journal.stats.reclaimedBuckets))],
+    ['flush_write', ro(() => String(cs.journal.stats.nodeFlushes))],
     // sysfs_print_time_stats(&c->btree_gc_time, btree_gc, sec, ms)
     ['btree_gc_average_duration_ms', ro(() => String(cs.gc.stats.time.view(monotonicNs()).averageDurationMs))],
     ['btree_gc_average_frequency_sec', ro(() => String(cs.gc.stats.time.view(monotonicNs()).averageFrequencySec))],
@@ -73,7 +94,24 @@ function internalDir(set: RegisteredSet): SysfsDir {
     ],
     ['cutoff_writeback', ro(() => String(CUTOFF_WRITEBACK))],
     ['cutoff_writeback_sync', ro(() => String(CUTOFF_WRITEBACK_SYNC))],
+    ['feature_compat', roRaw(() => featureList('compat', cs.sb.featureCompat))],
+    ['feature_ro_compat', roRaw(() => featureList('ro_compat', cs.sb.featureRoCompat))],
+    ['feature_incompat', roRaw(() => featureList('incompat', cs.sb.featureIncompat))],
   ]);
+}
+
+/** btree_split_* (sec, us), btree_sort_* and btree_read_* (ms, us): sysfs_print_time_stats. */
+function btreeTimeStats(set: RegisteredSet): Array<readonly [string, SysfsNode]> {
+  const t = set.cs.btree.times;
+  const files = (): Array<[string, string]> => {
+    const now = monotonicNs();
+    return [
+      ...t.split.files('btree_split', 'sec', 'us', now),
+      ...t.sort.files('btree_sort', 'ms', 'us', now),
+      ...t.read.files('btree_read', 'ms', 'us', now),
+    ];
+  };
+  return files().map(([name]) => [name, ro(() => files().find(([n]) => n === name)?.[1] ?? '')] as const);
 }
 
 function cacheDir(set: RegisteredSet): SysfsDir {
@@ -85,7 +123,9 @@ function cacheDir(set: RegisteredSet): SysfsDir {
     // ubcache's own: the cache device as registered (the kernel's cache0 is a link to its /sys/block dir).
     ['dev_path', ro(() => devicePath(cs.dev.name))],
     ['discard', ro(() => (cacheDiscard(cs.sb) ? '1' : '0'))],
+    ['priority_stats', roRaw(() => priorityStats(cs.buckets))],
     ['written', ro(() => hprint(cs.io.stats.sectorsWritten * 512))],
+    ['btree_written', ro(() => hprint(cs.io.stats.btreeSectorsWritten * 512))],
     // The decayed count that io_error_limit is compared with (ca->io_errors >> IO_ERROR_SHIFT).
     ['io_errors', ro(() => String(cs.io.ioErrors))],
     ['metadata_written', ro(() => hprint(cs.io.stats.metaSectorsWritten * 512))],
@@ -95,6 +135,7 @@ function cacheDir(set: RegisteredSet): SysfsDir {
       wo(() => {
         cs.io.stats.sectorsWritten = 0;
         cs.io.stats.metaSectorsWritten = 0;
+        cs.io.stats.btreeSectorsWritten = 0;
       }),
     ],
     ['set', link(`/sys/fs/bcache/${set.uuid}`)],
@@ -153,6 +194,8 @@ export function setDir(ctx: TreeContext, set: RegisteredSet): SysfsDir {
         ro(() => hprint(cs.gc.stats.keys === 0 ? 0 : Math.floor((cs.gc.stats.data * 512) / cs.gc.stats.keys))),
       ],
       ['dirty_data', ro(() => hprint([...set.devices].reduce((n, d) => n + d.dirtySectors, 0) * 512))],
+      // bch_get_congested() in bytes: 0, or the stream length past which I/O goes around the slow cache.
+      ['congested', ro(() => hprint(cs.io.congestion.congested() * 512))],
       [
         'clear_stats',
         wo(() => {

@@ -91,8 +91,8 @@ test('a cache set, its internal/ and cache0/: formats', async () => {
   const S = `/sys/fs/bcache/${[...rig.registry.sets.keys()][0] ?? ''}`;
   const expected: Record<string, string> = {
     journal_delay_ms: '5\n',
-    congested_read_threshold_us: '2000\n',
-    congested_write_threshold_us: '20000\n',
+    congested_read_threshold_us: '0\n',
+    congested_write_threshold_us: '0\n',
     io_error_limit: '8\n',
     io_error_halflife: '0\n',
     errors: '[unregister] panic\n',
