@@ -14,8 +14,8 @@
 //   admission POLICY hot-hit% H cold-admitted% C|- hit-cpu-us U hit-share% P scan-s S
 
 import { randomBytes } from 'node:crypto';
-import type { BlockDevice, BlockDeviceCaps, Extent, WriteOptions, ZeroOptions } from '../src/blockdev/types.ts';
 import type { MemoryBlockDevice as MemoryDeviceClass } from '../src/blockdev/memory.ts';
+import { LoopDevice } from './loop-device.ts';
 import type { CachedDev } from '../src/bcache/cached-dev.ts';
 
 // The engine as `npm run build` compiled it (see engine-micro.ts for why).
@@ -47,62 +47,6 @@ const ZIPF_S = option('--zipf', 1.1);
 const LANES = 16;
 const HOT_LANES = option('--hot-lanes', LANES);
 const SCAN_LANES = option('--scan-lanes', LANES);
-
-/** Completions on a later event-loop turn, in batches, as io_uring's (engine-micro.ts). */
-class LoopDevice implements BlockDevice {
-  readonly name: string;
-  readonly size: number;
-  readonly logicalBlockSize: number;
-  readonly readOnly = false;
-  readonly caps: BlockDeviceCaps;
-  private readonly inner: MemoryDeviceClass;
-  private batch: Array<() => void> = [];
-
-  constructor(inner: MemoryDeviceClass) {
-    this.inner = inner;
-    this.name = inner.name;
-    this.size = inner.size;
-    this.logicalBlockSize = inner.logicalBlockSize;
-    this.caps = inner.caps;
-  }
-
-  private later<T>(fn: () => Promise<T>): Promise<T> {
-    return new Promise<T>((resolve, reject) => {
-      if (this.batch.length === 0) {
-        setImmediate(() => {
-          const run = this.batch;
-          this.batch = [];
-          for (const f of run) f();
-        });
-      }
-      this.batch.push(() => {
-        fn().then(resolve, reject);
-      });
-    });
-  }
-
-  read(buf: Buffer, offset: number): Promise<void> {
-    return this.later(() => this.inner.read(buf, offset));
-  }
-  write(buf: Buffer, offset: number, options?: WriteOptions): Promise<void> {
-    return this.later(() => this.inner.write(buf, offset, options));
-  }
-  flush(): Promise<void> {
-    return this.later(() => this.inner.flush());
-  }
-  discard(offset: number, length: number): Promise<void> {
-    return this.later(() => this.inner.discard(offset, length));
-  }
-  writeZeroes(offset: number, length: number, options?: ZeroOptions): Promise<void> {
-    return this.later(() => this.inner.writeZeroes(offset, length, options));
-  }
-  blockStatus(offset: number, length: number): Promise<Extent[]> {
-    return this.inner.blockStatus(offset, length);
-  }
-  close(): Promise<void> {
-    return this.inner.close();
-  }
-}
 
 function memory(bytes: number, name: string): MemoryDeviceClass {
   const d = new MemoryBlockDevice(bytes, { name });
