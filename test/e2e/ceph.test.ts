@@ -16,9 +16,9 @@ import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'nod
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Daemon, have, run, UBCACHE, ubcache } from '../helpers/daemon.ts';
-import { attachLoop, missingFuseLoop } from '../helpers/fuse-loop.ts';
+import { missingFuseLoop } from '../helpers/fuse-loop.ts';
 import { CEPH_CLUSTER, CephCluster, missingCeph, rbdUri } from '../fixtures/ceph/cluster.ts';
-import { Client, MiB, startServe, type ServeDaemon } from './serve-helpers.ts';
+import { Client, ext4Round, MiB, startServe, type ServeDaemon } from './serve-helpers.ts';
 
 /** The backing device's data starts after its 8 KiB superblock area (make's default data offset). */
 const DATA_OFFSET = 8192;
@@ -147,19 +147,7 @@ test(
       const rdir = join(work, `r${n}`);
       mkdirSync(rdir);
       const s = await startServe(rdir, [...common, ...args, cache, rbd]);
-      try {
-        // 4 KiB sectors: the cache's block size (smaller writes would bypass it, as in the kernel).
-        const stack = await attachLoop(rdir, s.uri(), { sectorSize: 4096 });
-        try {
-          await body(stack.mnt, stack.loop);
-          await stack.umount();
-          assert.match(await run('fsck.ext4', ['-f', '-n', stack.loop]), /rbd: \d+\/\d+ files/);
-        } finally {
-          await stack.teardown();
-        }
-      } finally {
-        await s.daemon.stop().finally(() => s.daemon.kill());
-      }
+      await ext4Round(rdir, s, 'rbd', body);
     };
 
     // Round 1: writeback held off; the filesystem stays dirty in the cache across the restart.

@@ -10,8 +10,8 @@ import { createHash, randomBytes } from 'node:crypto';
 import { closeSync, mkdirSync, openSync, readFileSync, readSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { run, tempDir } from '../helpers/daemon.ts';
-import { attachLoop, missingFuseLoop } from '../helpers/fuse-loop.ts';
-import { makeImages, MiB, startServe } from './serve-helpers.ts';
+import { missingFuseLoop } from '../helpers/fuse-loop.ts';
+import { ext4Round, makeImages, MiB, startServe } from './serve-helpers.ts';
 
 const sha = (b: Buffer): string => createHash('sha256').update(b).digest('hex');
 
@@ -47,20 +47,7 @@ test('ext4 on bcache0 in writeback mode survives a serve restart; fsck clean; fi
     const dir = join(tmp.dir, `r${n}`);
     mkdirSync(dir);
     const s = await startServe(dir, [...common, ...args, cache, backing]);
-    try {
-      // 4 KiB sectors: the cache's block size (smaller writes would bypass it, as in the kernel).
-      const stack = await attachLoop(dir, s.uri(), { sectorSize: 4096 });
-      try {
-        await work(stack.mnt, stack.loop);
-        await stack.umount().catch(() => undefined);
-        const fsck = await run('fsck.ext4', ['-f', '-n', stack.loop]);
-        assert.match(fsck, /ubcache: \d+\/\d+ files/);
-      } finally {
-        await stack.teardown();
-      }
-    } finally {
-      await s.daemon.stop().finally(() => s.daemon.kill());
-    }
+    await ext4Round(dir, s, 'ubcache', work);
   };
 
   // Round 1: writeback held off, so everything stays dirty in the cache across the restart.

@@ -4,7 +4,9 @@
 
 import { join } from 'node:path';
 import { Cmd, CmdFlag } from '../../src/nbd/protocol.ts';
-import { Daemon, sparseFile, ubcache } from '../helpers/daemon.ts';
+import assert from 'node:assert/strict';
+import { Daemon, run, sparseFile, ubcache } from '../helpers/daemon.ts';
+import { attachLoop } from '../helpers/fuse-loop.ts';
 import { RawNbdClient } from '../helpers/nbd-raw-client.ts';
 
 export const MiB = 1024 * 1024;
@@ -39,6 +41,33 @@ export async function startServe(dir: string, args: string[], env: NodeJS.Proces
     socket,
     uri: (name = 'bcache0') => `nbd+unix:///${encodeURIComponent(name)}?socket=${socket}`,
   };
+}
+
+/**
+ * One round of ext4 on a served bcache device: `s`'s bcache0 through nbdfuse
+ * + loop with 4 KiB sectors (the cache's block size: smaller writes would
+ * bypass it, as in the kernel), `work` on it, then unmounted and checked with
+ * fsck (the filesystem's label is `label`), and serve stopped. Everything is
+ * undone on failure too.
+ */
+export async function ext4Round(
+  dir: string,
+  s: ServeDaemon,
+  label: string,
+  work: (mnt: string, loop: string) => Promise<void>,
+): Promise<void> {
+  try {
+    const stack = await attachLoop(dir, s.uri(), { sectorSize: 4096 });
+    try {
+      await work(stack.mnt, stack.loop);
+      await stack.umount().catch(() => undefined);
+      assert.match(await run('fsck.ext4', ['-f', '-n', stack.loop]), new RegExp(`${label}: \\d+/\\d+ files`));
+    } finally {
+      await stack.teardown();
+    }
+  } finally {
+    await s.daemon.stop().finally(() => s.daemon.kill());
+  }
 }
 
 /** An NBD connection to one export, with errors turned into exceptions. */
