@@ -156,7 +156,7 @@ class FlushHookDevice extends MemoryBlockDevice {
 test('a write racing a move wins: the copy loses its compare-and-insert', async () => {
   const dev = new FlushHookDevice(64 * MiB);
   await formatCache(dev, { bucketSize: BUCKET, blockSize: 1 });
-  const cs = await CacheSet.open(dev, { closeDevice: false, journalDelayMs: 1, seed: 3 });
+  const cs = await CacheSet.open(dev, { closeDevice: false, copyGc: true, journalDelayMs: 1, seed: 3 });
   const n = 64;
   const model = new IndexModel(2, n * BUCKET);
   let seed = 1;
