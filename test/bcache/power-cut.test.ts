@@ -233,7 +233,15 @@ async function run(seed: number): Promise<{ cuts: number; inOp: number; moved: n
   let dev = new CrashableBlockDevice(4 * MiB);
   await formatCache(dev, { bucketSize: 8, blockSize: 1 });
   await dev.flush();
-  const options = { closeDevice: false, copyGc: true, journalDelayMs: 2, gcSectors: 1500, gcSliceMs: 0, seed, btreeNodeSectors: 4 };
+  const options = {
+    closeDevice: false,
+    copyGc: true,
+    journalDelayMs: 2,
+    gcSectors: 1500,
+    gcSliceMs: 0,
+    seed,
+    btreeNodeSectors: 4,
+  };
   let cut = new CutAt(dev, Number.MAX_SAFE_INTEGER, seed);
   let cs = await CacheSet.open(cut, options);
   const model = new CrashModel();
