@@ -101,13 +101,15 @@ export async function cephSuite(o: CephSuiteOptions): Promise<SuiteResult> {
     if (o.want('ceph-randwrite')) await directRun('randwrite', randwrite, o.runtime);
     const rss0 = await cluster.rssMiB();
 
-    // --- ubcache serve in front of the same image.
-    const cache = sparse(join(dir, 'cache.img'), CACHE);
-    const made = await run(ubcacheBin(), ['make', '-b', '64k', '-C', cache, '-B', rbd]);
-    if (made.status !== 0) throw new Error(`ubcache make -B ${rbd} failed: ${made.stderr.trim()}`);
+    // --- ubcache serve in front of the same image, each run on a cache of its
+    // own: the writes must not start on a cache the reads filled (past
+    // cutoff_writeback_sync every write would go to RBD as it came).
     const through: Record<string, FioResult> = {};
     const notes: Record<string, string> = {};
     const serve = async (tag: string, sets: string[], body: (uri: string, control: string) => Promise<void>) => {
+      const cache = sparse(join(dir, `cache-${tag}.img`), CACHE);
+      const made = await run(ubcacheBin(), ['make', '-b', '64k', '-C', cache, '-B', rbd]);
+      if (made.status !== 0) throw new Error(`ubcache make -B ${rbd} failed: ${made.stderr.trim()}`);
       const z = join(dir, `${tag}.sock`);
       const control = join(dir, `${tag}-control.sock`);
       const p = ubcache([
