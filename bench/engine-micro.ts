@@ -19,20 +19,15 @@ import { randomBytes } from 'node:crypto';
 import type { BlockDevice } from '../src/blockdev/types.ts';
 import { LoopDevice } from './loop-device.ts';
 
-// The engine as `npm run build` compiled it (dist/), not as tsx transforms the
-// sources on the fly: tsx keeps function names with a helper call around
-// every closure, which costs the engine's hot paths several percent.
-// UBCACHE_DIST points elsewhere (a private build, while others rebuild dist/).
-const distRoot = process.env['UBCACHE_DIST'] ?? new URL('../dist/', import.meta.url).pathname;
-async function fromDist<T>(path: string): Promise<T> {
-  return (await import(new URL(path, `file://${distRoot.endsWith('/') ? distRoot : `${distRoot}/`}`).href)) as T;
-}
-const { MemoryBlockDevice } = await fromDist<typeof import('../src/blockdev/memory.ts')>('blockdev/memory.js');
-const { Registry } = await fromDist<typeof import('../src/bcache/registry.ts')>('bcache/registry.js');
-const { Prng } = await fromDist<typeof import('../src/util/prng.ts')>('util/prng.js');
-const { encodeSuperblock, newBackingSuperblock, newCacheSuperblock } =
-  await fromDist<typeof import('../src/format/superblock.ts')>('format/superblock.js');
-const { SB_OFFSET } = await fromDist<typeof import('../src/format/constants.ts')>('format/constants.js');
+import {
+  encodeSuperblock,
+  MemoryBlockDevice,
+  newBackingSuperblock,
+  newCacheSuperblock,
+  Prng,
+  Registry,
+  SB_OFFSET,
+} from './dist-engine.ts';
 
 const args = process.argv.slice(2);
 function option(name: string, fallback: string): string {
