@@ -459,7 +459,9 @@ export const SET_ATTRIBUTES: ReadonlyArray<Attribute<RegisteredSet>> = [
       true,
       (s) => s.settings.gcAfterWriteback,
       (s, v) => {
+        // As the kernel's store, a write also drops a pass already due.
         setSetting(s, 'gcAfterWriteback', v);
+        s.gcAfterWritebackDue = false;
       },
     ),
     internal: true,

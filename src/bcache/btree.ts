@@ -24,7 +24,7 @@
 // pins of the nodes it replaced when it swaps them out: from then on every
 // journal entry carries the new root, whose nodes are already durable.
 
-import { bkeyU64s, keyText, makeKey, makePtr, MAX_KEY, posCmp, type Bkey } from '../format/bkey.ts';
+import { bkeyU64s, keyText, makeKey, makePtr, MAX_KEY, posCmp, type Bkey, type BkeyPtr } from '../format/bkey.ts';
 import { FormatError } from '../format/errors.ts';
 import { defined } from '../util/assert.ts';
 import { allDone } from '../util/lifecycle.ts';
@@ -551,6 +551,39 @@ export class Btree {
       };
     });
     return out;
+  }
+
+  /**
+   * Part of a walk over the dirty keys of `inode`: from the first key that
+   * ends after `from`, visiting at most `visitMax` keys of the inode, the
+   * dirty ones whose first pointer `want` accepts (stale ones left out).
+   * `next` is where to go on (the last key visited ends there), or -1 at the
+   * end of the inode's keys. A bounded part keeps each turn of the event
+   * loop short when the caller walks a large tree.
+   */
+  async scanDirtyWhere(
+    inode: number,
+    from: number,
+    want: (p: BkeyPtr) => boolean,
+    visitMax: number,
+  ): Promise<{ keys: Bkey[]; next: number }> {
+    const buckets = this.host.buckets;
+    let out: Bkey[] = [];
+    let next = -1;
+    await this.scan(inode, from, { inode: inode + 1, offset: 0 }, () => {
+      out = [];
+      next = -1;
+      let visited = 0;
+      return (k) => {
+        if (k.inode !== inode) return false;
+        const p = k.ptrs[0];
+        if (k.dirty && p && want(p) && !k.ptrs.some((q) => buckets.stale(q) > 0)) out.push(k);
+        if (++visited < visitMax) return true;
+        next = k.offset;
+        return false;
+      };
+    });
+    return { keys: out, next };
   }
 
   /** Every key in [start, end) of `inode` as the leaves hold it (tests, debugging). */

@@ -781,6 +781,17 @@ export class CacheSet {
     return this.btree.scanDirty(inode, from, max, to);
   }
 
+  /** Btree.scanDirtyWhere(): a bounded part of a walk over an inode's dirty keys. */
+  scanDirtyWhere(
+    inode: number,
+    from: number,
+    want: (p: BkeyPtr) => boolean,
+    visitMax: number,
+  ): Promise<{ keys: Bkey[]; next: number }> {
+    this.check();
+    return this.btree.scanDirtyWhere(inode, from, want, visitMax);
+  }
+
   /** Has the bucket been reused since a pointer with `gen` was taken? */
   isStale(bucket: number, gen: number): boolean {
     return genAfter(this.buckets.gen[bucket] ?? 0, gen) > 0;

@@ -92,6 +92,8 @@ export class RegisteredSet {
   idleCounter = 0;
   /** at_max_writeback_rate: the idle shortcut has set some device's rate to the maximum. */
   atMaxWritebackRate = false;
+  /** BCH_DO_AUTO_GC: with gc_after_writeback, a GC pass is due when writeback next finds nothing dirty. */
+  gcAfterWritebackDue = false;
   /** Set once cs has stopped and the registry forgot the set. */
   gone = false;
   /** Settled when a retire after a fatal error has finished. */

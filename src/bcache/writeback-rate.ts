@@ -85,12 +85,20 @@ export interface RateHost {
 export interface RateSet {
   /** The backing devices attached to the set (their sizes apportion the target). */
   readonly devices: ReadonlySet<RateHost>;
-  readonly settings: { readonly idleMaxWritebackRate: boolean };
+  readonly settings: { readonly idleMaxWritebackRate: boolean; readonly gcAfterWriteback: number };
   /** Rate updates since the last request on any device of the set (the idle shortcut's counter). */
   idleCounter: number;
   /** The idle shortcut has set some device's rate to the maximum. */
   atMaxWritebackRate: boolean;
+  /** gc_after_writeback's BCH_DO_AUTO_GC: a GC pass once writeback has found nothing dirty. */
+  gcAfterWritebackDue: boolean;
 }
+
+/**
+ * in_use (percent) from which a rate update with gc_after_writeback on makes a
+ * GC pass due after writeback (BCH_AUTO_GC_DIRTY_THRESHOLD).
+ */
+const AUTO_GC_DIRTY_THRESHOLD = 50;
 
 /** What it needs of the attachment (CachedDev's Attachment is one). */
 export interface RateAttachment {
@@ -371,6 +379,11 @@ export class WritebackRateUpdate {
       st.integralScaled = result.integralScaled;
       st.change = result.change;
       dev.settings.writebackRate = result.rate;
+      // update_gc_after_writeback(): a densely used cache is worth a GC pass
+      // once writeback has emptied it, so that its buckets come back at once.
+      if (att.set.settings.gcAfterWriteback === 1 && att.cs.inUse >= AUTO_GC_DIRTY_THRESHOLD) {
+        att.set.gcAfterWritebackDue = true;
+      }
     }
     this.steps++;
     this.instrument.afterStep?.(result);

@@ -14,6 +14,7 @@ import { isZeroUuid } from '../../src/format/uuid-text.ts';
 import { Registry } from '../../src/bcache/registry.ts';
 import { RateLimiter } from '../../src/bcache/writeback.ts';
 import { captureLog } from '../../src/util/log.ts';
+import { Prng } from '../../src/util/prng.ts';
 import { assertNothingLeft, formatCache } from './helpers.ts';
 import { formatBacking, makePair, mem, MiB, pattern } from './request-helpers.ts';
 
@@ -362,6 +363,64 @@ test('under pressure writeback is not paced and does not sleep writeback_delay; 
   assert.ok(Date.now() - t0 < 15_000);
   assert.ok(p.dev.dirtySectors < n * 128, 'some dirty data went back');
   assert.equal(cs.gc.stats.runs, 0, 'buckets came back without a GC pass');
+  await p.registry.stopAll();
+  assertNothingLeft();
+});
+
+test('under pressure writeback empties whole buckets first: random writes give room back long before the dirty data is all written back', async () => {
+  // Random 4 KiB writes put keys from all over the device in every bucket: in
+  // LBA order no bucket would empty until nearly all the dirty data had gone
+  // back. No GC pass runs (gcSectors huge), no pacing (pressure).
+  const p = await makePair({
+    backingBytes: 256 * MiB,
+    backing: { writeback: true },
+    registry: { setOptions: { gcSectors: 1 << 30 } },
+    settings: { sequentialCutoff: 0, writebackPercent: 10, writebackRunning: false },
+  });
+  const d = p.dev.device;
+  const cs = p.set.cs;
+  const wb = p.dev.attachment?.writeback;
+  assert.ok(wb);
+  // Distinct random 4 KiB blocks, from a fixed seed.
+  const blocks = (256 * MiB) / 4096;
+  const rng = new Prng(12345);
+  const seen = new Set<number>();
+  const written: number[] = [];
+  while (cs.inUse < WRITEBACK_PRESSURE_IN_USE + 5) {
+    const block = rng.below(blocks);
+    if (seen.has(block)) continue;
+    seen.add(block);
+    written.push(block);
+    await d.write(pattern(block, block * 8, 8), block * 4096);
+  }
+  const dirtyBefore = p.dev.dirtySectors;
+  let dirtyWhenRelieved = -1;
+  const relieved = new Promise<void>((resolve) => {
+    const off = cs.onDirtyChange(() => {
+      if (cs.inUse < WRITEBACK_PRESSURE_IN_USE) {
+        dirtyWhenRelieved = p.dev.dirtySectors;
+        off();
+        resolve();
+      }
+    });
+  });
+  p.dev.settings.writebackRunning = true;
+  wb.wake();
+  await relieved;
+  assert.ok(
+    dirtyWhenRelieved > dirtyBefore / 2,
+    `in_use fell below ${WRITEBACK_PRESSURE_IN_USE} % with ${dirtyWhenRelieved} of ${dirtyBefore} dirty sectors left: buckets emptied one by one`,
+  );
+  await wb.whenIdle();
+  assert.equal(p.dev.dirtySectors, 0);
+  assert.equal(cs.gc.stats.runs, 0, 'no GC pass was needed for the room');
+  // Everything written is on the backing device, each block in its place.
+  const back = mem(p.backingDev).clone();
+  const got = Buffer.alloc(4096);
+  for (const block of written) {
+    back.readSync(got, 8192 + block * 4096);
+    assert.ok(got.equals(pattern(block, block * 8, 8)), `block ${block} on the backing device`);
+  }
   await p.registry.stopAll();
   assertNothingLeft();
 });

@@ -427,3 +427,38 @@ test('an idle set writes back at the maximum rate after attached² × 6 updates;
   }
   assertNothingLeft();
 });
+
+test('gc_after_writeback: a rate update with in_use at 50 % or more makes a GC pass due once writeback has emptied the cache; off, none runs', async () => {
+  for (const on of [1, 0]) {
+    const { p, clock, run } = await simPair({
+      backing: { writeback: true },
+      backingBytes: 64 * 1024 * 1024,
+      // No GC pass from the inserted-sectors countdown: only gc_after_writeback may start one.
+      registry: { setOptions: { gcSectors: 1 << 30 } },
+      settings: { writebackRunning: false, writebackPercent: 10, writebackRateUpdateSeconds: 1, sequentialCutoff: 0 },
+    });
+    try {
+      const cs = p.set.cs;
+      const wb = p.dev.attachment?.writeback;
+      assert.ok(wb);
+      p.set.settings.gcAfterWriteback = on;
+      // 64 KiB dirty writes (a bucket each) until half the cache is in use.
+      for (let k = 0; cs.inUse < 50; k++) await run(p.dev.device.write(sectorData(k, k * 128, 128), k * 128 * S));
+      const next = stepWatcher(wb.rateUpdate);
+      await run(next((r) => r !== undefined));
+      assert.equal(p.set.gcAfterWritebackDue, on === 1, 'BCH_DO_AUTO_GC follows gc_after_writeback');
+      const runs = cs.gc.stats.runs;
+      p.dev.settings.writebackRunning = true;
+      wb.wake();
+      await run(wb.whenIdle());
+      assert.equal(p.dev.dirtySectors, 0);
+      // Simulated time for a pass to start and finish if one was asked for.
+      await clock.advance(5_000);
+      assert.equal(cs.gc.stats.runs - runs, on, on === 1 ? 'one GC pass after writeback' : 'no GC pass');
+      assert.equal(p.set.gcAfterWritebackDue, false);
+    } finally {
+      await run(p.registry.stopAll());
+    }
+  }
+  assertNothingLeft();
+});
