@@ -46,7 +46,7 @@ import {
   SECTOR_SIZE,
 } from '../format/constants.ts';
 import type { Clock } from '../util/clock.ts';
-import { deferred, errorMessage, Notifier, sleep, Worker, type Deferred, type RefCount } from '../util/lifecycle.ts';
+import { allDone, deferred, errorMessage, Notifier, sleep, Worker, type Deferred, type RefCount } from '../util/lifecycle.ts';
 import { defined } from '../util/assert.ts';
 import { msLeft, settledWithin } from '../util/deadline.ts';
 import { log } from '../util/log.ts';
@@ -487,7 +487,9 @@ export class RequestPath {
       if (segs.length === 1 && !ra) {
         await this.readSegment(att, buf, start, defined(segs[0], 'segs has one segment'));
       } else {
-        await Promise.all(
+        // Every part ends before the request does, failed or not: nothing
+        // writes into the client's buffer after it was told the read failed.
+        await allDone(
           segs.map((s, i) =>
             ra && i === segs.length - 1 ? this.readAhead(buf, start, ra) : this.readSegment(att, buf, start, s),
           ),
@@ -593,7 +595,7 @@ export class RequestPath {
       throw new IoError('EIO', `${this.dev.name}: sectors ${s.start}-${s.end} keep moving under reads`);
     }
     const again = await cs.lookup(att.inode, s.start, s.end);
-    await Promise.all(
+    await allDone(
       again.map((t) =>
         this.readHit(
           att,
@@ -852,15 +854,23 @@ export class RequestPath {
     const cs = att.cs;
     const dirty = o.dirty === true;
     let off = start;
-    while (off < end && !(o.stop?.() ?? false)) {
-      const want = { inode: att.inode, offset: off, sectors: end - off, writePoint: att.inode, dirty, wait: dirty };
-      const a = cs.allocSectorsNow(want) ?? (dirty ? await cs.allocSectors(want) : undefined);
-      if (!a) break;
-      out.allocs.push(a);
-      const from = (off - start) * SECTOR_SIZE;
-      out.writes.push(cs.writeCache(data.subarray(from, from + a.sectors * SECTOR_SIZE), a.ptr.offset));
-      out.keys.push(makeKey(att.inode, off + a.sectors, a.sectors, dirty, [a.ptr]));
-      off += a.sectors;
+    try {
+      while (off < end && !(o.stop?.() ?? false)) {
+        const want = { inode: att.inode, offset: off, sectors: end - off, writePoint: att.inode, dirty, wait: dirty };
+        const a = cs.allocSectorsNow(want) ?? (dirty ? await cs.allocSectors(want) : undefined);
+        if (!a) break;
+        out.allocs.push(a);
+        const from = (off - start) * SECTOR_SIZE;
+        out.writes.push(cs.writeCache(data.subarray(from, from + a.sectors * SECTOR_SIZE), a.ptr.offset));
+        out.keys.push(makeKey(att.inode, off + a.sectors, a.sectors, dirty, [a.ptr]));
+        off += a.sectors;
+      }
+    } catch (err) {
+      // An allocation failed (the set is failing): the writes already started
+      // end before the caller puts their allocations back, and none of them
+      // is left without a waiter.
+      await Promise.allSettled(out.writes);
+      throw err;
     }
     return off;
   }
@@ -884,7 +894,10 @@ export class RequestPath {
       const keys: Bkey[] = [];
       const writes: Promise<void>[] = [];
       const reached = await this.placeInCache(att, buf, start, end, { dirty: true }, { allocs, keys, writes });
-      if (reached < end) throw new IoError('ENOSPC', `${this.dev.name}: no cache space for a writeback write`);
+      if (reached < end) {
+        await Promise.allSettled(writes);
+        throw new IoError('ENOSPC', `${this.dev.name}: no cache space for a writeback write`);
+      }
       await settleAll(writes);
       await cs.insert(keys, { journal: true, fua });
     } finally {
@@ -941,7 +954,8 @@ export class RequestPath {
         await this.placeInCache(att, op.buf, start, end, {}, { allocs, keys, writes: cacheWrites });
       }
       const backingDone = this.backingOp(op, start, end, fua);
-      const [cacheResult] = await Promise.all([
+      // allDone: the copy's cache writes end before its allocations go back, even when the backing write failed.
+      const [cacheResult] = await allDone([
         settleAll(cacheWrites).then(
           () => true,
           (err: unknown) => {
@@ -949,7 +963,7 @@ export class RequestPath {
             return false;
           },
         ),
-        backingDone,
+        backingDone.then(() => true),
       ]);
       if (dirty.length > 0) await this.invalidate(att, dirty, op.kind !== 'discard' && op.fua);
       if (keys.length > 0 && cacheResult && !att.detaching) {
@@ -1053,7 +1067,7 @@ export class RequestPath {
   private async flushAll(): Promise<void> {
     await this.withCache(
       async (att) => {
-        await Promise.all([this.dev.backingIo.flush(), att.cs.flush()]);
+        await allDone([this.dev.backingIo.flush(), att.cs.flush()]);
       },
       () => this.dev.backingIo.flush(),
     );
