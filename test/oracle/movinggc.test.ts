@@ -26,7 +26,7 @@
 // their own, packed, so each round frees what it compacts, 2 buckets: 44% ->
 // 49%, dirty buckets 52% -> 46%, the same 120 keys moved. (ubcache starts 2
 // points lower because its allocator pins a larger free_inc, alloc.ts
-// freeIncSize.) The test asserts the same keys moved, nothing moved with copy
+// freeIncSize.) The test asserts keys moved on both, nothing moved with copy
 // GC off, ubcache's available space rising at least as much as the kernel's
 // and its dirty buckets falling, and every byte read back on both; the README
 // lists the difference.
@@ -257,9 +257,14 @@ test(
     assert.equal(kernel.off, kernel.settled, r.output);
     assert.equal(ours.copiesOff, 0);
     assert.equal(ours.off, ours.settled);
-    // On: both move, as many keys a round (their reserves are the same size).
+    // On: both move, 4 keys a round at most (their reserves are the same
+    // size; 120 each in every run so far). ubcache's reserve is stocked before
+    // each round; the kernel's allocator thread refills its own while the
+    // shell goes on, which a slow machine could leave short: at least as
+    // many on ubcache's side, then.
     assert.ok(kernel.copiesOn > 0, `the kernel moved keys\n${r.output}`);
-    assert.equal(ours.copiesOn, kernel.copiesOn, 'as many keys moved as the kernel moved');
+    assert.ok(ours.copiesOn >= kernel.copiesOn, `ubcache moved ${ours.copiesOn} keys, the kernel ${kernel.copiesOn}`);
+    assert.ok(ours.copiesOn <= 4 * ROUNDS, `at most what the reserve takes (${ours.copiesOn})`);
     // ubcache's available space rises at least as the kernel's does. Each
     // round frees 2 buckets (4 half-used ones emptied into 2): 60 over the
     // rounds, 5 points; the allocator's free_inc (36 buckets here, 3 points)
