@@ -375,6 +375,10 @@ export class CacheSet {
       io: this.io,
       enabled: () => this.copyGcEnabled,
       isDisabled: () => this.ioDisabledFlag,
+      // The key scan slices as GC's walk does, with the same knobs.
+      clock: this.clock,
+      ...(options.gcSliceMs === undefined ? {} : { sliceMs: options.gcSliceMs }),
+      ...(options.gcYield === undefined ? {} : { yieldBetweenSlices: options.gcYield }),
     });
     this.gc = new Gc(
       {

@@ -11,6 +11,10 @@
 // they empty): the kernel's copies share open buckets with other writes, ours
 // have buckets of their own, and a partly filled one is not topped up later.
 //
+// Their live keys are found by a scan of the leaves in slices, as GC's walk
+// goes (gc.ts): requests run between slices, the btree's lock is held shared
+// only within one (liveKeys).
+//
 // Each move is a compare-and-insert of the copy against the exact key it
 // was read from (cs.insert with `replace`, as writeback's completion): a write
 // that changed the range since wins, and only the part of the range the old
@@ -27,13 +31,15 @@
 // in. Clean keys need no such wait: a hole over clean data is a miss.
 
 import { IoError } from '../blockdev/types.ts';
-import { makeKey, makePtr, type Bkey, type BkeyPtr } from '../format/bkey.ts';
+import { makeKey, makePtr, MAX_KEY, posCmp, type Bkey, type BkeyPtr } from '../format/bkey.ts';
 import { SECTOR_SIZE } from '../format/constants.ts';
 import { allDone, errorMessage } from '../util/lifecycle.ts';
+import { realClock, type Clock } from '../util/clock.ts';
 import { log } from '../util/log.ts';
 import { RESERVE_MOVINGGC, type Allocator } from './alloc.ts';
 import type { Btree, InsertResult } from './btree.ts';
 import { GC_MARK_DIRTY, GC_MARK_RECLAIMABLE, type Buckets } from './buckets.ts';
+import { GC_SLICE_MS } from './gc.ts';
 import type { CacheIo } from './io.ts';
 import type { Journal, JournalEntry } from './journal.ts';
 
@@ -46,6 +52,10 @@ export interface MovingGcHost {
   /** copy_gc_enabled. */
   enabled(): boolean;
   isDisabled(): boolean;
+  /** The key scan's slices, as GC's walk has them: the clock they are timed by, their length (ms), the yield between. */
+  clock?: Clock;
+  sliceMs?: number;
+  yieldBetweenSlices?: () => Promise<void>;
 }
 
 export interface MovingGcStats {
@@ -64,6 +74,8 @@ export interface MovingGcStats {
   bucketsUsed: number;
   /** Rounds cut short because a leaf rewrite found no node bucket ready. */
   noNodeBuckets: number;
+  /** Slices of the last round's key scan (each one a hold of the btree's read lock). */
+  lastCollectSlices: number;
 }
 
 /** A bucket copies are written into. */
@@ -80,6 +92,20 @@ interface Copy {
   key: Bkey;
   expected: Bkey;
 }
+
+/** Where the key scan is, and what it found. */
+interface CollectState {
+  out: Bkey[];
+  /** The scan continues with the leaf holding the first key after this position. */
+  inode: number;
+  offset: number;
+}
+
+/** Where a slice of the key scan stopped. */
+type CollectEnd = { done: true; load?: undefined } | { done: false; load?: { key: Bkey; level: number } };
+
+/** One macrotask turn: timers and I/O callbacks run before the scan goes on. */
+const nextTurn = (): Promise<void> => new Promise<void>((resolve) => setImmediate(resolve));
 
 /** Keys copied per flush and insert round. */
 const BATCH_KEYS = 64;
@@ -99,9 +125,16 @@ export class MovingGc {
     bucketsFreed: 0,
     bucketsUsed: 0,
     noNodeBuckets: 0,
+    lastCollectSlices: 0,
   };
 
   private running = false;
+  private scanning = false;
+
+  /** The key scan is in progress (between the buckets' choice and the first copy). */
+  get collecting(): boolean {
+    return this.scanning;
+  }
 
   /** A round is in progress (between choosing its buckets and releasing them). */
   get inProgress(): boolean {
@@ -132,7 +165,13 @@ export class MovingGc {
     let durable = false;
     let entry: JournalEntry | undefined;
     try {
-      const keys = await this.liveKeys(new Set(chosen));
+      this.scanning = true;
+      let keys: Bkey[];
+      try {
+        keys = await this.liveKeys(new Set(chosen), signal);
+      } finally {
+        this.scanning = false;
+      }
       const open: { clean: Dest | undefined; dirty: Dest | undefined } = { clean: undefined, dirty: undefined };
       let room = true;
       for (let at = 0; room && at < keys.length; at += BATCH_KEYS) {
@@ -224,24 +263,75 @@ export class MovingGc {
     return out;
   }
 
-  /** The live data keys pointing into `buckets` (read_moving's scan), in key order. */
-  private async liveKeys(buckets: Set<number>): Promise<Bkey[]> {
-    const { btree, buckets: b } = this.host;
-    const out: Bkey[] = [];
-    if (!btree.lock.tryRead()) await btree.lock.read();
-    try {
-      await btree.walk((node) => {
-        if (!node.isLeaf) return;
-        node.keys.forEach((k) => {
-          if (k.size === 0 || k.ptrs.length === 0) return;
-          const p = k.ptrs[0] as BkeyPtr;
-          if (buckets.has(b.bucketOf(p)) && b.stale(p) === 0) out.push(k);
-        });
-      });
-    } finally {
-      btree.lock.releaseRead();
+  /**
+   * The live data keys pointing into `buckets` (read_moving's scan), in key
+   * order. The scan goes leaf by leaf in slices, as GC's walk does (gc.ts):
+   * each slice holds the btree's lock shared only while it reads leaves
+   * (synchronously, or to load one node), and gives the event loop back
+   * after sliceMs, so requests never wait behind a whole scan. It resumes by
+   * position from the root, following splits and rewrites made between
+   * slices. Keys inserted behind it never point into the chosen buckets
+   * (they are pinned: no new data goes there), and a key collected and then
+   * overwritten is caught by its copy's compare-and-insert; a leaf merged
+   * with one already read gives back nothing twice (only keys past the
+   * position are taken, and no extent crosses a leaf's boundary).
+   */
+  private async liveKeys(buckets: Set<number>, signal: AbortSignal | undefined): Promise<Bkey[]> {
+    const host = this.host;
+    const { btree } = host;
+    const clock = host.clock ?? realClock;
+    const sliceMs = host.sliceMs ?? GC_SLICE_MS;
+    const yieldBetween = host.yieldBetweenSlices ?? nextTurn;
+    const st: CollectState = { out: [], inode: 0, offset: -1 };
+    let slices = 0;
+    for (;;) {
+      if (signal?.aborted === true || host.isDisabled()) break;
+      if (!btree.lock.tryRead()) await btree.lock.read();
+      let end: CollectEnd;
+      try {
+        end = this.collectSlice(buckets, st, clock.now() + sliceMs, clock);
+        // A node that is not in memory: load it under the lock, as any reader would.
+        if (end.load) await btree.getNode(end.load.key, end.load.level);
+      } finally {
+        btree.lock.releaseRead();
+      }
+      slices++;
+      if (end.done) break;
+      await yieldBetween();
     }
-    return out;
+    this.stats.lastCollectSlices = slices;
+    return st.out;
+  }
+
+  /**
+   * Read leaves from the scan's position on, synchronously, until the tree
+   * ends, `deadline` (a time of `clock`) passes, or a node must be read from
+   * disk first. The caller holds the read lock.
+   */
+  private collectSlice(buckets: Set<number>, st: CollectState, deadline: number, clock: Clock): CollectEnd {
+    const { btree, buckets: b } = this.host;
+    for (;;) {
+      let node = btree.root;
+      while (!node.isLeaf) {
+        const at = node.keys.seekAfter(st.inode, st.offset);
+        if (at < 0) return { done: true };
+        const ck = node.keys.keyAt(at);
+        const child = btree.cached(ck);
+        if (!child) return { done: false, load: { key: ck, level: node.level - 1 } };
+        node = child;
+      }
+      const keys = node.keys;
+      for (let p = keys.seekAfter(st.inode, st.offset); p >= 0; p = keys.next(p)) {
+        const k = keys.keyAt(p);
+        if (k.size === 0 || k.ptrs.length === 0) continue;
+        const ptr = k.ptrs[0] as BkeyPtr;
+        if (buckets.has(b.bucketOf(ptr)) && b.stale(ptr) === 0) st.out.push(k);
+      }
+      if (posCmp(node.key.inode, node.key.offset, MAX_KEY.inode, MAX_KEY.offset) >= 0) return { done: true };
+      st.inode = node.key.inode;
+      st.offset = node.key.offset;
+      if (clock.now() >= deadline) return { done: false };
+    }
   }
 
   /**

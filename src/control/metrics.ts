@@ -1,5 +1,6 @@
 // /metrics in the Prometheus text exposition format (version 0.0.4): the I/O engine, the
-// cache counters of every bcache device and cache set, dirty data, the
+// cache counters of every bcache device and cache set, the size of every
+// flash-only volume and the data it holds, dirty data, the
 // writeback rate and its controller, cache availability, and the NBD request
 // counts and latency histograms per export and command. The values come from
 // stats.ts's snapshot, which /api/stats (the dashboard) serves as JSON.
@@ -80,6 +81,12 @@ export function formatMetrics(snap: StatsSnapshot): string {
     'writeback_rate_integral_bytes_per_second',
     'gauge',
     "The controller's integral term, scaled (writeback_rate_debug integral); 0 while writeback does not run.",
+  );
+  const volumeSize = f('flash_volume_size_bytes', 'gauge', 'Size of a flash-only volume (its size attribute).');
+  const volumeData = f(
+    'flash_volume_data_bytes',
+    'gauge',
+    "Data a flash-only volume holds in the cache, all dirty (part of the set's dirty_data).",
   );
   const running = f('device_running', 'gauge', '1 if the bcache device runs (is exported).');
   const available = f('cache_available_percent', 'gauge', 'Share of cache buckets not holding dirty data or metadata.');
@@ -164,6 +171,11 @@ export function formatMetrics(snap: StatsSnapshot): string {
       backingOnline.add(labels, d.remote.connected ? 1 : 0);
     }
   }
+  for (const v of snap.volumes) {
+    const labels = { device: v.name, set: v.set };
+    volumeSize.add(labels, v.sizeBytes);
+    volumeData.add(labels, v.dataBytes);
+  }
   for (const s of snap.sets) {
     const labels = { set: s.uuid };
     counters(labels, s.counters);
@@ -224,6 +236,8 @@ export function formatMetrics(snap: StatsSnapshot): string {
     wbProportional,
     wbIntegral,
     running,
+    volumeSize,
+    volumeData,
     available,
     ioDisabled,
     cacheRead,

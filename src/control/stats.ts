@@ -1,5 +1,6 @@
 // One snapshot of everything the daemon reports about itself: the cache
-// counters of every bcache device and cache set, dirty data and the
+// counters of every bcache device and cache set, the flash-only volumes
+// (their size and the data they hold), dirty data and the
 // writeback rate controller, cache availability, GC, errors, and the NBD
 // request counts and latency histograms per export and command. /metrics
 // renders it in Prometheus' text format and /api/stats (the dashboard's
@@ -7,6 +8,7 @@
 // (bytes and seconds, not sectors and nanoseconds).
 
 import type { CachedDev } from '../bcache/cached-dev.ts';
+import type { FlashDev } from '../bcache/flash-dev.ts';
 import type { Registry, RegisteredSet } from '../bcache/registry.ts';
 import { hitRatio, type CacheCounters } from '../bcache/stats.ts';
 import { ioEngineStatus, type IoEngineName } from '../blockdev/io-engine.ts';
@@ -57,6 +59,21 @@ export interface DeviceStats {
   remote: { connected: boolean; reconnects: number; outageSeconds: number } | null;
 }
 
+/** A flash-only volume (bcache's thin volume on the cache device alone). */
+export interface VolumeStats {
+  /** bcacheN */
+  name: string;
+  /** The cache set it lives in, and its uuid slot there (volumeN in the set's directory). */
+  set: string;
+  slot: number;
+  uuid: string;
+  /** The label, up to its first NUL. */
+  label: string;
+  sizeBytes: number;
+  /** Data the volume holds in the cache; all of it is dirty (it has no backing device). */
+  dataBytes: number;
+}
+
 export interface SetStats {
   uuid: string;
   counters: CounterStats;
@@ -98,6 +115,7 @@ export interface StatsSnapshot {
   setsFailed: number;
   latencyBucketsSeconds: readonly number[];
   devices: DeviceStats[];
+  volumes: VolumeStats[];
   sets: SetStats[];
   exports: ExportStats[];
 }
@@ -146,6 +164,19 @@ function deviceStats(d: CachedDev): DeviceStats {
     remote: remote
       ? { connected: remote.online, reconnects: remote.reconnects, outageSeconds: remote.outageMs / 1000 }
       : null,
+  };
+}
+
+function volumeStats(v: FlashDev): VolumeStats {
+  const nul = v.label.indexOf(0);
+  return {
+    name: v.name,
+    set: v.cs.uuid,
+    slot: v.inode,
+    uuid: v.uuid,
+    label: v.label.subarray(0, nul < 0 ? v.label.length : nul).toString(),
+    sizeBytes: v.sectors * 512,
+    dataBytes: v.dirtySectors * 512,
   };
 }
 
@@ -200,6 +231,7 @@ export function collectStats(registry: Registry, exports: readonly Export[], now
     setsFailed: registry.setsFailed,
     latencyBucketsSeconds: LATENCY_BUCKETS_S,
     devices: registry.devices.map(deviceStats),
+    volumes: registry.volumes.filter((v) => v.running).map(volumeStats),
     sets: [...registry.sets.values()].map(setStats),
     exports: exports.map(exportStats),
   };

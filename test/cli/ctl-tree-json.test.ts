@@ -1,11 +1,13 @@
 // ctl's reading of the attribute tree's JSON: bch_hprint's text back to
-// bytes (wait-clean's progress), and which registered device a DEV names.
+// bytes (wait-clean's progress), which registered device a DEV names, and
+// flash-only volumes told from backing devices (status lists them).
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { hprint } from '../../src/bcache/stats.ts';
 import { findDevice } from '../../src/cli/ctl/devices.ts';
-import { parseHprint, registered, type Json } from '../../src/cli/ctl/tree-json.ts';
+import { status } from '../../src/cli/ctl/status.ts';
+import { parseHprint, registered, type Json, type JsonObject } from '../../src/cli/ctl/tree-json.ts';
 
 test('parseHprint reads what hprint prints, to within its rounding', () => {
   for (const bytes of [0, 512, 4096, 1.5 * 2 ** 20, 3 * 2 ** 30 + 12345, 7 * 2 ** 40]) {
@@ -24,7 +26,11 @@ const tree: Json = {
   fs: {
     bcache: {
       register: null,
-      [SET]: { cache0: { dev_path: '/srv/cache.img' }, bdev0: { $link: '/sys/block/bcache0/bcache' } },
+      [SET]: {
+        cache0: { dev_path: '/srv/cache.img' },
+        bdev0: { $link: '/sys/block/bcache0/bcache' },
+        volume1: { $link: '/sys/block/bcache2/bcache' },
+      },
     },
   },
   block: {
@@ -47,6 +53,8 @@ const tree: Json = {
         state: 'no cache',
       },
     },
+    // A flash-only volume: the kernel's three files, nothing that says "backing".
+    bcache2: { bcache: { unregister: null, label: 'scratch', size: '16.0M' }, size: '32768' },
   },
 };
 
@@ -63,6 +71,23 @@ test('registered(): devices with their paths and attachment, sets with their cac
     reg.sets.map((s) => [s.uuid, s.cachePath]),
     [[SET, '/srv/cache.img']],
   );
+  assert.deepEqual(
+    reg.volumes.map((v) => [v.name, v.set, v.slot]),
+    [['bcache2', SET, 1]],
+    'the volume, by its set link, and not among the backing devices',
+  );
+});
+
+test('status: a table of flash-only volumes when there are some', () => {
+  const out = status(tree);
+  assert.match(out, /^VOLUME\s+SET\s+SLOT\s+SIZE\s+LABEL$/m);
+  assert.match(out, new RegExp(`^bcache2\\s+${SET}\\s+1\\s+16\\.0M\\s+scratch$`, 'm'));
+  assert.doesNotMatch(out, /^bcache2\s+(yes|no)/m, 'not in the backing devices table');
+  // Gone from block/ (its set link left behind): no table, nothing else changes.
+  const none = structuredClone<JsonObject>(tree);
+  delete (none['block'] as JsonObject)['bcache2'];
+  assert.deepEqual(registered(none).volumes, []);
+  assert.doesNotMatch(status(none), /VOLUME/);
 });
 
 test('findDevice(): by bcacheN, /dev/bcacheN, uuid, path or URI; an unknown one is refused', async () => {

@@ -1,13 +1,15 @@
 // Flash-only volumes through the daemon, with real NBD clients: `serve` of a
 // cache device alone, a volume made with `ubcache ctl write
 // .../flash_vol_create`, exported as bcache0 at once; nbdinfo maps it as one
-// hole, nbdcopy writes an image into it and reads it back; after a restart
+// hole, nbdcopy writes an image into it and reads it back; `ctl status`
+// and /metrics list it with its size and the data it holds; after a restart
 // the volume is served again with its data; `unregister` deletes it and its
 // export goes.
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { join } from 'node:path';
+import { controlRequest } from '../../src/control/client.ts';
 import { have, run, sparseFile, tempDir, ubcache, UBCACHE } from '../helpers/daemon.ts';
 import { patchyImage, sameContent } from '../helpers/patchy-image.ts';
 import { startServe } from './serve-helpers.ts';
@@ -48,6 +50,16 @@ test(
       const out = join(tmp.dir, 'out.img');
       await run('nbdcopy', [s.uri('bcache0'), out]);
       assert.deepEqual(sameContent(src, out), { equal: true });
+      await ctl(control, 'write', '/sys/block/bcache0/bcache/label', 'scratch');
+      const st = await ctl(control, 'status');
+      assert.match(st, new RegExp(`^bcache0\\s+${set}\\s+0\\s+16\\.0M\\s+scratch$`, 'm'), st);
+      assert.match(st, /^no bcache device$/m, 'the volume is not a backing device');
+      const metrics = (await controlRequest(control, 'GET', '/metrics')).body;
+      const labels = `\\{device="bcache0",set="${set}"\\}`;
+      assert.match(metrics, new RegExp(`^ubcache_flash_volume_size_bytes${labels} ${16 * MiB}$`, 'm'));
+      // The image's data extents (4 MiB in 1 MiB blocks here), all of them held in the cache.
+      const data = Number(new RegExp(`^ubcache_flash_volume_data_bytes${labels} (\\d+)$`, 'm').exec(metrics)?.[1]);
+      assert.equal(data, 4 * MiB, metrics);
     } finally {
       await s.daemon.stop().finally(() => s.daemon.kill());
     }

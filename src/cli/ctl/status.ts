@@ -1,10 +1,11 @@
-// `ubcache ctl status`: cache sets and bcache devices, one line each.
+// `ubcache ctl status`: cache sets, bcache devices and flash-only volumes, one
+// line each.
 
 import { table } from './table.ts';
-import { field, registered, selected, type Json } from './tree-json.ts';
+import { field, registered, selected, value, type Json } from './tree-json.ts';
 
 export function status(root: Json): string {
-  const { devices, sets } = registered(root);
+  const { devices, volumes, sets } = registered(root);
   const out: string[] = [];
   out.push(
     sets.length === 0
@@ -37,5 +38,14 @@ export function status(root: Json): string {
           ]),
         ]),
   );
+  // Flash-only volumes: a table only when there are some (most caches have none).
+  if (volumes.length > 0) {
+    out.push(
+      table([
+        ['VOLUME', 'SET', 'SLOT', 'SIZE', 'LABEL'],
+        ...volumes.map((v) => [v.name, v.set, String(v.slot), field(v.dir, 'size'), value(v.dir, 'label') || '-']),
+      ]),
+    );
+  }
   return out.join('\n');
 }

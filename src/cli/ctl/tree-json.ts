@@ -1,6 +1,6 @@
 // The attribute tree's JSON view (GET /json/sys) as ctl reads it: values,
 // null for write-only files, directories, and links as {"$link": target};
-// and the registered devices and cache sets found in it.
+// and the registered devices, flash-only volumes and cache sets found in it.
 
 export interface JsonObject {
   [k: string]: Json;
@@ -64,19 +64,53 @@ export interface CacheSetEntry {
   cachePath: string;
 }
 
+/** A flash-only volume: /sys/block/bcacheN/bcache, linked as volumeSLOT from its set's directory. */
+export interface FlashVolumeEntry {
+  /** bcacheN */
+  name: string;
+  dir: JsonObject;
+  set: string;
+  slot: number;
+}
+
 export interface Registered {
+  /** Backing devices (a volume's bcacheN is not one). */
   devices: BackingDevice[];
+  volumes: FlashVolumeEntry[];
   sets: CacheSetEntry[];
+}
+
+/** The bcacheN of a /sys/block/bcacheN/bcache link target. */
+function blockName(target: string | undefined): string | undefined {
+  return /^\/sys\/block\/([^/]+)\/bcache$/.exec(target ?? '')?.[1];
 }
 
 /** The devices and sets in the whole tree's JSON (GET /json/sys). */
 export function registered(root: Json): Registered {
   const block = isDir(root) ? root['block'] : undefined;
+  const fsBcache = isDir(root) && isDir(root['fs']) ? root['fs']['bcache'] : undefined;
+  // Volumes first: their directories are told from backing devices' by the sets' volumeN links.
+  const volumes: FlashVolumeEntry[] = [];
+  if (isDir(fsBcache) && isDir(block)) {
+    for (const [set, setDir] of Object.entries(fsBcache)) {
+      if (!isDir(setDir)) continue;
+      for (const [entry, j] of Object.entries(setDir)) {
+        const slot = /^volume(\d+)$/.exec(entry)?.[1];
+        const name = blockName(linkTarget(j));
+        const blockDir = name === undefined ? undefined : block[name];
+        const dir = isDir(blockDir) ? blockDir['bcache'] : undefined;
+        if (slot === undefined || name === undefined || !isDir(dir)) continue;
+        volumes.push({ name, dir, set, slot: Number(slot) });
+      }
+    }
+  }
+  volumes.sort((a, b) => a.name.localeCompare(b.name, 'en', { numeric: true }));
+  const isVolume = new Set(volumes.map((v) => v.name));
   const devices: BackingDevice[] = [];
   if (isDir(block)) {
     for (const [name, blockDir] of Object.entries(block)) {
       const dir = isDir(blockDir) ? blockDir['bcache'] : undefined;
-      if (!isDir(dir)) continue;
+      if (!isDir(dir) || isVolume.has(name)) continue;
       const cache = linkTarget(dir['cache']);
       devices.push({
         name,
@@ -89,7 +123,6 @@ export function registered(root: Json): Registered {
       });
     }
   }
-  const fsBcache = isDir(root) && isDir(root['fs']) ? root['fs']['bcache'] : undefined;
   const sets: CacheSetEntry[] = [];
   if (isDir(fsBcache)) {
     for (const [uuid, dir] of Object.entries(fsBcache)) {
@@ -97,5 +130,5 @@ export function registered(root: Json): Registered {
       sets.push({ uuid, dir, cachePath: value(dir, 'cache0', 'dev_path') ?? `cache0 of ${uuid}` });
     }
   }
-  return { devices, sets };
+  return { devices, volumes, sets };
 }
