@@ -48,8 +48,8 @@ async function main(): Promise<void> {
     process.stdout.write(
       `seed ${r.seed} ops ${r.ops} digest ${r.digest} ${r.ok ? 'ok' : 'FAIL'} ` +
         `(${(r.simMs / 1000).toFixed(1)} s simulated, ${r.events} events; ` +
-        `${s.writes}+${s.fuaWrites} fua writes, ${s.reads} reads, ${s.flushes} flushes, ` +
-        `${s.gcs} gc, ${s.powerCuts} power cuts, ${s.restarts} restarts)` +
+        `${s.writes}+${s.fuaWrites} fua writes, ${s.reads} reads, ${s.flushes} flushes, ${s.discards} discards, ${s.zeroes} zeroes, ` +
+        `${s.gcs} gc, ${s.detaches} detaches, ${s.attaches} attaches, ${s.powerCuts} power cuts, ${s.restarts} restarts)` +
         `${r.ok ? '' : `\n  ${r.verdict}\n  repro: npm run sim -- --seed ${r.seed} --ops ${r.ops}${workload === 'mixed' ? '' : ` --workload ${workload}`}${powerCuts ? '' : ' --no-power-cuts'}`}\n`,
     );
     if (!r.ok) failed++;

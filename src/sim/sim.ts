@@ -21,6 +21,7 @@ import type { BlockDevice } from '../blockdev/types.ts';
 import type { CachedDevSettings } from '../bcache/cached-dev.ts';
 import { Registry } from '../bcache/registry.ts';
 import {
+  BDEV_STATE_NONE,
   CACHE_MODE_NAMES,
   CACHE_MODE_WRITEAROUND,
   CACHE_MODE_WRITEBACK,
@@ -73,7 +74,11 @@ export interface SimStats {
   writes: number;
   fuaWrites: number;
   flushes: number;
+  discards: number;
+  zeroes: number;
   gcs: number;
+  detaches: number;
+  attaches: number;
   powerCuts: number;
   restarts: number;
   settingChanges: number;
@@ -142,12 +147,23 @@ class Run implements SimDeviceEnv {
     writes: 0,
     fuaWrites: 0,
     flushes: 0,
+    discards: 0,
+    zeroes: 0,
     gcs: 0,
+    detaches: 0,
+    attaches: 0,
     powerCuts: 0,
     restarts: 0,
     settingChanges: 0,
     idle: 0,
   };
+
+  /**
+   * Each backing device detached from the cache set at run time (and not
+   * attached again since). Every detach and attach completes within its step,
+   * so at any power cut or restart this says exactly what bring-up must find.
+   */
+  private readonly detached = new Set<number>();
 
   /** Each backing device's cache mode (the fill workload changes it every round). */
   readonly modes: number[];
@@ -293,10 +309,17 @@ class Run implements SimDeviceEnv {
       const cd = registry.devices.find((d) => d.backing === b);
       if (!cd) throw new Violation(`bring-up: ${b.name} is not registered`);
       if (!cd.running) throw new Violation(`bring-up: ${cd.name} (${b.name}) is not running`);
-      if (cd.attachment === undefined) throw new Violation(`bring-up: ${cd.name} (${b.name}) is not attached`);
-      const mode = this.modes[i] ?? CACHE_MODE_WRITETHROUGH;
-      await this.within(cd.setCacheMode(mode), LIVENESS_MS, `${cd.name}: cache mode`);
-      this.trace(`${b.name} is ${cd.name}, ${CACHE_MODE_NAMES[mode] ?? mode}`);
+      // A completed detach is durable (superblock NONE, slot invalidated), and so is a completed attach.
+      if (this.detached.has(i)) {
+        if (cd.attachment !== undefined)
+          throw new Violation(`bring-up: ${cd.name} (${b.name}) was detached but is attached again`);
+        this.trace(`${b.name} is ${cd.name}, detached`);
+      } else {
+        if (cd.attachment === undefined) throw new Violation(`bring-up: ${cd.name} (${b.name}) is not attached`);
+        const mode = this.modes[i] ?? CACHE_MODE_WRITETHROUGH;
+        await this.within(cd.setCacheMode(mode), LIVENESS_MS, `${cd.name}: cache mode`);
+        this.trace(`${b.name} is ${cd.name}, ${CACHE_MODE_NAMES[mode] ?? mode}`);
+      }
       bdevs.push(cd.device);
     }
     this.engine = { registry, devices: [cache, ...backings], bdevs, generation: gen };
@@ -407,7 +430,11 @@ class Run implements SimDeviceEnv {
       if (aligned) first -= first % 8;
       if (r < 45) {
         if (this.model.writeInFlight(dev, first, count)) continue;
-        ops.push(this.write(dev, bdev, first, count, this.rng.below(10) === 0));
+        // One in nine a discard or a write-zeroes (both reach the backing device and invalidate the cache).
+        const k = this.rng.below(18);
+        if (k === 0) ops.push(this.discard(dev, bdev, first, count));
+        else if (k === 1) ops.push(this.zero(dev, bdev, first, count, this.rng.below(4) === 0));
+        else ops.push(this.write(dev, bdev, first, count, this.rng.below(10) === 0));
       } else if (r < 92) {
         ops.push(this.read(dev, bdev, first, count));
       } else {
@@ -464,18 +491,45 @@ class Run implements SimDeviceEnv {
     this.trace(`client flush done: dev ${dev}`);
   }
 
-  /** Write zeroes (write "0" to the model: what a never-written sector reads as). */
-  private async zero(dev: number, bdev: BlockDevice, first: number, count: number): Promise<void> {
+  /**
+   * Write zeroes: to the model a write of "0", what a never-written sector
+   * reads as. With FUA it is durable once it completes, as a FUA write is.
+   */
+  private async zero(dev: number, bdev: BlockDevice, first: number, count: number, fua = false): Promise<void> {
+    this.stats.zeroes++;
     const rec = this.model.beginWrite(dev, first, count, 0);
-    this.trace(`client zero: dev ${dev} ${first}+${count}`);
+    this.trace(`client zero: dev ${dev} ${first}+${count}${fua ? ' fua' : ''}`);
     try {
-      await bdev.writeZeroes(first * SECTOR, count * SECTOR);
+      await bdev.writeZeroes(first * SECTOR, count * SECTOR, { fua });
     } catch (err) {
       this.violation(`client write-zeroes on device ${dev} failed: ${errorMessage(err)}`);
       return;
     }
-    this.model.endWrite(rec, false);
+    this.model.endWrite(rec, fua);
     this.trace(`client zero done: dev ${dev} ${first}+${count}`);
+  }
+
+  /**
+   * A discard. bcache passes it to the backing device and drops the cache's
+   * keys over the range (clean ones before, dirty ones once the discard is
+   * durable), so the range then reads as what the backing device returns for
+   * a discarded range. The simulated backing device (CrashableBlockDevice)
+   * zeroes it, volatile until a FLUSH as a write is: to the model a discard
+   * is a write of "0" without FUA. (A backing device that ignored discards
+   * would read back the old data instead; none here does.)
+   */
+  private async discard(dev: number, bdev: BlockDevice, first: number, count: number): Promise<void> {
+    this.stats.discards++;
+    const rec = this.model.beginWrite(dev, first, count, 0);
+    this.trace(`client discard: dev ${dev} ${first}+${count}`);
+    try {
+      await bdev.discard(first * SECTOR, count * SECTOR);
+    } catch (err) {
+      this.violation(`client discard on device ${dev} failed: ${errorMessage(err)}`);
+      return;
+    }
+    this.model.endWrite(rec, false);
+    this.trace(`client discard done: dev ${dev} ${first}+${count}`);
   }
 
   /** One round of the fill workload (see Workload). */
@@ -552,6 +606,55 @@ class Run implements SimDeviceEnv {
     dev.attachment?.writeback.wake();
   }
 
+  /**
+   * Detach an attached device, or attach a detached one again, while a batch
+   * of client operations runs. A detach must end within the liveness bound
+   * with all its dirty data written back: the device then serves from the
+   * backing device alone, so reading back everything written to it checks
+   * that nothing dirty was left behind. Its uuid slot must be invalidated
+   * (never handed out again: the dead inode's keys may still be in the
+   * index). An attach takes a fresh slot; the device starts cold.
+   */
+  async detachOrAttach(): Promise<void> {
+    const e = this.live();
+    // Device 0 (writeback) half the time: its detaches are the ones with dirty data to write back.
+    const dev = this.rng.bool() ? 0 : this.rng.below(e.bdevs.length);
+    const cd = e.registry.devices.find((d) => d.backing === e.devices[dev + 1]);
+    if (!cd) throw new Error(`sim: no bcache device for device ${dev}`);
+    const att = cd.attachment;
+    if (att) {
+      this.stats.detaches++;
+      const { cs, inode } = att;
+      this.trace(`detach ${cd.name} (dirty ${cd.dirtySectors})`);
+      const detached = cd.detach();
+      detached.catch(() => undefined);
+      await this.clientBatch();
+      await this.within(detached, LIVENESS_MS, `detach of ${cd.name}`);
+      this.detached.add(dev);
+      this.trace(`detach ${cd.name} done`);
+      if (cd.attachment !== undefined) throw new Violation(`detach: ${cd.name} is still attached after its detach`);
+      if (cd.state !== BDEV_STATE_NONE)
+        throw new Violation(`detach: ${cd.name}'s superblock says ${cd.stateName} after its detach, not "no cache"`);
+      if (cs.uuids.get(inode).uuid.equals(cd.sb.uuid))
+        throw new Violation(`detach: ${cd.name}'s uuid slot ${inode} still names it after its detach`);
+      await this.verifyDevice(dev);
+    } else {
+      this.stats.attaches++;
+      const set = [...e.registry.sets.values()][0];
+      if (!set) throw new Error('sim: no cache set');
+      this.trace(`attach ${cd.name}`);
+      const attached = e.registry.attach(cd, set.uuid);
+      attached.catch(() => undefined);
+      await this.clientBatch();
+      await this.within(attached, LIVENESS_MS, `attach of ${cd.name}`);
+      this.detached.delete(dev);
+      const mode = this.modes[dev] ?? CACHE_MODE_WRITETHROUGH;
+      await this.within(cd.setCacheMode(mode), LIVENESS_MS, `${cd.name}: cache mode`);
+      this.trace(`attach ${cd.name} done: slot ${cd.attachment?.inode}, ${CACHE_MODE_NAMES[mode] ?? mode}`);
+    }
+    this.check();
+  }
+
   /** Let time pass with no client: writeback, rate updates and journal deadlines run. */
   async idle(): Promise<void> {
     this.stats.idle++;
@@ -561,21 +664,25 @@ class Run implements SimDeviceEnv {
     this.check();
   }
 
-  /** Read back everything ever written, with nothing in flight: each sector as the model says. */
-  async verifyAll(): Promise<void> {
-    const e = this.live();
-    for (const [dev, bdev] of e.bdevs.entries()) {
-      const sectors = this.model.written(dev);
-      let i = 0;
-      while (i < sectors.length) {
-        const first = sectors[i] ?? 0;
-        let count = 1;
-        while (count < 256 && sectors[i + count] === first + count) count++;
-        await this.within(this.read(dev, bdev, first, count), LIVENESS_MS, `verifying device ${dev}`);
-        i += count;
-      }
+  /** Read back everything ever written to `dev`, with nothing in flight: each sector as the model says. */
+  async verifyDevice(dev: number): Promise<void> {
+    const bdev = this.live().bdevs[dev];
+    if (!bdev) throw new Error(`sim: no device ${dev}`);
+    const sectors = this.model.written(dev);
+    let i = 0;
+    while (i < sectors.length) {
+      const first = sectors[i] ?? 0;
+      let count = 1;
+      while (count < 256 && sectors[i + count] === first + count) count++;
+      await this.within(this.read(dev, bdev, first, count), LIVENESS_MS, `verifying device ${dev}`);
+      i += count;
     }
     this.check();
+  }
+
+  /** Read back everything ever written, on every device. */
+  async verifyAll(): Promise<void> {
+    for (let dev = 0; dev < this.live().bdevs.length; dev++) await this.verifyDevice(dev);
   }
 
   /** Everything the engine does after all steps: a final read-back, a clean stop, nothing left. */
@@ -622,6 +729,7 @@ export async function runSim(options: SimOptions): Promise<SimResult> {
       else if (r < 940) await run.control();
       else if (r < 955 && options.powerCuts !== false) await run.powerCut();
       else if (r < 965) await run.restart();
+      else if (r < 980) await run.detachOrAttach();
       else await run.flushAll();
       await run.probe();
     }
