@@ -65,6 +65,8 @@ export interface SimOptions {
   ops?: number;
   /** Power cuts among the steps (default true). */
   powerCuts?: boolean;
+  /** Fault episodes among the steps (default true). */
+  faults?: boolean;
   /** Keep the trace's lines (for debugging a seed): they are returned in the result. */
   keepTrace?: boolean;
 }
@@ -79,6 +81,11 @@ export interface SimStats {
   gcs: number;
   detaches: number;
   attaches: number;
+  faultEpisodes: number;
+  retires: number;
+  deviceStops: number;
+  /** Client operations that failed where failing is allowed (see Run.errorsAllowed). */
+  failedOps: number;
   powerCuts: number;
   restarts: number;
   settingChanges: number;
@@ -152,6 +159,10 @@ class Run implements SimDeviceEnv {
     gcs: 0,
     detaches: 0,
     attaches: 0,
+    faultEpisodes: 0,
+    retires: 0,
+    deviceStops: 0,
+    failedOps: 0,
     powerCuts: 0,
     restarts: 0,
     settingChanges: 0,
@@ -164,6 +175,13 @@ class Run implements SimDeviceEnv {
    * so at any power cut or restart this says exactly what bring-up must find.
    */
   private readonly detached = new Set<number>();
+
+  /**
+   * The devices whose clients may see an I/O error (during a fault episode):
+   * there a failed operation is traced and modelled (a failed write may or
+   * may not have landed), elsewhere it is a violation.
+   */
+  private readonly errorsAllowed = new Set<number>();
 
   /** Each backing device's cache mode (the fill workload changes it every round). */
   readonly modes: number[];
@@ -454,7 +472,8 @@ class Run implements SimDeviceEnv {
     try {
       await bdev.write(encodeWrite(dev, id, first, count), first * SECTOR, { fua });
     } catch (err) {
-      this.violation(`client write ${id} to device ${dev} failed: ${errorMessage(err)}`);
+      if (this.clientError(dev, err)) this.model.failWrite(rec);
+      else this.violation(`client write ${id} to device ${dev} failed: ${errorMessage(err)}`);
       return;
     }
     this.model.endWrite(rec, fua);
@@ -469,7 +488,8 @@ class Run implements SimDeviceEnv {
     try {
       await bdev.read(buf, first * SECTOR);
     } catch (err) {
-      this.violation(`client read of device ${dev} ${first}+${count} failed: ${errorMessage(err)}`);
+      if (!this.clientError(dev, err))
+        this.violation(`client read of device ${dev} ${first}+${count} failed: ${errorMessage(err)}`);
       return;
     }
     const wrong = this.model.checkRead(dev, first, count, t0, buf);
@@ -484,7 +504,7 @@ class Run implements SimDeviceEnv {
     try {
       await bdev.flush();
     } catch (err) {
-      this.violation(`client flush of device ${dev} failed: ${errorMessage(err)}`);
+      if (!this.clientError(dev, err)) this.violation(`client flush of device ${dev} failed: ${errorMessage(err)}`);
       return;
     }
     this.model.endFlush(dev, f0);
@@ -502,7 +522,8 @@ class Run implements SimDeviceEnv {
     try {
       await bdev.writeZeroes(first * SECTOR, count * SECTOR, { fua });
     } catch (err) {
-      this.violation(`client write-zeroes on device ${dev} failed: ${errorMessage(err)}`);
+      if (this.clientError(dev, err)) this.model.failWrite(rec);
+      else this.violation(`client write-zeroes on device ${dev} failed: ${errorMessage(err)}`);
       return;
     }
     this.model.endWrite(rec, fua);
@@ -525,11 +546,20 @@ class Run implements SimDeviceEnv {
     try {
       await bdev.discard(first * SECTOR, count * SECTOR);
     } catch (err) {
-      this.violation(`client discard on device ${dev} failed: ${errorMessage(err)}`);
+      if (this.clientError(dev, err)) this.model.failWrite(rec);
+      else this.violation(`client discard on device ${dev} failed: ${errorMessage(err)}`);
       return;
     }
     this.model.endWrite(rec, false);
     this.trace(`client discard done: dev ${dev} ${first}+${count}`);
+  }
+
+  /** A client operation on `dev` failed: true if that is allowed now (it is traced and counted), false if a violation. */
+  private clientError(dev: number, err: unknown): boolean {
+    if (!this.errorsAllowed.has(dev)) return false;
+    this.stats.failedOps++;
+    this.trace(`client op on dev ${dev} failed: ${errorMessage(err)}`);
+    return true;
   }
 
   /** One round of the fill workload (see Workload). */
@@ -640,18 +670,122 @@ class Run implements SimDeviceEnv {
       await this.verifyDevice(dev);
     } else {
       this.stats.attaches++;
-      const set = [...e.registry.sets.values()][0];
-      if (!set) throw new Error('sim: no cache set');
-      this.trace(`attach ${cd.name}`);
-      const attached = e.registry.attach(cd, set.uuid);
-      attached.catch(() => undefined);
-      await this.clientBatch();
-      await this.within(attached, LIVENESS_MS, `attach of ${cd.name}`);
-      this.detached.delete(dev);
-      const mode = this.modes[dev] ?? CACHE_MODE_WRITETHROUGH;
-      await this.within(cd.setCacheMode(mode), LIVENESS_MS, `${cd.name}: cache mode`);
-      this.trace(`attach ${cd.name} done: slot ${cd.attachment?.inode}, ${CACHE_MODE_NAMES[mode] ?? mode}`);
+      await this.attach(dev, true);
     }
+    this.check();
+  }
+
+  /** Attach device `dev` (detached) to the cache set again, in its cache mode; `busy`: while a client batch runs. */
+  private async attach(dev: number, busy: boolean): Promise<void> {
+    const e = this.live();
+    const cd = e.registry.devices.find((d) => d.backing === e.devices[dev + 1]);
+    const set = [...e.registry.sets.values()][0];
+    if (!cd || !set) throw new Error(`sim: no bcache device ${dev} or no cache set`);
+    this.trace(`attach ${cd.name}`);
+    const attached = e.registry.attach(cd, set.uuid);
+    attached.catch(() => undefined);
+    if (busy) await this.clientBatch();
+    await this.within(attached, LIVENESS_MS, `attach of ${cd.name}`);
+    this.detached.delete(dev);
+    const mode = this.modes[dev] ?? CACHE_MODE_WRITETHROUGH;
+    await this.within(cd.setCacheMode(mode), LIVENESS_MS, `${cd.name}: cache mode`);
+    this.trace(`attach ${cd.name} done: slot ${cd.attachment?.inode}, ${CACHE_MODE_NAMES[mode] ?? mode}`);
+  }
+
+  /**
+   * A fault episode: from now on, operations on the cache device or on one
+   * backing device fail (EIO) with a probability from the seed (sometimes
+   * reads only, sometimes everything: the device pulled), while batches of
+   * client operations and idle time run. Then a power cut, and the devices
+   * come back without faults (a transient fault, or the disk replaced by an
+   * image of itself).
+   *
+   * What clients may see (docs/failure-handling.md): a cache failure never
+   * shows on a device that cannot hold dirty data (here: writethrough and
+   * writearound): clean hits that fail are read again from the backing
+   * device, and when the errors retire the set such a device is kept serving
+   * without the cache, its requests caught by the failure redone there. A
+   * writeback device may fail requests (a dirty hit unreadable, a write
+   * whose cache write failed; when the set retires with dirty data, the
+   * device stops and everything fails). A backing failure fails that
+   * device's requests only, and past io_error_limit errors, or failing for
+   * the offline time, stops it; the set and the other devices serve on.
+   * Every failed write may or may not have landed (model.ts). Lifecycle:
+   * a retire ends within its bound, leaves no worker of the set alive, no
+   * I/O in flight on the cache device and none after (it is fenced); a
+   * device stopped by the failure likewise for its backing device.
+   */
+  async faultEpisode(): Promise<void> {
+    const e = this.live();
+    this.stats.faultEpisodes++;
+    const set = [...e.registry.sets.values()][0];
+    if (!set) throw new Error('sim: no cache set');
+    const rate = [0.02, 0.1, 0.3, 1][this.rng.below(4)] ?? 1;
+    const kinds = this.rng.bool() ? ['read'] : ['read', 'write', 'flush', 'discard', 'zero'];
+    const onCache = this.rng.bool();
+    const target = onCache ? 0 : 1 + this.rng.below(e.bdevs.length);
+    const faulty = e.devices[target];
+    if (!faulty) throw new Error('sim: no device to fail');
+    const devs = e.bdevs.map((_, i) => e.registry.devices.find((d) => d.backing === e.devices[i + 1]));
+    for (const [i, cd] of devs.entries()) {
+      // A writeback device may fail on a cache failure; a backing failure fails only its own device.
+      if (onCache ? cd?.attachment !== undefined && this.modes[i] === CACHE_MODE_WRITEBACK : target === i + 1)
+        this.errorsAllowed.add(i);
+    }
+    this.trace(`fault episode: ${faulty.name} ${rate} ${kinds.join('/')}`);
+    faulty.injectFaults(rate, kinds);
+    const steps = 3 + this.rng.below(6);
+    for (let k = 0; k < steps; k++) {
+      if (this.rng.below(3) === 0) await this.idle();
+      else await this.clientBatch();
+    }
+    // The failure's consequences, each bounded, each leaving nothing behind.
+    if (set.retired) {
+      this.stats.retires++;
+      this.trace(`cache set retiring`);
+      await this.within(set.retired, STOP_BOUND_MS, 'the retire of the failed cache set');
+      const live = set.cs.workers.live().map((w) => w.name);
+      if (live.length > 0) throw new Violation(`lifecycle: worker(s) of the retired set alive: ${live.join(', ')}`);
+      const cache = e.devices[0];
+      const inflight = cache ? [...cache.inflight.values()] : [];
+      if (inflight.length > 0)
+        throw new Violation(`lifecycle: cache I/O in flight after the retire: ${inflight.join(', ')}`);
+      cache?.fence('the cache set retired');
+      if (e.registry.sets.has(set.uuid)) throw new Violation('lifecycle: the retired set is still registered');
+    } else if (onCache && faulty.injected > 0 && rate >= 1 && kinds.length > 1) {
+      // Every cache I/O failing and yet the set alive: metadata writes fail at once, so only an idle set is.
+      this.trace('cache pulled; the set did not notice (no I/O reached it)');
+    }
+    const kept: number[] = [];
+    for (const [i, cd] of devs.entries()) {
+      if (!cd) continue;
+      if (cd.stopped) {
+        this.stats.deviceStops++;
+        this.trace(`${cd.name} stopped by the failure`);
+        if (!this.errorsAllowed.has(i))
+          throw new Violation(`failure: ${cd.name} (device ${i}) stopped, but it could not lose data to this fault`);
+        await this.within(cd.stop(), STOP_BOUND_MS, `the stop of ${cd.name}`);
+        const b = e.devices[i + 1];
+        const inflight = b ? [...b.inflight.values()] : [];
+        if (inflight.length > 0)
+          throw new Violation(
+            `lifecycle: I/O in flight on ${cd.name}'s backing device after its stop: ${inflight.join(', ')}`,
+          );
+        b?.fence(`${cd.name} stopped`);
+      } else if (set.retired) {
+        // Kept without its cache: the superblock says so, and bring-up will find it detached.
+        if (cd.attachment !== undefined)
+          throw new Violation(`failure: ${cd.name} is still attached to the retired set`);
+        if (!this.detached.has(i)) kept.push(i);
+        this.detached.add(i);
+      }
+    }
+    this.check();
+    this.trace(`fault episode over: ${faulty.injected} injected error(s)`);
+    this.errorsAllowed.clear();
+    await this.powerCut();
+    // The devices the failure left uncached are attached again (a user would), so that they are cached in later steps.
+    for (const dev of kept) await this.attach(dev, false);
     this.check();
   }
 
@@ -730,6 +864,7 @@ export async function runSim(options: SimOptions): Promise<SimResult> {
       else if (r < 955 && options.powerCuts !== false) await run.powerCut();
       else if (r < 965) await run.restart();
       else if (r < 980) await run.detachOrAttach();
+      else if (r < 990 && options.faults !== false) await run.faultEpisode();
       else await run.flushAll();
       await run.probe();
     }
