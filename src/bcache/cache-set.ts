@@ -655,7 +655,9 @@ export class CacheSet {
     this.ioDisabledFlag = true;
     const message = errorMessage(err);
     log.error(`bcache: bch_cache_set_error() error on ${this.uuid}: ${message}, disabling caching`);
-    this.allocator.rejectWaiters(new IoError('EIO', `cache set ${this.uuid}: I/O disabled after an error`));
+    const disabled = new IoError('EIO', `cache set ${this.uuid}: I/O disabled after an error`);
+    this.allocator.rejectWaiters(disabled);
+    this.journal.failWaiters(disabled);
     for (const l of this.failureListeners.splice(0)) l(message);
   }
 
