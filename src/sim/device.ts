@@ -53,6 +53,8 @@ export class SimDevice implements BlockDevice {
   private faults: { rate: number; kinds: ReadonlySet<string> } | undefined;
   /** Operations failed on purpose. */
   injected = 0;
+  /** Simulated time of the first of them. */
+  firstInjectedAt: number | undefined;
 
   constructor(inner: BlockDevice, env: SimDeviceEnv, seed: number, latency: LatencyProfile) {
     this.inner = inner;
@@ -110,6 +112,7 @@ export class SimDevice implements BlockDevice {
       // Drawn only while faults are on, so that a run without them draws as it always did.
       if (f && f.kinds.has(what.split(' ')[0] ?? '') && (f.rate >= 1 || this.rng.below(1000) < f.rate * 1000)) {
         this.injected++;
+        this.firstInjectedAt ??= this.env.clock.now();
         throw new IoError('EIO', `${this.name}: injected I/O error (${what})`);
       }
       const r = await op();

@@ -20,7 +20,12 @@
 // - a completed FLUSH that was issued at f makes the newest write completed
 //   before f durable; a FUA write is durable once it completes;
 // - after a power cut a sector may hold its newest durable write or any write
-//   after it (with none durable: any of `base` or of `hist`).
+//   after it (with none durable: any of `base` or of `hist`);
+// - a write that failed (an injected I/O error reached the client) may have
+//   landed or not: until a later write completes, a read may return it or
+//   what a read could have returned before it; it is never durable itself.
+// Discards and write-zeroes are writes of "0" (what the simulated backing
+// device returns for both).
 
 export interface WriteRec {
   readonly id: number;

@@ -1,16 +1,18 @@
 // The deterministic simulator (docs/simulation.md): the whole engine (one
 // cache set, three bcache devices in writeback, writethrough and writearound
 // mode, writeback with its rate controller, GC, the journal, clean restarts
-// and power cuts) on simulated devices and simulated time, driven by random
-// client operations, all from one seed. The same seed gives the same run, and
+// and power cuts, detach and attach at run time, injected I/O errors and the
+// retire and device stops they lead to) on simulated devices and simulated
+// time, driven by random client operations (reads, writes, FLUSHes, discards,
+// write-zeroes), all from one seed. The same seed gives the same run, and
 // the run's trace (every device operation, client operation, log line and
 // their simulated times) hashes to the same digest, on any machine.
 //
 // After every step it checks:
 // - durability: every read returns what the model (model.ts) allows, so
 //   flushed data reads back and nothing reads as garbage, across power cuts;
-// - liveness: every client operation, GC request and stop completes within a
-//   bound of simulated time;
+// - liveness: every client operation, GC request, detach, attach, retire and
+//   stop completes within a bound of simulated time;
 // - lifecycle: after a stop (clean, or after a power cut) no worker of the
 //   engine is alive, no timer of it is pending, and its devices see no more
 //   I/O however long time runs on; a clean stop leaves nothing unflushed.
@@ -18,7 +20,7 @@
 import { createHash, type Hash } from 'node:crypto';
 import { CrashableBlockDevice } from '../blockdev/crashable.ts';
 import type { BlockDevice } from '../blockdev/types.ts';
-import type { CachedDevSettings } from '../bcache/cached-dev.ts';
+import { BACKING_OFFLINE_MS, type CachedDevSettings } from '../bcache/cached-dev.ts';
 import { Registry } from '../bcache/registry.ts';
 import {
   BDEV_STATE_NONE,
@@ -739,6 +741,9 @@ class Run implements SimDeviceEnv {
       if (this.rng.below(3) === 0) await this.idle();
       else await this.clientBatch();
     }
+    // A pulled backing device: past the offline time (and a probe period) its device must have stopped.
+    const pulled = !onCache && rate >= 1 && kinds.length > 1;
+    if (pulled) await this.clock.advance(BACKING_OFFLINE_MS + 2000);
     // The failure's consequences, each bounded, each leaving nothing behind.
     if (set.retired) {
       this.stats.retires++;
@@ -755,6 +760,14 @@ class Run implements SimDeviceEnv {
     } else if (onCache && faulty.injected > 0 && rate >= 1 && kinds.length > 1) {
       // Every cache I/O failing and yet the set alive: metadata writes fail at once, so only an idle set is.
       this.trace('cache pulled; the set did not notice (no I/O reached it)');
+    }
+    const since = faulty.firstInjectedAt;
+    const pulledCd = devs[target - 1];
+    if (pulled && since !== undefined && pulledCd && !pulledCd.stopped) {
+      throw new Violation(
+        `failure: ${pulledCd.name}'s backing device failed every I/O for ${this.clock.now() - since} ms ` +
+          `(offline time ${BACKING_OFFLINE_MS} ms) and it still runs`,
+      );
     }
     const kept: number[] = [];
     for (const [i, cd] of devs.entries()) {
