@@ -864,6 +864,16 @@ export async function runSim(options: SimOptions): Promise<SimResult> {
   const restore = setLogSink((level, line) => {
     run.trace(`log ${level}: ${line}`);
   });
+  // A promise of the engine that rejects with no one waiting for it would end
+  // a real daemon (Node's default); here it fails the seed instead of the
+  // whole soak. Within one process the microtask order, and so this, is
+  // deterministic.
+  const unhandled = (reason: unknown): void => {
+    run.violation(
+      `lifecycle: a promise rejected with no one waiting for it (it would end the daemon): ${errorMessage(reason)}`,
+    );
+  };
+  process.on('unhandledRejection', unhandled);
   let verdict = 'ok';
   try {
     await run.format();
@@ -891,6 +901,7 @@ export async function runSim(options: SimOptions): Promise<SimResult> {
     await run.abandon().catch(() => undefined);
   } finally {
     restore();
+    process.off('unhandledRejection', unhandled);
   }
   const result: SimResult = {
     seed: options.seed,
