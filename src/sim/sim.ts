@@ -1,5 +1,5 @@
-// The deterministic simulator (docs/simulation.md): the whole engine (one
-// cache set, three bcache devices in writeback, writethrough and writearound
+// The deterministic simulator (docs/simulation.md): the whole engine (two
+// cache sets, three bcache devices in writeback, writethrough and writearound
 // mode, writeback with its rate controller, GC, the journal, clean restarts
 // and power cuts, detach and attach at run time, injected I/O errors and the
 // retire and device stops they lead to) on simulated devices and simulated
@@ -21,7 +21,7 @@ import { createHash, type Hash } from 'node:crypto';
 import { CrashableBlockDevice } from '../blockdev/crashable.ts';
 import type { BlockDevice } from '../blockdev/types.ts';
 import { BACKING_OFFLINE_MS, type CachedDevSettings } from '../bcache/cached-dev.ts';
-import { Registry } from '../bcache/registry.ts';
+import { Registry, type RegisteredSet } from '../bcache/registry.ts';
 import {
   BDEV_STATE_NONE,
   CACHE_MODE_NAMES,
@@ -54,6 +54,8 @@ const MiB = 1024 * 1024;
 export type Workload = 'mixed' | 'fill';
 
 interface Geometry {
+  /** Cache sets, one cache device each. */
+  sets: number;
   cacheBytes: number;
   bucketSize: number;
   backingBytes: number;
@@ -67,6 +69,8 @@ export interface SimOptions {
   ops?: number;
   /** Power cuts among the steps (default true). */
   powerCuts?: boolean;
+  /** Cache sets (default: two for the mixed workload, one for fill); 1 replays runs of the simulator before it had two. */
+  sets?: number;
   /** Fault episodes among the steps (default true). */
   faults?: boolean;
   /** Keep the trace's lines (for debugging a seed): they are returned in the result. */
@@ -119,16 +123,23 @@ const MODES = [CACHE_MODE_WRITEBACK, CACHE_MODE_WRITETHROUGH, CACHE_MODE_WRITEAR
 const GEOMETRY: Record<Workload, Geometry> = {
   // 1024 buckets of 16 KiB: a 16 MiB cache before 3 x 8 MiB of backing devices, so that it
   // fills, GC runs and writeback must keep up.
-  mixed: { cacheBytes: 16 * MiB, bucketSize: 32, backingBytes: 8 * MiB, modes: [...MODES] },
+  // Two sets: device 0 (writeback) on the first, device 2 on the second, device 1 on either (from the seed).
+  mixed: { sets: 2, cacheBytes: 16 * MiB, bucketSize: 32, backingBytes: 8 * MiB, modes: [...MODES] },
   // 576 buckets of 64 KiB (the allocator needs more than 512) before a 28 MiB region.
-  fill: { cacheBytes: 36 * MiB, bucketSize: 128, backingBytes: 32 * MiB, modes: [CACHE_MODE_WRITEBACK] },
+  fill: { sets: 1, cacheBytes: 36 * MiB, bucketSize: 128, backingBytes: 32 * MiB, modes: [CACHE_MODE_WRITEBACK] },
 };
 
 class Violation extends Error {}
 
 interface Engine {
   registry: Registry;
+  /** Every device, caches first. */
   devices: SimDevice[];
+  /** Each set's cache device and registered set, by set index. */
+  caches: SimDevice[];
+  sets: RegisteredSet[];
+  /** Each backing device, by model index. */
+  backingDevs: SimDevice[];
   /** The bcache device of each backing device, by model index. */
   bdevs: BlockDevice[];
   generation: number;
@@ -144,8 +155,10 @@ class Run implements SimDeviceEnv {
   readonly rng: Prng;
   readonly seed: number;
   readonly model: ClientModel;
-  private cache: CrashableBlockDevice;
+  private caches: CrashableBlockDevice[];
   private backings: CrashableBlockDevice[];
+  /** The set (index) each backing device belongs to. */
+  readonly setOf: number[];
   private engine: Engine | undefined;
   private writeId = 0;
   private generation = 0;
@@ -189,14 +202,17 @@ class Run implements SimDeviceEnv {
   readonly modes: number[];
   private readonly geometry: Geometry;
 
-  constructor(seed: number, keepTrace: boolean, workload: Workload = 'mixed') {
+  constructor(seed: number, keepTrace: boolean, workload: Workload = 'mixed', sets?: number) {
     this.seed = seed;
     this.rng = new Prng(seed);
     this.keep = keepTrace ? [] : undefined;
-    this.geometry = GEOMETRY[workload];
+    this.geometry = { ...GEOMETRY[workload], ...(sets === undefined ? {} : { sets }) };
     this.modes = [...this.geometry.modes];
     this.model = new ClientModel(this.modes.length);
-    this.cache = new CrashableBlockDevice(this.geometry.cacheBytes, { name: 'cache' });
+    this.caches = Array.from(
+      { length: this.geometry.sets },
+      (_, k) => new CrashableBlockDevice(this.geometry.cacheBytes, { name: k === 0 ? 'cache' : `cache${k}` }),
+    );
     this.backings = this.modes.map(
       (_, i) => new CrashableBlockDevice(this.geometry.backingBytes, { name: `backing${i}` }),
     );
@@ -219,7 +235,12 @@ class Run implements SimDeviceEnv {
     // The soak's passes are sequential: with a cutoff they would go around the cache, which
     // issue 7's did not (its read pass filled the cache with miss fills).
     if (workload === 'fill') for (const st of this.settings) st.sequentialCutoff = 0;
-    this.trace(`seed ${seed} latency ${JSON.stringify(this.latency)} settings ${JSON.stringify(this.settings)}`);
+    const last = this.geometry.sets - 1;
+    // (No draw with one set: a one-set run is the run of the simulator before it had two.)
+    this.setOf = this.modes.map((_, i) => (i === 2 ? last : i === 1 && last > 0 ? r.below(last + 1) : 0));
+    this.trace(
+      `seed ${seed} latency ${JSON.stringify(this.latency)} settings ${JSON.stringify(this.settings)} sets ${this.setOf.join(' ')}`,
+    );
   }
 
   trace(event: string): void {
@@ -267,20 +288,26 @@ class Run implements SimDeviceEnv {
 
   /** make-bcache -C and -B, with uuids from the seed. */
   async format(): Promise<void> {
-    const setUuid = this.uuid();
+    const setUuids: Buffer[] = [];
     const bucketSize = this.geometry.bucketSize;
-    const csb = newCacheSuperblock({
-      uuid: this.uuid(),
-      setUuid,
-      blockSize: 8,
-      bucketSize,
-      nbuckets: Math.floor(this.cache.size / SECTOR / bucketSize),
-      discard: false,
-      replacement: this.rng.below(3),
-    });
-    await this.cache.write(encodeSuperblock(csb), SB_OFFSET);
-    await this.cache.flush();
+    for (const cache of this.caches) {
+      const setUuid = this.uuid();
+      setUuids.push(setUuid);
+      const csb = newCacheSuperblock({
+        uuid: this.uuid(),
+        setUuid,
+        blockSize: 8,
+        bucketSize,
+        nbuckets: Math.floor(cache.size / SECTOR / bucketSize),
+        discard: false,
+        replacement: this.rng.below(3),
+      });
+      await cache.write(encodeSuperblock(csb), SB_OFFSET);
+      await cache.flush();
+    }
     for (const [i, dev] of this.backings.entries()) {
+      const setUuid = setUuids[this.setOf[i] ?? 0];
+      if (!setUuid) throw new Error(`sim: no set for device ${i}`);
       const sb = newBackingSuperblock({
         uuid: this.uuid(),
         setUuid,
@@ -299,7 +326,7 @@ class Run implements SimDeviceEnv {
     const gen = ++this.generation;
     const clock = this.clock;
     const devSeed = (i: number): number => (this.seed * 1009 + gen * 31 + i) % 2 ** 31;
-    const cache = new SimDevice(this.cache, this, devSeed(0), this.latency);
+    const caches = this.caches.map((c, k) => new SimDevice(c, this, devSeed(k === 0 ? 0 : 100 + k), this.latency));
     const backings = this.backings.map((b, i) => new SimDevice(b, this, devSeed(i + 1), this.latency));
     const registry = new Registry({
       clock,
@@ -315,7 +342,7 @@ class Run implements SimDeviceEnv {
       },
       deviceSettings: (name) => this.settings[Number(name.replace('bcache', ''))],
     });
-    const order = [cache, ...backings];
+    const order = [...caches, ...backings];
     for (let i = order.length - 1; i > 0; i--) {
       const j = this.rng.below(i + 1);
       const a = order[i];
@@ -324,6 +351,11 @@ class Run implements SimDeviceEnv {
     }
     this.trace(`bring-up ${gen}: ${order.map((d) => d.name).join(' ')}`);
     for (const d of order) await this.within(registry.register(d), LIVENESS_MS, `register ${d.name}`);
+    const sets = caches.map((c) => {
+      const set = [...registry.sets.values()].find((rs) => rs.cs.dev === c);
+      if (!set) throw new Violation(`bring-up: ${c.name}'s cache set is not registered`);
+      return set;
+    });
     const bdevs: BlockDevice[] = [];
     for (const [i, b] of backings.entries()) {
       const cd = registry.devices.find((d) => d.backing === b);
@@ -336,13 +368,23 @@ class Run implements SimDeviceEnv {
         this.trace(`${b.name} is ${cd.name}, detached`);
       } else {
         if (cd.attachment === undefined) throw new Violation(`bring-up: ${cd.name} (${b.name}) is not attached`);
+        if (cd.attachment.set !== sets[this.setOf[i] ?? 0])
+          throw new Violation(`bring-up: ${cd.name} (${b.name}) is attached to the wrong cache set`);
         const mode = this.modes[i] ?? CACHE_MODE_WRITETHROUGH;
         await this.within(cd.setCacheMode(mode), LIVENESS_MS, `${cd.name}: cache mode`);
         this.trace(`${b.name} is ${cd.name}, ${CACHE_MODE_NAMES[mode] ?? mode}`);
       }
       bdevs.push(cd.device);
     }
-    this.engine = { registry, devices: [cache, ...backings], bdevs, generation: gen };
+    this.engine = {
+      registry,
+      devices: [...caches, ...backings],
+      caches,
+      sets,
+      backingDevs: backings,
+      bdevs,
+      generation: gen,
+    };
     await this.probe();
   }
 
@@ -356,7 +398,7 @@ class Run implements SimDeviceEnv {
     const e = this.engine;
     if (spec === undefined || !e) return;
     const [dev, sector] = spec.split(':').map(Number);
-    const cd = e.registry.devices.find((d) => d.backing === e.devices[(dev ?? 0) + 1]);
+    const cd = e.registry.devices.find((d) => d.backing === e.backingDevs[dev ?? 0]);
     const att = cd?.attachment;
     if (!cd || !att || sector === undefined) return;
     const s = sector + cd.dataOffset;
@@ -397,14 +439,14 @@ class Run implements SimDeviceEnv {
   async restart(): Promise<void> {
     this.stats.restarts++;
     await this.stop('clean');
-    for (const d of [this.cache, ...this.backings]) {
+    for (const d of [...this.caches, ...this.backings]) {
       if (d.volatileWrites > 0) {
         throw new Violation(`lifecycle: a clean stop left ${d.volatileWrites} unflushed write(s) on ${d.name}`);
       }
     }
     // Fresh devices over the same images (the old ones are closed).
     const fresh = (d: CrashableBlockDevice): CrashableBlockDevice => d.powerCut(0, { policy: 'drop' });
-    this.cache = fresh(this.cache);
+    this.caches = this.caches.map(fresh);
     this.backings = this.backings.map(fresh);
     await this.bringUp();
   }
@@ -415,12 +457,10 @@ class Run implements SimDeviceEnv {
     const cutSeed = this.rng.next();
     this.trace(`power cut ${cutSeed}`);
     this.model.powerCut();
-    const all = [this.cache, ...this.backings];
+    const all = [...this.caches, ...this.backings];
     const fresh = all.map((d, i) => d.powerCut((cutSeed + i) >>> 0));
-    const [cache, ...backings] = fresh;
-    if (!cache) throw new Error('no cache device');
-    this.cache = cache;
-    this.backings = backings;
+    this.caches = fresh.slice(0, this.caches.length);
+    this.backings = fresh.slice(this.caches.length);
     await this.stop('power cut');
     await this.bringUp();
   }
@@ -569,7 +609,7 @@ class Run implements SimDeviceEnv {
     const mode = MODES[this.rng.below(MODES.length)] ?? CACHE_MODE_WRITEBACK;
     this.modes[0] = mode;
     const e = this.live();
-    const cd = e.registry.devices.find((d) => d.backing === e.devices[1]);
+    const cd = e.registry.devices.find((d) => d.backing === e.backingDevs[0]);
     if (!cd) throw new Error('sim: no device');
     this.trace(`round ${round}: ${CACHE_MODE_NAMES[mode] ?? mode}`);
     await this.within(cd.setCacheMode(mode), LIVENESS_MS, 'cache mode');
@@ -651,7 +691,7 @@ class Run implements SimDeviceEnv {
     const e = this.live();
     // Device 0 (writeback) half the time: its detaches are the ones with dirty data to write back.
     const dev = this.rng.bool() ? 0 : this.rng.below(e.bdevs.length);
-    const cd = e.registry.devices.find((d) => d.backing === e.devices[dev + 1]);
+    const cd = e.registry.devices.find((d) => d.backing === e.backingDevs[dev]);
     if (!cd) throw new Error(`sim: no bcache device for device ${dev}`);
     const att = cd.attachment;
     if (att) {
@@ -680,8 +720,8 @@ class Run implements SimDeviceEnv {
   /** Attach device `dev` (detached) to the cache set again, in its cache mode; `busy`: while a client batch runs. */
   private async attach(dev: number, busy: boolean): Promise<void> {
     const e = this.live();
-    const cd = e.registry.devices.find((d) => d.backing === e.devices[dev + 1]);
-    const set = [...e.registry.sets.values()][0];
+    const cd = e.registry.devices.find((d) => d.backing === e.backingDevs[dev]);
+    const set = e.sets[this.setOf[dev] ?? 0];
     if (!cd || !set) throw new Error(`sim: no bcache device ${dev} or no cache set`);
     this.trace(`attach ${cd.name}`);
     const attached = e.registry.attach(cd, set.uuid);
@@ -720,19 +760,20 @@ class Run implements SimDeviceEnv {
   async faultEpisode(): Promise<void> {
     const e = this.live();
     this.stats.faultEpisodes++;
-    const set = [...e.registry.sets.values()][0];
-    if (!set) throw new Error('sim: no cache set');
     const rate = [0.02, 0.1, 0.3, 1][this.rng.below(4)] ?? 1;
     const kinds = this.rng.bool() ? ['read'] : ['read', 'write', 'flush', 'discard', 'zero'];
     const onCache = this.rng.bool();
-    const target = onCache ? 0 : 1 + this.rng.below(e.bdevs.length);
-    const faulty = e.devices[target];
-    if (!faulty) throw new Error('sim: no device to fail');
-    const devs = e.bdevs.map((_, i) => e.registry.devices.find((d) => d.backing === e.devices[i + 1]));
+    // The failing cache's set, or the failing backing device (-1: none) and its set.
+    const target = onCache ? -1 : this.rng.below(e.bdevs.length);
+    const k = !onCache ? (this.setOf[target] ?? 0) : e.caches.length > 1 ? this.rng.below(e.caches.length) : 0;
+    const set = e.sets[k];
+    const faulty = onCache ? e.caches[k] : e.backingDevs[target];
+    if (!set || !faulty) throw new Error('sim: no device to fail');
+    const devs = e.bdevs.map((_, i) => e.registry.devices.find((d) => d.backing === e.backingDevs[i]));
     for (const [i, cd] of devs.entries()) {
-      // A writeback device may fail on a cache failure; a backing failure fails only its own device.
-      if (onCache ? cd?.attachment !== undefined && this.modes[i] === CACHE_MODE_WRITEBACK : target === i + 1)
-        this.errorsAllowed.add(i);
+      // A writeback device of the failing set may fail on a cache failure; a backing failure fails only its own device.
+      const onSet = cd?.attachment !== undefined && cd.attachment.set === set;
+      if (onCache ? onSet && this.modes[i] === CACHE_MODE_WRITEBACK : target === i) this.errorsAllowed.add(i);
     }
     this.trace(`fault episode: ${faulty.name} ${rate} ${kinds.join('/')}`);
     faulty.injectFaults(rate, kinds);
@@ -751,7 +792,7 @@ class Run implements SimDeviceEnv {
       await this.within(set.retired, STOP_BOUND_MS, 'the retire of the failed cache set');
       const live = set.cs.workers.live().map((w) => w.name);
       if (live.length > 0) throw new Violation(`lifecycle: worker(s) of the retired set alive: ${live.join(', ')}`);
-      const cache = e.devices[0];
+      const cache = e.caches[k];
       const inflight = cache ? [...cache.inflight.values()] : [];
       if (inflight.length > 0)
         throw new Violation(`lifecycle: cache I/O in flight after the retire: ${inflight.join(', ')}`);
@@ -762,7 +803,12 @@ class Run implements SimDeviceEnv {
       this.trace('cache pulled; the set did not notice (no I/O reached it)');
     }
     const since = faulty.firstInjectedAt;
-    const pulledCd = devs[target - 1];
+    // The other sets serve on, whatever failed.
+    for (const other of e.sets) {
+      if (other !== set && (other.retired !== undefined || other.cs.ioDisabled))
+        throw new Violation(`failure: cache set ${other.uuid} failed with another set's or a backing device's fault`);
+    }
+    const pulledCd = devs[target];
     if (pulled && since !== undefined && pulledCd && !pulledCd.stopped) {
       throw new Violation(
         `failure: ${pulledCd.name}'s backing device failed every I/O for ${this.clock.now() - since} ms ` +
@@ -778,14 +824,14 @@ class Run implements SimDeviceEnv {
         if (!this.errorsAllowed.has(i))
           throw new Violation(`failure: ${cd.name} (device ${i}) stopped, but it could not lose data to this fault`);
         await this.within(cd.stop(), STOP_BOUND_MS, `the stop of ${cd.name}`);
-        const b = e.devices[i + 1];
+        const b = e.backingDevs[i];
         const inflight = b ? [...b.inflight.values()] : [];
         if (inflight.length > 0)
           throw new Violation(
             `lifecycle: I/O in flight on ${cd.name}'s backing device after its stop: ${inflight.join(', ')}`,
           );
         b?.fence(`${cd.name} stopped`);
-      } else if (set.retired) {
+      } else if (set.retired && this.setOf[i] === k) {
         // Kept without its cache: the superblock says so, and bring-up will find it detached.
         if (cd.attachment !== undefined)
           throw new Violation(`failure: ${cd.name} is still attached to the retired set`);
@@ -836,7 +882,7 @@ class Run implements SimDeviceEnv {
   async finish(): Promise<void> {
     await this.verifyAll();
     await this.stop('clean, at the end');
-    for (const d of [this.cache, ...this.backings]) {
+    for (const d of [...this.caches, ...this.backings]) {
       if (d.volatileWrites > 0) {
         throw new Violation(`lifecycle: a clean stop left ${d.volatileWrites} unflushed write(s) on ${d.name}`);
       }
@@ -859,7 +905,7 @@ class Run implements SimDeviceEnv {
 export async function runSim(options: SimOptions): Promise<SimResult> {
   const workload = options.workload ?? 'mixed';
   const ops = options.ops ?? (workload === 'fill' ? 4 : 300);
-  const run = new Run(options.seed, options.keepTrace === true, workload);
+  const run = new Run(options.seed, options.keepTrace === true, workload, options.sets);
   // The engine's log lines are part of the trace (and of the digest), not of the output.
   const restore = setLogSink((level, line) => {
     run.trace(`log ${level}: ${line}`);
