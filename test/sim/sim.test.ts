@@ -47,6 +47,17 @@ test(`the CI seeds (${CI_SEEDS.join(' ')}, ${CI_OPS} steps each) find nothing`, 
   assertNothingLeft();
 });
 
+test('one cache set, seeds 6 and 8: a set retired with dirty data stops its writeback device', async () => {
+  // With all devices on one set these seeds retire it with dirty data; a retire that kept the
+  // writeback device serving uncached (its dirty data lost) fails them.
+  for (const seed of [6, 8]) {
+    const r = await runSim({ seed, ops: CI_OPS, sets: 1 });
+    assert.equal(r.verdict, 'ok', `seed ${seed}: repro: npm run sim -- --seed ${seed} --ops ${CI_OPS} --sets 1`);
+    assert.ok(r.stats.retires > 0 && r.stats.deviceStops > 0, `seed ${seed} no longer retires a dirty set`);
+  }
+  assertNothingLeft();
+});
+
 test('seed 14: a FLUSH caught by a cache set failure ends (it failed, or went to the backing device)', async () => {
   // Found by the simulator: the journal's commit waiters were not failed with the set, so a FLUSH whose
   // journal commit was pending when a btree node write failed the set waited for good.
