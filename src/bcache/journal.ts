@@ -545,6 +545,19 @@ export class Journal {
     }
   }
 
+  /**
+   * The set failed (CacheSet.fail): every commit waiting now fails with it.
+   * Its worker is about to be stopped by the retire, so nothing else would
+   * settle them (the simulator, seed 14: a FLUSH caught by a failure that a
+   * btree node write reported hung for good).
+   */
+  failWaiters(err: Error): void {
+    for (const e of this.live) {
+      for (const d of e.waiters) d.reject(err);
+      e.waiters = [];
+    }
+  }
+
   private die(err: unknown): void {
     if (!this.dead) {
       this.dead = err instanceof Error ? err : new Error(errorMessage(err));

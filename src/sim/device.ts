@@ -7,7 +7,14 @@
 // fenced: an engine that was stopped must never touch its devices again, so
 // any operation on a fenced device is a lifecycle violation.
 
-import type { BlockDevice, BlockDeviceCaps, Extent, WriteOptions, ZeroOptions } from '../blockdev/types.ts';
+import {
+  IoError,
+  type BlockDevice,
+  type BlockDeviceCaps,
+  type Extent,
+  type WriteOptions,
+  type ZeroOptions,
+} from '../blockdev/types.ts';
 import type { SimClock } from '../util/clock.ts';
 import { Prng } from '../util/prng.ts';
 
@@ -42,6 +49,12 @@ export class SimDevice implements BlockDevice {
   /** Operations in flight, by their trace id. */
   readonly inflight = new Map<number, string>();
   private fencedBy: string | undefined;
+  /** Injected faults: each operation of these kinds fails (EIO) with this probability, from the seed. */
+  private faults: { rate: number; kinds: ReadonlySet<string> } | undefined;
+  /** Operations failed on purpose. */
+  injected = 0;
+  /** Simulated time of the first of them. */
+  firstInjectedAt: number | undefined;
 
   constructor(inner: BlockDevice, env: SimDeviceEnv, seed: number, latency: LatencyProfile) {
     this.inner = inner;
@@ -69,6 +82,17 @@ export class SimDevice implements BlockDevice {
     this.fencedBy = why;
   }
 
+  /**
+   * From now on fail each operation whose kind (read, write, flush, discard,
+   * zero, status) is in `kinds` with probability `rate` (1: the device is
+   * pulled). The operation does not reach the device below. Faults last for
+   * this device's life: a bring-up makes new SimDevices, without them.
+   */
+  injectFaults(rate: number, kinds: readonly string[]): void {
+    this.faults = { rate, kinds: new Set(kinds) };
+    this.env.trace(`${this.name} faults ${rate} ${kinds.join('/')}`);
+  }
+
   private latency(base: number): number {
     let ms = base + this.rng.below(Math.max(1, this.lat.jitterMs));
     if (this.lat.stallEvery > 0 && this.rng.below(this.lat.stallEvery) === 0) ms += this.lat.stallMs;
@@ -84,6 +108,13 @@ export class SimDevice implements BlockDevice {
     this.inflight.set(id, what);
     try {
       await this.env.clock.sleep(ms);
+      const f = this.faults;
+      // Drawn only while faults are on, so that a run without them draws as it always did.
+      if (f && f.kinds.has(what.split(' ')[0] ?? '') && (f.rate >= 1 || this.rng.below(1000) < f.rate * 1000)) {
+        this.injected++;
+        this.firstInjectedAt ??= this.env.clock.now();
+        throw new IoError('EIO', `${this.name}: injected I/O error (${what})`);
+      }
       const r = await op();
       this.env.trace(`${this.name} #${id} done`);
       return r;

@@ -1,4 +1,4 @@
-// npm run sim -- --seed N [--ops K] [--seeds M] [--workload mixed|fill] [--no-power-cuts] [--trace]
+// npm run sim -- --seed N [--ops K] [--seeds M] [--workload mixed|fill] [--sets 1|2] [--no-power-cuts] [--no-faults] [--trace]
 //
 // Runs the simulator (sim.ts) for one seed, or for M seeds from N, and prints
 // for each: the seed, the digest of its trace and the verdict. A failing seed
@@ -9,7 +9,7 @@ import { runSim } from './sim.ts';
 
 function usage(message: string): never {
   process.stderr.write(
-    `sim: ${message}\nusage: npm run sim -- --seed N [--ops K] [--seeds M] [--workload mixed|fill] [--no-power-cuts] [--trace]\n`,
+    `sim: ${message}\nusage: npm run sim -- --seed N [--ops K] [--seeds M] [--workload mixed|fill] [--sets 1|2] [--no-power-cuts] [--no-faults] [--trace]\n`,
   );
   process.exit(2);
 }
@@ -24,10 +24,19 @@ function intArg(args: string[], name: string, fallback: number): number {
 
 async function main(): Promise<void> {
   const args = process.argv.slice(2);
-  const known = new Set(['--seed', '--ops', '--seeds', '--workload', '--no-power-cuts', '--trace']);
+  const known = new Set([
+    '--seed',
+    '--ops',
+    '--seeds',
+    '--sets',
+    '--workload',
+    '--no-power-cuts',
+    '--no-faults',
+    '--trace',
+  ]);
   for (const [i, a] of args.entries()) {
     if (a.startsWith('--') && !known.has(a)) usage(`unknown option ${a}`);
-    if (!a.startsWith('--') && !['--seed', '--ops', '--seeds', '--workload'].includes(args[i - 1] ?? ''))
+    if (!a.startsWith('--') && !['--seed', '--ops', '--seeds', '--sets', '--workload'].includes(args[i - 1] ?? ''))
       usage(`unexpected ${a}`);
   }
   const first = intArg(args, '--seed', 1);
@@ -38,19 +47,32 @@ async function main(): Promise<void> {
   const ops = intArg(args, '--ops', workload === 'fill' ? 4 : 300);
   const seeds = intArg(args, '--seeds', 1);
   const powerCuts = !args.includes('--no-power-cuts');
+  const faults = !args.includes('--no-faults');
+  const setsArg = intArg(args, '--sets', 0);
+  if (args.includes('--sets') && (setsArg < 1 || setsArg > 2)) usage('--sets is 1 or 2');
+  const sets = setsArg === 0 ? undefined : setsArg;
   const keepTrace = args.includes('--trace');
   let failed = 0;
   const t0 = performance.now();
   for (let seed = first; seed < first + Math.max(1, seeds); seed++) {
-    const r = await runSim({ seed, ops, powerCuts, keepTrace, workload });
+    const r = await runSim({
+      seed,
+      ops,
+      powerCuts,
+      faults,
+      keepTrace,
+      workload,
+      ...(sets === undefined ? {} : { sets }),
+    });
     if (r.trace) process.stdout.write(`${r.trace.join('\n')}\n`);
     const s = r.stats;
     process.stdout.write(
       `seed ${r.seed} ops ${r.ops} digest ${r.digest} ${r.ok ? 'ok' : 'FAIL'} ` +
         `(${(r.simMs / 1000).toFixed(1)} s simulated, ${r.events} events; ` +
-        `${s.writes}+${s.fuaWrites} fua writes, ${s.reads} reads, ${s.flushes} flushes, ` +
-        `${s.gcs} gc, ${s.powerCuts} power cuts, ${s.restarts} restarts)` +
-        `${r.ok ? '' : `\n  ${r.verdict}\n  repro: npm run sim -- --seed ${r.seed} --ops ${r.ops}${workload === 'mixed' ? '' : ` --workload ${workload}`}${powerCuts ? '' : ' --no-power-cuts'}`}\n`,
+        `${s.writes}+${s.fuaWrites} fua writes, ${s.reads} reads, ${s.flushes} flushes, ${s.discards} discards, ${s.zeroes} zeroes, ` +
+        `${s.gcs} gc, ${s.detaches} detaches, ${s.attaches} attaches, ` +
+        `${s.faultEpisodes} fault episodes (${s.retires} retires, ${s.deviceStops} device stops, ${s.failedOps} failed ops), ${s.powerCuts} power cuts, ${s.restarts} restarts)` +
+        `${r.ok ? '' : `\n  ${r.verdict}\n  repro: npm run sim -- --seed ${r.seed} --ops ${r.ops}${workload === 'mixed' ? '' : ` --workload ${workload}`}${powerCuts ? '' : ' --no-power-cuts'}${faults ? '' : ' --no-faults'}${sets === undefined ? '' : ` --sets ${sets}`}`}\n`,
     );
     if (!r.ok) failed++;
   }

@@ -20,7 +20,12 @@
 // - a completed FLUSH that was issued at f makes the newest write completed
 //   before f durable; a FUA write is durable once it completes;
 // - after a power cut a sector may hold its newest durable write or any write
-//   after it (with none durable: any of `base` or of `hist`).
+//   after it (with none durable: any of `base` or of `hist`);
+// - a write that failed (an injected I/O error reached the client) may have
+//   landed or not: until a later write completes, a read may return it or
+//   what a read could have returned before it; it is never durable itself.
+// Discards and write-zeroes are writes of "0" (what the simulated backing
+// device returns for both).
 
 export interface WriteRec {
   readonly id: number;
@@ -28,6 +33,11 @@ export interface WriteRec {
   end: number | undefined;
   /** Covered by a completed FLUSH, or a completed FUA write: it survives a power cut. */
   durable: boolean;
+  /**
+   * It failed (an I/O error reached the client): it may have landed or not,
+   * in part or whole, so a read may return it or what it would have replaced.
+   */
+  failed: boolean;
 }
 
 interface SectorState {
@@ -105,7 +115,7 @@ export class ClientModel {
   }
 
   beginWrite(dev: number, first: number, count: number, id: number): WriteRec {
-    const rec: WriteRec = { id, start: this.tick(), end: undefined, durable: false };
+    const rec: WriteRec = { id, start: this.tick(), end: undefined, durable: false, failed: false };
     for (let s = first; s < first + count; s++) this.state(dev, s).hist.push(rec);
     return rec;
   }
@@ -113,6 +123,12 @@ export class ClientModel {
   endWrite(rec: WriteRec, fua: boolean): void {
     rec.end = this.tick();
     if (fua) rec.durable = true;
+  }
+
+  /** The write failed: it ended, but whether its data landed is unknown (and it is never durable). */
+  failWrite(rec: WriteRec): void {
+    rec.end = this.tick();
+    rec.failed = true;
   }
 
   beginRead(): number {
@@ -130,10 +146,15 @@ export class ClientModel {
       const got = decodeSector(buf.subarray(i * SECTOR, (i + 1) * SECTOR), dev, sector);
       const st = this.state(dev, sector);
       const allowed = new Set<number>();
-      let newest: WriteRec | undefined;
-      for (const r of st.hist) if (r.end !== undefined && r.end < t0) newest = r;
-      if (newest) allowed.add(newest.id);
-      else for (const id of st.base) allowed.add(id);
+      // The newest write completed before the read; past a failed one, also what it would have replaced.
+      let settled = false;
+      for (let k = st.hist.length - 1; k >= 0 && !settled; k--) {
+        const r = st.hist[k];
+        if (r?.end === undefined || r.end >= t0) continue;
+        allowed.add(r.id);
+        settled = !r.failed;
+      }
+      if (!settled) for (const id of st.base) allowed.add(id);
       for (const r of st.hist) if (r.start < t1 && (r.end === undefined || r.end > t0)) allowed.add(r.id);
       if (typeof got === 'string' || !allowed.has(got)) {
         const what = typeof got === 'string' ? got : got === 0 ? 'never-written zeroes' : `write ${got}`;
@@ -153,8 +174,9 @@ export class ClientModel {
   endFlush(dev: number, f0: number): void {
     this.tick();
     for (const st of this.devs[dev]?.values() ?? []) {
+      // A failed write is never durable; the newest that did not fail is (a failed one after it may have landed).
       let newest: WriteRec | undefined;
-      for (const r of st.hist) if (r.end !== undefined && r.end < f0) newest = r;
+      for (const r of st.hist) if (r.end !== undefined && r.end < f0 && !r.failed) newest = r;
       if (newest) newest.durable = true;
     }
   }

@@ -1,16 +1,18 @@
-// The deterministic simulator (docs/simulation.md): the whole engine (one
-// cache set, three bcache devices in writeback, writethrough and writearound
+// The deterministic simulator (docs/simulation.md): the whole engine (two
+// cache sets, three bcache devices in writeback, writethrough and writearound
 // mode, writeback with its rate controller, GC, the journal, clean restarts
-// and power cuts) on simulated devices and simulated time, driven by random
-// client operations, all from one seed. The same seed gives the same run, and
+// and power cuts, detach and attach at run time, injected I/O errors and the
+// retire and device stops they lead to) on simulated devices and simulated
+// time, driven by random client operations (reads, writes, FLUSHes, discards,
+// write-zeroes), all from one seed. The same seed gives the same run, and
 // the run's trace (every device operation, client operation, log line and
 // their simulated times) hashes to the same digest, on any machine.
 //
 // After every step it checks:
 // - durability: every read returns what the model (model.ts) allows, so
 //   flushed data reads back and nothing reads as garbage, across power cuts;
-// - liveness: every client operation, GC request and stop completes within a
-//   bound of simulated time;
+// - liveness: every client operation, GC request, detach, attach, retire and
+//   stop completes within a bound of simulated time;
 // - lifecycle: after a stop (clean, or after a power cut) no worker of the
 //   engine is alive, no timer of it is pending, and its devices see no more
 //   I/O however long time runs on; a clean stop leaves nothing unflushed.
@@ -18,9 +20,10 @@
 import { createHash, type Hash } from 'node:crypto';
 import { CrashableBlockDevice } from '../blockdev/crashable.ts';
 import type { BlockDevice } from '../blockdev/types.ts';
-import type { CachedDevSettings } from '../bcache/cached-dev.ts';
-import { Registry } from '../bcache/registry.ts';
+import { BACKING_OFFLINE_MS, type CachedDevSettings } from '../bcache/cached-dev.ts';
+import { Registry, type RegisteredSet } from '../bcache/registry.ts';
 import {
+  BDEV_STATE_NONE,
   CACHE_MODE_NAMES,
   CACHE_MODE_WRITEAROUND,
   CACHE_MODE_WRITEBACK,
@@ -51,6 +54,8 @@ const MiB = 1024 * 1024;
 export type Workload = 'mixed' | 'fill';
 
 interface Geometry {
+  /** Cache sets, one cache device each. */
+  sets: number;
   cacheBytes: number;
   bucketSize: number;
   backingBytes: number;
@@ -64,6 +69,10 @@ export interface SimOptions {
   ops?: number;
   /** Power cuts among the steps (default true). */
   powerCuts?: boolean;
+  /** Cache sets (default: two for the mixed workload, one for fill); 1 replays runs of the simulator before it had two. */
+  sets?: number;
+  /** Fault episodes among the steps (default true). */
+  faults?: boolean;
   /** Keep the trace's lines (for debugging a seed): they are returned in the result. */
   keepTrace?: boolean;
 }
@@ -73,7 +82,16 @@ export interface SimStats {
   writes: number;
   fuaWrites: number;
   flushes: number;
+  discards: number;
+  zeroes: number;
   gcs: number;
+  detaches: number;
+  attaches: number;
+  faultEpisodes: number;
+  retires: number;
+  deviceStops: number;
+  /** Client operations that failed where failing is allowed (see Run.errorsAllowed). */
+  failedOps: number;
   powerCuts: number;
   restarts: number;
   settingChanges: number;
@@ -105,16 +123,23 @@ const MODES = [CACHE_MODE_WRITEBACK, CACHE_MODE_WRITETHROUGH, CACHE_MODE_WRITEAR
 const GEOMETRY: Record<Workload, Geometry> = {
   // 1024 buckets of 16 KiB: a 16 MiB cache before 3 x 8 MiB of backing devices, so that it
   // fills, GC runs and writeback must keep up.
-  mixed: { cacheBytes: 16 * MiB, bucketSize: 32, backingBytes: 8 * MiB, modes: [...MODES] },
+  // Two sets: device 0 (writeback) on the first, device 2 on the second, device 1 on either (from the seed).
+  mixed: { sets: 2, cacheBytes: 16 * MiB, bucketSize: 32, backingBytes: 8 * MiB, modes: [...MODES] },
   // 576 buckets of 64 KiB (the allocator needs more than 512) before a 28 MiB region.
-  fill: { cacheBytes: 36 * MiB, bucketSize: 128, backingBytes: 32 * MiB, modes: [CACHE_MODE_WRITEBACK] },
+  fill: { sets: 1, cacheBytes: 36 * MiB, bucketSize: 128, backingBytes: 32 * MiB, modes: [CACHE_MODE_WRITEBACK] },
 };
 
 class Violation extends Error {}
 
 interface Engine {
   registry: Registry;
+  /** Every device, caches first. */
   devices: SimDevice[];
+  /** Each set's cache device and registered set, by set index. */
+  caches: SimDevice[];
+  sets: RegisteredSet[];
+  /** Each backing device, by model index. */
+  backingDevs: SimDevice[];
   /** The bcache device of each backing device, by model index. */
   bdevs: BlockDevice[];
   generation: number;
@@ -130,8 +155,10 @@ class Run implements SimDeviceEnv {
   readonly rng: Prng;
   readonly seed: number;
   readonly model: ClientModel;
-  private cache: CrashableBlockDevice;
+  private caches: CrashableBlockDevice[];
   private backings: CrashableBlockDevice[];
+  /** The set (index) each backing device belongs to. */
+  readonly setOf: number[];
   private engine: Engine | undefined;
   private writeId = 0;
   private generation = 0;
@@ -142,25 +169,50 @@ class Run implements SimDeviceEnv {
     writes: 0,
     fuaWrites: 0,
     flushes: 0,
+    discards: 0,
+    zeroes: 0,
     gcs: 0,
+    detaches: 0,
+    attaches: 0,
+    faultEpisodes: 0,
+    retires: 0,
+    deviceStops: 0,
+    failedOps: 0,
     powerCuts: 0,
     restarts: 0,
     settingChanges: 0,
     idle: 0,
   };
 
+  /**
+   * Each backing device detached from the cache set at run time (and not
+   * attached again since). Every detach and attach completes within its step,
+   * so at any power cut or restart this says exactly what bring-up must find.
+   */
+  private readonly detached = new Set<number>();
+
+  /**
+   * The devices whose clients may see an I/O error (during a fault episode):
+   * there a failed operation is traced and modelled (a failed write may or
+   * may not have landed), elsewhere it is a violation.
+   */
+  private readonly errorsAllowed = new Set<number>();
+
   /** Each backing device's cache mode (the fill workload changes it every round). */
   readonly modes: number[];
   private readonly geometry: Geometry;
 
-  constructor(seed: number, keepTrace: boolean, workload: Workload = 'mixed') {
+  constructor(seed: number, keepTrace: boolean, workload: Workload = 'mixed', sets?: number) {
     this.seed = seed;
     this.rng = new Prng(seed);
     this.keep = keepTrace ? [] : undefined;
-    this.geometry = GEOMETRY[workload];
+    this.geometry = { ...GEOMETRY[workload], ...(sets === undefined ? {} : { sets }) };
     this.modes = [...this.geometry.modes];
     this.model = new ClientModel(this.modes.length);
-    this.cache = new CrashableBlockDevice(this.geometry.cacheBytes, { name: 'cache' });
+    this.caches = Array.from(
+      { length: this.geometry.sets },
+      (_, k) => new CrashableBlockDevice(this.geometry.cacheBytes, { name: k === 0 ? 'cache' : `cache${k}` }),
+    );
     this.backings = this.modes.map(
       (_, i) => new CrashableBlockDevice(this.geometry.backingBytes, { name: `backing${i}` }),
     );
@@ -183,7 +235,12 @@ class Run implements SimDeviceEnv {
     // The soak's passes are sequential: with a cutoff they would go around the cache, which
     // issue 7's did not (its read pass filled the cache with miss fills).
     if (workload === 'fill') for (const st of this.settings) st.sequentialCutoff = 0;
-    this.trace(`seed ${seed} latency ${JSON.stringify(this.latency)} settings ${JSON.stringify(this.settings)}`);
+    const last = this.geometry.sets - 1;
+    // (No draw with one set: a one-set run is the run of the simulator before it had two.)
+    this.setOf = this.modes.map((_, i) => (i === 2 ? last : i === 1 && last > 0 ? r.below(last + 1) : 0));
+    this.trace(
+      `seed ${seed} latency ${JSON.stringify(this.latency)} settings ${JSON.stringify(this.settings)} sets ${this.setOf.join(' ')}`,
+    );
   }
 
   trace(event: string): void {
@@ -231,20 +288,26 @@ class Run implements SimDeviceEnv {
 
   /** make-bcache -C and -B, with uuids from the seed. */
   async format(): Promise<void> {
-    const setUuid = this.uuid();
+    const setUuids: Buffer[] = [];
     const bucketSize = this.geometry.bucketSize;
-    const csb = newCacheSuperblock({
-      uuid: this.uuid(),
-      setUuid,
-      blockSize: 8,
-      bucketSize,
-      nbuckets: Math.floor(this.cache.size / SECTOR / bucketSize),
-      discard: false,
-      replacement: this.rng.below(3),
-    });
-    await this.cache.write(encodeSuperblock(csb), SB_OFFSET);
-    await this.cache.flush();
+    for (const cache of this.caches) {
+      const setUuid = this.uuid();
+      setUuids.push(setUuid);
+      const csb = newCacheSuperblock({
+        uuid: this.uuid(),
+        setUuid,
+        blockSize: 8,
+        bucketSize,
+        nbuckets: Math.floor(cache.size / SECTOR / bucketSize),
+        discard: false,
+        replacement: this.rng.below(3),
+      });
+      await cache.write(encodeSuperblock(csb), SB_OFFSET);
+      await cache.flush();
+    }
     for (const [i, dev] of this.backings.entries()) {
+      const setUuid = setUuids[this.setOf[i] ?? 0];
+      if (!setUuid) throw new Error(`sim: no set for device ${i}`);
       const sb = newBackingSuperblock({
         uuid: this.uuid(),
         setUuid,
@@ -263,7 +326,7 @@ class Run implements SimDeviceEnv {
     const gen = ++this.generation;
     const clock = this.clock;
     const devSeed = (i: number): number => (this.seed * 1009 + gen * 31 + i) % 2 ** 31;
-    const cache = new SimDevice(this.cache, this, devSeed(0), this.latency);
+    const caches = this.caches.map((c, k) => new SimDevice(c, this, devSeed(k === 0 ? 0 : 100 + k), this.latency));
     const backings = this.backings.map((b, i) => new SimDevice(b, this, devSeed(i + 1), this.latency));
     const registry = new Registry({
       clock,
@@ -279,7 +342,7 @@ class Run implements SimDeviceEnv {
       },
       deviceSettings: (name) => this.settings[Number(name.replace('bcache', ''))],
     });
-    const order = [cache, ...backings];
+    const order = [...caches, ...backings];
     for (let i = order.length - 1; i > 0; i--) {
       const j = this.rng.below(i + 1);
       const a = order[i];
@@ -288,18 +351,40 @@ class Run implements SimDeviceEnv {
     }
     this.trace(`bring-up ${gen}: ${order.map((d) => d.name).join(' ')}`);
     for (const d of order) await this.within(registry.register(d), LIVENESS_MS, `register ${d.name}`);
+    const sets = caches.map((c) => {
+      const set = [...registry.sets.values()].find((rs) => rs.cs.dev === c);
+      if (!set) throw new Violation(`bring-up: ${c.name}'s cache set is not registered`);
+      return set;
+    });
     const bdevs: BlockDevice[] = [];
     for (const [i, b] of backings.entries()) {
       const cd = registry.devices.find((d) => d.backing === b);
       if (!cd) throw new Violation(`bring-up: ${b.name} is not registered`);
       if (!cd.running) throw new Violation(`bring-up: ${cd.name} (${b.name}) is not running`);
-      if (cd.attachment === undefined) throw new Violation(`bring-up: ${cd.name} (${b.name}) is not attached`);
-      const mode = this.modes[i] ?? CACHE_MODE_WRITETHROUGH;
-      await this.within(cd.setCacheMode(mode), LIVENESS_MS, `${cd.name}: cache mode`);
-      this.trace(`${b.name} is ${cd.name}, ${CACHE_MODE_NAMES[mode] ?? mode}`);
+      // A completed detach is durable (superblock NONE, slot invalidated), and so is a completed attach.
+      if (this.detached.has(i)) {
+        if (cd.attachment !== undefined)
+          throw new Violation(`bring-up: ${cd.name} (${b.name}) was detached but is attached again`);
+        this.trace(`${b.name} is ${cd.name}, detached`);
+      } else {
+        if (cd.attachment === undefined) throw new Violation(`bring-up: ${cd.name} (${b.name}) is not attached`);
+        if (cd.attachment.set !== sets[this.setOf[i] ?? 0])
+          throw new Violation(`bring-up: ${cd.name} (${b.name}) is attached to the wrong cache set`);
+        const mode = this.modes[i] ?? CACHE_MODE_WRITETHROUGH;
+        await this.within(cd.setCacheMode(mode), LIVENESS_MS, `${cd.name}: cache mode`);
+        this.trace(`${b.name} is ${cd.name}, ${CACHE_MODE_NAMES[mode] ?? mode}`);
+      }
       bdevs.push(cd.device);
     }
-    this.engine = { registry, devices: [cache, ...backings], bdevs, generation: gen };
+    this.engine = {
+      registry,
+      devices: [...caches, ...backings],
+      caches,
+      sets,
+      backingDevs: backings,
+      bdevs,
+      generation: gen,
+    };
     await this.probe();
   }
 
@@ -313,7 +398,7 @@ class Run implements SimDeviceEnv {
     const e = this.engine;
     if (spec === undefined || !e) return;
     const [dev, sector] = spec.split(':').map(Number);
-    const cd = e.registry.devices.find((d) => d.backing === e.devices[(dev ?? 0) + 1]);
+    const cd = e.registry.devices.find((d) => d.backing === e.backingDevs[dev ?? 0]);
     const att = cd?.attachment;
     if (!cd || !att || sector === undefined) return;
     const s = sector + cd.dataOffset;
@@ -354,14 +439,14 @@ class Run implements SimDeviceEnv {
   async restart(): Promise<void> {
     this.stats.restarts++;
     await this.stop('clean');
-    for (const d of [this.cache, ...this.backings]) {
+    for (const d of [...this.caches, ...this.backings]) {
       if (d.volatileWrites > 0) {
         throw new Violation(`lifecycle: a clean stop left ${d.volatileWrites} unflushed write(s) on ${d.name}`);
       }
     }
     // Fresh devices over the same images (the old ones are closed).
     const fresh = (d: CrashableBlockDevice): CrashableBlockDevice => d.powerCut(0, { policy: 'drop' });
-    this.cache = fresh(this.cache);
+    this.caches = this.caches.map(fresh);
     this.backings = this.backings.map(fresh);
     await this.bringUp();
   }
@@ -372,12 +457,10 @@ class Run implements SimDeviceEnv {
     const cutSeed = this.rng.next();
     this.trace(`power cut ${cutSeed}`);
     this.model.powerCut();
-    const all = [this.cache, ...this.backings];
+    const all = [...this.caches, ...this.backings];
     const fresh = all.map((d, i) => d.powerCut((cutSeed + i) >>> 0));
-    const [cache, ...backings] = fresh;
-    if (!cache) throw new Error('no cache device');
-    this.cache = cache;
-    this.backings = backings;
+    this.caches = fresh.slice(0, this.caches.length);
+    this.backings = fresh.slice(this.caches.length);
     await this.stop('power cut');
     await this.bringUp();
   }
@@ -407,7 +490,11 @@ class Run implements SimDeviceEnv {
       if (aligned) first -= first % 8;
       if (r < 45) {
         if (this.model.writeInFlight(dev, first, count)) continue;
-        ops.push(this.write(dev, bdev, first, count, this.rng.below(10) === 0));
+        // One in nine a discard or a write-zeroes (both reach the backing device and invalidate the cache).
+        const k = this.rng.below(18);
+        if (k === 0) ops.push(this.discard(dev, bdev, first, count));
+        else if (k === 1) ops.push(this.zero(dev, bdev, first, count, this.rng.below(4) === 0));
+        else ops.push(this.write(dev, bdev, first, count, this.rng.below(10) === 0));
       } else if (r < 92) {
         ops.push(this.read(dev, bdev, first, count));
       } else {
@@ -427,7 +514,8 @@ class Run implements SimDeviceEnv {
     try {
       await bdev.write(encodeWrite(dev, id, first, count), first * SECTOR, { fua });
     } catch (err) {
-      this.violation(`client write ${id} to device ${dev} failed: ${errorMessage(err)}`);
+      if (this.clientError(dev, err)) this.model.failWrite(rec);
+      else this.violation(`client write ${id} to device ${dev} failed: ${errorMessage(err)}`);
       return;
     }
     this.model.endWrite(rec, fua);
@@ -442,7 +530,8 @@ class Run implements SimDeviceEnv {
     try {
       await bdev.read(buf, first * SECTOR);
     } catch (err) {
-      this.violation(`client read of device ${dev} ${first}+${count} failed: ${errorMessage(err)}`);
+      if (!this.clientError(dev, err))
+        this.violation(`client read of device ${dev} ${first}+${count} failed: ${errorMessage(err)}`);
       return;
     }
     const wrong = this.model.checkRead(dev, first, count, t0, buf);
@@ -457,25 +546,62 @@ class Run implements SimDeviceEnv {
     try {
       await bdev.flush();
     } catch (err) {
-      this.violation(`client flush of device ${dev} failed: ${errorMessage(err)}`);
+      if (!this.clientError(dev, err)) this.violation(`client flush of device ${dev} failed: ${errorMessage(err)}`);
       return;
     }
     this.model.endFlush(dev, f0);
     this.trace(`client flush done: dev ${dev}`);
   }
 
-  /** Write zeroes (write "0" to the model: what a never-written sector reads as). */
-  private async zero(dev: number, bdev: BlockDevice, first: number, count: number): Promise<void> {
+  /**
+   * Write zeroes: to the model a write of "0", what a never-written sector
+   * reads as. With FUA it is durable once it completes, as a FUA write is.
+   */
+  private async zero(dev: number, bdev: BlockDevice, first: number, count: number, fua = false): Promise<void> {
+    this.stats.zeroes++;
     const rec = this.model.beginWrite(dev, first, count, 0);
-    this.trace(`client zero: dev ${dev} ${first}+${count}`);
+    this.trace(`client zero: dev ${dev} ${first}+${count}${fua ? ' fua' : ''}`);
     try {
-      await bdev.writeZeroes(first * SECTOR, count * SECTOR);
+      await bdev.writeZeroes(first * SECTOR, count * SECTOR, { fua });
     } catch (err) {
-      this.violation(`client write-zeroes on device ${dev} failed: ${errorMessage(err)}`);
+      if (this.clientError(dev, err)) this.model.failWrite(rec);
+      else this.violation(`client write-zeroes on device ${dev} failed: ${errorMessage(err)}`);
+      return;
+    }
+    this.model.endWrite(rec, fua);
+    this.trace(`client zero done: dev ${dev} ${first}+${count}`);
+  }
+
+  /**
+   * A discard. bcache passes it to the backing device and drops the cache's
+   * keys over the range (clean ones before, dirty ones once the discard is
+   * durable), so the range then reads as what the backing device returns for
+   * a discarded range. The simulated backing device (CrashableBlockDevice)
+   * zeroes it, volatile until a FLUSH as a write is: to the model a discard
+   * is a write of "0" without FUA. (A backing device that ignored discards
+   * would read back the old data instead; none here does.)
+   */
+  private async discard(dev: number, bdev: BlockDevice, first: number, count: number): Promise<void> {
+    this.stats.discards++;
+    const rec = this.model.beginWrite(dev, first, count, 0);
+    this.trace(`client discard: dev ${dev} ${first}+${count}`);
+    try {
+      await bdev.discard(first * SECTOR, count * SECTOR);
+    } catch (err) {
+      if (this.clientError(dev, err)) this.model.failWrite(rec);
+      else this.violation(`client discard on device ${dev} failed: ${errorMessage(err)}`);
       return;
     }
     this.model.endWrite(rec, false);
-    this.trace(`client zero done: dev ${dev} ${first}+${count}`);
+    this.trace(`client discard done: dev ${dev} ${first}+${count}`);
+  }
+
+  /** A client operation on `dev` failed: true if that is allowed now (it is traced and counted), false if a violation. */
+  private clientError(dev: number, err: unknown): boolean {
+    if (!this.errorsAllowed.has(dev)) return false;
+    this.stats.failedOps++;
+    this.trace(`client op on dev ${dev} failed: ${errorMessage(err)}`);
+    return true;
   }
 
   /** One round of the fill workload (see Workload). */
@@ -483,7 +609,7 @@ class Run implements SimDeviceEnv {
     const mode = MODES[this.rng.below(MODES.length)] ?? CACHE_MODE_WRITEBACK;
     this.modes[0] = mode;
     const e = this.live();
-    const cd = e.registry.devices.find((d) => d.backing === e.devices[1]);
+    const cd = e.registry.devices.find((d) => d.backing === e.backingDevs[0]);
     if (!cd) throw new Error('sim: no device');
     this.trace(`round ${round}: ${CACHE_MODE_NAMES[mode] ?? mode}`);
     await this.within(cd.setCacheMode(mode), LIVENESS_MS, 'cache mode');
@@ -552,6 +678,176 @@ class Run implements SimDeviceEnv {
     dev.attachment?.writeback.wake();
   }
 
+  /**
+   * Detach an attached device, or attach a detached one again, while a batch
+   * of client operations runs. A detach must end within the liveness bound
+   * with all its dirty data written back: the device then serves from the
+   * backing device alone, so reading back everything written to it checks
+   * that nothing dirty was left behind. Its uuid slot must be invalidated
+   * (never handed out again: the dead inode's keys may still be in the
+   * index). An attach takes a fresh slot; the device starts cold.
+   */
+  async detachOrAttach(): Promise<void> {
+    const e = this.live();
+    // Device 0 (writeback) half the time: its detaches are the ones with dirty data to write back.
+    const dev = this.rng.bool() ? 0 : this.rng.below(e.bdevs.length);
+    const cd = e.registry.devices.find((d) => d.backing === e.backingDevs[dev]);
+    if (!cd) throw new Error(`sim: no bcache device for device ${dev}`);
+    const att = cd.attachment;
+    if (att) {
+      this.stats.detaches++;
+      const { cs, inode } = att;
+      this.trace(`detach ${cd.name} (dirty ${cd.dirtySectors})`);
+      const detached = cd.detach();
+      detached.catch(() => undefined);
+      await this.clientBatch();
+      await this.within(detached, LIVENESS_MS, `detach of ${cd.name}`);
+      this.detached.add(dev);
+      this.trace(`detach ${cd.name} done`);
+      if (cd.attachment !== undefined) throw new Violation(`detach: ${cd.name} is still attached after its detach`);
+      if (cd.state !== BDEV_STATE_NONE)
+        throw new Violation(`detach: ${cd.name}'s superblock says ${cd.stateName} after its detach, not "no cache"`);
+      if (cs.uuids.get(inode).uuid.equals(cd.sb.uuid))
+        throw new Violation(`detach: ${cd.name}'s uuid slot ${inode} still names it after its detach`);
+      await this.verifyDevice(dev);
+    } else {
+      this.stats.attaches++;
+      await this.attach(dev, true);
+    }
+    this.check();
+  }
+
+  /** Attach device `dev` (detached) to the cache set again, in its cache mode; `busy`: while a client batch runs. */
+  private async attach(dev: number, busy: boolean): Promise<void> {
+    const e = this.live();
+    const cd = e.registry.devices.find((d) => d.backing === e.backingDevs[dev]);
+    const set = e.sets[this.setOf[dev] ?? 0];
+    if (!cd || !set) throw new Error(`sim: no bcache device ${dev} or no cache set`);
+    this.trace(`attach ${cd.name}`);
+    const attached = e.registry.attach(cd, set.uuid);
+    attached.catch(() => undefined);
+    if (busy) await this.clientBatch();
+    await this.within(attached, LIVENESS_MS, `attach of ${cd.name}`);
+    this.detached.delete(dev);
+    const mode = this.modes[dev] ?? CACHE_MODE_WRITETHROUGH;
+    await this.within(cd.setCacheMode(mode), LIVENESS_MS, `${cd.name}: cache mode`);
+    this.trace(`attach ${cd.name} done: slot ${cd.attachment?.inode}, ${CACHE_MODE_NAMES[mode] ?? mode}`);
+  }
+
+  /**
+   * A fault episode: from now on, operations on the cache device or on one
+   * backing device fail (EIO) with a probability from the seed (sometimes
+   * reads only, sometimes everything: the device pulled), while batches of
+   * client operations and idle time run. Then a power cut, and the devices
+   * come back without faults (a transient fault, or the disk replaced by an
+   * image of itself).
+   *
+   * What clients may see (docs/failure-handling.md): a cache failure never
+   * shows on a device that cannot hold dirty data (here: writethrough and
+   * writearound): clean hits that fail are read again from the backing
+   * device, and when the errors retire the set such a device is kept serving
+   * without the cache, its requests caught by the failure redone there. A
+   * writeback device may fail requests (a dirty hit unreadable, a write
+   * whose cache write failed; when the set retires with dirty data, the
+   * device stops and everything fails). A backing failure fails that
+   * device's requests only, and past io_error_limit errors, or failing for
+   * the offline time, stops it; the set and the other devices serve on.
+   * Every failed write may or may not have landed (model.ts). Lifecycle:
+   * a retire ends within its bound, leaves no worker of the set alive, no
+   * I/O in flight on the cache device and none after (it is fenced); a
+   * device stopped by the failure likewise for its backing device.
+   */
+  async faultEpisode(): Promise<void> {
+    const e = this.live();
+    this.stats.faultEpisodes++;
+    const rate = [0.02, 0.1, 0.3, 1][this.rng.below(4)] ?? 1;
+    const kinds = this.rng.bool() ? ['read'] : ['read', 'write', 'flush', 'discard', 'zero'];
+    const onCache = this.rng.bool();
+    // The failing cache's set, or the failing backing device (-1: none) and its set.
+    const target = onCache ? -1 : this.rng.below(e.bdevs.length);
+    const k = !onCache ? (this.setOf[target] ?? 0) : e.caches.length > 1 ? this.rng.below(e.caches.length) : 0;
+    const set = e.sets[k];
+    const faulty = onCache ? e.caches[k] : e.backingDevs[target];
+    if (!set || !faulty) throw new Error('sim: no device to fail');
+    const devs = e.bdevs.map((_, i) => e.registry.devices.find((d) => d.backing === e.backingDevs[i]));
+    for (const [i, cd] of devs.entries()) {
+      // A writeback device of the failing set may fail on a cache failure; a backing failure fails only its own device.
+      const onSet = cd?.attachment !== undefined && cd.attachment.set === set;
+      if (onCache ? onSet && this.modes[i] === CACHE_MODE_WRITEBACK : target === i) this.errorsAllowed.add(i);
+    }
+    this.trace(`fault episode: ${faulty.name} ${rate} ${kinds.join('/')}`);
+    faulty.injectFaults(rate, kinds);
+    const steps = 3 + this.rng.below(6);
+    for (let k = 0; k < steps; k++) {
+      if (this.rng.below(3) === 0) await this.idle();
+      else await this.clientBatch();
+    }
+    // A pulled backing device: past the offline time (and a probe period) its device must have stopped.
+    const pulled = !onCache && rate >= 1 && kinds.length > 1;
+    if (pulled) await this.clock.advance(BACKING_OFFLINE_MS + 2000);
+    // The failure's consequences, each bounded, each leaving nothing behind.
+    if (set.retired) {
+      this.stats.retires++;
+      this.trace(`cache set retiring`);
+      await this.within(set.retired, STOP_BOUND_MS, 'the retire of the failed cache set');
+      const live = set.cs.workers.live().map((w) => w.name);
+      if (live.length > 0) throw new Violation(`lifecycle: worker(s) of the retired set alive: ${live.join(', ')}`);
+      const cache = e.caches[k];
+      const inflight = cache ? [...cache.inflight.values()] : [];
+      if (inflight.length > 0)
+        throw new Violation(`lifecycle: cache I/O in flight after the retire: ${inflight.join(', ')}`);
+      cache?.fence('the cache set retired');
+      if (e.registry.sets.has(set.uuid)) throw new Violation('lifecycle: the retired set is still registered');
+    } else if (onCache && faulty.injected > 0 && rate >= 1 && kinds.length > 1) {
+      // Every cache I/O failing and yet the set alive: metadata writes fail at once, so only an idle set is.
+      this.trace('cache pulled; the set did not notice (no I/O reached it)');
+    }
+    const since = faulty.firstInjectedAt;
+    // The other sets serve on, whatever failed.
+    for (const other of e.sets) {
+      if (other !== set && (other.retired !== undefined || other.cs.ioDisabled))
+        throw new Violation(`failure: cache set ${other.uuid} failed with another set's or a backing device's fault`);
+    }
+    const pulledCd = devs[target];
+    if (pulled && since !== undefined && pulledCd && !pulledCd.stopped) {
+      throw new Violation(
+        `failure: ${pulledCd.name}'s backing device failed every I/O for ${this.clock.now() - since} ms ` +
+          `(offline time ${BACKING_OFFLINE_MS} ms) and it still runs`,
+      );
+    }
+    const kept: number[] = [];
+    for (const [i, cd] of devs.entries()) {
+      if (!cd) continue;
+      if (cd.stopped) {
+        this.stats.deviceStops++;
+        this.trace(`${cd.name} stopped by the failure`);
+        if (!this.errorsAllowed.has(i))
+          throw new Violation(`failure: ${cd.name} (device ${i}) stopped, but it could not lose data to this fault`);
+        await this.within(cd.stop(), STOP_BOUND_MS, `the stop of ${cd.name}`);
+        const b = e.backingDevs[i];
+        const inflight = b ? [...b.inflight.values()] : [];
+        if (inflight.length > 0)
+          throw new Violation(
+            `lifecycle: I/O in flight on ${cd.name}'s backing device after its stop: ${inflight.join(', ')}`,
+          );
+        b?.fence(`${cd.name} stopped`);
+      } else if (set.retired && this.setOf[i] === k) {
+        // Kept without its cache: the superblock says so, and bring-up will find it detached.
+        if (cd.attachment !== undefined)
+          throw new Violation(`failure: ${cd.name} is still attached to the retired set`);
+        if (!this.detached.has(i)) kept.push(i);
+        this.detached.add(i);
+      }
+    }
+    this.check();
+    this.trace(`fault episode over: ${faulty.injected} injected error(s)`);
+    this.errorsAllowed.clear();
+    await this.powerCut();
+    // The devices the failure left uncached are attached again (a user would), so that they are cached in later steps.
+    for (const dev of kept) await this.attach(dev, false);
+    this.check();
+  }
+
   /** Let time pass with no client: writeback, rate updates and journal deadlines run. */
   async idle(): Promise<void> {
     this.stats.idle++;
@@ -561,28 +857,32 @@ class Run implements SimDeviceEnv {
     this.check();
   }
 
-  /** Read back everything ever written, with nothing in flight: each sector as the model says. */
-  async verifyAll(): Promise<void> {
-    const e = this.live();
-    for (const [dev, bdev] of e.bdevs.entries()) {
-      const sectors = this.model.written(dev);
-      let i = 0;
-      while (i < sectors.length) {
-        const first = sectors[i] ?? 0;
-        let count = 1;
-        while (count < 256 && sectors[i + count] === first + count) count++;
-        await this.within(this.read(dev, bdev, first, count), LIVENESS_MS, `verifying device ${dev}`);
-        i += count;
-      }
+  /** Read back everything ever written to `dev`, with nothing in flight: each sector as the model says. */
+  async verifyDevice(dev: number): Promise<void> {
+    const bdev = this.live().bdevs[dev];
+    if (!bdev) throw new Error(`sim: no device ${dev}`);
+    const sectors = this.model.written(dev);
+    let i = 0;
+    while (i < sectors.length) {
+      const first = sectors[i] ?? 0;
+      let count = 1;
+      while (count < 256 && sectors[i + count] === first + count) count++;
+      await this.within(this.read(dev, bdev, first, count), LIVENESS_MS, `verifying device ${dev}`);
+      i += count;
     }
     this.check();
+  }
+
+  /** Read back everything ever written, on every device. */
+  async verifyAll(): Promise<void> {
+    for (let dev = 0; dev < this.live().bdevs.length; dev++) await this.verifyDevice(dev);
   }
 
   /** Everything the engine does after all steps: a final read-back, a clean stop, nothing left. */
   async finish(): Promise<void> {
     await this.verifyAll();
     await this.stop('clean, at the end');
-    for (const d of [this.cache, ...this.backings]) {
+    for (const d of [...this.caches, ...this.backings]) {
       if (d.volatileWrites > 0) {
         throw new Violation(`lifecycle: a clean stop left ${d.volatileWrites} unflushed write(s) on ${d.name}`);
       }
@@ -605,11 +905,21 @@ class Run implements SimDeviceEnv {
 export async function runSim(options: SimOptions): Promise<SimResult> {
   const workload = options.workload ?? 'mixed';
   const ops = options.ops ?? (workload === 'fill' ? 4 : 300);
-  const run = new Run(options.seed, options.keepTrace === true, workload);
+  const run = new Run(options.seed, options.keepTrace === true, workload, options.sets);
   // The engine's log lines are part of the trace (and of the digest), not of the output.
   const restore = setLogSink((level, line) => {
     run.trace(`log ${level}: ${line}`);
   });
+  // A promise of the engine that rejects with no one waiting for it would end
+  // a real daemon (Node's default); here it fails the seed instead of the
+  // whole soak. Within one process the microtask order, and so this, is
+  // deterministic.
+  const unhandled = (reason: unknown): void => {
+    run.violation(
+      `lifecycle: a promise rejected with no one waiting for it (it would end the daemon): ${errorMessage(reason)}`,
+    );
+  };
+  process.on('unhandledRejection', unhandled);
   let verdict = 'ok';
   try {
     await run.format();
@@ -622,6 +932,8 @@ export async function runSim(options: SimOptions): Promise<SimResult> {
       else if (r < 940) await run.control();
       else if (r < 955 && options.powerCuts !== false) await run.powerCut();
       else if (r < 965) await run.restart();
+      else if (r < 980) await run.detachOrAttach();
+      else if (r < 990 && options.faults !== false) await run.faultEpisode();
       else await run.flushAll();
       await run.probe();
     }
@@ -635,6 +947,7 @@ export async function runSim(options: SimOptions): Promise<SimResult> {
     await run.abandon().catch(() => undefined);
   } finally {
     restore();
+    process.off('unhandledRejection', unhandled);
   }
   const result: SimResult = {
     seed: options.seed,
