@@ -861,7 +861,11 @@ export class RequestPath {
         if (!a) break;
         out.allocs.push(a);
         const from = (off - start) * SECTOR_SIZE;
-        out.writes.push(cs.writeCache(data.subarray(from, from + a.sectors * SECTOR_SIZE), a.ptr.offset));
+        const w = cs.writeCache(data.subarray(from, from + a.sectors * SECTOR_SIZE), a.ptr.offset);
+        // Handled from the start: it may fail while the next allocation waits,
+        // before anyone awaits it (an unhandled rejection ends the daemon).
+        w.catch(() => undefined);
+        out.writes.push(w);
         out.keys.push(makeKey(att.inode, off + a.sectors, a.sectors, dirty, [a.ptr]));
         off += a.sectors;
       }

@@ -77,6 +77,18 @@ test('seed 13: a dirty key replayed stale does not keep a device dirty; its deta
   assertNothingLeft();
 });
 
+test('seeds 170 and 386: a request that fails ends only after every part it started (reads, cache writes)', async () => {
+  // Found by the simulator: a read's cache part still wrote into the client's buffer after its backing
+  // part had failed the request (170), and a writeback write whose next allocation failed left its
+  // started cache writes unawaited: an unhandled rejection, which ends a daemon (386).
+  for (const seed of [170, 386]) {
+    const r = await runSim({ seed, ops: 300, sets: 1 });
+    assert.equal(r.verdict, 'ok', `seed ${seed}: repro: npm run sim -- --seed ${seed} --ops 300 --sets 1`);
+    assert.ok(r.stats.retires + r.stats.deviceStops + r.stats.failedOps > 0, `seed ${seed} no longer fails requests`);
+  }
+  assertNothingLeft();
+});
+
 test('fill seed 14, one round: a ring as full as normal writes allow at a power cut still comes up', async () => {
   // Found by the simulator: resume() gives up the newest bucket's reserved block, and makeRoom()
   // failed the set at bring-up instead of using the spare bucket as the reserve.
