@@ -46,7 +46,16 @@ import {
   SECTOR_SIZE,
 } from '../format/constants.ts';
 import type { Clock } from '../util/clock.ts';
-import { allDone, deferred, errorMessage, Notifier, sleep, Worker, type Deferred, type RefCount } from '../util/lifecycle.ts';
+import {
+  allDone,
+  deferred,
+  errorMessage,
+  Notifier,
+  sleep,
+  Worker,
+  type Deferred,
+  type RefCount,
+} from '../util/lifecycle.ts';
 import { defined } from '../util/assert.ts';
 import { msLeft, settledWithin } from '../util/deadline.ts';
 import { log } from '../util/log.ts';

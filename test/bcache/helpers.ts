@@ -4,6 +4,7 @@
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import type { BlockDevice } from '../../src/blockdev/types.ts';
+import { RESERVE_MOVINGGC } from '../../src/bcache/alloc.ts';
 import { GC_MARK_DIRTY, GC_MARK_METADATA, GC_MARK_RECLAIMABLE } from '../../src/bcache/buckets.ts';
 import type { CacheSet } from '../../src/bcache/cache-set.ts';
 import { SB_OFFSET } from '../../src/format/constants.ts';
@@ -97,4 +98,20 @@ export async function checkMarks(cs: CacheSet): Promise<string[]> {
     cs.btree.lock.releaseRead();
   }
   return problems;
+}
+
+/**
+ * Fill the movinggc reserve before a moving GC round, as the kernel's
+ * allocator thread has by the time the next pass runs: each bucket is waited
+ * for from the allocator (an event, not a poll) and put back on that reserve.
+ */
+export async function stockMovingReserve(cs: CacheSet): Promise<void> {
+  const fifo = cs.allocator.free[RESERVE_MOVINGGC];
+  const got: number[] = [];
+  while (got.length < fifo.capacity - fifo.length) {
+    const b = await cs.allocator.alloc(RESERVE_MOVINGGC, true);
+    assert.ok(b !== undefined);
+    got.push(b);
+  }
+  for (const b of got) cs.allocator.unalloc(b, RESERVE_MOVINGGC);
 }

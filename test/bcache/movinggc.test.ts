@@ -8,10 +8,9 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { MemoryBlockDevice } from '../../src/blockdev/memory.ts';
-import { RESERVE_MOVINGGC } from '../../src/bcache/alloc.ts';
 import { CacheSet } from '../../src/bcache/cache-set.ts';
 import type { Bkey } from '../../src/format/bkey.ts';
-import { assertNothingLeft, checkMarks, formatCache } from './helpers.ts';
+import { assertNothingLeft, checkMarks, formatCache, stockMovingReserve } from './helpers.ts';
 import { checkRange, IndexModel, writeExtent } from './model.ts';
 
 const MiB = 1024 * 1024;
@@ -45,21 +44,6 @@ async function fragmented(copyGc: boolean): Promise<{ dev: MemoryBlockDevice; cs
     }
   }
   return { dev, cs, model };
-}
-
-/**
- * Fill the movinggc reserve: each bucket is waited for from the allocator
- * (an event, not a poll) and put back on that reserve.
- */
-async function stockMovingReserve(cs: CacheSet): Promise<void> {
-  const fifo = cs.allocator.free[RESERVE_MOVINGGC];
-  const got: number[] = [];
-  while (got.length < fifo.capacity - fifo.length) {
-    const b = await cs.allocator.alloc(RESERVE_MOVINGGC, true);
-    assert.ok(b !== undefined);
-    got.push(b);
-  }
-  for (const b of got) cs.allocator.unalloc(b, RESERVE_MOVINGGC);
 }
 
 async function allKeys(cs: CacheSet): Promise<Bkey[]> {

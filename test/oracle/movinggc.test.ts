@@ -39,11 +39,10 @@ import { createHash, randomBytes } from 'node:crypto';
 import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { FileBlockDevice } from '../../src/blockdev/file.ts';
-import { RESERVE_MOVINGGC } from '../../src/bcache/alloc.ts';
-import type { CacheSet } from '../../src/bcache/cache-set.ts';
 import { Registry } from '../../src/bcache/registry.ts';
 import { SysfsTree } from '../../src/bcache/sysfs/tree.ts';
 import { parseHprint } from '../../src/cli/ctl/tree-json.ts';
+import { stockMovingReserve } from '../bcache/helpers.ts';
 import { sparseFile, tempDir, ubcache } from '../helpers/daemon.ts';
 import { oracleFacts, oracleSkipReason, runOracle, ORACLE_SH_PRELUDE } from '../helpers/oracle.ts';
 
@@ -134,22 +133,6 @@ function kernelScript(set: string, ourSet: string): string {
     'echo 1 >$S/stop',
     'waitgone $S',
   ].join('\n');
-}
-
-/**
- * Fill the movinggc reserve before a pass, as the kernel's allocator thread
- * has by the time the shell triggers the next one: each bucket waited for
- * from the allocator (an event) and put back on that reserve.
- */
-async function stockMovingReserve(cs: CacheSet): Promise<void> {
-  const fifo = cs.allocator.free[RESERVE_MOVINGGC];
-  const got: number[] = [];
-  while (got.length < fifo.capacity - fifo.length) {
-    const b = await cs.allocator.alloc(RESERVE_MOVINGGC, true);
-    assert.ok(b !== undefined);
-    got.push(b);
-  }
-  for (const b of got) cs.allocator.unalloc(b, RESERVE_MOVINGGC);
 }
 
 interface Figures {
