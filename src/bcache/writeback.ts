@@ -428,7 +428,8 @@ export class Writeback {
 
   /**
    * Under pressure: the dirty keys of this device in the buckets with the
-   * least dirty data, about KEYBUF_SECTORS_PRESSURE of it, in LBA order; or
+   * least dirty data, about KEYBUF_SECTORS_PRESSURE of it (a 256th of the
+   * cache if that is more), in LBA order; or
    * undefined when no bucket qualifies (the LBA-ordered pass runs instead).
    * Writing back in LBA order empties no bucket until a sweep of all the
    * dirty data is nearly done when writes were random, so in_use stays
@@ -445,6 +446,9 @@ export class Writeback {
     const finishing = this.tail?.buckets;
     const eligible = (i: number, d: number): boolean =>
       d > 0 && (b.pin[i] ?? 0) === 0 && (finishing === undefined || finishing[i] !== 1);
+    // Each pass walks all the device's keys: on a large cache it takes a
+    // larger share (1/256 of the cache) so the walk stays a small part of it.
+    const budget = Math.max(KEYBUF_SECTORS_PRESSURE, Math.floor((b.nbuckets * b.bucketSize) / 256));
     // A histogram of dirty sectors over the candidate buckets gives the
     // threshold below which the budget is reached, in two linear passes.
     const counts = new Uint32Array(b.bucketSize + 1);
@@ -464,10 +468,10 @@ export class Writeback {
     for (;;) {
       threshold++;
       const here = threshold * (counts[threshold] ?? 0);
-      if (threshold >= b.bucketSize || below + here >= KEYBUF_SECTORS_PRESSURE) break;
+      if (threshold >= b.bucketSize || below + here >= budget) break;
       below += here;
     }
-    let atThreshold = Math.ceil((KEYBUF_SECTORS_PRESSURE - below) / threshold);
+    let atThreshold = Math.ceil((budget - below) / threshold);
     const chosen = new Uint8Array(b.nbuckets);
     for (let i = b.firstBucket; i < b.nbuckets; i++) {
       const d = b.dirty[i] ?? 0;
