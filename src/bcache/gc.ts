@@ -34,7 +34,7 @@
 
 import { MAX_KEY, posCmp, ptrAvailable, type Bkey, type BkeyPtr } from '../format/bkey.ts';
 import { MAX_CACHES_PER_SET } from '../format/constants.ts';
-import { Notifier, Worker, errorMessage } from '../util/lifecycle.ts';
+import { Notifier, Worker, errorMessage, nextTurn } from '../util/lifecycle.ts';
 import { realClock, type Clock } from '../util/clock.ts';
 import { log } from '../util/log.ts';
 import type { Allocator } from './alloc.ts';
@@ -168,9 +168,6 @@ interface PassState {
   keys: number;
   data: number;
 }
-
-/** One macrotask turn: timers and I/O callbacks run before the walk goes on. */
-const nextTurn = (): Promise<void> => new Promise<void>((resolve) => setImmediate(resolve));
 
 export class Gc {
   private readonly host: GcHost;

@@ -33,7 +33,7 @@
 import { IoError } from '../blockdev/types.ts';
 import { makeKey, makePtr, MAX_KEY, posCmp, type Bkey, type BkeyPtr } from '../format/bkey.ts';
 import { SECTOR_SIZE } from '../format/constants.ts';
-import { allDone, errorMessage } from '../util/lifecycle.ts';
+import { allDone, errorMessage, nextTurn } from '../util/lifecycle.ts';
 import { realClock, type Clock } from '../util/clock.ts';
 import { log } from '../util/log.ts';
 import { RESERVE_MOVINGGC, type Allocator } from './alloc.ts';
@@ -103,9 +103,6 @@ interface CollectState {
 
 /** Where a slice of the key scan stopped. */
 type CollectEnd = { done: true; load?: undefined } | { done: false; load?: { key: Bkey; level: number } };
-
-/** One macrotask turn: timers and I/O callbacks run before the scan goes on. */
-const nextTurn = (): Promise<void> => new Promise<void>((resolve) => setImmediate(resolve));
 
 /** Keys copied per flush and insert round. */
 const BATCH_KEYS = 64;

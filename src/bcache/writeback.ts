@@ -62,7 +62,7 @@ import {
 } from '../format/constants.ts';
 import { setFlagBits, type Superblock } from '../format/superblock.ts';
 import { defined } from '../util/assert.ts';
-import { aborted, errorMessage, Notifier, sleep, Worker, type RefCount } from '../util/lifecycle.ts';
+import { aborted, errorMessage, nextTurn, Notifier, sleep, Worker, type RefCount } from '../util/lifecycle.ts';
 import { log } from '../util/log.ts';
 import type { BackingIo } from './backing.ts';
 import type { CacheSet } from './cache-set.ts';
@@ -92,8 +92,6 @@ const KEYBUF_SECTORS_PRESSURE = 32768;
 /** Keys a part of the by-bucket scan visits before the event loop gets a turn. */
 const SCAN_PART_KEYS = 8192;
 
-/** One macrotask turn: requests run between the parts of a long scan. */
-const nextTurn = (): Promise<void> => new Promise<void>((resolve) => setImmediate(resolve));
 /** MAX_WRITEBACKS_IN_PASS */
 const MAX_GROUP_KEYS = 5;
 /** MAX_WRITESIZE_IN_PASS */

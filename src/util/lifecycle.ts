@@ -15,6 +15,9 @@
 import { realClock, type Clock, type Timer } from './clock.ts';
 import { log } from './log.ts';
 
+/** One macrotask turn: timers and I/O callbacks run before the caller goes on (long walks yield with it). */
+export const nextTurn = (): Promise<void> => new Promise<void>((resolve) => setImmediate(resolve));
+
 /**
  * Sleep for `ms` milliseconds of `clock` or until `signal` aborts, whichever
  * is first. Resolves true if the full time elapsed, false if aborted. Never
