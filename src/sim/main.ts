@@ -1,4 +1,4 @@
-// npm run sim -- --seed N [--ops K] [--seeds M] [--workload mixed|fill] [--sets 1|2] [--no-power-cuts] [--no-faults] [--trace]
+// npm run sim -- --seed N [--ops K] [--seeds M] [--workload mixed|fill|soak] [--sets 1|2] [--no-power-cuts] [--no-faults] [--trace]
 //
 // Runs the simulator (sim.ts) for one seed, or for M seeds from N, and prints
 // for each: the seed, the digest of its trace and the verdict. A failing seed
@@ -9,7 +9,7 @@ import { runSim } from './sim.ts';
 
 function usage(message: string): never {
   process.stderr.write(
-    `sim: ${message}\nusage: npm run sim -- --seed N [--ops K] [--seeds M] [--workload mixed|fill] [--sets 1|2] [--no-power-cuts] [--no-faults] [--trace]\n`,
+    `sim: ${message}\nusage: npm run sim -- --seed N [--ops K] [--seeds M] [--workload mixed|fill|soak] [--sets 1|2] [--no-power-cuts] [--no-faults] [--trace]\n`,
   );
   process.exit(2);
 }
@@ -42,9 +42,10 @@ async function main(): Promise<void> {
   const first = intArg(args, '--seed', 1);
   const wi = args.indexOf('--workload');
   const workloadArg = wi < 0 ? 'mixed' : args[wi + 1];
-  if (workloadArg !== 'mixed' && workloadArg !== 'fill') usage('--workload is mixed or fill');
+  if (workloadArg !== 'mixed' && workloadArg !== 'fill' && workloadArg !== 'soak')
+    usage('--workload is mixed, fill or soak');
   const workload = workloadArg;
-  const ops = intArg(args, '--ops', workload === 'fill' ? 4 : 300);
+  const ops = intArg(args, '--ops', workload === 'mixed' ? 300 : 4);
   const seeds = intArg(args, '--seeds', 1);
   const powerCuts = !args.includes('--no-power-cuts');
   const faults = !args.includes('--no-faults');

@@ -97,3 +97,14 @@ test('fill seed 14, one round: a ring as full as normal writes allow at a power 
   assert.equal(r.stats.powerCuts, 1);
   assertNothingLeft();
 });
+
+test('soak seed 1, two rounds: a nearly full cache under pipelined 4 KiB reads and writes stays live', async () => {
+  // The workload that finds the nearly-full-cache hang (docs/simulation.md): with the engine as it
+  // was when the daemon's soak hung (node buckets granted a bucket at a time to every rewrite, an
+  // insert waiting for them with its journal pin held, the kernel's free_inc size), this seed stops
+  // in its second write pass: "liveness: write pass at operation 265 of 7168 did not complete".
+  const r = await runSim({ seed: 1, ops: 2, workload: 'soak' });
+  assert.equal(r.verdict, 'ok');
+  assert.ok(r.stats.writes + r.stats.fuaWrites > 2 * 6500, 'both write passes ran');
+  assertNothingLeft();
+});
