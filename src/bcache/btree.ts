@@ -24,7 +24,18 @@
 // pins of the nodes it replaced when it swaps them out: from then on every
 // journal entry carries the new root, whose nodes are already durable.
 
-import { bkeyU64s, keyText, makeKey, makePtr, MAX_KEY, posCmp, type Bkey, type BkeyPtr } from '../format/bkey.ts';
+import {
+  bkeyU64s,
+  btreePtrInvalid,
+  extentInvalid,
+  keyText,
+  makeKey,
+  makePtr,
+  MAX_KEY,
+  posCmp,
+  type Bkey,
+  type BkeyPtr,
+} from '../format/bkey.ts';
 import { FormatError } from '../format/errors.ts';
 import { defined } from '../util/assert.ts';
 import { allDone } from '../util/lifecycle.ts';
@@ -621,7 +632,10 @@ export class Btree {
   /**
    * Check the tree's invariants (tests, debugging): keys sorted, extents not
    * overlapping and inside their leaf's range, each interior node's last
-   * child at its own position, size counters right. Returns the problems.
+   * child at its own position, size counters right, and every key's fields
+   * as the on-disk checks want them (an extent's size and pointers inside
+   * the cache; a child pointer clean, sized, inside the cache). Returns the
+   * problems.
    */
   async verify(): Promise<string[]> {
     const problems: string[] = [];
@@ -645,6 +659,9 @@ export class Btree {
             problems.push(`${where}: ${keyText(k)} overlaps ${keyText(prev)} (or the leaf's lower bound)`);
           }
           if (node.isLeaf && k.ptrs.length === 0) problems.push(`${where}: ${keyText(k)} has no pointer`);
+          if (node.isLeaf ? extentInvalid(k, this.geo.cache) : btreePtrInvalid(k, this.geo.cache)) {
+            problems.push(`${where}: ${keyText(k)}: fields out of range`);
+          }
           prev = k;
         }
         if (node.isLeaf) return;

@@ -1,4 +1,4 @@
-// npm run sim -- --seed N [--ops K] [--seeds M] [--workload mixed|fill|soak] [--sets 1|2] [--no-power-cuts] [--no-faults] [--trace]
+// npm run sim -- --seed N [--ops K] [--seeds M] [--workload mixed|fill|soak] [--sets 1|2] [--no-power-cuts] [--no-faults] [--expensive-checks] [--trace]
 //
 // Runs the simulator (sim.ts) for one seed, or for M seeds from N, and prints
 // for each: the seed, the digest of its trace and the verdict. A failing seed
@@ -9,7 +9,7 @@ import { runSim } from './sim.ts';
 
 function usage(message: string): never {
   process.stderr.write(
-    `sim: ${message}\nusage: npm run sim -- --seed N [--ops K] [--seeds M] [--workload mixed|fill|soak] [--sets 1|2] [--no-power-cuts] [--no-faults] [--trace]\n`,
+    `sim: ${message}\nusage: npm run sim -- --seed N [--ops K] [--seeds M] [--workload mixed|fill|soak] [--sets 1|2] [--no-power-cuts] [--no-faults] [--expensive-checks] [--trace]\n`,
   );
   process.exit(2);
 }
@@ -33,6 +33,7 @@ async function main(): Promise<void> {
     '--no-power-cuts',
     '--no-faults',
     '--trace',
+    '--expensive-checks',
   ]);
   for (const [i, a] of args.entries()) {
     if (a.startsWith('--') && !known.has(a)) usage(`unknown option ${a}`);
@@ -53,6 +54,7 @@ async function main(): Promise<void> {
   if (args.includes('--sets') && (setsArg < 1 || setsArg > 2)) usage('--sets is 1 or 2');
   const sets = setsArg === 0 ? undefined : setsArg;
   const keepTrace = args.includes('--trace');
+  const expensiveChecks = args.includes('--expensive-checks');
   let failed = 0;
   const t0 = performance.now();
   for (let seed = first; seed < first + Math.max(1, seeds); seed++) {
@@ -62,6 +64,7 @@ async function main(): Promise<void> {
       powerCuts,
       faults,
       keepTrace,
+      expensiveChecks,
       workload,
       ...(sets === undefined ? {} : { sets }),
     });

@@ -85,6 +85,11 @@ export interface SimOptions {
   faults?: boolean;
   /** Keep the trace's lines (for debugging a seed): they are returned in the result. */
   keepTrace?: boolean;
+  /**
+   * Expensive checks: every cache set's btree verified (Btree.verify: order,
+   * overlaps, node ranges, counters, every key's fields) after every step.
+   */
+  expensiveChecks?: boolean;
 }
 
 export interface SimStats {
@@ -188,6 +193,8 @@ class Run implements SimDeviceEnv {
   private writeId = 0;
   private generation = 0;
   private readonly workload: Workload;
+  /** SimOptions.expensiveChecks. */
+  expensiveChecks = false;
   /**
    * Workers alive when this run began: left by an earlier seed in this
    * process whose run failed and was abandoned (their clock is that run's,
@@ -696,8 +703,20 @@ class Run implements SimDeviceEnv {
       this.check();
     }
     this.trace(`write pass done: cache_available_percent ${cs?.cacheAvailablePercent} dirty ${cd.dirtySectors}`);
+    if (this.expensiveChecks) await this.verifyTrees();
     if (this.rng.bool()) await this.powerCut();
     else await this.restart();
+  }
+
+  /** Expensive checks (SimOptions.expensiveChecks): every live set's btree is whole. */
+  async verifyTrees(): Promise<void> {
+    const e = this.engine;
+    if (!e) return;
+    for (const [k, set] of e.sets.entries()) {
+      if (set.cs.stopped) continue;
+      const problems = await this.within(set.cs.btree.verify(), LIVENESS_MS, `btree verify of set ${k}`);
+      if (problems.length > 0) throw new Violation(`btree: set ${k}: ${problems.slice(0, 3).join('; ')}`);
+    }
   }
 
   /** One round of the soak workload (see Workload). */
@@ -724,6 +743,7 @@ class Run implements SimDeviceEnv {
       if ((i + 1) % 64 === 0) await this.flush(0, bdev);
     });
     this.trace(`write pass done: cache_available_percent ${cs?.cacheAvailablePercent} dirty ${cd.dirtySectors}`);
+    if (this.expensiveChecks) await this.verifyTrees();
     if (this.rng.bool()) await this.powerCut();
     else await this.restart();
   }
@@ -1045,6 +1065,7 @@ export async function runSim(options: SimOptions): Promise<SimResult> {
   const workload = options.workload ?? 'mixed';
   const ops = options.ops ?? (workload === 'mixed' ? 300 : 4);
   const run = new Run(options.seed, options.keepTrace === true, workload, options.sets);
+  run.expensiveChecks = options.expensiveChecks === true;
   // The engine's log lines are part of the trace (and of the digest), not of the output.
   const restore = setLogSink((level, line) => {
     run.trace(`log ${level}: ${line}`);
@@ -1076,6 +1097,7 @@ export async function runSim(options: SimOptions): Promise<SimResult> {
       else if (r < 990 && options.faults !== false) await run.faultEpisode();
       else await run.flushAll();
       await run.probe();
+      if (run.expensiveChecks) await run.verifyTrees();
     }
     await run.finish();
   } catch (err) {

@@ -32,20 +32,27 @@ test('the same seed gives the same digest: twice in this process, and in another
   assertNothingLeft();
 });
 
-test(`the CI seeds (${CI_SEEDS.join(' ')}, ${CI_OPS} steps each) find nothing`, { timeout: 300_000 }, async () => {
-  const failed: string[] = [];
-  const seen = { discards: 0, zeroes: 0, detaches: 0, attaches: 0, retires: 0, deviceStops: 0, failedOps: 0 };
-  for (const seed of CI_SEEDS) {
-    const r = await runSim({ seed, ops: CI_OPS });
-    if (!r.ok)
-      failed.push(`seed ${seed} (${r.digest}): ${r.verdict}\n  repro: npm run sim -- --seed ${seed} --ops ${CI_OPS}`);
-    for (const k of Object.keys(seen) as Array<keyof typeof seen>) seen[k] += r.stats[k];
-  }
-  assert.deepEqual(failed, []);
-  // The seeds still reach what they are there to check: a change to the workload must not lose it quietly.
-  for (const [what, n] of Object.entries(seen)) assert.ok(n > 0, `the CI seeds no longer exercise ${what}`);
-  assertNothingLeft();
-});
+test(
+  `the CI seeds (${CI_SEEDS.join(' ')}, ${CI_OPS} steps each, expensive checks on) find nothing`,
+  { timeout: 300_000 },
+  async () => {
+    const failed: string[] = [];
+    const seen = { discards: 0, zeroes: 0, detaches: 0, attaches: 0, retires: 0, deviceStops: 0, failedOps: 0 };
+    for (const seed of CI_SEEDS) {
+      // Expensive checks: every set's btree verified after every step (SimOptions.expensiveChecks).
+      const r = await runSim({ seed, ops: CI_OPS, expensiveChecks: true });
+      if (!r.ok)
+        failed.push(
+          `seed ${seed} (${r.digest}): ${r.verdict}\n  repro: npm run sim -- --seed ${seed} --ops ${CI_OPS} --expensive-checks`,
+        );
+      for (const k of Object.keys(seen) as Array<keyof typeof seen>) seen[k] += r.stats[k];
+    }
+    assert.deepEqual(failed, []);
+    // The seeds still reach what they are there to check: a change to the workload must not lose it quietly.
+    for (const [what, n] of Object.entries(seen)) assert.ok(n > 0, `the CI seeds no longer exercise ${what}`);
+    assertNothingLeft();
+  },
+);
 
 test('one cache set, seeds 6 and 8: a set retired with dirty data stops its writeback device', async () => {
   // With all devices on one set these seeds retire it with dirty data; a retire that kept the
@@ -103,7 +110,7 @@ test('soak seed 1, two rounds: a nearly full cache under pipelined 4 KiB reads a
   // was when the daemon's soak hung (node buckets granted a bucket at a time to every rewrite, an
   // insert waiting for them with its journal pin held, the kernel's free_inc size), this seed stops
   // in its second write pass: "liveness: write pass at operation 265 of 7168 did not complete".
-  const r = await runSim({ seed: 1, ops: 2, workload: 'soak' });
+  const r = await runSim({ seed: 1, ops: 2, workload: 'soak', expensiveChecks: true });
   assert.equal(r.verdict, 'ok');
   assert.ok(r.stats.writes + r.stats.fuaWrites > 2 * 6500, 'both write passes ran');
   assertNothingLeft();
