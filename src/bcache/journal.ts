@@ -44,6 +44,7 @@ import { realClock, type Clock } from '../util/clock.ts';
 import { log } from '../util/log.ts';
 import type { BtreeNode, JournalPin } from './btree-node.ts';
 import type { CacheIo } from './io.ts';
+import { defined } from '../util/assert.ts';
 
 let entryOrder = 0;
 
@@ -400,7 +401,7 @@ export class Journal {
   /** Drop unpinned durable entries from the front. */
   private reclaimEntries(): void {
     while (this.live.length > 1) {
-      const e = this.live[0] as JournalEntry;
+      const e = defined(this.live[0], 'live.length > 1');
       if (e.pins > 0 || !e.durable) break;
       this.live.shift();
     }

@@ -31,7 +31,7 @@
 // in. Clean keys need no such wait: a hole over clean data is a miss.
 
 import { IoError } from '../blockdev/types.ts';
-import { makeKey, makePtr, MAX_KEY, posCmp, type Bkey, type BkeyPtr } from '../format/bkey.ts';
+import { makeKey, makePtr, MAX_KEY, posCmp, type Bkey } from '../format/bkey.ts';
 import { SECTOR_SIZE } from '../format/constants.ts';
 import { allDone, errorMessage, nextTurn } from '../util/lifecycle.ts';
 import { realClock, type Clock } from '../util/clock.ts';
@@ -42,6 +42,7 @@ import { GC_MARK_DIRTY, GC_MARK_RECLAIMABLE, type Buckets } from './buckets.ts';
 import { GC_SLICE_MS } from './gc.ts';
 import type { CacheIo } from './io.ts';
 import type { Journal, JournalEntry } from './journal.ts';
+import { defined } from '../util/assert.ts';
 
 export interface MovingGcHost {
   buckets: Buckets;
@@ -321,7 +322,7 @@ export class MovingGc {
       for (let p = keys.seekAfter(st.inode, st.offset); p >= 0; p = keys.next(p)) {
         const k = keys.keyAt(p);
         if (k.size === 0 || k.ptrs.length === 0) continue;
-        const ptr = k.ptrs[0] as BkeyPtr;
+        const ptr = defined(k.ptrs[0], 'k.ptrs.length > 0');
         if (buckets.has(b.bucketOf(ptr)) && b.stale(ptr) === 0) st.out.push(k);
       }
       if (posCmp(node.key.inode, node.key.offset, MAX_KEY.inode, MAX_KEY.offset) >= 0) return { done: true };
@@ -343,7 +344,7 @@ export class MovingGc {
   ): Promise<boolean> {
     const host = this.host;
     const b = host.buckets;
-    const p = k.ptrs[0] as BkeyPtr;
+    const p = defined(k.ptrs[0], 'a moving key has a pointer');
     // The source is pinned: nothing can reuse it under the read, but the key may have gone stale before.
     if (b.stale(p) !== 0) return true;
     const data = Buffer.allocUnsafe(k.size * SECTOR_SIZE);

@@ -6,6 +6,8 @@
 // order; consecutive readers at the head of the queue are admitted together.
 // A queued writer blocks later readers, so writers are not starved.
 
+import { defined } from './assert.ts';
+
 interface Waiter {
   exclusive: boolean;
   resolve: () => void;
@@ -64,7 +66,7 @@ export class RwLock {
 
   private dispatch(): void {
     while (this.queue.length > 0 && !this.writer) {
-      const head = this.queue[0] as Waiter;
+      const head = defined(this.queue[0], 'queue.length > 0');
       if (head.exclusive) {
         if (this.readers > 0) return;
         this.queue.shift();
