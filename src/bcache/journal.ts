@@ -600,9 +600,20 @@ export class Journal {
    * Past half the ring, write the leaves pinning the oldest entry now rather
    * than when the ring is full: a crash then rarely finds the ring full of
    * entries to replay.
+   *
+   * Not during journal replay (reserveOpen): the ring is then as full as the
+   * crash left it, so every commit (each allocator round's prio write has
+   * one) wrote the leaves that replay had just put keys in, one write each.
+   * A node takes as many writes as it has blocks before it must be
+   * rewritten into a fresh bucket; with nodes of two blocks (8 KiB buckets,
+   * 4 KiB blocks) nearly every replayed key cost a rewrite, the rewrites
+   * drained the replay pool, the allocator's rounds spent the ring's last
+   * blocks on their commits, and replay, allocator and journal waited on
+   * each other: bring-up never ended (the simulator, soak workload seed 2:
+   * 96 rewrites for 234 keys). Replay still reclaims as makeRoom needs.
    */
   private async reclaimEarly(): Promise<void> {
-    if (this.dead || this.bucketsInUse * 2 <= this.ring.length) return;
+    if (this.dead || this.reserveOpen || this.bucketsInUse * 2 <= this.ring.length) return;
     const oldest = this.oldestPinned();
     if (!oldest) return;
     const nodes = this.host.nodesPinning(oldest, 8);
