@@ -108,6 +108,55 @@ test(
 );
 
 test(
+  'bypassed 1 MiB reads through serve reach the server as 1 MiB reads, 8 at a time on one of the four connections',
+  { skip },
+  async () => {
+    using tmp = tempDir();
+    // bcache0 is the backing device past its superblock area: 64 MiB exactly.
+    const backing = sparseFile(join(tmp.dir, 'backing.img'), DATA_OFFSET + 64 * MiB);
+    const cache = sparseFile(join(tmp.dir, 'cache.img'), 64 * MiB);
+    const srv = await startNbdkit(tmp.dir, ['file', backing], { log: true });
+    try {
+      const made = ubcache(['make', '-b', '64k', '-C', cache, '-B', srv.uri()]);
+      assert.equal(made.status, 0, made.stderr);
+      // A 1 MiB sequential_cutoff: every 1 MiB read is past it and bypasses the cache.
+      const s = await startServe(tmp.dir, ['--set', 'bcache0.sequential_cutoff=1048576', cache, srv.uri()]);
+      try {
+        await run('nbdcopy', ['--connections=1', '--requests=8', '--request-size=1048576', s.uri(), 'null:']);
+        const control = `${s.socket}.control`;
+        const bypassed = await run(UBCACHE, [
+          'ctl',
+          '--control',
+          control,
+          'cat',
+          'block/bcache0/bcache/stats_total/bypassed',
+        ]);
+        assert.equal(bypassed.trim(), '64.0M', 'every read bypassed the cache');
+      } finally {
+        await s.daemon.stop().finally(() => s.daemon.kill());
+      }
+    } finally {
+      await srv.stop();
+    }
+    // The server's view of the reads of bcache0's data (past the 8 KiB superblock area).
+    const reads = [...srv.log().matchAll(/connection=(\d+) Read id=\d+ offset=(0x[0-9a-f]+) count=(0x[0-9a-f]+) /g)]
+      .filter((m) => Number(m[2]) >= DATA_OFFSET)
+      .map((m) => ({ connection: m[1], offset: Number(m[2]) - DATA_OFFSET, length: Number(m[3]) }));
+    assert.deepEqual(
+      reads.map((r) => r.length),
+      Array.from({ length: 64 }, () => MiB),
+      'one 1 MiB read at the server for each 1 MiB read through serve: not split, nothing read twice',
+    );
+    assert.deepEqual(
+      reads.map((r) => r.offset).sort((a, b) => a - b),
+      Array.from({ length: 64 }, (_, i) => i * MiB),
+    );
+    // nbdcopy keeps at most 8 in flight; ubcache passes them on as they come, so one connection takes them all.
+    assert.equal(new Set(reads.map((r) => r.connection)).size, 1, 'all on one connection');
+  },
+);
+
+test(
   'ctl register takes a URI: a remote backing device registered at runtime attaches and is served',
   { skip },
   async () => {

@@ -156,6 +156,48 @@ test(
 );
 
 test(
+  'nbdkit file, multi-conn: a light load of 1 MiB reads stays on one connection; past spillAt (8) the next takes the rest',
+  {
+    skip: !tools.nbdkit && 'nbdkit is not installed',
+  },
+  async () => {
+    using tmp = tempDir();
+    const file = sparseFile(join(tmp.dir, 'disk.img'), 128 * MiB);
+    const srv = await startNbdkit(tmp.dir, ['file', file], { log: true });
+    const c = await NbdClient.connect(srv.uri());
+    try {
+      assert.equal(c.connections, 4, 'four connections: the server offers multi-conn');
+      // Issued in one turn, so all are in flight together: no reply can come before the last is placed.
+      const batch = async (at: number, n: number): Promise<void> => {
+        await Promise.all(Array.from({ length: n }, (_, i) => c.read(Buffer.alloc(MiB), at + i * MiB)));
+      };
+      await batch(0, 8);
+      await batch(16 * MiB, 12);
+      await batch(32 * MiB, 40);
+    } finally {
+      await c.close();
+      await srv.stop();
+    }
+    // The server's view: which connection each 1 MiB read came in on, by batch.
+    const reads = [...srv.log().matchAll(/connection=(\d+) Read id=\d+ offset=(0x[0-9a-f]+) count=(0x[0-9a-f]+) /g)];
+    const perConnection = (from: number, to: number): number[] => {
+      const counts = new Map<string, number>();
+      for (const m of reads) {
+        const offset = Number(m[2]);
+        if (offset < from || offset >= to) continue;
+        assert.equal(Number(m[3]), MiB, 'each read went as one 1 MiB request');
+        counts.set(m[1] ?? '', (counts.get(m[1] ?? '') ?? 0) + 1);
+      }
+      return [...counts.values()].sort((a, b) => b - a);
+    };
+    // Spread evenly (least loaded first), 8 reads would land 2 on each of four connections.
+    assert.deepEqual(perConnection(0, 8 * MiB), [8], '8 reads at once: all on one connection');
+    assert.deepEqual(perConnection(16 * MiB, 28 * MiB), [8, 4], '12 at once: 8 on one connection, 4 on the next');
+    assert.deepEqual(perConnection(32 * MiB, 72 * MiB), [10, 10, 10, 10], '40 at once: every connection, evenly');
+  },
+);
+
+test(
   'nbdkit delay filter: 64 reads in flight on one connection take about one delay, not 64',
   {
     skip: !tools.nbdkit && 'nbdkit is not installed',
