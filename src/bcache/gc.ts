@@ -288,6 +288,12 @@ export class Gc {
   private async passInner(signal: AbortSignal | undefined): Promise<void> {
     const { buckets: b, btree } = this.host;
     const t0 = monotonicNs();
+    // The countdown restarts as the pass starts (bch_gc_thread's
+    // set_gc_sectors before bch_btree_gc): what is inserted during the pass
+    // counts towards the next one. Restarted only at the end, it stayed below
+    // zero for the whole pass, and the first insert meanwhile asked for
+    // another pass at once - every pressure-triggered pass ran twice.
+    this.sectorsToGc = this.sectorsBetweenRuns;
     const st: PassState = {
       fresh: {
         mark: new Uint8Array(b.nbuckets),
@@ -431,7 +437,6 @@ export class Gc {
     allocator.avail = avail;
     allocator.gcMarkValid = true;
     allocator.invalidateNeedsGc = false;
-    this.sectorsToGc = this.sectorsBetweenRuns;
     allocator.notify();
   }
 }

@@ -129,6 +129,18 @@ export class KeyList implements Iterable<Bkey> {
     const chunks = this.chunks;
     let c = pos < 0 ? chunks.length : Math.floor(pos / POS_STRIDE);
     let i = pos < 0 ? 0 : pos % POS_STRIDE;
+    // A key overwritten by one just like it (a rewrite of the same blocks, the
+    // commonest insert under random writes), or one cut in two around a new
+    // one: store in place, no slots moved, no chunk reshaped.
+    if (remove > 0 && remove <= pieces.length) {
+      const chunk = chunks[c];
+      if (chunk !== undefined && i + remove <= chunk.length) {
+        for (let j = 0; j < remove; j++) chunk[i + j] = pieces[j] as Bkey;
+        if (remove === pieces.length) return;
+        this.splice(pos + remove, 0, pieces.slice(remove));
+        return;
+      }
+    }
     // Removal may run across chunks; the insertion point stays (c, i).
     let left = remove;
     let rc = c;
@@ -176,7 +188,7 @@ export class KeyList implements Iterable<Bkey> {
   /** Merge chunk c with a neighbour when removals left them small, so the chunk count stays proportional. */
   private mergeAround(c: number): void {
     const chunks = this.chunks;
-    for (const at of [c, c - 1]) {
+    for (let at = c; at >= c - 1; at--) {
       const a = chunks[at];
       const b = chunks[at + 1];
       if (a === undefined || b === undefined) continue;

@@ -61,6 +61,7 @@ import { msLeft, settledWithin } from '../util/deadline.ts';
 import { log } from '../util/log.ts';
 import type { BackingIo } from './backing.ts';
 import type { CacheSet, LookupSegment, SectorAllocation } from './cache-set.ts';
+import type { AllocSectorsOptions } from './open-buckets.ts';
 import type { CacheAccounting } from './stats.ts';
 import { CollisionTracker, type Window } from './tracker.ts';
 import { CUTOFF_CACHE_ADD, CUTOFF_CACHE_READA, CUTOFF_WRITEBACK_SYNC } from './cutoffs.ts';
@@ -212,6 +213,18 @@ interface Readahead {
   start: number;
   end: number;
   data: Buffer;
+}
+
+/** What placeInCache started: allocations to put back, their writes, and the keys for them. */
+interface Placed {
+  allocs: SectorAllocation[];
+  keys: Bkey[];
+  writes: Promise<void>[];
+}
+
+/** The allocation asked for sectors [off, end) of a request (its write point is the device's). */
+function placeWant(att: RequestAttachment, off: number, end: number, dirty: boolean): AllocSectorsOptions {
+  return { inode: att.inode, offset: off, sectors: end - off, writePoint: att.inode, dirty, wait: dirty };
 }
 
 /** A clean key waiting for the backing flush that makes its source durable. */
@@ -858,25 +871,19 @@ export class RequestPath {
     start: number,
     end: number,
     o: { dirty?: boolean; stop?: () => boolean },
-    out: { allocs: SectorAllocation[]; keys: Bkey[]; writes: Promise<void>[] },
+    out: Placed,
+    from = start,
   ): Promise<number> {
     const cs = att.cs;
     const dirty = o.dirty === true;
-    let off = start;
+    let off: number;
     try {
-      while (off < end && !(o.stop?.() ?? false)) {
-        const want = { inode: att.inode, offset: off, sectors: end - off, writePoint: att.inode, dirty, wait: dirty };
-        const a = cs.allocSectorsNow(want) ?? (dirty ? await cs.allocSectors(want) : undefined);
+      off = this.placeNow(att, data, start, from, end, dirty, o.stop, out);
+      while (dirty && off < end && !(o.stop?.() ?? false)) {
+        const a = await cs.allocSectors(placeWant(att, off, end, true));
         if (!a) break;
-        out.allocs.push(a);
-        const from = (off - start) * SECTOR_SIZE;
-        const w = cs.writeCache(data.subarray(from, from + a.sectors * SECTOR_SIZE), a.ptr.offset);
-        // Handled from the start: it may fail while the next allocation waits,
-        // before anyone awaits it (an unhandled rejection ends the daemon).
-        w.catch(() => undefined);
-        out.writes.push(w);
-        out.keys.push(makeKey(att.inode, off + a.sectors, a.sectors, dirty, [a.ptr]));
-        off += a.sectors;
+        off = this.placed(att, data, start, off, a, true, out);
+        off = this.placeNow(att, data, start, off, end, dirty, o.stop, out);
       }
     } catch (err) {
       // An allocation failed (the set is failing): the writes already started
@@ -886,6 +893,57 @@ export class RequestPath {
       throw err;
     }
     return off;
+  }
+
+  /**
+   * The part of placeInCache that needs no wait: sectors [from, end) of the
+   * request starting at `start`, placed while the allocator has space ready
+   * now. Returns the sector reached. Throws if an allocation does (the
+   * caller waits for the writes already started). A write that fits in the
+   * open buckets goes through here alone, with no promise of its own.
+   */
+  private placeNow(
+    att: RequestAttachment,
+    data: Buffer,
+    start: number,
+    from: number,
+    end: number,
+    dirty: boolean,
+    stop: (() => boolean) | undefined,
+    out: Placed,
+  ): number {
+    let off = from;
+    while (off < end && !(stop?.() ?? false)) {
+      const a = att.cs.allocSectorsNow(placeWant(att, off, end, dirty));
+      if (!a) break;
+      off = this.placed(att, data, start, off, a, dirty, out);
+    }
+    return off;
+  }
+
+  /** Start the cache write of one allocation at sector `off` and make its key; returns the sector after it. */
+  private placed(
+    att: RequestAttachment,
+    data: Buffer,
+    start: number,
+    off: number,
+    a: SectorAllocation,
+    dirty: boolean,
+    out: Placed,
+  ): number {
+    out.allocs.push(a);
+    const from = (off - start) * SECTOR_SIZE;
+    const len = a.sectors * SECTOR_SIZE;
+    const w = att.cs.writeCache(
+      from === 0 && len === data.length ? data : data.subarray(from, from + len),
+      a.ptr.offset,
+    );
+    // Handled from the start: it may fail while the next allocation waits,
+    // before anyone awaits it (an unhandled rejection ends the daemon).
+    w.catch(() => undefined);
+    out.writes.push(w);
+    out.keys.push(makeKey(att.inode, off + a.sectors, a.sectors, dirty, [a.ptr]));
+    return off + a.sectors;
   }
 
   /** Writeback mode: the data in the cache under dirty keys; the backing device untouched. */
@@ -906,12 +964,23 @@ export class RequestPath {
       if (this.dev.needsMarkDirty) await this.dev.markDirty();
       const keys: Bkey[] = [];
       const writes: Promise<void>[] = [];
-      const reached = await this.placeInCache(att, buf, start, end, { dirty: true }, { allocs, keys, writes });
+      const out = { allocs, keys, writes };
+      // The open buckets' space first, without a promise (the common case);
+      // placeInCache waits for the allocator when they run out.
+      let reached: number;
+      try {
+        reached = this.placeNow(att, buf, start, start, end, true, undefined, out);
+      } catch (err) {
+        await Promise.allSettled(writes);
+        throw err;
+      }
+      if (reached < end) reached = await this.placeInCache(att, buf, start, end, { dirty: true }, out, reached);
       if (reached < end) {
         await Promise.allSettled(writes);
         throw new IoError('ENOSPC', `${this.dev.name}: no cache space for a writeback write`);
       }
-      await settleAll(writes);
+      if (writes.length === 1) await writes[0];
+      else await settleAll(writes);
       await cs.insert(keys, { journal: true, fua });
     } finally {
       this.putAllocations(att, allocs);
