@@ -253,6 +253,31 @@ export class Btree {
   }
 
   /** The node `key` points at, if it is in memory. */
+  /**
+   * The leaf holding the keys after (inode, offset), reached through nodes
+   * already in memory only (for the sliced walks of GC and moving GC, which
+   * hold the read lock and must not wait): the leaf; undefined when nothing
+   * is after that position; or the child that must be read first. `interior`
+   * sees each interior node on the way down.
+   */
+  cachedLeafAfter(
+    inode: number,
+    offset: number,
+    interior?: (node: BtreeNode) => void,
+  ): BtreeNode | { load: { key: Bkey; level: number } } | undefined {
+    let node = this.root;
+    while (!node.isLeaf) {
+      interior?.(node);
+      const at = node.keys.seekAfter(inode, offset);
+      if (at < 0) return undefined;
+      const ck = node.keys.keyAt(at);
+      const child = this.cached(ck);
+      if (!child) return { load: { key: ck, level: node.level - 1 } };
+      node = child;
+    }
+    return node;
+  }
+
   cached(key: Bkey): BtreeNode | undefined {
     const p = key.ptrs[0];
     if (!p) return undefined;

@@ -372,30 +372,25 @@ export class Gc {
     const { buckets: b, btree } = this.host;
     const fresh = st.fresh;
     for (;;) {
-      let node = btree.root;
-      if (st.rootSeen !== node) {
-        markKey(b, fresh, node.level + 1, node.key);
-        st.rootSeen = node;
+      const root = btree.root;
+      if (st.rootSeen !== root) {
+        markKey(b, fresh, root.level + 1, root.key);
+        st.rootSeen = root;
       }
-      while (!node.isLeaf) {
-        if (!st.interiorSeen.has(node)) {
-          const level = node.level;
-          node.keys.forEach((k) => {
-            markKey(b, fresh, level, k);
-          });
-          st.interiorSeen.add(node);
-          st.nodes++;
-        }
-        const at = node.keys.seekAfter(st.inode, st.offset);
-        if (at < 0) return { done: true };
-        const ck = node.keys.keyAt(at);
-        const child = btree.cached(ck);
-        if (!child) return { done: false, load: { key: ck, level: node.level - 1 } };
-        node = child;
-      }
+      const found = btree.cachedLeafAfter(st.inode, st.offset, (node) => {
+        if (st.interiorSeen.has(node)) return;
+        const level = node.level;
+        node.keys.forEach((k) => {
+          markKey(b, fresh, level, k);
+        });
+        st.interiorSeen.add(node);
+        st.nodes++;
+      });
+      if (found === undefined) return { done: true };
+      if ('load' in found) return { done: false, load: found.load };
       let stale = 0;
       let n = 0;
-      const leaf = node;
+      const leaf = found;
       leaf.keys.forEach((k) => {
         n++;
         const r = markKey(b, fresh, 0, k);

@@ -309,15 +309,9 @@ export class MovingGc {
   private collectSlice(buckets: Set<number>, st: CollectState, deadline: number, clock: Clock): CollectEnd {
     const { btree, buckets: b } = this.host;
     for (;;) {
-      let node = btree.root;
-      while (!node.isLeaf) {
-        const at = node.keys.seekAfter(st.inode, st.offset);
-        if (at < 0) return { done: true };
-        const ck = node.keys.keyAt(at);
-        const child = btree.cached(ck);
-        if (!child) return { done: false, load: { key: ck, level: node.level - 1 } };
-        node = child;
-      }
+      const node = btree.cachedLeafAfter(st.inode, st.offset);
+      if (node === undefined) return { done: true };
+      if ('load' in node) return { done: false, load: node.load };
       const keys = node.keys;
       for (let p = keys.seekAfter(st.inode, st.offset); p >= 0; p = keys.next(p)) {
         const k = keys.keyAt(p);
