@@ -353,6 +353,7 @@ export class CacheSet {
           level: this.btree.root.level,
           uuidBucket: this.uuids.key,
           prioBucket: this.prios.first,
+          durableAfter: this.btree.rootDurableAfter,
         }),
         nodesPinning: (entry, max) => this.btree.nodesPinning(entry, max),
         writeNode: (node) => this.btree.writeNode(node),

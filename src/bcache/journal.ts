@@ -72,6 +72,13 @@ export interface JournalHeader {
   level: number;
   uuidBucket: Bkey;
   prioBucket: number;
+  /**
+   * The flush after which every node the root leads to is durable (R2): a
+   * rewrite swaps its new nodes in once their writes complete, without a
+   * flush of its own, and the jset that first points at them is written only
+   * once a flush has covered them (flushForJset). 0 or absent: nothing waits.
+   */
+  durableAfter?: number;
 }
 
 export interface JournalHost {
@@ -580,7 +587,7 @@ export class Journal {
     const blocks = this.blocksFor(w.u64s);
     // Every entry leaves the last block of its bucket free for the header-only entry makeRoom may need.
     await this.makeRoom(blocks + (this.bucketBlocks > 1 ? 1 : 0), signal);
-    await this.host.io.flush();
+    await this.flushForJset();
     await this.writeJset(w, blocks);
     await this.host.io.flush();
     this.finish(w);
@@ -623,6 +630,20 @@ export class Journal {
     } catch (err) {
       this.die(err);
     }
+  }
+
+  /**
+   * R1's first flush, and R2's: the jset about to be encoded points at the
+   * root of now, so the nodes swapped in by a rewrite must be durable first.
+   * A rewrite that completed its node writes before this flush started is
+   * covered by it; one that swapped in while it ran needs one more (rare:
+   * the swap must land in the flush's few milliseconds). writeJset encodes
+   * the header synchronously after the last check, so nothing swaps between.
+   */
+  private async flushForJset(): Promise<void> {
+    const io = this.host.io;
+    await io.flush();
+    while ((this.host.header().durableAfter ?? 0) > io.durableEpoch) await io.flush();
   }
 
   private async writeJset(w: JournalEntry, blocks: number): Promise<void> {
@@ -721,7 +742,7 @@ export class Journal {
       const m = new JournalEntry();
       // A header-only entry written ahead of the one that needs the room.
       this.live.splice(this.live.length - 2, 0, m);
-      await this.host.io.flush();
+      await this.flushForJset();
       await this.writeJset(m, metaBlocks);
       await this.host.io.flush();
       m.durable = true;
