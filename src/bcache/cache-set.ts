@@ -233,6 +233,8 @@ export class CacheSet {
   private nodeGrantRelease: (() => void) | undefined;
   /** Moves each time a grant comes back: a rewrite went in, or buckets were returned unused. */
   private nodeGrantEpoch = 0;
+  /** Inserts waiting, with no pin, for the grant to come back (waitForNodeBuckets). */
+  private nodeGrantWaiters: Array<() => void> = [];
 
   private constructor(dev: BlockDevice, sb: Superblock, options: CacheSetOptions) {
     this.dev = dev;
@@ -910,8 +912,22 @@ export class CacheSet {
     }
   }
 
-  /** Until `n` node buckets are ready (taken and given back, so the insert that retries finds them). */
+  /**
+   * Until `n` node buckets are ready (taken and given back, so the insert
+   * that retries finds them), or, while another holds the grant, until it
+   * comes back. Not in the grant's queue: an insert whose retry finds the
+   * grant taken comes back here, and queued behind the others it found, on
+   * every retry, the next of them holding the grant for the same take and
+   * give back, and nobody rewrote the leaf (a burst of inserts into a full
+   * leaf whose last block an append had just filled spun like that for
+   * good: test/bcache/rewrite-burst.test.ts). Woken together when the grant
+   * comes back, the first retry to reach its leaf takes the grant.
+   */
   private async waitForNodeBuckets(n: number): Promise<void> {
+    if (this.nodeGrants.isLocked) {
+      await new Promise<void>((resolve) => this.nodeGrantWaiters.push(resolve));
+      return;
+    }
     const got = await this.allocNodeBuckets(n, true);
     if (got.length === 0) return; // a grant came back meanwhile: the retry may not need any
     for (const b of got) this.allocator.unalloc(b, RESERVE_BTREE);
@@ -1049,6 +1065,11 @@ export class CacheSet {
     const release = this.nodeGrantRelease;
     this.nodeGrantRelease = undefined;
     release?.();
+    const waiters = this.nodeGrantWaiters;
+    if (waiters.length > 0) {
+      this.nodeGrantWaiters = [];
+      for (const w of waiters) w();
+    }
   }
 
   // ---------------------------------------------------------------------------
