@@ -81,9 +81,12 @@ test('moving GC compacts half-used buckets: more available, every sector reads b
   const st = cs.stats.movingGc;
   assert.ok(st.keysMoved > 0 && st.bucketsFreed > 0, `moved ${st.keysMoved} keys, freed ${st.bucketsFreed} buckets`);
   assert.ok(st.sectorsMoved >= st.keysMoved * (BUCKET / 2), 'half a bucket per key moved');
-  // Two half-used buckets of dirty data become one full one: half of them come back.
+  // Two half-used buckets of dirty data become one full one: half of them
+  // come back, less what the btree's nodes take (16 was met exactly, 784 of
+  // 800, until leaf appends filled whole blocks and the tree used one node
+  // bucket fewer before the moves: 783, to the same 6501 after).
   const gained = usable(cs) - usableBefore;
-  assert.ok(gained >= EXTENTS[1] / 2 - 16, `usable buckets ${usableBefore} -> ${usable(cs)}`);
+  assert.ok(gained >= EXTENTS[1] / 2 - 32, `usable buckets ${usableBefore} -> ${usable(cs)}`);
   assert.ok(
     cs.cacheAvailablePercent > before,
     `cache_available_percent ${before} -> ${cs.cacheAvailablePercent} (${JSON.stringify(st)})`,
