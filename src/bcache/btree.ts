@@ -163,6 +163,14 @@ export interface InsertOptions {
    * ring space, the ring for that pin); the cache set waits with no pin.
    */
   bucketsNow?: boolean | undefined;
+  /**
+   * False: the keys point at data already in the cache (writeback marking
+   * its copies clean), so they do not count towards the next GC pass. The
+   * kernel counts sectors_to_gc where data is written into the cache
+   * (bch_data_insert_start: writes, fills, moving GC), never at writeback's
+   * insert; counting those too ran GC twice as often under writeback.
+   */
+  countForGc?: boolean | undefined;
 }
 
 export interface InsertResult {
@@ -838,7 +846,7 @@ export class Btree {
     result.inserted.push(ins);
     if (ins.ptrs.length > 0) {
       result.sectors += ins.size;
-      this.host.sectorsInserted(ins.size);
+      if (options.countForGc !== false) this.host.sectorsInserted(ins.size);
     }
     const entry = options.journal;
     if (entry) {
@@ -922,7 +930,7 @@ export class Btree {
               scratch.inserted.push(r.inserted);
               if (r.inserted.ptrs.length > 0) {
                 scratch.sectors += r.inserted.size;
-                this.host.sectorsInserted(r.inserted.size);
+                if (options.countForGc !== false) this.host.sectorsInserted(r.inserted.size);
               }
             }
             const t0 = monotonicNs();

@@ -829,12 +829,18 @@ export class CacheSet {
    */
   insert(
     keys: readonly Bkey[],
-    options: { replace?: Bkey; journal?: boolean; fua?: boolean; guard?: () => boolean } = {},
+    options: { replace?: Bkey; journal?: boolean; fua?: boolean; guard?: () => boolean; countForGc?: boolean } = {},
   ): Promise<InsertResult> {
     const refused = this.refusal();
     if (refused) return Promise.reject(refused);
     const journaled = options.replace === undefined && options.journal !== false;
-    if (!journaled) return this.btree.insert(keys, { replace: options.replace, guard: options.guard });
+    if (!journaled) {
+      return this.btree.insert(keys, {
+        replace: options.replace,
+        guard: options.guard,
+        countForGc: options.countForGc,
+      });
+    }
     // The common case, a write's few keys into leaves in memory, runs without
     // a promise until the caller's own await (this is on every write's path).
     if (keys.length <= INSERT_CHUNK) {

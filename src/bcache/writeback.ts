@@ -569,7 +569,8 @@ export class Writeback {
       const clean = cloneKey(k.key);
       clean.dirty = false;
       try {
-        const r = await this.att.cs.insert([clean], { replace: k.key });
+        // Data already in the cache: not counted towards GC (InsertOptions.countForGc in btree.ts).
+        const r = await this.att.cs.insert([clean], { replace: k.key, countForGc: false });
         if (r.collisions > 0 || r.sectors < k.key.size) this.stats.keysFailed++;
         else this.stats.keysDone++;
       } catch (err) {

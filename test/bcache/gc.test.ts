@@ -184,3 +184,29 @@ test('a pass the countdown starts restarts it: inserts during the pass count tow
   }
   assertNothingLeft();
 });
+
+test('writeback marking data clean does not count towards the next GC pass; data written into the cache does', async () => {
+  // bcache counts sectors_to_gc where data is written into the cache
+  // (bch_data_insert_start), not where writeback's clean key replaces the
+  // dirty one: that data was counted when it was written.
+  const dev = new MemoryBlockDevice(24 * MiB);
+  await formatCache(dev, { bucketSize: 64, blockSize: 1 });
+  const cs = await CacheSet.open(dev, { closeDevice: false, journalDelayMs: 1, gcSectors: 1 << 20 });
+  try {
+    const before = cs.gc.sectorsToGc;
+    const [dirty] = await writeExtent(cs, 1, 0, 16, 1, true);
+    assert.ok(dirty);
+    assert.equal(cs.gc.sectorsToGc, before - 16, 'a write counts');
+    const clean = { ...dirty, dirty: false, ptrs: dirty.ptrs.map((p) => ({ ...p })) };
+    const r = await cs.insert([clean], { replace: dirty, countForGc: false });
+    assert.equal(r.sectors, 16, 'the clean key replaced the dirty one');
+    assert.equal(cs.gc.sectorsToGc, before - 16, 'marking it clean does not count');
+    // New data written over it counts again.
+    const [moved] = await writeExtent(cs, 1, 0, 16, 2, false);
+    assert.ok(moved);
+    assert.equal(cs.gc.sectorsToGc, before - 32);
+  } finally {
+    await cs.stop();
+  }
+  assertNothingLeft();
+});
