@@ -43,7 +43,14 @@ const OURS: Region[] = [
   { name: 'B', start: 2048, sectors: 64 },
   { name: 'C', start: 10000, sectors: 2048 },
 ];
-const SMALL = { start: 40000, count: 1200, stride: 32, sectors: 8 };
+/**
+ * More keys than one 32 KiB leaf holds (1500 x 24 bytes), so the root splits
+ * whenever the leaf is rewritten: with 1200 (29 KiB, past the 4/5 at which a
+ * rewrite splits) it split only if a rewrite came late enough, and since
+ * appends fill whole blocks one may not come at all. Block-aligned (4 KiB
+ * blocks), clear of C and of the kernel's regions.
+ */
+const SMALL = { start: 16000, count: 1500, stride: 16, sectors: 8 };
 /** What the kernel writes (a): over part of ours, and new places; byte values in the pattern. */
 const THEIRS: Array<Region & { byte: number }> = [
   { name: 'K1', start: 8, sectors: 56, byte: 0o111 },
