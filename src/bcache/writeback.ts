@@ -52,6 +52,7 @@
 // to the backing device and overlaps a key whose copy is in flight waits for
 // that copy to land first, so the older data can never land over it.
 
+import { ioBuffers } from '../util/buffer-pool.ts';
 import { cloneKey, type Bkey, type BkeyPtr } from '../format/bkey.ts';
 import {
   BDEV_STATE_DIRTY,
@@ -596,22 +597,30 @@ export class Writeback {
       k.state = 'failed';
       return;
     }
-    const buf = Buffer.allocUnsafe((k.end - k.start) * SECTOR_SIZE);
+    // A fresh 4 KiB Buffer per key cost more than the copy (allocation and GC); pooled.
+    const buf = ioBuffers.acquire((k.end - k.start) * SECTOR_SIZE);
+    // Back to the pool only when no I/O on it failed: a request that failed (a
+    // timeout) may still sit in a device's queue and touch the buffer later.
+    let settled = false;
     try {
       await cs.readCache(buf, p.offset);
       // The bucket was reused under us: the key was overwritten; nothing to copy.
       if (cs.ptrStale(p)) {
+        settled = true;
         k.state = 'failed';
         this.stats.keysFailed++;
         return;
       }
       await this.dev.backingIo.write(buf, k.start);
+      settled = true;
       this.stats.sectorsWritten += k.end - k.start;
       k.state = 'copied';
     } catch (err) {
       k.state = 'failed';
       this.stats.keysFailed++;
       log.warn(`${this.dev.name}: writeback of ${k.start}+${k.end - k.start}: ${errorMessage(err)}`);
+    } finally {
+      if (settled) ioBuffers.release(buf);
     }
   }
 }

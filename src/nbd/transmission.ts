@@ -29,7 +29,7 @@ import {
   type RequestHeader,
   type StatusDescriptor,
 } from './codec.ts';
-import { replyBuffers } from './buffer-pool.ts';
+import { ioBuffers } from '../util/buffer-pool.ts';
 import type { Export } from './exports.ts';
 import type { Negotiated } from './handshake.ts';
 import {
@@ -283,7 +283,7 @@ export class Transmission {
       this.dispatch(req, chunk.subarray(at, at + need));
       return at + need;
     }
-    const buf = (this.payload ??= replyBuffers.acquire(req.length));
+    const buf = (this.payload ??= ioBuffers.acquire(req.length));
     const k = Math.min(need, chunk.length - at);
     chunk.copy(buf, this.payloadHave, at, at + k);
     this.payloadHave += k;
@@ -453,7 +453,7 @@ export class Transmission {
           if (payload) {
             await dev.write(payload, req.offset, fua ? { fua } : undefined);
             // Only after success: a device that gave up on an I/O might still be reading the buffer.
-            replyBuffers.release(payload);
+            ioBuffers.release(payload);
           }
           break;
         case Cmd.FLUSH:
@@ -503,7 +503,7 @@ export class Transmission {
     // Read first, then send header and data together: an error is still reportable as a plain error reply.
     // On error the buffer is not recycled: a device that gave up on an I/O might still write into it.
     const prefix = this.structured ? OFFSET_DATA_PREFIX : SIMPLE_REPLY_HEADER_SIZE;
-    const buf = replyBuffers.acquire(prefix + req.length);
+    const buf = ioBuffers.acquire(prefix + req.length);
     if (req.length > 0) await dev.read(buf.subarray(prefix), req.offset);
     if (this.structured) writeOffsetDataPrefix(buf, req.cookie, req.offset, req.length);
     else writeSimpleReplyHeader(buf, 0, 0, req.cookie);
@@ -568,7 +568,7 @@ export class Transmission {
     }
     if (recycle) {
       this.socket.write(buf, (err) => {
-        if (!err) replyBuffers.release(buf);
+        if (!err) ioBuffers.release(buf);
       });
     } else {
       this.socket.write(buf);

@@ -1,4 +1,5 @@
-// Reusable buffers for READ replies and WRITE payloads. A fresh 1 MiB buffer
+// Reusable buffers for READ replies, WRITE payloads and writeback's copies
+// from the cache to the backing device. A fresh 1 MiB buffer
 // costs an mmap, 256 page faults and a munmap once the GC gets to it, and at
 // queue depth 32 the garbage piles up faster than the GC returns it (RSS grew
 // past 200 MiB in the 1 MiB benchmarks). Pooled buffers are recycled as soon
@@ -64,5 +65,5 @@ function classOf(size: number): number | undefined {
   return k <= MAX_CLASS ? k : undefined;
 }
 
-/** The pool shared by every connection of the process. */
-export const replyBuffers = new BufferPool();
+/** The pool shared by every connection and writeback of the process. */
+export const ioBuffers = new BufferPool();

@@ -1,7 +1,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fc from 'fast-check';
-import { BufferPool } from '../../src/nbd/buffer-pool.ts';
+import { BufferPool } from '../../src/util/buffer-pool.ts';
 
 test('acquire gives exactly the size asked for, and a released buffer is reused for its class', () => {
   const pool = new BufferPool();
