@@ -53,9 +53,9 @@
 // server restarted, it may be gone, though our callers were told it was
 // done, and nothing they do later would tell them (a later FLUSH would succeed
 // on the new server). So the client keeps every acknowledged write until a
-// FLUSH covers it (unflushed.ts: the newest content per range, copied; zeroes
-// and trims as ranges) and, after reconnecting and before anything else,
-// writes it again. A FLUSH in flight at the loss is re-sent after that, so
+// FLUSH covers it (unflushed.ts: a copy of each write, zeroes and trims as
+// ranges, in acknowledgement order, folded to the newest content at replay)
+// and, after reconnecting and before anything else, writes it again. A FLUSH in flight at the loss is re-sent after that, so
 // it covers the restored writes. Memory is bounded: past half of
 // maxUnflushedBytes the client sends a FLUSH of its own, and at the limit new
 // writes wait for it. (The alternative, failing the next FLUSH once with EIO
