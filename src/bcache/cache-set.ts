@@ -668,6 +668,9 @@ export class CacheSet {
     const disabled = new IoError('EIO', `cache set ${this.uuid}: I/O disabled after an error`);
     this.allocator.rejectWaiters(disabled);
     this.journal.failWaiters(disabled);
+    // A rewrite that failed after taking every bucket of its grant never gives
+    // it back: let the inserts waiting for it go, to find the set disabled.
+    this.nodeGrantBack();
     for (const l of this.failureListeners.splice(0)) l(message);
   }
 
@@ -930,6 +933,7 @@ export class CacheSet {
    * comes back, the first retry to reach its leaf takes the grant.
    */
   private async waitForNodeBuckets(n: number): Promise<void> {
+    if (this.ioDisabledFlag) throw new IoError('EIO', `cache set ${this.uuid}: I/O disabled`);
     if (this.nodeGrants.isLocked) {
       await new Promise<void>((resolve) => this.nodeGrantWaiters.push(resolve));
       return;

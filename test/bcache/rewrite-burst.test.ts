@@ -12,14 +12,15 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { MemoryBlockDevice } from '../../src/blockdev/memory.ts';
-import { makeKey } from '../../src/format/bkey.ts';
+import { FaultyBlockDevice } from '../../src/blockdev/faulty.ts';
+import { makeKey, type Bkey } from '../../src/format/bkey.ts';
 import { CacheSet } from '../../src/bcache/cache-set.ts';
 import { RESERVE_BTREE, RESERVE_NONE } from '../../src/bcache/alloc.ts';
 import { assertNothingLeft, formatCache } from './helpers.ts';
 
 const MiB = 1024 * 1024;
 /** Far more than the burst needs (about 0.1 s); the deadlock never ends. */
-const DEADLINE_MS = 20_000;
+const DEADLINE_MS = 10_000;
 
 test('a burst of journaled inserts into a full leaf completes (node buckets go to one rewrite at a time)', async () => {
   // The soak's geometry: 640 buckets of 64 KiB, so a 5-bucket journal and a 5-bucket btree reserve.
@@ -122,6 +123,67 @@ test('an insert that waits for node buckets holds no journal pin meanwhile, and 
   const keys = await cs.btree.keysIn(1, 0, 1 << 30);
   assert.equal(keys.length, 0, 'invalidations leave holes');
   assert.deepEqual(await cs.btree.verify(), []);
+  await cs.stop();
+  assertNothingLeft();
+});
+
+test('a rewrite that fails holding every node bucket of its grant: the inserts waiting for node buckets fail too, none hangs', async () => {
+  // A lone root leaf splits into two leaves and a new root: all 2 x depth + 1
+  // buckets of its grant, so nothing comes back unused. When the rewrite's
+  // node writes failed, the grant never came back either, and inserts waiting
+  // for it (their pins dropped, to journal their keys again once it came)
+  // waited for good: a request that never completes.
+  const geometry = { bucketSize: 128, blockSize: 8 } as const;
+  const options = { closeDevice: false, journalDelayMs: 1000, btreeNodeSectors: 16 } as const;
+  const keyAt = async (cs: CacheSet, i: number): Promise<Bkey> => {
+    const a = await cs.allocSectors({ inode: 1, offset: i * 8, sectors: 8, dirty: false, wait: true });
+    assert.ok(a, 'allocation');
+    return makeKey(1, (i + 1) * 8, 8, false, [a.ptr]);
+  };
+  // How many keys, one at a time, the lone leaf takes before the first split (deterministic on a memory device).
+  const probe = new MemoryBlockDevice(40 * MiB);
+  await formatCache(probe, geometry);
+  const p = await CacheSet.open(probe, options);
+  let first = 0;
+  while (p.btree.stats.splits === 0) await p.insert([await keyAt(p, first++)]);
+  await p.stop();
+  assert.ok(first > 10, `the lone leaf took ${first} keys before splitting`);
+
+  const mem = new MemoryBlockDevice(40 * MiB);
+  await formatCache(mem, geometry);
+  const dev = new FaultyBlockDevice(mem, { name: 'cache' });
+  const cs = await CacheSet.open(dev, options);
+  for (let i = 0; i < first - 1; i++) await cs.insert([await keyAt(cs, i)]);
+  assert.equal(cs.btree.depth, 1, 'still a lone leaf');
+  const burst: Bkey[] = [];
+  for (let i = 0; i < 200; i++) burst.push(await keyAt(cs, first - 1 + i));
+  // Every write from here on is held: the split's node writes among them.
+  const hold = dev.hold({ ops: ['write'] });
+  const splitsBefore = cs.btree.stats.splits;
+  const settled = burst.map((k) =>
+    cs.insert([k]).then(
+      () => 'ok',
+      (err: unknown) => (err instanceof Error ? err.message : String(err)),
+    ),
+  );
+  await hold.waitForHeld(1);
+  // Let the burst reach its waits: the split holds the grant, the others wait for it to come back.
+  for (let turn = 0; turn < 50; turn++) await new Promise((r) => setImmediate(r));
+  dev.pull('EIO');
+  hold.release();
+  let timer: NodeJS.Timeout | undefined;
+  const outcome = await Promise.race([
+    Promise.all(settled),
+    new Promise<undefined>((resolve) => {
+      timer = setTimeout(() => {
+        resolve(undefined);
+      }, DEADLINE_MS);
+    }),
+  ]);
+  clearTimeout(timer);
+  assert.ok(outcome, `inserts still waiting ${DEADLINE_MS} ms after the set failed (splits ${cs.btree.stats.splits - splitsBefore})`);
+  assert.ok(cs.ioDisabled, 'the failed node write disabled the set');
+  assert.ok(outcome.some((r) => r !== 'ok'), 'inserts after the failure are refused');
   await cs.stop();
   assertNothingLeft();
 });
