@@ -233,6 +233,11 @@ export class CacheSet {
   private nodeGrantRelease: (() => void) | undefined;
   /** Moves each time a grant comes back: a rewrite went in, or buckets were returned unused. */
   private nodeGrantEpoch = 0;
+  /**
+   * Per bucket, the journal's write generation when a dirty key pointing
+   * into it last entered the index (makeDirtyDurable).
+   */
+  private readonly dirtyGeneration: Float64Array;
   /** Inserts waiting, with no pin, for the grant to come back (waitForNodeBuckets). */
   private nodeGrantWaiters: Array<() => void> = [];
 
@@ -249,6 +254,7 @@ export class CacheSet {
       ...(congestionRng ? { random: () => congestionRng.next() } : {}),
     });
     this.buckets = new Buckets(sb.nbuckets, sb.bucketSize, sb.firstBucket);
+    this.dirtyGeneration = new Float64Array(sb.nbuckets);
     this.geometry = { bucketSize: sb.bucketSize, firstBucket: sb.firstBucket, nbuckets: sb.nbuckets };
     const magic = setMagic(sb);
     const nodeSectors = options.btreeNodeSectors ?? btreeNodeSectors(sb.bucketSize);
@@ -741,7 +747,37 @@ export class CacheSet {
     if (n === 0) this.dirty.delete(inode);
     else this.dirty.set(inode, n);
     for (const l of this.dirtyListeners) l(inode, offset, sectors, ptr);
-    if (ptr && ptrAvailable(ptr)) this.bucketDirtyAdd(this.buckets.bucketOf(ptr), sectors);
+    if (ptr && ptrAvailable(ptr)) {
+      const bucket = this.buckets.bucketOf(ptr);
+      // Journaled in the open entry or an older one: durable once the write after this generation is.
+      if (sectors > 0 && bucket < this.dirtyGeneration.length) this.dirtyGeneration[bucket] = this.journal.writeGeneration;
+      this.bucketDirtyAdd(bucket, sectors);
+    }
+  }
+
+  /**
+   * Make these dirty keys durable in the cache (writeback does, before it
+   * copies them to the backing device: a power cut must not keep the copy
+   * and lose the key). A journal commit only when one of their buckets took
+   * a dirty key since the last completed entry write began: writeback's
+   * keys are mostly older than that, and the commit's fdatasync of a cache
+   * file full of fresh writeback data took 50-130 ms, serial with the copies
+   * (18 % of writeback's time over a 5 ms device). Keys that entered the
+   * index without the journal are no different from before: a commit never
+   * covered them either.
+   */
+  async makeDirtyDurable(keys: readonly Bkey[]): Promise<void> {
+    this.check();
+    const b = this.buckets;
+    let need = 0;
+    for (const k of keys) {
+      const p = k.ptrs[0];
+      if (!p || !ptrAvailable(p)) continue;
+      const g = (this.dirtyGeneration[b.bucketOf(p)] ?? 0) + 1;
+      if (g > need) need = g;
+    }
+    if (need === 0 || this.journal.writesCompleted >= need) return;
+    await this.journal.commit();
   }
 
   /**

@@ -129,6 +129,8 @@ export class Journal {
   private readonly blockSectors: number;
   private readonly maxEntryBlocks: number;
   private lastAssigned = 0;
+  private writesStarted = 0;
+  private writesDone = 0;
   private durableLastSeq = 0;
   /** Entries not yet reclaimed, oldest first; the open entry is last. */
   private readonly live: JournalEntry[] = [];
@@ -339,6 +341,22 @@ export class Journal {
     return replay;
   }
 
+  /**
+   * Entries taken for writing so far. Whatever is journaled now goes into
+   * the write after these, so it is durable once `writesDone` exceeds this
+   * value as read now (or any later reading: a larger value only asks for
+   * more). Cheaper to keep than entry objects: writeback stamps buckets with
+   * it (CacheSet.makeDirtyDurable).
+   */
+  get writeGeneration(): number {
+    return this.writesStarted;
+  }
+
+  /** Entry writes completed (in order). */
+  get writesCompleted(): number {
+    return this.writesDone;
+  }
+
   /** The seq of the newest durable entry. */
   get seq(): number {
     return this.lastAssigned;
@@ -540,6 +558,7 @@ export class Journal {
       if (this.dead) return;
       const w = this.open;
       if (!w.urgent && w.keys.length === 0) return;
+      this.writesStarted++;
       this.open = new JournalEntry();
       this.live.push(this.open);
       try {
@@ -594,6 +613,8 @@ export class Journal {
   }
 
   private finish(w: JournalEntry): void {
+    // Writes finish in the order they start (writeLock).
+    this.writesDone++;
     w.durable = true;
     for (const d of w.waiters) d.resolve();
     w.waiters = [];

@@ -511,7 +511,7 @@ export class Writeback {
     // clean key the write had replaced comes back and serves the old data
     // over a backing device holding the new, until it is evicted and the new
     // data appears without anyone writing it (the simulator, seed 106).
-    if (keys.length > 0) await att.cs.flush();
+    if (keys.length > 0) await att.cs.makeDirtyDurable(keys.map((k) => k.key));
     let i = 0;
     while (i < keys.length && !signal.aborted) {
       // A group: up to 5 contiguous keys, at most 5000 sectors.

@@ -424,3 +424,62 @@ test('under pressure writeback empties whole buckets first: random writes give r
   await p.registry.stopAll();
   assertNothingLeft();
 });
+
+/** Logs each operation, with the device's name, into a shared list: the order across devices. */
+class OpLogDevice extends RecordingDevice {
+  readonly log: string[];
+  constructor(inner: MemoryBlockDevice, log: string[]) {
+    super(inner);
+    this.log = log;
+  }
+  override write(buf: Buffer, offset: number, options?: WriteOptions): Promise<void> {
+    this.log.push(`${this.name} write ${offset}`);
+    return super.write(buf, offset, options);
+  }
+  override flush(): Promise<void> {
+    this.log.push(`${this.name} flush`);
+    return super.flush();
+  }
+}
+
+test('writeback commits the journal before copying keys not yet durable, and skips that flush when they are', async () => {
+  const log: string[] = [];
+  const cacheDev = new OpLogDevice(new MemoryBlockDevice(48 * MiB, { name: 'cache' }), log);
+  const backingDev = new OpLogDevice(new MemoryBlockDevice(16 * MiB, { name: 'backing' }), log);
+  // A journal that writes only when asked: the writes' keys stay in the open entry.
+  const p = await makePair({
+    cacheDev,
+    backingDev,
+    backing: { writeback: true },
+    settings: { writebackRunning: false },
+    registry: { setOptions: { journalDelayMs: 60_000 } },
+  });
+  const d = p.dev.device;
+  const pass = async (): Promise<string[]> => {
+    log.length = 0;
+    p.dev.settings.writebackRunning = true;
+    p.dev.attachment?.writeback.wake();
+    await p.dev.attachment?.writeback.whenIdle();
+    p.dev.settings.writebackRunning = false;
+    // What the cache device did before the first copy reached the backing device.
+    const first = log.findIndex((op) => op.startsWith('backing write') && op !== `backing write ${SB_OFFSET}`);
+    assert.ok(first >= 0, `a copy was written back: ${log.join(', ')}`);
+    return log.slice(0, first).filter((op) => op.startsWith('cache'));
+  };
+  for (const at of [64, 512, 2048]) await d.write(pattern(at, at, 8), at * S);
+  const before1 = await pass();
+  assert.ok(before1.includes('cache flush'), `keys only in the open journal entry are committed first: ${before1.join(', ')}`);
+  assert.equal(p.dev.dirtySectors, 0);
+  for (const at of [128, 1024, 4096]) await d.write(pattern(at, at, 8), at * S);
+  await p.set.cs.flush(); // the keys are durable now
+  const before2 = await pass();
+  assert.ok(!before2.includes('cache flush'), `durable keys need no flush of the cache: ${before2.join(', ')}`);
+  assert.equal(p.dev.dirtySectors, 0);
+  for (const at of [64, 128, 512, 1024, 2048, 4096]) {
+    const raw = Buffer.alloc(8 * S);
+    backingDev.inner.readSync(raw, (at + 16) * S);
+    assert.deepEqual(raw, pattern(at, at, 8), `sector ${at} written back`);
+  }
+  await p.registry.stopAll();
+  assertNothingLeft();
+});
