@@ -55,10 +55,11 @@
 // on the new server). So the client keeps every acknowledged write until a
 // FLUSH covers it (unflushed.ts: a copy of each write, zeroes and trims as
 // ranges, in acknowledgement order, folded to the newest content at replay)
-// and, after reconnecting and before anything else, writes it again. A FLUSH in flight at the loss is re-sent after that, so
-// it covers the restored writes. Memory is bounded: past half of
-// maxUnflushedBytes the client sends a FLUSH of its own, and at the limit new
-// writes wait for it. (The alternative, failing the next FLUSH once with EIO
+// and, after reconnecting and before anything else, writes it again. A
+// FLUSH in flight at the loss is re-sent after that, so it covers the
+// restored writes. Memory is bounded: past half of maxUnflushedBytes (an
+// overwritten range counts once per write) the client sends a FLUSH of its
+// own, and at the limit new writes wait for it. (The alternative, failing the next FLUSH once with EIO
 // like a sticky fdatasync error, would lose nothing silently either, but
 // turns every server restart into an I/O error for our clients; the replay
 // hides it.) Servers without SEND_FLUSH have no volatile cache: nothing is kept.
