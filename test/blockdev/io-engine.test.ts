@@ -173,16 +173,17 @@ test('errors carry the errno name: EBADF on a closed fd', async () => {
       ['fdatasync', engine.fdatasync(fd)],
     ];
     if (engine.fallocate) ops.push(['fallocate', engine.fallocate(fd, 0, 0, 4096)]);
-    for (const [syscall, op] of ops) {
-      await assert.rejects(op, (err: unknown) => {
-        assert.ok(err instanceof Error);
-        const e = err as NodeJS.ErrnoException;
-        assert.equal(e.code, 'EBADF', `${engine.name} ${syscall}`);
-        assert.equal(e.errno, -9);
-        assert.equal(e.syscall, syscall);
-        assert.match(e.message, /EBADF/);
-        return true;
-      });
+    // Every outcome is taken at once: a rejection that came while an earlier
+    // one was being awaited was reported as unhandled (CI, 2026-12-07).
+    const outcomes = ops.map(([syscall, op]) => [syscall, op.then(() => undefined, (err: unknown) => err)] as const);
+    for (const [syscall, outcome] of outcomes) {
+      const err = await outcome;
+      assert.ok(err instanceof Error, `${engine.name} ${syscall} rejects`);
+      const e = err as NodeJS.ErrnoException;
+      assert.equal(e.code, 'EBADF', `${engine.name} ${syscall}`);
+      assert.equal(e.errno, -9);
+      assert.equal(e.syscall, syscall);
+      assert.match(e.message, /EBADF/);
     }
   }
 });
