@@ -46,27 +46,44 @@ const SLAB_BYTES = 1024 * 1024;
  */
 const SLABS_KEPT = 32;
 
-interface LogEntry {
-  start: number;
-  end: number;
-  /** 'clear': a FUA write made the range durable; nothing older in it is replayed. */
-  kind: UnflushedKind | 'clear';
-  data: Buffer | undefined;
-  noHole: boolean;
-  seq: number;
-}
+/** Entry kinds as stored; 'clear': a FUA write made the range durable, nothing older in it is replayed. */
+const KIND_DATA = 0;
+const KIND_ZERO = 1;
+const KIND_TRIM = 2;
+const KIND_CLEAR = 3;
+const KIND_NAMES: readonly UnflushedKind[] = ['data', 'zero', 'trim'];
+/** dataAt for an entry without data in a slab: none at all (-1), or a buffer of its own in `own` (-2). */
+const NO_DATA = -1;
+const OWN_DATA = -2;
 
+/**
+ * The log is struct-of-arrays: one slot per entry in typed arrays, no object
+ * per write. Entries live for seconds (until a FLUSH), so objects would
+ * survive two scavenges each and be copied into the old generation: tens of
+ * thousands a second, the cost that made the log show in the proxy's profile.
+ */
 export class UnflushedLog {
-  /** In acknowledgement order (seq never decreases); entries before `head` are dropped. */
-  private entries: LogEntry[] = [];
+  // Slots [head, tail) are live, in acknowledgement order (seq never decreases).
+  private cap = 1024;
+  private starts = new Float64Array(this.cap);
+  private ends = new Float64Array(this.cap);
+  private seqs = new Float64Array(this.cap);
+  private kinds = new Uint8Array(this.cap);
+  private noHoles = new Uint8Array(this.cap);
+  /** Slab number of the entry's data (see `slabBase`), or NO_DATA / OWN_DATA. */
+  private slabNos = new Float64Array(this.cap);
+  private dataAt = new Int32Array(this.cap);
+  /** Data of writes larger than a slab piece, by slot. */
+  private own = new Map<number, Buffer>();
   private head = 0;
+  private tail = 0;
   /** Bytes of data held (zero, trim and clear entries hold none). */
   private held = 0;
   private lastSeq = 0;
-  private slab: Buffer | undefined;
   private slabUsed = 0;
-  /** Slabs holding live entries' data, oldest first (the last is `slab`). */
+  /** Slabs holding live entries' data, oldest first (the last is the one being filled); the first is number `slabBase`. */
   private slabsInUse: Buffer[] = [];
+  private slabBase = 0;
   private slabsFree: Buffer[] = [];
 
   get bytes(): number {
@@ -75,51 +92,60 @@ export class UnflushedLog {
 
   /** Entries held (an overwritten range counts once per write until a FLUSH drops it). */
   get size(): number {
-    return this.entries.length - this.head;
+    return this.tail - this.head;
   }
 
   /** Record acknowledged data; `data` is copied, so the caller keeps its buffer. */
   putData(start: number, data: Buffer, seq: number): void {
-    if (data.length === 0) return;
-    this.append({ start, end: start + data.length, kind: 'data', data: this.copy(data), noHole: false, seq });
-    this.held += data.length;
+    const n = data.length;
+    if (n === 0) return;
+    const i = this.append(start, start + n, KIND_DATA, false, seq);
+    if (n > SLAB_PIECE_MAX) {
+      this.own.set(i, Buffer.from(data));
+      this.slabNos[i] = OWN_DATA;
+    } else {
+      let slab = this.slabsInUse[this.slabsInUse.length - 1];
+      if (slab === undefined || this.slabUsed + n > slab.length) {
+        slab = this.slabsFree.pop() ?? Buffer.allocUnsafeSlow(SLAB_BYTES);
+        this.slabsInUse.push(slab);
+        this.slabUsed = 0;
+      }
+      data.copy(slab, this.slabUsed);
+      this.slabNos[i] = this.slabBase + this.slabsInUse.length - 1;
+      this.dataAt[i] = this.slabUsed;
+      // Keep pieces 8-byte aligned, as Node's own pool does.
+      this.slabUsed += (n + 7) & ~7;
+    }
+    this.held += n;
   }
 
   putZero(start: number, length: number, noHole: boolean, seq: number): void {
-    this.append({ start, end: start + length, kind: 'zero', data: undefined, noHole, seq });
+    if (length > 0) this.append(start, start + length, KIND_ZERO, noHole, seq);
   }
 
   putTrim(start: number, length: number, seq: number): void {
-    this.append({ start, end: start + length, kind: 'trim', data: undefined, noHole: false, seq });
+    if (length > 0) this.append(start, start + length, KIND_TRIM, false, seq);
   }
 
   /** The range is durable (a FUA write): nothing older in it needs replaying. */
   clear(start: number, length: number): void {
-    if (this.size === 0) return;
-    this.append({ start, end: start + length, kind: 'clear', data: undefined, noHole: false, seq: this.lastSeq });
+    if (this.size === 0 || length <= 0) return;
+    this.append(start, start + length, KIND_CLEAR, false, this.lastSeq);
   }
 
   /** A FLUSH sent after acknowledgement `mark` completed: everything acknowledged up to it is durable. */
   dropUpTo(mark: number): void {
-    const list = this.entries;
     let h = this.head;
-    while (h < list.length) {
-      const e = list[h] as LogEntry;
-      if (e.seq > mark) break;
-      if (e.data) this.held -= e.data.length;
+    while (h < this.tail && (this.seqs[h] as number) <= mark) {
+      if (this.kinds[h] === KIND_DATA) this.held -= (this.ends[h] as number) - (this.starts[h] as number);
+      if (this.slabNos[h] === OWN_DATA) this.own.delete(h);
       h++;
     }
-    this.recycleSlabs(h);
-    if (h === list.length) {
-      this.entries = [];
+    this.head = h;
+    this.recycleSlabs();
+    if (this.head === this.tail) {
       this.head = 0;
-    } else if (h > 1024 && h * 2 > list.length) {
-      this.entries = list.slice(h);
-      this.head = 0;
-    } else {
-      // Let the dropped entries (and their slabs) go.
-      for (let i = this.head; i < h; i++) list[i] = DROPPED;
-      this.head = h;
+      this.tail = 0;
     }
   }
 
@@ -130,62 +156,103 @@ export class UnflushedLog {
    */
   snapshot(): readonly UnflushedExtent[] {
     const map = new IntervalMap();
-    for (let i = this.head; i < this.entries.length; i++) {
-      const e = this.entries[i] as LogEntry;
-      if (e.kind === 'clear') map.cut(e.start, e.end);
-      else map.insert({ start: e.start, end: e.end, kind: e.kind, data: e.data, noHole: e.noHole, seq: e.seq });
+    for (let i = this.head; i < this.tail; i++) {
+      const start = this.starts[i] as number;
+      const end = this.ends[i] as number;
+      const kind = this.kinds[i] as number;
+      if (kind === KIND_CLEAR) {
+        map.cut(start, end);
+        continue;
+      }
+      map.insert({
+        start,
+        end,
+        kind: KIND_NAMES[kind] ?? 'data',
+        data: kind === KIND_DATA ? this.dataOf(i) : undefined,
+        noHole: this.noHoles[i] === 1,
+        seq: this.seqs[i] as number,
+      });
     }
     for (const e of map.extents) if (e.data) e.data = Buffer.from(e.data);
     return map.extents;
   }
 
+  /** A view of slot i's data (valid until a FLUSH drops it). */
+  private dataOf(i: number): Buffer | undefined {
+    const no = this.slabNos[i] as number;
+    if (no === OWN_DATA) return this.own.get(i);
+    if (no === NO_DATA) return undefined;
+    const slab = this.slabsInUse[no - this.slabBase];
+    const at = this.dataAt[i] as number;
+    const n = (this.ends[i] as number) - (this.starts[i] as number);
+    return slab?.subarray(at, at + n);
+  }
+
   /**
-   * Entries before `h` are dropped: the slabs older than the one holding the
-   * first live entry's data hold nothing live (entries fill slabs in log
-   * order). With nothing live at all, every slab is free (the current one too).
+   * Slabs older than the one holding the first live entry's slab data hold
+   * nothing live (entries fill slabs in log order). With no live slab data at
+   * all, every slab is free (the one being filled too).
    */
-  private recycleSlabs(h: number): void {
-    const inUse = this.slabsInUse;
-    let keepFrom = inUse.length;
-    for (let i = h; i < this.entries.length; i++) {
-      const d = (this.entries[i] as LogEntry).data;
-      if (d === undefined || d.length > SLAB_PIECE_MAX) continue;
-      keepFrom = inUse.findIndex((slab) => slab.buffer === d.buffer);
-      break;
+  private recycleSlabs(): void {
+    let firstLive = this.slabBase + this.slabsInUse.length;
+    for (let i = this.head; i < this.tail; i++) {
+      const no = this.slabNos[i] as number;
+      if (no >= 0) {
+        firstLive = no;
+        break;
+      }
     }
-    if (keepFrom <= 0) return;
-    for (let i = 0; i < keepFrom; i++) {
-      const slab = inUse[i] as Buffer;
+    const drop = firstLive - this.slabBase;
+    if (drop <= 0) return;
+    for (let k = 0; k < drop; k++) {
+      const slab = this.slabsInUse[k] as Buffer;
       if (this.slabsFree.length < SLABS_KEPT) this.slabsFree.push(slab);
     }
-    this.slabsInUse = inUse.slice(keepFrom);
-    if (this.slabsInUse.length === 0) this.slab = undefined;
+    this.slabsInUse = this.slabsInUse.slice(drop);
+    this.slabBase = firstLive;
+    if (this.slabsInUse.length === 0) this.slabUsed = 0;
   }
 
-  private append(e: LogEntry): void {
-    if (e.end <= e.start) return;
-    if (e.seq > this.lastSeq) this.lastSeq = e.seq;
-    this.entries.push(e);
+  /** A new slot at the tail (moving the live slots down, or growing the arrays, when the tail reaches the end). */
+  private append(start: number, end: number, kind: number, noHole: boolean, seq: number): number {
+    if (this.tail === this.cap) this.makeRoom();
+    const i = this.tail++;
+    if (seq > this.lastSeq) this.lastSeq = seq;
+    this.starts[i] = start;
+    this.ends[i] = end;
+    this.seqs[i] = seq;
+    this.kinds[i] = kind;
+    this.noHoles[i] = noHole ? 1 : 0;
+    this.slabNos[i] = NO_DATA;
+    this.dataAt[i] = 0;
+    return i;
   }
 
-  private copy(data: Buffer): Buffer {
-    const n = data.length;
-    if (n > SLAB_PIECE_MAX) return Buffer.from(data);
-    let slab = this.slab;
-    if (slab === undefined || this.slabUsed + n > slab.length) {
-      slab = this.slab = this.slabsFree.pop() ?? Buffer.allocUnsafeSlow(SLAB_BYTES);
-      this.slabsInUse.push(slab);
-      this.slabUsed = 0;
+  private makeRoom(): void {
+    const live = this.tail - this.head;
+    const cap = live * 2 > this.cap ? this.cap * 2 : this.cap;
+    const move = <T extends Float64Array | Int32Array | Uint8Array>(a: T, make: (n: number) => T): T => {
+      const to = cap === this.cap ? a : make(cap);
+      to.set(a.subarray(this.head, this.tail), 0);
+      return to;
+    };
+    this.starts = move(this.starts, (n) => new Float64Array(n));
+    this.ends = move(this.ends, (n) => new Float64Array(n));
+    this.seqs = move(this.seqs, (n) => new Float64Array(n));
+    this.kinds = move(this.kinds, (n) => new Uint8Array(n));
+    this.noHoles = move(this.noHoles, (n) => new Uint8Array(n));
+    this.slabNos = move(this.slabNos, (n) => new Float64Array(n));
+    this.dataAt = move(this.dataAt, (n) => new Int32Array(n));
+    if (this.own.size > 0) {
+      const own = new Map<number, Buffer>();
+      for (const [slot, buf] of this.own) own.set(slot - this.head, buf);
+      this.own = own;
     }
-    const out = slab.subarray(this.slabUsed, this.slabUsed + n);
-    data.copy(out);
-    // Keep pieces 8-byte aligned, as Node's own pool does.
-    this.slabUsed += (n + 7) & ~7;
-    return out;
+    this.cap = cap;
+    this.tail = live;
+    this.head = 0;
   }
 }
-
-const DROPPED: LogEntry = { start: 0, end: 0, kind: 'trim', data: undefined, noHole: false, seq: 0 };
 
 /** Non-overlapping extents sorted by start, the newest content of each range (the fold at replay). */
 class IntervalMap {

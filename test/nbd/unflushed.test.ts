@@ -16,14 +16,46 @@ type Op =
 const SPAN = 96;
 
 const opArb: fc.Arbitrary<Op> = fc.oneof(
-  { weight: 5, arbitrary: fc.record({ op: fc.constant('data' as const), start: fc.nat(SPAN - 1), bytes: fc.array(fc.integer({ min: 0, max: 255 }), { minLength: 1, maxLength: 24 }) }) },
-  { weight: 1, arbitrary: fc.record({ op: fc.constant('zero' as const), start: fc.nat(SPAN - 1), length: fc.integer({ min: 1, max: 24 }), noHole: fc.boolean() }) },
-  { weight: 1, arbitrary: fc.record({ op: fc.constant('trim' as const), start: fc.nat(SPAN - 1), length: fc.integer({ min: 1, max: 24 }) }) },
-  { weight: 1, arbitrary: fc.record({ op: fc.constant('fua' as const), start: fc.nat(SPAN - 1), length: fc.integer({ min: 1, max: 24 }) }) },
+  {
+    weight: 5,
+    arbitrary: fc.record({
+      op: fc.constant('data' as const),
+      start: fc.nat(SPAN - 1),
+      bytes: fc.array(fc.integer({ min: 0, max: 255 }), { minLength: 1, maxLength: 24 }),
+    }),
+  },
+  {
+    weight: 1,
+    arbitrary: fc.record({
+      op: fc.constant('zero' as const),
+      start: fc.nat(SPAN - 1),
+      length: fc.integer({ min: 1, max: 24 }),
+      noHole: fc.boolean(),
+    }),
+  },
+  {
+    weight: 1,
+    arbitrary: fc.record({
+      op: fc.constant('trim' as const),
+      start: fc.nat(SPAN - 1),
+      length: fc.integer({ min: 1, max: 24 }),
+    }),
+  },
+  {
+    weight: 1,
+    arbitrary: fc.record({
+      op: fc.constant('fua' as const),
+      start: fc.nat(SPAN - 1),
+      length: fc.integer({ min: 1, max: 24 }),
+    }),
+  },
   { weight: 1, arbitrary: fc.record({ op: fc.constant('flush' as const), back: fc.nat(6) }) },
 );
 
-type Cell = { kind: 'data'; byte: number; seq: number } | { kind: 'zero'; noHole: boolean; seq: number } | { kind: 'trim'; seq: number };
+type Cell =
+  | { kind: 'data'; byte: number; seq: number }
+  | { kind: 'zero'; noHole: boolean; seq: number }
+  | { kind: 'trim'; seq: number };
 
 function render(extents: readonly UnflushedExtent[]): Map<number, string> {
   const out = new Map<number, string>();
@@ -41,47 +73,59 @@ function render(extents: readonly UnflushedExtent[]): Map<number, string> {
   return out;
 }
 
+function replayMatchesModel(ops: Op[]): void {
+  const log = new UnflushedLog();
+  const model = new Map<number, Cell>();
+  let seq = 0;
+  let held = 0;
+  for (const o of ops) {
+    if (o.op === 'data') {
+      const buf = Buffer.from(o.bytes);
+      log.putData(o.start, buf, ++seq);
+      buf.fill(0xee); // the caller reuses its buffer: the log must have copied it
+      held += o.bytes.length;
+      o.bytes.forEach((b, i) => model.set(o.start + i, { kind: 'data', byte: b, seq }));
+    } else if (o.op === 'zero') {
+      log.putZero(o.start, o.length, o.noHole, ++seq);
+      for (let p = o.start; p < o.start + o.length; p++) model.set(p, { kind: 'zero', noHole: o.noHole, seq });
+    } else if (o.op === 'trim') {
+      log.putTrim(o.start, o.length, ++seq);
+      for (let p = o.start; p < o.start + o.length; p++) model.set(p, { kind: 'trim', seq });
+    } else if (o.op === 'fua') {
+      log.clear(o.start, o.length);
+      for (let p = o.start; p < o.start + o.length; p++) model.delete(p);
+    } else {
+      const mark = Math.max(0, seq - o.back);
+      log.dropUpTo(mark);
+      for (const [p, c] of model) if (c.seq <= mark) model.delete(p);
+    }
+  }
+  const want = new Map<number, string>();
+  for (const [p, c] of model)
+    want.set(p, c.kind === 'data' ? `d${c.byte}` : c.kind === 'zero' ? `z${c.noHole ? 1 : 0}` : 't');
+  assert.deepEqual(render(log.snapshot()), want);
+  // Bytes held: at most what was written, and nothing once everything is flushed.
+  assert.ok(log.bytes <= held);
+  log.dropUpTo(seq);
+  assert.equal(log.bytes, 0);
+  assert.equal(log.size, 0);
+  assert.deepEqual(log.snapshot(), []);
+}
+
 test('the log replays the newest unflushed content of every byte, whatever the order of writes, FUAs and flushes', () => {
-  fc.assert(
-    fc.property(fc.array(opArb, { maxLength: 60 }), (ops) => {
-      const log = new UnflushedLog();
-      const model = new Map<number, Cell>();
-      let seq = 0;
-      let held = 0;
-      for (const o of ops) {
-        if (o.op === 'data') {
-          const buf = Buffer.from(o.bytes);
-          log.putData(o.start, buf, ++seq);
-          buf.fill(0xee); // the caller reuses its buffer: the log must have copied it
-          held += o.bytes.length;
-          o.bytes.forEach((b, i) => model.set(o.start + i, { kind: 'data', byte: b, seq }));
-        } else if (o.op === 'zero') {
-          log.putZero(o.start, o.length, o.noHole, ++seq);
-          for (let p = o.start; p < o.start + o.length; p++) model.set(p, { kind: 'zero', noHole: o.noHole, seq });
-        } else if (o.op === 'trim') {
-          log.putTrim(o.start, o.length, ++seq);
-          for (let p = o.start; p < o.start + o.length; p++) model.set(p, { kind: 'trim', seq });
-        } else if (o.op === 'fua') {
-          log.clear(o.start, o.length);
-          for (let p = o.start; p < o.start + o.length; p++) model.delete(p);
-        } else {
-          const mark = Math.max(0, seq - o.back);
-          log.dropUpTo(mark);
-          for (const [p, c] of model) if (c.seq <= mark) model.delete(p);
-        }
-      }
-      const want = new Map<number, string>();
-      for (const [p, c] of model) want.set(p, c.kind === 'data' ? `d${c.byte}` : c.kind === 'zero' ? `z${c.noHole ? 1 : 0}` : 't');
-      assert.deepEqual(render(log.snapshot()), want);
-      // Bytes held: at most what was written, and nothing once everything is flushed.
-      assert.ok(log.bytes <= held);
-      log.dropUpTo(seq);
-      assert.equal(log.bytes, 0);
-      assert.equal(log.size, 0);
-      assert.deepEqual(log.snapshot(), []);
-    }),
-    { numRuns: 2000 },
+  fc.assert(fc.property(fc.array(opArb, { maxLength: 60 }), replayMatchesModel), { numRuns: 2000 });
+});
+
+test('the same over thousands of entries: the slots move down and grow while entries stay live', () => {
+  // Long runs cross the log's slot capacity (1024) many times, with flushes that keep a tail live.
+  // Flushes that leave hundreds of writes unflushed, so slots stay live past the end of the arrays.
+  const longOpArb = fc.oneof(
+    { weight: 30, arbitrary: opArb.filter((o) => o.op !== 'flush') },
+    { weight: 1, arbitrary: fc.record({ op: fc.constant('flush' as const), back: fc.integer({ min: 1, max: 900 }) }) },
   );
+  fc.assert(fc.property(fc.array(longOpArb, { minLength: 1500, maxLength: 5000 }), replayMatchesModel), {
+    numRuns: 25,
+  });
 });
 
 test('a flush drops exactly the writes acknowledged up to its mark, and the bytes they held', () => {
@@ -121,7 +165,35 @@ test('slabs given back by a flush are reused without touching data still held', 
       const v = want.get(e.start / 4096);
       assert.ok(v !== undefined, `round ${round}: block ${e.start / 4096} was flushed`);
       const data = e.data as Buffer;
-      assert.ok(data.every((b) => b === (v & 0xff)), `round ${round}: block ${e.start / 4096} holds its last write`);
+      assert.ok(
+        data.every((b) => b === (v & 0xff)),
+        `round ${round}: block ${e.start / 4096} holds its last write`,
+      );
     }
+  }
+});
+
+test('writes larger than a slab piece keep their data while the slots move', () => {
+  const log = new UnflushedLog();
+  let seq = 0;
+  // 96 KiB writes (over the 64 KiB slab piece) among small ones, flushes keeping the newest 600 entries.
+  for (let i = 0; i < 5000; i++) {
+    const big = i % 250 === 0;
+    const at = big ? 1_000_000_000 + (i / 250) * 98304 : (i % 3000) * 512;
+    log.putData(at, Buffer.alloc(big ? 98304 : 512, (i * 13) & 0xff), ++seq);
+    if (i % 700 === 699) log.dropUpTo(seq - 600);
+  }
+  const bigs = log.snapshot().filter((e) => e.start >= 1_000_000_000);
+  // Writes 4500 and 4750 are among the last 600 acknowledged before the last flush, or after it.
+  assert.deepEqual(
+    bigs.map((e) => [e.start, e.end - e.start]),
+    [4500, 4750].map((i) => [1_000_000_000 + (i / 250) * 98304, 98304]),
+  );
+  for (const e of bigs) {
+    const i = ((e.start - 1_000_000_000) / 98304) * 250;
+    assert.ok(
+      e.data?.every((b) => b === ((i * 13) & 0xff)),
+      `write ${i} keeps its data`,
+    );
   }
 });
