@@ -36,6 +36,7 @@
 import { NbdClient, type NbdClientOptions } from '../nbd/client.ts';
 import { TxFlag } from '../nbd/protocol.ts';
 import { parseNbdUri, type NbdUri } from '../nbd/uri.ts';
+import { rejectWith } from '../util/lifecycle.ts';
 import {
   checkRange,
   IoError,
@@ -106,21 +107,27 @@ export class NbdBlockDevice implements BlockDevice {
     checkRange(this, offset, length, true);
   }
 
-  async read(buf: Buffer, offset: number): Promise<void> {
-    this.live();
-    checkRange(this, offset, buf.length);
-    await this.client.read(buf, offset);
+  // read and write hand back the client's promise rather than awaiting it in
+  // an async function of their own: one promise and frame fewer per request.
+  read(buf: Buffer, offset: number): Promise<void> {
+    try {
+      this.live();
+      checkRange(this, offset, buf.length);
+    } catch (err) {
+      return rejectWith(err);
+    }
+    return this.client.read(buf, offset);
   }
 
-  async write(buf: Buffer, offset: number, options?: WriteOptions): Promise<void> {
-    this.writable(offset, buf.length);
-    const fua = options?.fua === true;
-    if (fua && this.has(TxFlag.SEND_FUA)) {
-      await this.client.write(buf, offset, { fua: true });
-      return;
+  write(buf: Buffer, offset: number, options?: WriteOptions): Promise<void> {
+    try {
+      this.writable(offset, buf.length);
+    } catch (err) {
+      return rejectWith(err);
     }
-    await this.client.write(buf, offset);
-    if (fua) await this.flush();
+    if (options?.fua !== true) return this.client.write(buf, offset);
+    if (this.has(TxFlag.SEND_FUA)) return this.client.write(buf, offset, { fua: true });
+    return this.client.write(buf, offset).then(() => this.flush());
   }
 
   async flush(): Promise<void> {

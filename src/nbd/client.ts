@@ -68,7 +68,7 @@
 
 import { createConnection, type Socket } from 'node:net';
 import { IoError, type Extent } from '../blockdev/types.ts';
-import { aborted, errorMessage, sleep } from '../util/lifecycle.ts';
+import { aborted, errorMessage, rejectWith, sleep } from '../util/lifecycle.ts';
 import { log } from '../util/log.ts';
 import {
   decodeBlockStatusPayload,
@@ -79,13 +79,12 @@ import {
   decodeOffsetHolePayload,
   decodeOptionReplyHeader,
   decodeRepMetaContext,
-  decodeSimpleReplyHeader,
-  decodeStructuredHeader,
   encodeClientFlags,
   encodeInfoRequest,
   encodeMetaContextRequest,
   encodeOptionRequest,
   encodeRequestHeader,
+  encodeSmallCookieRequest,
   type BlockSizes,
   type StatusDescriptor,
 } from './codec.ts';
@@ -245,7 +244,7 @@ const NO_PAYLOAD_PIECE = 1024 * 1024 * 1024;
 const MAX_ERROR_CHUNK = 6 + MAX_STRING_BYTES + 8;
 const MAX_STATUS_CHUNK = 4 + 8 * MAX_STATUS_DESCRIPTORS;
 const COOKIE_LIMIT = 2 ** 32;
-const COOKIE_LIMIT_BIG = 2n ** 32n;
+const EMPTY = Buffer.alloc(0);
 
 const isPowerOfTwo = (n: number): boolean => Number.isInteger(n) && n > 0 && (n & (n - 1)) === 0;
 
@@ -904,15 +903,7 @@ class Connection implements ReadSink {
       this.socket.cork();
       setImmediate(this.uncork);
     }
-    this.socket.write(
-      encodeRequestHeader({
-        type: req.type,
-        flags: req.flags,
-        cookie: BigInt(cookie),
-        offset: req.offset,
-        length: req.length,
-      }),
-    );
+    this.socket.write(encodeSmallCookieRequest(req.type, req.flags, cookie, req.offset, req.length));
     if (req.type === Cmd.WRITE && req.buf && req.length > 0) this.socket.write(req.buf);
   }
 
@@ -1107,10 +1098,17 @@ class Connection implements ReadSink {
     return 0;
   }
 
-  private lookup(cookie: bigint, what: string): Request | undefined {
-    const req = cookie < COOKIE_LIMIT_BIG ? this.inflight.get(Number(cookie)) : undefined;
+  /**
+   * The request a reply's cookie (8 bytes at `at`) names. Our cookies are
+   * below 2^32, so the high half is zero and the low half is the key: read as
+   * two numbers, no BigInt is made per reply.
+   */
+  private lookup(buf: Buffer, at: number, chunkType?: number): Request | undefined {
+    const high = buf.readUInt32BE(at);
+    const req = high === 0 ? this.inflight.get(buf.readUInt32BE(at + 4)) : undefined;
     if (!req) {
-      this.fail(`the server sent ${what} for cookie ${cookie}, which no request in flight has`);
+      const what = chunkType === undefined ? 'a reply' : `a chunk of type ${chunkType}`;
+      this.fail(`the server sent ${what} for cookie ${buf.readBigUInt64BE(at)}, which no request in flight has`);
       return undefined;
     }
     return req;
@@ -1118,15 +1116,15 @@ class Connection implements ReadSink {
 
   private onHeader(buf: Buffer, at: number): void {
     if (buf.readUInt32BE(at) === SIMPLE_REPLY_MAGIC) {
-      const h = decodeSimpleReplyHeader(buf, at);
-      const req = this.lookup(h.cookie, 'a reply');
+      const req = this.lookup(buf, at + 8);
       if (!req) return;
       if (req.chunked) {
         this.fail(`the server sent a simple reply to ${describe(req)} in the middle of its structured reply`);
         return;
       }
-      if (h.error !== 0) {
-        req.error = { value: h.error, message: '' };
+      const error = buf.readUInt32BE(at + 4);
+      if (error !== 0) {
+        req.error = { value: error, message: '' };
         this.finish(req);
         return;
       }
@@ -1144,74 +1142,78 @@ class Connection implements ReadSink {
       this.finish(req);
       return;
     }
-    const h = decodeStructuredHeader(buf, at);
-    const req = this.lookup(h.cookie, `a chunk of type ${h.type}`);
+    // Structured reply header: magic, flags (16), type (16), cookie, length (32).
+    const flags = buf.readUInt16BE(at + 4);
+    const type = buf.readUInt16BE(at + 6);
+    const length = buf.readUInt32BE(at + 16);
+    const req = this.lookup(buf, at + 8, type);
     if (!req) return;
     req.chunked = true;
     this.current = req;
-    this.chunkFlags = h.flags;
-    this.chunkType = h.type;
-    const bad = (why: string): void => {
-      this.fail(`the server sent a chunk of type ${h.type} and ${h.length} bytes for ${describe(req)}: ${why}`);
-    };
-    switch (h.type) {
+    this.chunkFlags = flags;
+    this.chunkType = type;
+    switch (type) {
       case ReplyType.NONE:
-        if (h.length !== 0) {
-          bad('a NONE chunk carries no payload');
+        if (length !== 0) {
+          this.badChunk(req, type, length, 'a NONE chunk carries no payload');
           return;
         }
-        if ((h.flags & ReplyFlag.DONE) === 0) {
-          bad('a NONE chunk must be the last');
+        if ((flags & ReplyFlag.DONE) === 0) {
+          this.badChunk(req, type, length, 'a NONE chunk must be the last');
           return;
         }
         this.endOfChunk(req);
         return;
       case ReplyType.OFFSET_DATA:
         if (req.type !== Cmd.READ) {
-          bad('data for a request that is not a READ');
+          this.badChunk(req, type, length, 'data for a request that is not a READ');
           return;
         }
-        if (h.length <= 8 || h.length - 8 > req.length) {
-          bad(`the most this READ allows is 8 + ${req.length}`);
+        if (length <= 8 || length - 8 > req.length) {
+          this.badChunk(req, type, length, `the most this READ allows is 8 + ${req.length}`);
           return;
         }
-        this.chunkDataLength = h.length - 8;
+        this.chunkDataLength = length - 8;
         this.collect(8);
         return;
       case ReplyType.OFFSET_HOLE:
         if (req.type !== Cmd.READ) {
-          bad('a hole for a request that is not a READ');
+          this.badChunk(req, type, length, 'a hole for a request that is not a READ');
           return;
         }
-        if (h.length !== 12) {
-          bad('an OFFSET_HOLE chunk is 12 bytes');
+        if (length !== 12) {
+          this.badChunk(req, type, length, 'an OFFSET_HOLE chunk is 12 bytes');
           return;
         }
         this.collect(12);
         return;
       case ReplyType.BLOCK_STATUS:
         if (req.type !== Cmd.BLOCK_STATUS) {
-          bad('block status for a request that is not BLOCK_STATUS');
+          this.badChunk(req, type, length, 'block status for a request that is not BLOCK_STATUS');
           return;
         }
-        if (h.length < 12 || (h.length - 4) % 8 !== 0 || h.length > MAX_STATUS_CHUNK) {
-          bad(`block status is 4 + 8n bytes with 1 <= n <= ${MAX_STATUS_DESCRIPTORS}`);
+        if (length < 12 || (length - 4) % 8 !== 0 || length > MAX_STATUS_CHUNK) {
+          this.badChunk(req, type, length, `block status is 4 + 8n bytes with 1 <= n <= ${MAX_STATUS_DESCRIPTORS}`);
           return;
         }
-        this.collect(h.length);
+        this.collect(length);
         return;
       default:
-        if (!isErrorChunk(h.type)) {
-          bad('the type is unknown (the spec says to disconnect)');
+        if (!isErrorChunk(type)) {
+          this.badChunk(req, type, length, 'the type is unknown (the spec says to disconnect)');
           return;
         }
-        if (h.length < 6 || h.length > MAX_ERROR_CHUNK) {
-          bad(`an error chunk is 6 to ${MAX_ERROR_CHUNK} bytes`);
+        if (length < 6 || length > MAX_ERROR_CHUNK) {
+          this.badChunk(req, type, length, `an error chunk is 6 to ${MAX_ERROR_CHUNK} bytes`);
           return;
         }
-        this.collect(h.length);
+        this.collect(length);
         return;
     }
+  }
+
+  private badChunk(req: Request, type: number, length: number, why: string): void {
+    this.fail(`the server sent a chunk of type ${type} and ${length} bytes for ${describe(req)}: ${why}`);
   }
 
   private collect(n: number): void {
@@ -1225,7 +1227,7 @@ class Connection implements ReadSink {
     if (!req) return;
     this.parse = Parse.Header;
     const payload = this.payload;
-    this.payload = Buffer.alloc(0);
+    this.payload = EMPTY;
     switch (this.chunkType) {
       case ReplyType.OFFSET_DATA: {
         const offset = payload.readUInt32BE(0) * 2 ** 32 + payload.readUInt32BE(4);
@@ -2030,32 +2032,44 @@ export class NbdClient {
   }
 
   /** Fill `buf` from `offset`. Unaligned reads are widened to the server's minimum block size. */
-  async read(buf: Buffer, offset: number): Promise<void> {
-    this.checkRange(offset, buf.length, false);
-    if (buf.length === 0) return;
-    const a = this.alignment;
-    if (a > 1 && (offset % a !== 0 || buf.length % a !== 0)) {
-      const start = offset - (offset % a);
-      const end = Math.min(Math.ceil((offset + buf.length) / a) * a, this.info.size);
-      const wide = Buffer.allocUnsafe(end - start);
-      await this.read(wide, start);
-      wide.copy(buf, 0, offset - start, offset - start + buf.length);
-      return;
+  read(buf: Buffer, offset: number): Promise<void> {
+    try {
+      this.checkRange(offset, buf.length, false);
+    } catch (err) {
+      return rejectWith(err);
     }
-    await this.pieces(offset, buf.length, this.maxPayload, (at, n) =>
+    if (buf.length === 0) return Promise.resolve();
+    const a = this.alignment;
+    if (a > 1 && (offset % a !== 0 || buf.length % a !== 0)) return this.readWidened(buf, offset, a);
+    // One request, the common case, without the closure and the extra promise of pieces().
+    if (buf.length <= this.maxPayload) return this.submit(Cmd.READ, 0, offset, buf.length, buf);
+    return this.pieces(offset, buf.length, this.maxPayload, (at, n) =>
       this.submit(Cmd.READ, 0, at, n, buf.subarray(at - offset, at - offset + n)),
     );
   }
 
+  private async readWidened(buf: Buffer, offset: number, a: number): Promise<void> {
+    const start = offset - (offset % a);
+    const end = Math.min(Math.ceil((offset + buf.length) / a) * a, this.info.size);
+    const wide = Buffer.allocUnsafe(end - start);
+    await this.read(wide, start);
+    wide.copy(buf, 0, offset - start, offset - start + buf.length);
+  }
+
   /** Write all of `buf` at `offset`; with `fua` (only if the server offers SEND_FUA) durable on return. */
-  async write(buf: Buffer, offset: number, options: { fua?: boolean } = {}): Promise<void> {
-    this.writable();
-    this.checkRange(offset, buf.length, true);
-    this.checkAligned('WRITE', offset, buf.length);
-    if (options.fua === true) this.need(TxFlag.SEND_FUA, 'FUA');
-    if (buf.length === 0) return;
+  write(buf: Buffer, offset: number, options: { fua?: boolean } = {}): Promise<void> {
+    try {
+      this.writable();
+      this.checkRange(offset, buf.length, true);
+      this.checkAligned('WRITE', offset, buf.length);
+      if (options.fua === true) this.need(TxFlag.SEND_FUA, 'FUA');
+    } catch (err) {
+      return rejectWith(err);
+    }
+    if (buf.length === 0) return Promise.resolve();
     const flags = options.fua === true ? CmdFlag.FUA : 0;
-    await this.pieces(offset, buf.length, this.maxPayload, (at, n) =>
+    if (buf.length <= this.maxPayload) return this.submit(Cmd.WRITE, flags, offset, buf.length, buf);
+    return this.pieces(offset, buf.length, this.maxPayload, (at, n) =>
       this.submit(Cmd.WRITE, flags, at, n, buf.subarray(at - offset, at - offset + n)),
     );
   }

@@ -40,7 +40,13 @@ function readU64(buf: Buffer, at: number): number {
   return buf.readUInt32BE(at) * TWO_32 + buf.readUInt32BE(at + 4);
 }
 
+/** Offsets and sizes go out per request: a safe integer is written as two halves, without a BigInt. */
 function writeU64(buf: Buffer, value: number | bigint, at: number): void {
+  if (typeof value === 'number' && Number.isSafeInteger(value) && value >= 0) {
+    buf.writeUInt32BE(Math.floor(value / TWO_32), at);
+    buf.writeUInt32BE(value % TWO_32, at + 4);
+    return;
+  }
   buf.writeBigUInt64BE(BigInt(value), at);
 }
 
@@ -360,6 +366,28 @@ export function encodeRequestHeader(req: RequestFields): Buffer {
   buf.writeBigUInt64BE(req.cookie, 8);
   writeU64(buf, req.offset, 16);
   buf.writeUInt32BE(req.length >>> 0, 24);
+  return buf;
+}
+
+/**
+ * A request header whose cookie is below 2^32 (our client's counter), written
+ * without making BigInts: the client sends one per request.
+ */
+export function encodeSmallCookieRequest(
+  type: number,
+  flags: number,
+  cookie: number,
+  offset: number,
+  length: number,
+): Buffer {
+  const buf = Buffer.allocUnsafe(REQUEST_HEADER_SIZE);
+  buf.writeUInt32BE(REQUEST_MAGIC, 0);
+  buf.writeUInt16BE(flags, 4);
+  buf.writeUInt16BE(type, 6);
+  buf.writeUInt32BE(0, 8);
+  buf.writeUInt32BE(cookie >>> 0, 12);
+  writeU64(buf, offset, 16);
+  buf.writeUInt32BE(length >>> 0, 24);
   return buf;
 }
 

@@ -187,31 +187,41 @@ export function nbdErrorFromErrno(code: string): NbdError {
 /** The errno names an NBD error value stands for, the other direction of nbdErrorFromErrno. */
 export type NbdErrnoName = keyof typeof NbdErr;
 
+/**
+ * Name tables, built once: the lookups below run per request on the hot path
+ * (the client counts requests by command name), where scanning
+ * Object.entries() allocated an array of pairs per call.
+ */
+function nameTable(values: Record<string, number>, prefix = ''): Map<number, string> {
+  const m = new Map<number, string>();
+  for (const [name, v] of Object.entries(values)) if (!m.has(v)) m.set(v, prefix + name);
+  return m;
+}
+const nbdErrorNames = nameTable(NbdErr);
+const commandNames = nameTable(Cmd);
+const optionNames = nameTable(Opt, 'NBD_OPT_');
+const replyTypeNames = nameTable(Rep, 'NBD_REP_');
+
 /** The errno name of an NBD error value from the wire; values the spec does not define are EINVAL, as it says. */
 export function errnoFromNbdError(value: number): NbdErrnoName {
-  for (const [name, v] of Object.entries(NbdErr)) if (v === value) return name as NbdErrnoName;
-  return 'EINVAL';
+  return (nbdErrorNames.get(value) as NbdErrnoName | undefined) ?? 'EINVAL';
 }
 
 /** Human names for logs and test messages. */
 export function nbdErrorName(value: number): string {
-  for (const [name, v] of Object.entries(NbdErr)) if (v === value) return name;
-  return `error ${value}`;
+  return nbdErrorNames.get(value) ?? `error ${value}`;
 }
 
 export function commandName(type: number): string {
-  for (const [name, v] of Object.entries(Cmd)) if (v === type) return name;
-  return `command ${type}`;
+  return commandNames.get(type) ?? `command ${type}`;
 }
 
 export function optionName(option: number): string {
-  for (const [name, v] of Object.entries(Opt)) if (v === option) return `NBD_OPT_${name}`;
-  return `option ${option}`;
+  return optionNames.get(option) ?? `option ${option}`;
 }
 
 export function replyTypeName(type: number): string {
-  for (const [name, v] of Object.entries(Rep)) if (v === type) return `NBD_REP_${name}`;
-  return `reply ${type}`;
+  return replyTypeNames.get(type) ?? `reply ${type}`;
 }
 
 /** Largest READ/WRITE payload we advertise and accept by default (2^25, the spec's interoperable maximum). */

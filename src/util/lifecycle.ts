@@ -399,3 +399,13 @@ export function errorMessage(err: unknown): string {
   if (err instanceof Error) return err.message;
   return String(err);
 }
+
+/**
+ * A rejected promise for what a synchronous check threw: for hot-path
+ * functions that return a promise without being async (an async function
+ * costs a promise and a frame per call), so a failed check still rejects
+ * rather than throws, as it would in an async function.
+ */
+export function rejectWith(err: unknown): Promise<never> {
+  return Promise.reject(err instanceof Error ? err : new Error(String(err)));
+}
