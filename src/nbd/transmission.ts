@@ -67,6 +67,8 @@ export const defaultTransmissionOptions: TransmissionOptions = {
 
 /** CACHE reads ahead in pieces of this size, so a 4 GiB prefetch needs only this much memory. */
 const CACHE_PIECE = 1024 * 1024;
+/** Success replies batched per turn (replyOk): 64 of them, a size Node serves from its shared buffer pool. */
+const OK_BATCH_BYTES = 64 * SIMPLE_REPLY_HEADER_SIZE;
 /** At most this many block-status descriptors per reply (the spec allows fewer than asked for). */
 const MAX_EXTENTS = 65536;
 
@@ -110,6 +112,9 @@ export class Transmission {
   private inflightBytes = 0;
   private paused = false;
   private corked = false;
+  /** This turn's batch of success replies (replyOk), and how much of it is used. */
+  private okBatch: Buffer | undefined;
+  private okBatchUsed = 0;
   /** No more requests will be parsed (DISC, peer EOF, violation, or our end()). */
   private stopped = false;
   /** The client closed its side; what was received before is still served. */
@@ -481,7 +486,7 @@ export class Transmission {
         default:
           throw new Error(`unexpected command ${req.type}`);
       }
-      this.send(encodeSimpleReply(0, req.cookie));
+      this.replyOk(req.cookie);
     } catch (err) {
       ok = false;
       this.failRequest(req, err);
@@ -557,15 +562,48 @@ export class Transmission {
     this.send(this.structured ? encodeErrorChunk(cookie, error, message) : encodeSimpleReply(error, cookie));
   }
 
-  /** Queue a reply; with `recycle`, the buffer goes back to the pool once the socket is done with it. */
-  private send(buf: Buffer, recycle = false): void {
+  /**
+   * A success reply without payload (a write, flush, trim...): 16 bytes put
+   * into this turn's batch, which leaves as one buffer when the socket is
+   * uncorked. One socket write a turn instead of a Buffer and a write (with
+   * its bookkeeping in the stream) per reply. Replies may go in any order
+   * (the client matches them by cookie), so the batch need not keep its place
+   * among other replies.
+   */
+  private replyOk(cookie: bigint): void {
     if (this.closed || this.ended || this.socket.destroyed) return;
-    // Replies completed in one turn of the event loop leave in one writev instead of a syscall each.
+    this.corkForTurn();
+    let batch = this.okBatch;
+    if (!batch || this.okBatchUsed + SIMPLE_REPLY_HEADER_SIZE > batch.length) {
+      this.flushOkBatch();
+      // Small enough to come from Node's shared pool (allocUnsafe below 4 KiB): no fresh memory a turn.
+      batch = this.okBatch = Buffer.allocUnsafe(OK_BATCH_BYTES);
+    }
+    writeSimpleReplyHeader(batch, this.okBatchUsed, 0, cookie);
+    this.okBatchUsed += SIMPLE_REPLY_HEADER_SIZE;
+  }
+
+  private flushOkBatch(): void {
+    const batch = this.okBatch;
+    if (!batch) return;
+    this.okBatch = undefined;
+    if (this.okBatchUsed > 0 && !this.socket.destroyed) this.socket.write(batch.subarray(0, this.okBatchUsed));
+    this.okBatchUsed = 0;
+  }
+
+  /** Replies completed in one turn of the event loop leave in one writev instead of a syscall each. */
+  private corkForTurn(): void {
     if (!this.corked) {
       this.corked = true;
       this.socket.cork();
       setImmediate(this.uncork);
     }
+  }
+
+  /** Queue a reply; with `recycle`, the buffer goes back to the pool once the socket is done with it. */
+  private send(buf: Buffer, recycle = false): void {
+    if (this.closed || this.ended || this.socket.destroyed) return;
+    this.corkForTurn();
     if (recycle) {
       this.socket.write(buf, (err) => {
         if (!err) ioBuffers.release(buf);
@@ -576,6 +614,7 @@ export class Transmission {
   }
 
   private readonly uncork = (): void => {
+    this.flushOkBatch();
     this.corked = false;
     this.socket.uncork();
   };
@@ -631,6 +670,7 @@ export class Transmission {
     this.stopped = true;
     this.stash = [];
     this.socket.resume();
+    this.flushOkBatch();
     this.socket.end();
     void sleep(this.opts.endGraceMs, this.graceAbort.signal).then((elapsed) => {
       if (elapsed && !this.closed) {

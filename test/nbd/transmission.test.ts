@@ -364,6 +364,34 @@ test('64 pipelined writes in one burst, then 64 pipelined reads, all answered co
   });
 });
 
+test('200 pipelined writes then DISC: every success reply once, full 64-bit cookies, before the close', async () => {
+  // Success replies of one turn leave batched (64 to a buffer): the batch must carry each cookie exactly,
+  // spill into a second buffer past 64, and be written before the server closes after DISC.
+  await withServer(async (f) => {
+    const { client } = await f.open();
+    const base = 0xfedc_ba98_0000_0000n;
+    const burst = Buffer.concat([
+      ...Array.from({ length: 200 }, (_, i) => [
+        encodeRequestHeader({ type: Cmd.WRITE, cookie: base + BigInt(i) * 0x1_0001n, offset: i * 512, length: 512 }),
+        Buffer.alloc(512, i & 0xff),
+      ]).flat(),
+      encodeRequestHeader({ type: Cmd.DISC, cookie: 1n, offset: 0, length: 0 }),
+    ]);
+    client.send(burst);
+    const seen: bigint[] = [];
+    for (let i = 0; i < 200; i++) {
+      const m = await client.nextMessage();
+      assert.ok(m.kind === 'simple' && m.error === 0, `reply ${i} is a success`);
+      seen.push(m.cookie);
+    }
+    await client.expectClose();
+    assert.deepEqual(
+      seen.sort((a, b) => (a < b ? -1 : a > b ? 1 : 0)),
+      Array.from({ length: 200 }, (_, i) => base + BigInt(i) * 0x1_0001n),
+    );
+  });
+});
+
 test('replies go out as requests complete, out of order, matched by cookie', async () => {
   const dev = new ControlledDevice(new MemoryBlockDevice(SIZE));
   const f = await startServer([{ name: 'disk', device: dev }]);
