@@ -19,6 +19,7 @@ import { bdevState, decodeSuperblock } from '../../src/format/superblock.ts';
 import { hitRatio, hprint } from '../../src/bcache/stats.ts';
 import { captureLog } from '../../src/util/log.ts';
 import { defined } from '../../src/util/assert.ts';
+import { SimClock } from '../../src/util/clock.ts';
 import { assertNothingLeft } from './helpers.ts';
 import { makePair, mem, MiB, pattern } from './request-helpers.ts';
 
@@ -128,6 +129,53 @@ test('writethrough: both devices written; the clean copy enters the index after 
   await d.write(pattern(5, 0, 8), 0);
   assert.deepEqual(await readDev(d, 0, 8), pattern(5, 0, 8));
   await p.registry.stopAll();
+  assertNothingLeft();
+});
+
+test('writethrough: the copies one backing flush releases enter the index a few per turn of the event loop', async () => {
+  // Simulated time: the flusher's delay never passes, so all the copies wait for the FLUSH below.
+  const clock = new SimClock();
+  const p = await clock.run(makePair({ settings: { sequentialCutoff: 0 }, registry: { clock } }));
+  const d = p.dev.device;
+  const n = 200;
+  await clock.run(Promise.all(Array.from({ length: n }, (_, i) => d.write(pattern(6, i * 8, 8), i * 8 * S))));
+  const waiting = p.dev.request.fillsPending;
+  assert.ok(waiting >= n - 16, `${waiting} copies wait for a backing flush`);
+  // One turn after the flush completed, most copies are still waiting for their insert: inserting all
+  // of them in the completion held the event loop (and every reply) for milliseconds.
+  const stillOpen: number[] = [];
+  let first = true;
+  p.dev.backingIo.onFlushed(() => {
+    if (first) setImmediate(() => stillOpen.push(p.dev.request.tracker.openWindows));
+    first = false;
+  });
+  await clock.run(d.flush());
+  await clock.run(p.dev.request.settle());
+  assert.equal(stillOpen.length, 1);
+  assert.ok(
+    (stillOpen[0] ?? 0) >= waiting - 64,
+    `${stillOpen[0]} of ${waiting} copies still waiting a turn after the flush`,
+  );
+  assert.equal(p.dev.request.tracker.openWindows, 0);
+  for (let i = 0; i < n; i += 37) assert.deepEqual(await clock.run(readDev(d, i * 8, 8)), pattern(6, i * 8, 8));
+  assert.equal(p.dev.stats.total.cacheHits, Math.ceil(n / 37), 'every copy is in the index');
+  await clock.run(p.registry.stopAll());
+  assertNothingLeft();
+});
+
+test('writethrough: a stop right after a flush released the copies leaves nothing behind', async () => {
+  const clock = new SimClock();
+  const p = await clock.run(makePair({ settings: { sequentialCutoff: 0 }, registry: { clock } }));
+  const d = p.dev.device;
+  await clock.run(Promise.all(Array.from({ length: 300 }, (_, i) => d.write(pattern(7, i * 8, 8), i * 8 * S))));
+  let stopped: Promise<void> | undefined;
+  p.dev.backingIo.onFlushed(() => {
+    // In the flush's completion, with the released copies not yet inserted.
+    stopped ??= p.registry.stopAll();
+  });
+  await clock.run(d.flush());
+  await clock.run(defined(stopped));
+  assert.equal(p.dev.request.tracker.openWindows, 0);
   assertNothingLeft();
 });
 
