@@ -174,7 +174,7 @@ test('writethrough: a stop right after a flush released the copies leaves nothin
     stopped ??= p.registry.stopAll();
   });
   await clock.run(d.flush());
-  await clock.run(defined(stopped));
+  await clock.run(defined(stopped, 'the stop began in the flush completion'));
   assert.equal(p.dev.request.tracker.openWindows, 0);
   assertNothingLeft();
 });
