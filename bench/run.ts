@@ -37,7 +37,7 @@
 //
 // --only takes row names: micro, the export workloads (4k-randread-qd1, ...),
 // hit, gc, writeback, zipf, zipf-ra, slow-writeback, slow-writethrough, slow-seqread, scale,
-// ceph-randwrite, ceph-randread, ceph-zipf, admission. --runtime sets the length of
+// ceph-randwrite-hot, ceph-randwrite, ceph-randread, ceph-zipf, admission. --runtime sets the length of
 // every plain fio run (defaults: export 8 s, cache 10 s, slow-writeback 15 s,
 // scale writes 20 s); the Zipf runs last --zipf-runtime seconds (default 90,
 // or 3 x --runtime when that is given), cold and warm being its first and
@@ -404,7 +404,7 @@ async function main(): Promise<void> {
       rows.push(...r.rows);
       report['scale'] = r.json;
     }
-    if (suites.includes('ceph') && ['ceph-randwrite', 'ceph-randread', 'ceph-zipf'].some(want)) {
+    if (suites.includes('ceph') && ['ceph-randwrite-hot', 'ceph-randwrite', 'ceph-randread', 'ceph-zipf'].some(want)) {
       const why = missingCeph();
       if (why !== undefined) {
         progress(`ceph suite skipped: ${why}`);
