@@ -100,7 +100,7 @@ import {
 import { formatUuid } from '../format/uuid-text.ts';
 import { realClock, type Clock, type Timer } from '../util/clock.ts';
 import { Prng } from '../util/prng.ts';
-import { allDone, errorMessage, Mutex, WorkerScope } from '../util/lifecycle.ts';
+import { allDone, errorMessage, Mutex, rejectWith, WorkerScope } from '../util/lifecycle.ts';
 import { log } from '../util/log.ts';
 import { Allocator, RESERVE_BTREE } from './alloc.ts';
 import { Btree, type InsertResult, type LookupSegment } from './btree.ts';
@@ -750,7 +750,8 @@ export class CacheSet {
     if (ptr && ptrAvailable(ptr)) {
       const bucket = this.buckets.bucketOf(ptr);
       // Journaled in the open entry or an older one: durable once the write after this generation is.
-      if (sectors > 0 && bucket < this.dirtyGeneration.length) this.dirtyGeneration[bucket] = this.journal.writeGeneration;
+      if (sectors > 0 && bucket < this.dirtyGeneration.length)
+        this.dirtyGeneration[bucket] = this.journal.writeGeneration;
       this.bucketDirtyAdd(bucket, sectors);
     }
   }
@@ -887,7 +888,7 @@ export class CacheSet {
       try {
         entry = this.journal.addNow(keys);
       } catch (err) {
-        return Promise.reject(err instanceof Error ? err : new Error(String(err)));
+        return rejectWith(err);
       }
       if (entry) {
         const result: InsertResult = { sectors: 0, collisions: 0, inserted: [] };
@@ -896,7 +897,7 @@ export class CacheSet {
           left = this.btree.insertNow(keys, { journal: entry }, result);
         } catch (err) {
           this.journal.unpin(entry);
-          return Promise.reject(err instanceof Error ? err : new Error(String(err)));
+          return rejectWith(err);
         }
         if (left.length === 0) {
           this.journal.unpin(entry);

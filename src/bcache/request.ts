@@ -340,18 +340,16 @@ export class RequestPath {
 
   /** Drop the fills of an attachment that ended (detach finished, stop). */
   dropDeferred(att: RequestAttachment): void {
-    const keep: PendingFill[] = [];
-    for (const p of this.pending) {
-      if (p.att === att) this.finishFill(p, false);
-      else keep.push(p);
-    }
-    this.pending = keep;
-    const rest: PendingFill[] = [];
-    for (const p of this.released) {
-      if (p.att === att) this.finishFill(p, false);
-      else rest.push(p);
-    }
-    this.released = rest;
+    const others = (fills: PendingFill[]): PendingFill[] => {
+      const keep: PendingFill[] = [];
+      for (const p of fills) {
+        if (p.att === att) this.finishFill(p, false);
+        else keep.push(p);
+      }
+      return keep;
+    };
+    this.pending = others(this.pending);
+    this.released = others(this.released);
   }
 
   get requestsInFlight(): number {

@@ -18,6 +18,7 @@
 // under test must restart on it, exactly as it would after a real crash, and it
 // cannot keep writing to the old one by mistake.
 
+import { rejectWith } from '../util/lifecycle.ts';
 import { Prng } from '../util/prng.ts';
 import { MemoryBlockDevice } from './memory.ts';
 import {
@@ -60,7 +61,7 @@ function settle<T>(fn: () => T): Promise<T> {
   try {
     return Promise.resolve(fn());
   } catch (err) {
-    return Promise.reject(err instanceof Error ? err : new Error(String(err)));
+    return rejectWith(err);
   }
 }
 

@@ -2,6 +2,7 @@
 // crashable device. Storage is allocated lazily in 64 KiB chunks, so a large
 // sparse device costs only what is written; unwritten chunks are holes.
 
+import { rejectWith } from '../util/lifecycle.ts';
 import {
   checkRange,
   IoError,
@@ -19,7 +20,7 @@ function settle<T>(fn: () => T): Promise<T> {
   try {
     return Promise.resolve(fn());
   } catch (err) {
-    return Promise.reject(err instanceof Error ? err : new Error(String(err)));
+    return rejectWith(err);
   }
 }
 
