@@ -564,6 +564,34 @@ export class Btree {
    * recently used.
    */
   async lookup(inode: number, start: number, end: number): Promise<LookupSegment[]> {
+    const l = this.lookupVisitor(inode, start, end);
+    await this.scan(inode, start, { inode, offset: end }, l.begin);
+    return l.result();
+  }
+
+  /**
+   * lookup() without waiting, for the hit path: the same answer when the
+   * btree's lock is free and every node on the way is in memory (the common
+   * case), else undefined, and the caller awaits lookup(). No promise, no
+   * microtask hop.
+   */
+  lookupNow(inode: number, start: number, end: number): LookupSegment[] | undefined {
+    if (!this.lock.tryRead()) return undefined;
+    const l = this.lookupVisitor(inode, start, end);
+    try {
+      if (this.visitSync(this.root, inode, start, { inode, offset: end }, l.begin()) < 0) return undefined;
+    } finally {
+      this.lock.releaseRead();
+    }
+    return l.result();
+  }
+
+  /** lookup()'s visitor (`begin` starts it over, as scan() may) and its answer once the visit is done. */
+  private lookupVisitor(
+    inode: number,
+    start: number,
+    end: number,
+  ): { begin: () => (k: Bkey) => boolean; result: () => LookupSegment[] } {
     const buckets = this.host.buckets;
     const bucketSize = buckets.bucketSize;
     let out: LookupSegment[] = [];
@@ -601,13 +629,17 @@ export class Btree {
       }
       return k.offset < end;
     };
-    await this.scan(inode, start, { inode, offset: end }, () => {
-      out = [];
-      cursor = start;
-      return fn;
-    });
-    if (cursor < end) hole(end);
-    return out;
+    return {
+      begin: () => {
+        out = [];
+        cursor = start;
+        return fn;
+      },
+      result: () => {
+        if (cursor < end) hole(end);
+        return out;
+      },
+    };
   }
 
   /**

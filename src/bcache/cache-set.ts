@@ -836,6 +836,12 @@ export class CacheSet {
     return this.btree.lookup(inode, start, end);
   }
 
+  /** lookup() when it need not wait (Btree.lookupNow), else undefined: then await lookup(), which also reports a refusal. */
+  lookupNow(inode: number, start: number, end: number): LookupSegment[] | undefined {
+    if (this.refusal()) return undefined;
+    return this.btree.lookupNow(inode, start, end);
+  }
+
   async scanDirty(inode: number, from: number, max: number, to?: number): Promise<Bkey[]> {
     this.check();
     return this.btree.scanDirty(inode, from, max, to);

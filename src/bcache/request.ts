@@ -502,7 +502,7 @@ export class RequestPath {
     // rules it out, checked before the lookups for the same reason as `raced`.
     const raMax = bypass ? 0 : this.readaheadSectors(cs, end);
     const raRaced = raMax > 0 && tracker.activeOver(end, end + raMax);
-    const segs = await cs.lookup(att.inode, start, end);
+    const segs = cs.lookupNow(att.inode, start, end) ?? (await cs.lookup(att.inode, start, end));
     let miss = false;
     for (const s of segs) if (!s.hit) miss = true;
     this.dev.stats.markRead(!miss, bypass);
@@ -1052,7 +1052,7 @@ export class RequestPath {
     try {
       const waits = att.writeback.overlapping(start, end);
       if (waits) await Promise.all(waits);
-      const segs = await cs.lookup(att.inode, start, end);
+      const segs = cs.lookupNow(att.inode, start, end) ?? (await cs.lookup(att.inode, start, end));
       const clean: LookupSegment[] = [];
       const dirty: LookupSegment[] = [];
       for (const s of segs) {

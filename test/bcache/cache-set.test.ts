@@ -81,3 +81,34 @@ test('a new set: insert, look up, stop, reopen, everything is there', async () =
   await cs2.stop();
   assertNothingLeft();
 });
+
+test('lookupNow answers as lookup does, and leaves it to lookup while a writer holds the btree or the set is stopped', async () => {
+  const dev = new MemoryBlockDevice(32 * MiB);
+  await formatCache(dev, { bucketSize: 64, blockSize: 1 });
+  const cs = await CacheSet.open(dev, { closeDevice: false });
+  await writeData(cs, 1, 100, 40, 7, true);
+  await writeData(cs, 1, 120, 8, 9, false);
+  await writeData(cs, 1, 300, 24, 5, false);
+  await writeData(cs, 2, 0, 16, 3, false);
+  const ranges: Array<[number, number, number]> = [
+    [1, 95, 145],
+    [1, 0, 1000],
+    [1, 120, 128],
+    [1, 141, 299],
+    [2, 0, 16],
+    [3, 0, 64],
+  ];
+  for (const [inode, start, end] of ranges) {
+    const now = cs.lookupNow(inode, start, end);
+    assert.ok(now, `lookupNow(${inode}, ${start}, ${end}) had to wait with nothing to wait for`);
+    assert.deepEqual(now, await cs.lookup(inode, start, end), `lookupNow(${inode}, ${start}, ${end})`);
+  }
+  assert.ok(cs.btree.lock.tryWrite());
+  assert.equal(cs.lookupNow(1, 95, 145), undefined, 'a lookup without waiting while a writer holds the btree');
+  cs.btree.lock.releaseWrite();
+  assert.ok(cs.lookupNow(1, 95, 145));
+  await cs.stop();
+  assert.equal(cs.lookupNow(1, 95, 145), undefined, 'a stopped set answers nothing without waiting');
+  await assert.rejects(cs.lookup(1, 95, 145));
+  assertNothingLeft();
+});
