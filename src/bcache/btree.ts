@@ -542,16 +542,25 @@ export class Btree {
     limit: { inode: number; offset: number },
     begin: () => (k: Bkey) => boolean,
   ): Promise<void> {
-    if (this.lock.tryRead()) {
-      try {
-        if (this.visitSync(this.root, inode, from, limit, begin()) >= 0) return;
-      } finally {
-        this.lock.releaseRead();
-      }
-    }
+    if (this.scanNow(inode, from, limit, begin)) return;
     await this.takeRead();
     try {
       await this.visit(this.root, inode, from, limit, begin());
+    } finally {
+      this.lock.releaseRead();
+    }
+  }
+
+  /** scan()'s attempt without waiting: true when the lock was free and the walk met no node on disk. */
+  private scanNow(
+    inode: number,
+    from: number,
+    limit: { inode: number; offset: number },
+    begin: () => (k: Bkey) => boolean,
+  ): boolean {
+    if (!this.lock.tryRead()) return false;
+    try {
+      return this.visitSync(this.root, inode, from, limit, begin()) >= 0;
     } finally {
       this.lock.releaseRead();
     }
@@ -576,14 +585,8 @@ export class Btree {
    * microtask hop.
    */
   lookupNow(inode: number, start: number, end: number): LookupSegment[] | undefined {
-    if (!this.lock.tryRead()) return undefined;
     const l = this.lookupVisitor(inode, start, end);
-    try {
-      if (this.visitSync(this.root, inode, start, { inode, offset: end }, l.begin()) < 0) return undefined;
-    } finally {
-      this.lock.releaseRead();
-    }
-    return l.result();
+    return this.scanNow(inode, start, { inode, offset: end }, l.begin) ? l.result() : undefined;
   }
 
   /** lookup()'s visitor (`begin` starts it over, as scan() may) and its answer once the visit is done. */
