@@ -139,6 +139,7 @@ export class BtreeNode {
 }
 
 export function u64sOf(keys: readonly Bkey[] | KeyList): number {
+  if (keys instanceof KeyList) return keys.u64s();
   let n = 0;
   keys.forEach((k) => (n += bkeyU64s(k)));
   return n;

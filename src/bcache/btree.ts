@@ -85,6 +85,9 @@ export function appendAtU64s(blockBytes: number): number {
 }
 
 /** What the tree needs from the cache set around it. */
+/** Sees a leaf's key at position `at` of `keys` (read the columns, build the key only if needed); false stops the walk. */
+type LeafVisitor = (keys: KeyList, at: number) => boolean;
+
 export interface BtreeHost {
   io: CacheIo;
   geo: NodeGeometry;
@@ -481,12 +484,12 @@ export class Btree {
     inode: number,
     from: number,
     limit: { inode: number; offset: number },
-    fn: (k: Bkey) => boolean,
+    fn: LeafVisitor,
   ): Promise<boolean> {
     const keys = node.keys;
     if (node.isLeaf) {
       node.lastUse = ++this.clock;
-      for (let p = keys.seekAfter(inode, from); p >= 0; p = keys.next(p)) if (!fn(keys.keyAt(p))) return true;
+      for (let p = keys.seekAfter(inode, from); p >= 0; p = keys.next(p)) if (!fn(keys, p)) return true;
       return false;
     }
     let prev: Bkey | undefined;
@@ -510,12 +513,12 @@ export class Btree {
     inode: number,
     from: number,
     limit: { inode: number; offset: number },
-    fn: (k: Bkey) => boolean,
+    fn: LeafVisitor,
   ): number {
     const keys = node.keys;
     if (node.isLeaf) {
       node.lastUse = ++this.clock;
-      for (let p = keys.seekAfter(inode, from); p >= 0; p = keys.next(p)) if (!fn(keys.keyAt(p))) return 1;
+      for (let p = keys.seekAfter(inode, from); p >= 0; p = keys.next(p)) if (!fn(keys, p)) return 1;
       return 0;
     }
     let prev: Bkey | undefined;
@@ -540,7 +543,7 @@ export class Btree {
     inode: number,
     from: number,
     limit: { inode: number; offset: number },
-    begin: () => (k: Bkey) => boolean,
+    begin: () => LeafVisitor,
   ): Promise<void> {
     if (this.scanNow(inode, from, limit, begin)) return;
     await this.takeRead();
@@ -556,7 +559,7 @@ export class Btree {
     inode: number,
     from: number,
     limit: { inode: number; offset: number },
-    begin: () => (k: Bkey) => boolean,
+    begin: () => LeafVisitor,
   ): boolean {
     if (!this.lock.tryRead()) return false;
     try {
@@ -594,7 +597,7 @@ export class Btree {
     inode: number,
     start: number,
     end: number,
-  ): { begin: () => (k: Bkey) => boolean; result: () => LookupSegment[] } {
+  ): { begin: () => LeafVisitor; result: () => LookupSegment[] } {
     const buckets = this.host.buckets;
     const bucketSize = buckets.bucketSize;
     let out: LookupSegment[] = [];
@@ -609,10 +612,11 @@ export class Btree {
         out.push(staleKey ? { start: cursor, end: to, hit: null, staleKey } : { start: cursor, end: to, hit: null });
       cursor = to;
     };
-    const fn = (k: Bkey): boolean => {
-      if (k.inode !== inode) return false;
-      const ks = k.offset - k.size;
+    const fn = (keys: KeyList, at: number): boolean => {
+      if (keys.inodeAt(at) !== inode) return false;
+      const ks = keys.endAt(at) - keys.sizeAt(at);
       if (ks >= end) return false;
+      const k = keys.keyAt(at);
       const s = Math.max(ks, start);
       const e = Math.min(k.offset, end);
       if (s > cursor) hole(s);
@@ -654,9 +658,11 @@ export class Btree {
     let out: Bkey[] = [];
     await this.scan(inode, from, { inode, offset: to }, () => {
       out = [];
-      return (k) => {
-        if (k.inode !== inode || k.offset - k.size >= to) return false;
-        if (k.dirty && !k.ptrs.some((q) => buckets.stale(q) > 0)) out.push(k);
+      return (keys, at) => {
+        if (keys.inodeAt(at) !== inode || keys.endAt(at) - keys.sizeAt(at) >= to) return false;
+        if (!keys.dirtyAt(at)) return true;
+        const k = keys.keyAt(at);
+        if (!k.ptrs.some((q) => buckets.stale(q) > 0)) out.push(k);
         return out.length < max;
       };
     });
@@ -684,12 +690,14 @@ export class Btree {
       out = [];
       next = -1;
       let visited = 0;
-      return (k) => {
-        if (k.inode !== inode) return false;
-        const p = k.ptrs[0];
-        if (k.dirty && p && want(p) && !k.ptrs.some((q) => buckets.stale(q) > 0)) out.push(k);
+      return (keys, at) => {
+        if (keys.inodeAt(at) !== inode) return false;
+        if (keys.dirtyAt(at) && keys.ptrCountAt(at) > 0) {
+          const k = keys.keyAt(at);
+          if (want(k.ptrs[0] as BkeyPtr) && !k.ptrs.some((q) => buckets.stale(q) > 0)) out.push(k);
+        }
         if (++visited < visitMax) return true;
-        next = k.offset;
+        next = keys.endAt(at);
         return false;
       };
     });
@@ -701,7 +709,8 @@ export class Btree {
     await this.takeRead();
     try {
       const out: Bkey[] = [];
-      await this.visit(this.root, inode, start, { inode, offset: end }, (k) => {
+      await this.visit(this.root, inode, start, { inode, offset: end }, (keys, at) => {
+        const k = keys.keyAt(at);
         if (k.inode !== inode || k.offset - k.size >= end) return false;
         out.push(k);
         return true;

@@ -130,12 +130,12 @@ export function replaceableSectors(keys: KeyList, k: Bkey, expected: Bkey): numb
   const s = k.offset - k.size;
   let found = 0;
   for (let p = keys.seekAfter(k.inode, s); p >= 0; p = keys.next(p)) {
-    const x = keys.keyAt(p);
-    const xs = x.offset - x.size;
-    if (x.inode !== k.inode || xs >= k.offset) break;
+    const xe = keys.endAt(p);
+    const xs = xe - keys.sizeAt(p);
+    if (keys.inodeAt(p) !== k.inode || xs >= k.offset) break;
     if (xs > s + found) break;
-    if (!matchesExpected(x, expected)) break;
-    found = x.offset - s;
+    if (!matchesExpected(keys.keyAt(p), expected)) break;
+    found = xe - s;
   }
   return Math.min(found, k.size);
 }
@@ -163,18 +163,26 @@ export function insertExtent(keys: KeyList, k: Bkey, options: InsertOptions = {}
   let tail: Bkey | undefined;
   const sink = options.dirty;
   let delta = 0;
+  // The overlapping keys are read from the list's columns; only a key that
+  // is cut (at most the first and the last) is built as an object.
   for (let p = at; p >= 0; p = keys.next(p)) {
-    const x = keys.keyAt(p);
-    const xs = x.offset - x.size;
-    if (x.inode !== ins.inode || xs >= e) break;
-    delta -= 2 + x.ptrs.length;
-    if (x.dirty && sink) {
+    const xe = keys.endAt(p);
+    const xs = xe - keys.sizeAt(p);
+    if (keys.inodeAt(p) !== ins.inode || xs >= e) break;
+    const nptrs = keys.ptrCountAt(p);
+    delta -= 2 + nptrs;
+    if (sink && keys.dirtyAt(p)) {
       const from = Math.max(xs, s);
-      sink(x.inode, from, -(Math.min(x.offset, e) - from), x.ptrs[0]);
+      const ptr =
+        nptrs > 0 ? { dev: keys.ptrDevAt(p), offset: keys.ptrOffsetAt(p), gen: keys.ptrGenAt(p), spare: 0 } : undefined;
+      sink(ins.inode, from, -(Math.min(xe, e) - from), ptr);
     }
     // Only the first overlapping key can start before `s`, only the last end after `e`.
-    if (xs < s) head = cutBack(x, s);
-    if (x.offset > e) tail = cutFront(x, e);
+    if (xs < s || xe > e) {
+      const x = keys.keyAt(p);
+      if (xs < s) head = cutBack(x, s);
+      if (xe > e) tail = cutFront(x, e);
+    }
     removed++;
   }
   const keep = ins.ptrs.length > 0 || options.keepEmpty === true;

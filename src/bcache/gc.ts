@@ -40,6 +40,7 @@ import { log } from '../util/log.ts';
 import type { Allocator } from './alloc.ts';
 import type { Btree } from './btree.ts';
 import type { BtreeNode } from './btree-node.ts';
+import type { KeyList } from './keylist.ts';
 import {
   BTREE_PRIO,
   GC_MARK_DIRTY,
@@ -99,6 +100,30 @@ export function markKey(b: Buckets, into: MarkArrays, level: number, k: Bkey): n
     into.used[i] = used > MAX_GC_SECTORS_USED ? MAX_GC_SECTORS_USED : used;
   }
   return result;
+}
+
+/**
+ * markKey() for a leaf's key at position `p` of `keys`, read from the list's
+ * columns: no key object is built for the common key with one pointer (GC's
+ * walk visits every key of the tree).
+ */
+export function markLeafKeyAt(b: Buckets, into: MarkArrays, keys: KeyList, p: number): number {
+  const nptrs = keys.ptrCountAt(p);
+  if (nptrs !== 1) return markKey(b, into, 0, keys.keyAt(p));
+  if (keys.inodeAt(p) === 0 && keys.endAt(p) === 0) return MARK_NONE;
+  if (keys.ptrDevAt(p) >= MAX_CACHES_PER_SET) return MARK_NONE;
+  const i = Math.floor(keys.ptrOffsetAt(p) / b.bucketSize);
+  if (i >= b.nbuckets) return MARK_NONE;
+  const gen = keys.ptrGenAt(p);
+  const older = ((into.lastGc[i] as number) - gen) & 0xff;
+  if (older !== 0 && older <= 128) into.lastGc[i] = gen;
+  const stale = ((b.gen[i] as number) - gen) & 0xff;
+  if (stale !== 0 && stale <= 128) return MARK_STALE;
+  if (keys.dirtyAt(p)) into.mark[i] = GC_MARK_DIRTY;
+  else if (into.mark[i] === GC_MARK_FREE) into.mark[i] = GC_MARK_RECLAIMABLE;
+  const used = (into.used[i] as number) + keys.sizeAt(p);
+  into.used[i] = used > MAX_GC_SECTORS_USED ? MAX_GC_SECTORS_USED : used;
+  return MARK_LIVE;
 }
 
 /**
@@ -391,12 +416,13 @@ export class Gc {
       let stale = 0;
       let n = 0;
       const leaf = found;
-      leaf.keys.forEach((k) => {
+      const keys = leaf.keys;
+      for (let p = keys.start(); p >= 0; p = keys.next(p)) {
         n++;
-        const r = markKey(b, fresh, 0, k);
+        const r = markLeafKeyAt(b, fresh, keys, p);
         if (r === MARK_STALE) stale++;
-        else if (r === MARK_LIVE) st.data += k.size;
-      });
+        else if (r === MARK_LIVE) st.data += keys.sizeAt(p);
+      }
       st.keys += n;
       st.nodes++;
       if (stale > 0 && stale * 2 > n) st.staleLeaves.push(leaf);

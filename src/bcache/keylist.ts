@@ -1,24 +1,37 @@
 // The keys of one btree node in memory: a sorted run of keys kept in small
-// chunks instead of one array.
+// chunks, each chunk a pair of typed arrays (columns), not objects.
 //
 // Why chunks: a leaf holds thousands of keys (about 2,700 in a 64 KiB node,
-// 10,000 in a 256 KiB one), and a plain array pays for every insert by
-// moving half of them. In V8 that move is not a memmove: an array that lives
-// in the old generation records each moved slot for the garbage collector,
-// about 2 ns a slot, so one 4 KiB write cost ~5 µs in the splice alone (the
-// largest single item in the writeback profile, docs/performance.md). With
-// chunks of at most CHUNK_MAX keys an insert moves at most that many slots
-// and finding a position is two binary searches (chunk, then key).
+// 10,000 in a 256 KiB one), and one flat run pays for every insert by moving
+// half of them. With chunks of at most CHUNK_MAX keys an insert moves at most
+// that many and finding a position is two binary searches (chunk, then key).
+//
+// Why columns: a key as a JS object (a Bkey, its ptrs array and a BkeyPtr)
+// took about 225 bytes of heap, and every one lived as long as its leaf, in
+// V8's old generation, where the collector traces and marks each of them (a
+// 256 GiB cache's 500k keys were 107 MiB and a tenth of the write path's CPU
+// in GC). Here a key is 32 bytes of typed arrays that the collector does not
+// look into, and moving keys is a memmove (copyWithin) with no write barrier.
+//
+// Per key: four u32s (inode; size; the header's spare bits; a flags word with
+// the first pointer's dev, gen and spare bit, the dirty bit and the pointer
+// count) and two f64s (the end offset; the first pointer's offset). Offsets
+// are exact in an f64 (they are below 2^53, see format/bkey.ts). A key with
+// more than one pointer (flash-only or multi-device sets, never a plain
+// single-cache writeback key) keeps the rest in the chunk's `more` array.
 //
 // Positions are plain numbers, chunk * POS_STRIDE + index, so that walking
-// keys on the hit path allocates nothing: `seekAfter` finds the first key
-// after a position, `next` steps, `keyAt` reads. A position is valid only
+// keys allocates nothing: `seekAfter` finds the first key after a position,
+// `next` steps, the column readers (`inodeAt`, `endAt`, `sizeAt`, `dirtyAt`,
+// `ptrCountAt`, `ptrOffsetAt`, `ptrGenAt`, `ptrDevAt`) read fields, and
+// `keyAt` builds a Bkey (a fresh, short-lived object: the young generation
+// makes those cheap; keys are values, extents.ts). A position is valid only
 // until the list changes.
 //
 // The list does not know about extents: extents.ts keeps it sorted and
 // non-overlapping (insertExtent is its only writer besides `from`).
 
-import { posCmp, type Bkey } from '../format/bkey.ts';
+import { posCmp, type Bkey, type BkeyPtr } from '../format/bkey.ts';
 
 /** A chunk that grows past this is split in two. */
 const CHUNK_MAX = 128;
@@ -26,11 +39,122 @@ const CHUNK_MAX = 128;
 const CHUNK_FILL = 96;
 /** Neighbouring chunks whose keys together fit in this are merged after removals. */
 const CHUNK_MERGE = 64;
+/** Room past chunkMax: an insert adds up to three keys (head, key, tail) before the chunk is split. */
+const CHUNK_SLACK = 4;
 /** Position encoding: chunk * POS_STRIDE + index (index < POS_STRIDE). */
 const POS_STRIDE = 0x10000;
 
+/** u32 slots per key and their order. */
+const U = 4;
+const U_INODE = 0;
+const U_SIZE = 1;
+const U_SPARE = 2;
+const U_FLAGS = 3;
+/** f64 slots per key: end offset, first pointer's offset. */
+const F = 2;
+
+// The flags word.
+const FL_DEV_MASK = 0xfff;
+const FL_GEN_SHIFT = 12;
+const FL_PSPARE_SHIFT = 20;
+const FL_DIRTY = 1 << 21;
+const FL_NPTRS_SHIFT = 22;
+
+class Chunk {
+  n = 0;
+  readonly u: Uint32Array;
+  readonly f: Float64Array;
+  /** Pointers after the first, per slot, for keys that have them; allocated on the first such key. */
+  more: (BkeyPtr[] | undefined)[] | undefined;
+
+  readonly cap: number;
+
+  constructor(cap: number) {
+    this.cap = cap;
+    this.u = new Uint32Array(cap * U);
+    this.f = new Float64Array(cap * F);
+  }
+
+  put(i: number, k: Bkey): void {
+    const b = i * U;
+    const u = this.u;
+    const ptrs = k.ptrs;
+    const np = ptrs.length;
+    const p = ptrs[0];
+    u[b + U_INODE] = k.inode;
+    u[b + U_SIZE] = k.size;
+    u[b + U_SPARE] = k.spare;
+    u[b + U_FLAGS] =
+      (p === undefined
+        ? 0
+        : (p.dev & FL_DEV_MASK) | ((p.gen & 0xff) << FL_GEN_SHIFT) | ((p.spare & 1) << FL_PSPARE_SHIFT)) |
+      (k.dirty ? FL_DIRTY : 0) |
+      (np << FL_NPTRS_SHIFT);
+    this.f[i * F] = k.offset;
+    this.f[i * F + 1] = p === undefined ? 0 : p.offset;
+    if (np > 1) {
+      this.more ??= new Array<BkeyPtr[] | undefined>(this.cap).fill(undefined);
+      this.more[i] = ptrs.slice(1).map((q) => ({ dev: q.dev, offset: q.offset, gen: q.gen, spare: q.spare }));
+    } else if (this.more !== undefined) {
+      this.more[i] = undefined;
+    }
+  }
+
+  get(i: number): Bkey {
+    const b = i * U;
+    const u = this.u;
+    const flags = u[b + U_FLAGS] as number;
+    const np = flags >>> FL_NPTRS_SHIFT;
+    const ptrs: BkeyPtr[] = [];
+    if (np > 0) {
+      ptrs.push({
+        dev: flags & FL_DEV_MASK,
+        offset: this.f[i * F + 1] as number,
+        gen: (flags >>> FL_GEN_SHIFT) & 0xff,
+        spare: (flags >>> FL_PSPARE_SHIFT) & 1,
+      });
+      const rest = np > 1 ? this.more?.[i] : undefined;
+      if (rest !== undefined)
+        for (const q of rest) ptrs.push({ dev: q.dev, offset: q.offset, gen: q.gen, spare: q.spare });
+    }
+    return {
+      inode: u[b + U_INODE] as number,
+      offset: this.f[i * F] as number,
+      size: u[b + U_SIZE] as number,
+      dirty: (flags & FL_DIRTY) !== 0,
+      ptrs,
+      spare: u[b + U_SPARE] as number,
+    };
+  }
+
+  /** Move slots [from, to) to start at `dest` (within this chunk). */
+  move(dest: number, from: number, to: number): void {
+    this.u.copyWithin(dest * U, from * U, to * U);
+    this.f.copyWithin(dest * F, from * F, to * F);
+    this.more?.copyWithin(dest, from, to);
+  }
+
+  /** Copy slots [from, to) of `src` to this chunk from `dest` on. */
+  copyFrom(src: Chunk, from: number, to: number, dest: number): void {
+    this.u.set(src.u.subarray(from * U, to * U), dest * U);
+    this.f.set(src.f.subarray(from * F, to * F), dest * F);
+    if (src.more !== undefined) {
+      this.more ??= new Array<BkeyPtr[] | undefined>(this.cap).fill(undefined);
+      for (let j = from; j < to; j++) this.more[dest + j - from] = src.more[j];
+    } else if (this.more !== undefined) {
+      for (let j = from; j < to; j++) this.more[dest + j - from] = undefined;
+    }
+  }
+
+  /** Is the key in slot i at or before (inode, offset)? */
+  atOrBefore(i: number, inode: number, offset: number): boolean {
+    const ki = this.u[i * U + U_INODE] as number;
+    return ki < inode || (ki === inode && (this.f[i * F] as number) <= offset);
+  }
+}
+
 export class KeyList implements Iterable<Bkey> {
-  private chunks: Bkey[][] = [];
+  private chunks: Chunk[] = [];
   private count = 0;
   private readonly chunkMax: number;
   private readonly chunkFill: number;
@@ -38,7 +162,7 @@ export class KeyList implements Iterable<Bkey> {
 
   /** `chunkMax` is for tests (tiny chunks exercise every split and merge). */
   constructor(chunkMax = CHUNK_MAX) {
-    if (chunkMax < 2 || chunkMax >= POS_STRIDE) throw new RangeError(`KeyList: chunk size ${chunkMax}`);
+    if (chunkMax < 2 || chunkMax >= POS_STRIDE - CHUNK_SLACK) throw new RangeError(`KeyList: chunk size ${chunkMax}`);
     this.chunkMax = chunkMax;
     this.chunkFill = chunkMax === CHUNK_MAX ? CHUNK_FILL : Math.max(1, Math.floor((chunkMax * 3) / 4));
     this.chunkMerge = chunkMax === CHUNK_MAX ? CHUNK_MERGE : Math.max(1, Math.floor(chunkMax / 2));
@@ -47,9 +171,26 @@ export class KeyList implements Iterable<Bkey> {
   /** A list holding `keys` (sorted by position; not checked). */
   static from(keys: readonly Bkey[], chunkMax?: number): KeyList {
     const list = new KeyList(chunkMax);
-    for (let i = 0; i < keys.length; i += list.chunkFill) list.chunks.push(keys.slice(i, i + list.chunkFill));
+    list.chunks = list.chunksOf(keys);
     list.count = keys.length;
     return list;
+  }
+
+  /** `keys` in new chunks filled to chunkFill. */
+  private chunksOf(keys: readonly Bkey[]): Chunk[] {
+    const out: Chunk[] = [];
+    for (let at = 0; at < keys.length; at += this.chunkFill) {
+      const ch = this.newChunk();
+      const end = Math.min(keys.length, at + this.chunkFill);
+      for (let j = at; j < end; j++) ch.put(j - at, keys[j] as Bkey);
+      ch.n = end - at;
+      out.push(ch);
+    }
+    return out;
+  }
+
+  private newChunk(): Chunk {
+    return new Chunk(this.chunkMax + CHUNK_SLACK);
   }
 
   get length(): number {
@@ -57,27 +198,43 @@ export class KeyList implements Iterable<Bkey> {
   }
 
   toArray(): Bkey[] {
-    if (this.chunks.length === 1) return (this.chunks[0] as Bkey[]).slice();
-    const out: Bkey[] = [];
-    for (const c of this.chunks) for (const k of c) out.push(k);
+    const out: Bkey[] = new Array<Bkey>(this.count);
+    let o = 0;
+    for (const c of this.chunks) for (let i = 0; i < c.n; i++) out[o++] = c.get(i);
     return out;
   }
 
   first(): Bkey | undefined {
-    return this.chunks[0]?.[0];
+    const c = this.chunks[0];
+    return c === undefined ? undefined : c.get(0);
   }
 
   last(): Bkey | undefined {
     const c = this.chunks[this.chunks.length - 1];
-    return c?.[c.length - 1];
+    return c === undefined ? undefined : c.get(c.n - 1);
   }
 
   forEach(fn: (k: Bkey) => void): void {
-    for (const c of this.chunks) for (const k of c) fn(k);
+    for (const c of this.chunks) for (let i = 0; i < c.n; i++) fn(c.get(i));
   }
 
   *[Symbol.iterator](): Iterator<Bkey> {
-    for (const c of this.chunks) yield* c;
+    for (const c of this.chunks) for (let i = 0; i < c.n; i++) yield c.get(i);
+  }
+
+  /** The on-disk size of the keys in u64s (two a key, one a pointer). */
+  u64s(): number {
+    let n = 0;
+    for (const c of this.chunks) {
+      const u = c.u;
+      for (let i = 0; i < c.n; i++) n += 2 + ((u[i * U + U_FLAGS] as number) >>> FL_NPTRS_SHIFT);
+    }
+    return n;
+  }
+
+  /** Position of the first key, or -1 if the list is empty. */
+  start(): number {
+    return this.count > 0 ? 0 : -1;
   }
 
   /** Position of the first key whose (inode, offset) is after (inode, offset), or -1 if none is. */
@@ -88,28 +245,66 @@ export class KeyList implements Iterable<Bkey> {
     let hi = chunks.length;
     while (lo < hi) {
       const mid = (lo + hi) >>> 1;
-      const c = chunks[mid] as Bkey[];
-      const k = c[c.length - 1] as Bkey;
-      if (k.inode < inode || (k.inode === inode && k.offset <= offset)) lo = mid + 1;
+      const c = chunks[mid] as Chunk;
+      if (c.atOrBefore(c.n - 1, inode, offset)) lo = mid + 1;
       else hi = mid;
     }
     if (lo === chunks.length) return -1;
-    const c = chunks[lo] as Bkey[];
+    const c = chunks[lo] as Chunk;
     let a = 0;
-    let b = c.length - 1;
+    let b = c.n - 1;
     while (a < b) {
       const mid = (a + b) >>> 1;
-      const k = c[mid] as Bkey;
-      if (k.inode < inode || (k.inode === inode && k.offset <= offset)) a = mid + 1;
+      if (c.atOrBefore(mid, inode, offset)) a = mid + 1;
       else b = mid;
     }
     return lo * POS_STRIDE + a;
   }
 
+  /** The chunk holding position `pos` (throws past the end). */
+  private chunkAt(pos: number): Chunk {
+    const c = this.chunks[Math.floor(pos / POS_STRIDE)];
+    if (c === undefined || pos < 0 || pos % POS_STRIDE >= c.n)
+      throw new RangeError(`KeyList: no key at position ${pos}`);
+    return c;
+  }
+
   keyAt(pos: number): Bkey {
-    const k = this.chunks[Math.floor(pos / POS_STRIDE)]?.[pos % POS_STRIDE];
-    if (k === undefined) throw new RangeError(`KeyList: no key at position ${pos}`);
-    return k;
+    return this.chunkAt(pos).get(pos % POS_STRIDE);
+  }
+
+  inodeAt(pos: number): number {
+    return this.chunkAt(pos).u[(pos % POS_STRIDE) * U + U_INODE] as number;
+  }
+
+  /** KEY_OFFSET: the end sector. */
+  endAt(pos: number): number {
+    return this.chunkAt(pos).f[(pos % POS_STRIDE) * F] as number;
+  }
+
+  sizeAt(pos: number): number {
+    return this.chunkAt(pos).u[(pos % POS_STRIDE) * U + U_SIZE] as number;
+  }
+
+  dirtyAt(pos: number): boolean {
+    return ((this.chunkAt(pos).u[(pos % POS_STRIDE) * U + U_FLAGS] as number) & FL_DIRTY) !== 0;
+  }
+
+  ptrCountAt(pos: number): number {
+    return (this.chunkAt(pos).u[(pos % POS_STRIDE) * U + U_FLAGS] as number) >>> FL_NPTRS_SHIFT;
+  }
+
+  /** The first pointer's fields (0 when the key has none). */
+  ptrOffsetAt(pos: number): number {
+    return this.chunkAt(pos).f[(pos % POS_STRIDE) * F + 1] as number;
+  }
+
+  ptrGenAt(pos: number): number {
+    return ((this.chunkAt(pos).u[(pos % POS_STRIDE) * U + U_FLAGS] as number) >>> FL_GEN_SHIFT) & 0xff;
+  }
+
+  ptrDevAt(pos: number): number {
+    return (this.chunkAt(pos).u[(pos % POS_STRIDE) * U + U_FLAGS] as number) & FL_DEV_MASK;
   }
 
   /** The position after `pos`, or -1 at the end. */
@@ -117,7 +312,7 @@ export class KeyList implements Iterable<Bkey> {
     const c = Math.floor(pos / POS_STRIDE);
     const i = pos % POS_STRIDE;
     const chunk = this.chunks[c];
-    if (chunk !== undefined && i + 1 < chunk.length) return pos + 1;
+    if (chunk !== undefined && i + 1 < chunk.n) return pos + 1;
     return c + 1 < this.chunks.length ? (c + 1) * POS_STRIDE : -1;
   }
 
@@ -134,8 +329,8 @@ export class KeyList implements Iterable<Bkey> {
     // one: store in place, no slots moved, no chunk reshaped.
     if (remove > 0 && remove <= pieces.length) {
       const chunk = chunks[c];
-      if (chunk !== undefined && i + remove <= chunk.length) {
-        for (let j = 0; j < remove; j++) chunk[i + j] = pieces[j] as Bkey;
+      if (chunk !== undefined && i + remove <= chunk.n) {
+        for (let j = 0; j < remove; j++) chunk.put(i + j, pieces[j] as Bkey);
         if (remove === pieces.length) return;
         this.splice(pos + remove, 0, pieces.slice(remove));
         return;
@@ -148,12 +343,13 @@ export class KeyList implements Iterable<Bkey> {
     while (left > 0) {
       const chunk = chunks[rc];
       if (chunk === undefined) throw new RangeError(`KeyList: removing ${remove} keys past the end`);
-      const take = Math.min(left, chunk.length - ri);
-      if (take === chunk.length) {
+      const take = Math.min(left, chunk.n - ri);
+      if (take === chunk.n) {
         chunks.splice(rc, 1);
       } else {
-        chunk.splice(ri, take);
-        if (ri === chunk.length) {
+        chunk.move(ri, ri + take, chunk.n);
+        chunk.n -= take;
+        if (ri === chunk.n) {
           rc++;
           ri = 0;
         }
@@ -164,25 +360,46 @@ export class KeyList implements Iterable<Bkey> {
     if (pieces.length > 0) {
       if (c >= chunks.length) {
         // At the end: append to the last chunk (or start one).
-        if (chunks.length === 0) chunks.push([]);
+        if (chunks.length === 0) chunks.push(this.newChunk());
         c = chunks.length - 1;
-        i = (chunks[c] as Bkey[]).length;
+        i = (chunks[c] as Chunk).n;
       }
-      const chunk = chunks[c] as Bkey[];
-      if (pieces.length === 1) chunk.splice(i, 0, pieces[0] as Bkey);
-      else chunk.splice(i, 0, ...pieces);
+      const chunk = chunks[c] as Chunk;
       this.count += pieces.length;
-      if (chunk.length > this.chunkMax) {
-        // Split into chunks filled to about chunkFill (two halves when the chunk just overflowed).
-        const parts = Math.ceil(chunk.length / this.chunkFill);
-        const per = Math.ceil(chunk.length / parts);
-        const rest: Bkey[][] = [];
-        for (let from = per; from < chunk.length; from += per) rest.push(chunk.slice(from, from + per));
-        chunk.length = per;
-        chunks.splice(c + 1, 0, ...rest);
+      if (chunk.n + pieces.length <= chunk.cap) {
+        chunk.move(i + pieces.length, i, chunk.n);
+        for (let j = 0; j < pieces.length; j++) chunk.put(i + j, pieces[j] as Bkey);
+        chunk.n += pieces.length;
+        if (chunk.n > this.chunkMax) this.split(c);
+      } else {
+        // More pieces than the slack holds (not an extent insert): rebuild this chunk's keys.
+        const keys: Bkey[] = [];
+        for (let j = 0; j < i; j++) keys.push(chunk.get(j));
+        for (const k of pieces) keys.push(k);
+        for (let j = i; j < chunk.n; j++) keys.push(chunk.get(j));
+        chunks.splice(c, 1, ...this.chunksOf(keys));
       }
     }
     if (remove > 0) this.mergeAround(Math.min(c, chunks.length - 1));
+  }
+
+  /** Split chunk c into chunks filled to about chunkFill (two halves when it just overflowed). */
+  private split(c: number): void {
+    const chunk = this.chunks[c] as Chunk;
+    const n = chunk.n;
+    const parts = Math.ceil(n / this.chunkFill);
+    const per = Math.ceil(n / parts);
+    const rest: Chunk[] = [];
+    for (let from = per; from < n; from += per) {
+      const to = Math.min(n, from + per);
+      const ch = this.newChunk();
+      ch.copyFrom(chunk, from, to, 0);
+      ch.n = to - from;
+      rest.push(ch);
+    }
+    chunk.n = per;
+    if (chunk.more !== undefined) for (let j = per; j < n; j++) chunk.more[j] = undefined;
+    this.chunks.splice(c + 1, 0, ...rest);
   }
 
   /** Merge chunk c with a neighbour when removals left them small, so the chunk count stays proportional. */
@@ -192,8 +409,9 @@ export class KeyList implements Iterable<Bkey> {
       const a = chunks[at];
       const b = chunks[at + 1];
       if (a === undefined || b === undefined) continue;
-      if (a.length + b.length <= this.chunkMerge) {
-        for (const k of b) a.push(k);
+      if (a.n + b.n <= this.chunkMerge) {
+        a.copyFrom(b, 0, b.n, a.n);
+        a.n += b.n;
         chunks.splice(at + 1, 1);
         return;
       }
@@ -204,13 +422,17 @@ export class KeyList implements Iterable<Bkey> {
   check(): string[] {
     const problems: string[] = [];
     let n = 0;
-    let prev: Bkey | undefined;
+    let prevInode = -1;
+    let prevOffset = 0;
     for (const c of this.chunks) {
-      if (c.length === 0) problems.push('empty chunk');
-      if (c.length > this.chunkMax) problems.push(`chunk of ${c.length} keys`);
-      for (const k of c) {
-        if (prev && posCmp(prev.inode, prev.offset, k.inode, k.offset) > 0) problems.push('keys out of order');
-        prev = k;
+      if (c.n === 0) problems.push('empty chunk');
+      if (c.n > this.chunkMax) problems.push(`chunk of ${c.n} keys`);
+      for (let i = 0; i < c.n; i++) {
+        const inode = c.u[i * U + U_INODE] as number;
+        const offset = c.f[i * F] as number;
+        if (n > 0 && posCmp(prevInode, prevOffset, inode, offset) > 0) problems.push('keys out of order');
+        prevInode = inode;
+        prevOffset = offset;
         n++;
       }
     }

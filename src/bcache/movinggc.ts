@@ -314,10 +314,10 @@ export class MovingGc {
       if ('load' in node) return { done: false, load: node.load };
       const keys = node.keys;
       for (let p = keys.seekAfter(st.inode, st.offset); p >= 0; p = keys.next(p)) {
+        if (keys.sizeAt(p) === 0 || keys.ptrCountAt(p) === 0) continue;
+        if (!buckets.has(Math.floor(keys.ptrOffsetAt(p) / b.bucketSize))) continue;
         const k = keys.keyAt(p);
-        if (k.size === 0 || k.ptrs.length === 0) continue;
-        const ptr = defined(k.ptrs[0], 'k.ptrs.length > 0');
-        if (buckets.has(b.bucketOf(ptr)) && b.stale(ptr) === 0) st.out.push(k);
+        if (b.stale(defined(k.ptrs[0], 'k.ptrs.length > 0')) === 0) st.out.push(k);
       }
       if (posCmp(node.key.inode, node.key.offset, MAX_KEY.inode, MAX_KEY.offset) >= 0) return { done: true };
       st.inode = node.key.inode;

@@ -285,7 +285,7 @@ test('a key inside another splits it in two with the right pointers', () => {
   assert.equal(firstAfter(keys, 0, 32), 1);
   assert.equal(firstAfter(keys, 0, 31), 0);
   assert.equal(firstAfter(keys, 1, 0), 3);
-  assert.equal(list.keyAt(list.seekAfter(0, 32)), keys[1]);
-  assert.equal(list.keyAt(list.seekAfter(0, 31)), keys[0]);
+  assert.deepEqual(list.keyAt(list.seekAfter(0, 32)), keys[1]);
+  assert.deepEqual(list.keyAt(list.seekAfter(0, 31)), keys[0]);
   assert.equal(list.seekAfter(1, 0), -1);
 });
