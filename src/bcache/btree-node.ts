@@ -116,11 +116,11 @@ export class BtreeNode {
   queued = false;
   lastUse = 0;
 
-  constructor(key: Bkey, level: number, seq: bigint, keys: Bkey[], written: number) {
+  constructor(key: Bkey, level: number, seq: bigint, keys: readonly Bkey[] | KeyList, written: number) {
     this.key = key;
     this.level = level;
     this.seq = seq;
-    this.keys = KeyList.from(keys);
+    this.keys = keys instanceof KeyList ? keys : KeyList.from(keys);
     this.written = written;
     this.viewU64s = u64sOf(keys);
   }
@@ -324,11 +324,15 @@ export function interiorView(
 }
 
 /** The bytes of one bset holding `keys`, padded to whole blocks. */
-export function encodeNodeBset(keys: readonly Bkey[], node: { seq: bigint; key: Bkey }, geo: NodeGeometry): Buffer {
+export function encodeNodeBset(
+  keys: readonly Bkey[] | KeyList,
+  node: { seq: bigint; key: Bkey },
+  geo: NodeGeometry,
+): Buffer {
   const first = node.key.ptrs[0];
   if (!first) throw new Error('btree: a node key without a pointer');
   return encodeBset(
-    { magic: bsetMagic(geo.setMagic), seq: node.seq, version: BCACHE_BSET_VERSION, keys: keys as Bkey[] },
+    { magic: bsetMagic(geo.setMagic), seq: node.seq, version: BCACHE_BSET_VERSION, keys },
     { seed: ptrValue(first), blockBytes: geo.blockBytes },
   );
 }

@@ -387,7 +387,7 @@ export class Btree {
   }
 
   /** A brand-new node in bucket `bucket` (not yet written). */
-  newNode(bucket: number, level: number, position: Bkey, keys: Bkey[]): BtreeNode {
+  newNode(bucket: number, level: number, position: Bkey, keys: readonly Bkey[] | KeyList): BtreeNode {
     const gen = this.host.buckets.gen[bucket] ?? 0;
     const key = makeKey(position.inode, position.offset, this.geo.nodeSectors, false, [
       makePtr(0, this.host.buckets.sector(bucket), gen),
@@ -398,7 +398,7 @@ export class Btree {
 
   /** Write a node's whole view as its first bset (a new node). */
   async writeNewNode(node: BtreeNode): Promise<void> {
-    const buf = encodeNodeBset(node.keys.toArray(), node, this.geo);
+    const buf = encodeNodeBset(node.keys, node, this.geo);
     await this.host.io.writeMeta(buf, node.bucketSector);
     node.written = buf.length / this.geo.blockBytes;
     node.unflushedEpoch = this.host.io.nextFlushEpoch;
@@ -419,7 +419,7 @@ export class Btree {
     while (node.writing) await node.writing;
     node.queued = false;
     if (node.freed || node.pending.length === 0) return;
-    const buf = encodeNodeBset(node.pending.toArray(), node, this.geo);
+    const buf = encodeNodeBset(node.pending, node, this.geo);
     const at = node.bucketSector + node.written * (this.geo.blockBytes / 512);
     node.pending = new KeyList();
     node.pendingU64s = 0;
@@ -672,7 +672,8 @@ export class Btree {
   /**
    * Part of a walk over the dirty keys of `inode`: from the first key that
    * ends after `from`, visiting at most `visitMax` keys of the inode, the
-   * dirty ones whose first pointer `want` accepts (stale ones left out).
+   * dirty ones whose first pointer `want` accepts (stale ones left out;
+   * `want` must not keep the pointer it is shown, a scratch object).
    * `next` is where to go on (the last key visited ends there), or -1 at the
    * end of the inode's keys. A bounded part keeps each turn of the event
    * loop short when the caller walks a large tree.
@@ -686,6 +687,7 @@ export class Btree {
     const buckets = this.host.buckets;
     let out: Bkey[] = [];
     let next = -1;
+    const probe: BkeyPtr = { dev: 0, offset: 0, gen: 0, spare: 0 };
     await this.scan(inode, from, { inode: inode + 1, offset: 0 }, () => {
       out = [];
       next = -1;
@@ -693,8 +695,14 @@ export class Btree {
       return (keys, at) => {
         if (keys.inodeAt(at) !== inode) return false;
         if (keys.dirtyAt(at) && keys.ptrCountAt(at) > 0) {
-          const k = keys.keyAt(at);
-          if (want(k.ptrs[0] as BkeyPtr) && !k.ptrs.some((q) => buckets.stale(q) > 0)) out.push(k);
+          // `want` sees the pointer in a scratch object; only the keys it takes are built.
+          probe.dev = keys.ptrDevAt(at);
+          probe.offset = keys.ptrOffsetAt(at);
+          probe.gen = keys.ptrGenAt(at);
+          if (want(probe)) {
+            const k = keys.keyAt(at);
+            if (!k.ptrs.some((q) => buckets.stale(q) > 0)) out.push(k);
+          }
         }
         if (++visited < visitMax) return true;
         next = keys.endAt(at);
@@ -967,7 +975,7 @@ export class Btree {
               continue;
             }
             const scratch: InsertResult = { sectors: 0, collisions: 0, inserted: [] };
-            const view = KeyList.from(leaf.keys.toArray());
+            const view = leaf.keys.clone();
             const r = insertExtent(view, piece, { replace: options.replace, dirty: this.host.dirty });
             if (r.collision) scratch.collisions++;
             if (r.inserted) {
@@ -978,7 +986,7 @@ export class Btree {
               }
             }
             const t0 = monotonicNs();
-            const freed = await this.rewrite(path, view.toArray(), spare);
+            const freed = await this.rewrite(path, view, spare);
             this.times.split.update(t0, monotonicNs());
             this.lock.releaseWrite();
             locked = false;
@@ -1006,7 +1014,7 @@ export class Btree {
    * Returns the replaced nodes, to be freed once a journal entry with the new
    * root is durable (finishRewrite). Called with the write lock held.
    */
-  private async rewrite(path: BtreeNode[], leafKeys: Bkey[], spare: number[]): Promise<BtreeNode[]> {
+  private async rewrite(path: BtreeNode[], leafKeys: KeyList, spare: number[]): Promise<BtreeNode[]> {
     const buckets = this.host.buckets;
     const take = (): number => {
       const b = spare.shift();
@@ -1014,7 +1022,7 @@ export class Btree {
       return b;
     };
     const created: BtreeNode[] = [];
-    const make = (level: number, position: Bkey, keys: Bkey[]): BtreeNode => {
+    const make = (level: number, position: Bkey, keys: readonly Bkey[] | KeyList): BtreeNode => {
       const n = this.newNode(take(), level, position, keys);
       created.push(n);
       return n;
@@ -1022,7 +1030,7 @@ export class Btree {
     let level = path.length - 1;
     let old = leafOf(path);
     // A rewrite drops stale keys for good (GC relies on it to keep gens from wrapping).
-    let keys = old.isLeaf ? withoutStale(leafKeys, buckets) : leafKeys;
+    let keys: readonly Bkey[] | KeyList = old.isLeaf ? withoutStale(leafKeys, buckets) : leafKeys;
     let repl = this.splitKeys(keys, old.level, old.key, make);
     if (repl.length > 1) this.stats.splits++;
     while (level > 0) {
@@ -1096,18 +1104,30 @@ export class Btree {
    * as btree_split does).
    */
   private splitKeys(
-    keys: Bkey[],
+    keys: readonly Bkey[] | KeyList,
     level: number,
     position: Bkey,
-    make: (level: number, position: Bkey, keys: Bkey[]) => BtreeNode,
+    make: (level: number, position: Bkey, keys: readonly Bkey[] | KeyList) => BtreeNode,
   ): BtreeNode[] {
     const u64s = u64sOf(keys);
     const blocks = bsetBlocks(u64s, this.geo);
     if (blocks <= Math.floor((this.geo.nodeBlocks * 4) / 5) || keys.length < 2) {
       return [make(level, position, keys)];
     }
+    // The first node takes keys up to three fifths of the u64s (and leaves the second at least one key).
     let acc = 0;
     let i = 0;
+    if (keys instanceof KeyList) {
+      for (let p = keys.start(); p >= 0 && i < keys.length - 1 && acc < (u64s * 3) / 5; p = keys.next(p), i++) {
+        acc += 2 + keys.ptrCountAt(p);
+      }
+      const first = keys.slice(0, i);
+      const last = defined(first.last(), 'a split leaves keys in its first node');
+      return [
+        make(level, makeKey(last.inode, last.offset, 0), first),
+        make(level, position, keys.slice(i, keys.length)),
+      ];
+    }
     while (i < keys.length - 1 && acc < (u64s * 3) / 5) acc += bkeyU64s(defined(keys[i++], 'i < keys.length - 1'));
     const first = keys.slice(0, i);
     const last = defined(first[first.length - 1], 'a split leaves keys in its first node');
@@ -1140,7 +1160,7 @@ export class Btree {
             continue;
           }
           const leaf = leafOf(path);
-          const old = await this.rewrite(path, leaf.keys.toArray(), spare);
+          const old = await this.rewrite(path, leaf.keys, spare);
           this.lock.releaseWrite();
           locked = false;
           this.finishRewrite(old);
@@ -1161,20 +1181,12 @@ export class Btree {
  * key of a leaf on each rewrite (thousands of keys), where a filter with a
  * closure per key showed in the write path's profile.
  */
-function withoutStale(keys: readonly Bkey[], buckets: Buckets): Bkey[] {
-  const out: Bkey[] = [];
-  for (let i = 0; i < keys.length; i++) {
-    const k = keys[i] as Bkey;
-    let live = true;
-    for (let j = 0; j < k.ptrs.length; j++) {
-      if (buckets.stale(k.ptrs[j] as BkeyPtr) > 0) {
-        live = false;
-        break;
-      }
-    }
-    if (live) out.push(k);
-  }
-  return out;
+function withoutStale(keys: KeyList, buckets: Buckets): KeyList {
+  return keys.filter((list, p) => {
+    const n = list.ptrCountAt(p);
+    if (n === 1) return buckets.staleAt(list.ptrOffsetAt(p), list.ptrGenAt(p)) === 0;
+    return list.keyAt(p).ptrs.every((q) => buckets.stale(q) === 0);
+  });
 }
 
 function leafOf(path: readonly BtreeNode[]): BtreeNode {

@@ -84,7 +84,12 @@ export class Buckets {
 
   /** ptr_stale(): generations the pointer is behind its bucket (0: valid). */
   stale(p: BkeyPtr): number {
-    return genAfter(this.gen[this.bucketOf(p)] ?? 0, p.gen);
+    return this.staleAt(p.offset, p.gen);
+  }
+
+  /** stale() for a pointer given by its sector and gen (a key kept as columns). */
+  staleAt(sector: number, gen: number): number {
+    return genAfter(this.gen[Math.floor(sector / this.bucketSize)] ?? 0, gen);
   }
 
   /** bucket_gc_gen(): how far the gen ran ahead of the oldest pointer GC saw. */

@@ -31,7 +31,17 @@
 // The list does not know about extents: extents.ts keeps it sorted and
 // non-overlapping (insertExtent is its only writer besides `from`).
 
-import { posCmp, type Bkey, type BkeyPtr } from '../format/bkey.ts';
+import {
+  checkKeyHeader,
+  checkPtrFields,
+  encodeBkey,
+  encodeKeyHeader,
+  encodePtr,
+  posCmp,
+  type Bkey,
+  type BkeyPtr,
+} from '../format/bkey.ts';
+import type { EncodableKeys } from '../format/bset.ts';
 
 /** A chunk that grows past this is split in two. */
 const CHUNK_MAX = 128;
@@ -41,6 +51,8 @@ const CHUNK_FILL = 96;
 const CHUNK_MERGE = 64;
 /** Room past chunkMax: an insert adds up to three keys (head, key, tail) before the chunk is split. */
 const CHUNK_SLACK = 4;
+/** The smallest chunk allocated. */
+const MIN_CAP = 8;
 /** Position encoding: chunk * POS_STRIDE + index (index < POS_STRIDE). */
 const POS_STRIDE = 0x10000;
 
@@ -62,17 +74,34 @@ const FL_NPTRS_SHIFT = 22;
 
 class Chunk {
   n = 0;
-  readonly u: Uint32Array;
-  readonly f: Float64Array;
+  /** Slots allocated: a chunk starts small (a pending set holds a few keys) and grows up to its list's limit. */
+  cap: number;
+  u: Uint32Array;
+  f: Float64Array;
   /** Pointers after the first, per slot, for keys that have them; allocated on the first such key. */
   more: (BkeyPtr[] | undefined)[] | undefined;
 
-  readonly cap: number;
-
   constructor(cap: number) {
     this.cap = cap;
-    this.u = new Uint32Array(cap * U);
-    this.f = new Float64Array(cap * F);
+    // Both columns in one buffer: one allocation, one backing store for V8 to track.
+    const buf = new ArrayBuffer(cap * (U * 4 + F * 8));
+    this.f = new Float64Array(buf, 0, cap * F);
+    this.u = new Uint32Array(buf, cap * F * 8, cap * U);
+  }
+
+  /** Make room for `n` keys (at most `max` slots). */
+  reserve(n: number, max: number): void {
+    if (n <= this.cap) return;
+    const cap = Math.min(max, Math.max(n, this.cap * 2));
+    const buf = new ArrayBuffer(cap * (U * 4 + F * 8));
+    const f = new Float64Array(buf, 0, cap * F);
+    const u = new Uint32Array(buf, cap * F * 8, cap * U);
+    f.set(this.f.subarray(0, this.n * F));
+    u.set(this.u.subarray(0, this.n * U));
+    this.f = f;
+    this.u = u;
+    if (this.more !== undefined) for (let j = this.more.length; j < cap; j++) this.more.push(undefined);
+    this.cap = cap;
   }
 
   put(i: number, k: Bkey): void {
@@ -153,7 +182,7 @@ class Chunk {
   }
 }
 
-export class KeyList implements Iterable<Bkey> {
+export class KeyList implements Iterable<Bkey>, EncodableKeys {
   private chunks: Chunk[] = [];
   private count = 0;
   private readonly chunkMax: number;
@@ -180,8 +209,8 @@ export class KeyList implements Iterable<Bkey> {
   private chunksOf(keys: readonly Bkey[]): Chunk[] {
     const out: Chunk[] = [];
     for (let at = 0; at < keys.length; at += this.chunkFill) {
-      const ch = this.newChunk();
       const end = Math.min(keys.length, at + this.chunkFill);
+      const ch = this.newChunk(end - at);
       for (let j = at; j < end; j++) ch.put(j - at, keys[j] as Bkey);
       ch.n = end - at;
       out.push(ch);
@@ -189,8 +218,96 @@ export class KeyList implements Iterable<Bkey> {
     return out;
   }
 
-  private newChunk(): Chunk {
-    return new Chunk(this.chunkMax + CHUNK_SLACK);
+  /** The most slots a chunk has: chunkMax and room for one insert before the split. */
+  private get maxCap(): number {
+    return this.chunkMax + CHUNK_SLACK;
+  }
+
+  /** A chunk for `n` keys, with room to grow by a few before it must be reallocated. */
+  private newChunk(n: number): Chunk {
+    return new Chunk(Math.min(this.maxCap, Math.max(MIN_CAP, n + CHUNK_SLACK)));
+  }
+
+  /** A copy (the columns copied, no key built). */
+  clone(): KeyList {
+    return this.filter(() => true);
+  }
+
+  /** A new list of the keys `keep` accepts (it reads them through this list's column readers). */
+  filter(keep: (list: KeyList, pos: number) => boolean): KeyList {
+    const out = new KeyList(this.chunkMax);
+    for (let c = 0; c < this.chunks.length; c++) {
+      const ch = this.chunks[c] as Chunk;
+      for (let i = 0; i < ch.n; i++) if (keep(this, c * POS_STRIDE + i)) out.appendSlots(ch, i, i + 1);
+    }
+    return out;
+  }
+
+  /** The keys at indexes [from, to) (counted from the first key, not positions) as a new list. */
+  slice(from: number, to: number): KeyList {
+    const out = new KeyList(this.chunkMax);
+    let base = 0;
+    for (const ch of this.chunks) {
+      const a = Math.max(from - base, 0);
+      const b = Math.min(to - base, ch.n);
+      if (a < b) out.appendSlots(ch, a, b);
+      base += ch.n;
+      if (base >= to) break;
+    }
+    return out;
+  }
+
+  /** Append slots [from, to) of `src` at the end, filling chunks to chunkFill (building a list in order). */
+  private appendSlots(src: Chunk, from: number, to: number): void {
+    let at = from;
+    while (at < to) {
+      let last = this.chunks[this.chunks.length - 1];
+      if (last === undefined || last.n >= this.chunkFill) {
+        last = this.newChunk(Math.min(this.chunkFill, to - at));
+        this.chunks.push(last);
+      }
+      const take = Math.min(to - at, this.chunkFill - last.n);
+      last.reserve(last.n + take, this.maxCap);
+      last.copyFrom(src, at, at + take, last.n);
+      last.n += take;
+      this.count += take;
+      at += take;
+    }
+  }
+
+  /** Write the keys in their on-disk form from byte `pos` of `buf` (a bset's keys); returns the position after them. */
+  encode(buf: Buffer, pos: number): number {
+    let at = pos;
+    for (const ch of this.chunks) {
+      const u = ch.u;
+      const f = ch.f;
+      for (let i = 0; i < ch.n; i++) {
+        const b = i * U;
+        const flags = u[b + U_FLAGS] as number;
+        const np = flags >>> FL_NPTRS_SHIFT;
+        if (np > 1) {
+          at = encodeBkey(ch.get(i), buf, at);
+          continue;
+        }
+        const inode = u[b + U_INODE] as number;
+        const offset = f[i * F] as number;
+        const size = u[b + U_SIZE] as number;
+        const spare = u[b + U_SPARE] as number;
+        checkKeyHeader(inode, offset, size, np, spare);
+        encodeKeyHeader(buf, at, inode, offset, size, (flags & FL_DIRTY) !== 0, np, spare);
+        at += 16;
+        if (np === 1) {
+          const dev = flags & FL_DEV_MASK;
+          const poff = f[i * F + 1] as number;
+          const gen = (flags >>> FL_GEN_SHIFT) & 0xff;
+          const pspare = (flags >>> FL_PSPARE_SHIFT) & 1;
+          checkPtrFields(dev, poff, gen, pspare);
+          encodePtr(buf, at, dev, poff, gen, pspare);
+          at += 8;
+        }
+      }
+    }
+    return at;
   }
 
   get length(): number {
@@ -360,13 +477,14 @@ export class KeyList implements Iterable<Bkey> {
     if (pieces.length > 0) {
       if (c >= chunks.length) {
         // At the end: append to the last chunk (or start one).
-        if (chunks.length === 0) chunks.push(this.newChunk());
+        if (chunks.length === 0) chunks.push(this.newChunk(pieces.length));
         c = chunks.length - 1;
         i = (chunks[c] as Chunk).n;
       }
       const chunk = chunks[c] as Chunk;
       this.count += pieces.length;
-      if (chunk.n + pieces.length <= chunk.cap) {
+      if (chunk.n + pieces.length <= this.maxCap) {
+        chunk.reserve(chunk.n + pieces.length, this.maxCap);
         chunk.move(i + pieces.length, i, chunk.n);
         for (let j = 0; j < pieces.length; j++) chunk.put(i + j, pieces[j] as Bkey);
         chunk.n += pieces.length;
@@ -392,7 +510,7 @@ export class KeyList implements Iterable<Bkey> {
     const rest: Chunk[] = [];
     for (let from = per; from < n; from += per) {
       const to = Math.min(n, from + per);
-      const ch = this.newChunk();
+      const ch = this.newChunk(to - from);
       ch.copyFrom(chunk, from, to, 0);
       ch.n = to - from;
       rest.push(ch);
@@ -410,6 +528,7 @@ export class KeyList implements Iterable<Bkey> {
       const b = chunks[at + 1];
       if (a === undefined || b === undefined) continue;
       if (a.n + b.n <= this.chunkMerge) {
+        a.reserve(a.n + b.n, this.maxCap);
         a.copyFrom(b, 0, b.n, a.n);
         a.n += b.n;
         chunks.splice(at + 1, 1);

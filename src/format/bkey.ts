@@ -216,51 +216,75 @@ function badField(field: string, value: number, what: string): FormatError {
 
 /** Throw a FormatError if the key's fields do not fit their bit fields. */
 export function checkKeyFields(k: Bkey): void {
-  if (!Number.isInteger(k.inode) || k.inode < 0 || k.inode > MAX_KEY_INODE) {
-    throw badField('inode', k.inode, 'a 20-bit inode');
+  checkKeyHeader(k.inode, k.offset, k.size, k.ptrs.length, k.spare);
+  for (const p of k.ptrs) checkPtrFields(p.dev, p.offset, p.gen, p.spare);
+}
+
+/** checkKeyFields() for a key's own fields given one by one (a key kept as columns, bcache/keylist.ts). */
+export function checkKeyHeader(inode: number, offset: number, size: number, nptrs: number, spare: number): void {
+  if (!Number.isInteger(inode) || inode < 0 || inode > MAX_KEY_INODE) {
+    throw badField('inode', inode, 'a 20-bit inode');
   }
-  if (!Number.isInteger(k.offset) || k.offset < 0 || k.offset > MAX_KEY_OFFSET) {
-    throw badField('offset', k.offset, 'an offset below 2^53 (or MAX_KEY_OFFSET)');
+  if (!Number.isInteger(offset) || offset < 0 || offset > MAX_KEY_OFFSET) {
+    throw badField('offset', offset, 'an offset below 2^53 (or MAX_KEY_OFFSET)');
   }
-  if (!Number.isInteger(k.size) || k.size < 0 || k.size > KEY_SIZE_MAX) {
-    throw badField('size', k.size, 'a 16-bit size');
+  if (!Number.isInteger(size) || size < 0 || size > KEY_SIZE_MAX) {
+    throw badField('size', size, 'a 16-bit size');
   }
-  if (k.ptrs.length > KEY_PTRS_MAX) throw badField('ptrs', k.ptrs.length, `at most ${KEY_PTRS_MAX} pointers`);
-  if (!Number.isInteger(k.spare) || k.spare < 0 || k.spare > 0xffffffff || (k.spare & ~SPARE_MASK) !== 0) {
-    throw badField('spare', k.spare, 'made of the unnamed bits of the key header only');
+  if (nptrs > KEY_PTRS_MAX) throw badField('ptrs', nptrs, `at most ${KEY_PTRS_MAX} pointers`);
+  if (!Number.isInteger(spare) || spare < 0 || spare > 0xffffffff || (spare & ~SPARE_MASK) !== 0) {
+    throw badField('spare', spare, 'made of the unnamed bits of the key header only');
   }
-  for (const p of k.ptrs) {
-    if (!Number.isInteger(p.dev) || p.dev < 0 || p.dev > PTR_DEV_MAX)
-      throw badField('ptr.dev', p.dev, 'a 12-bit device');
-    if (!Number.isInteger(p.offset) || p.offset < 0 || p.offset > PTR_OFFSET_MAX) {
-      throw badField('ptr.offset', p.offset, 'a 43-bit sector');
-    }
-    if (!Number.isInteger(p.gen) || p.gen < 0 || p.gen > 0xff) throw badField('ptr.gen', p.gen, 'an 8-bit generation');
-    if (p.spare !== 0 && p.spare !== 1) throw badField('ptr.spare', p.spare, 'a single bit');
+}
+
+/** checkKeyFields() for one pointer's fields. */
+export function checkPtrFields(dev: number, offset: number, gen: number, spare: number): void {
+  if (!Number.isInteger(dev) || dev < 0 || dev > PTR_DEV_MAX) throw badField('ptr.dev', dev, 'a 12-bit device');
+  if (!Number.isInteger(offset) || offset < 0 || offset > PTR_OFFSET_MAX) {
+    throw badField('ptr.offset', offset, 'a 43-bit sector');
   }
+  if (!Number.isInteger(gen) || gen < 0 || gen > 0xff) throw badField('ptr.gen', gen, 'an 8-bit generation');
+  if (spare !== 0 && spare !== 1) throw badField('ptr.spare', spare, 'a single bit');
 }
 
 /** Write the key at byte `pos` of `buf`; returns the position after it. */
 export function encodeBkey(k: Bkey, buf: Buffer, pos: number): number {
   checkKeyFields(k);
   const n = k.ptrs.length;
-  buf.writeUInt32LE((k.inode | ((k.size & 0xfff) << 20)) >>> 0, pos);
-  buf.writeUInt32LE((k.spare | (n << 28) | (k.dirty ? 0x10 : 0) | (k.size >>> 12)) >>> 0, pos + 4);
-  if (k.offset === MAX_KEY_OFFSET) {
+  encodeKeyHeader(buf, pos, k.inode, k.offset, k.size, k.dirty, n, k.spare);
+  for (let i = 0; i < n; i++) {
+    const p = k.ptrs[i];
+    if (p) encodePtr(buf, pos + 16 + 8 * i, p.dev, p.offset, p.gen, p.spare);
+  }
+  return pos + 16 + 8 * n;
+}
+
+/** The two header u64s of a key (fields already checked) at byte `pos`. */
+export function encodeKeyHeader(
+  buf: Buffer,
+  pos: number,
+  inode: number,
+  offset: number,
+  size: number,
+  dirty: boolean,
+  nptrs: number,
+  spare: number,
+): void {
+  buf.writeUInt32LE((inode | ((size & 0xfff) << 20)) >>> 0, pos);
+  buf.writeUInt32LE((spare | (nptrs << 28) | (dirty ? 0x10 : 0) | (size >>> 12)) >>> 0, pos + 4);
+  if (offset === MAX_KEY_OFFSET) {
     buf.writeUInt32LE(0xffffffff, pos + 8);
     buf.writeUInt32LE(0x7fffffff, pos + 12);
   } else {
-    buf.writeUInt32LE(k.offset % TWO32, pos + 8);
-    buf.writeUInt32LE(Math.floor(k.offset / TWO32), pos + 12);
+    buf.writeUInt32LE(offset % TWO32, pos + 8);
+    buf.writeUInt32LE(Math.floor(offset / TWO32), pos + 12);
   }
-  for (let i = 0; i < n; i++) {
-    const p = k.ptrs[i];
-    if (!p) continue;
-    const at = pos + 16 + 8 * i;
-    buf.writeUInt32LE((((p.offset % TWO24) << 8) | p.gen) >>> 0, at);
-    buf.writeUInt32LE((Math.floor(p.offset / TWO24) | (p.dev << 19) | (p.spare << 31)) >>> 0, at + 4);
-  }
-  return pos + 16 + 8 * n;
+}
+
+/** One pointer u64 (fields already checked) at byte `at`. */
+export function encodePtr(buf: Buffer, at: number, dev: number, offset: number, gen: number, spare: number): void {
+  buf.writeUInt32LE((((offset % TWO24) << 8) | gen) >>> 0, at);
+  buf.writeUInt32LE((Math.floor(offset / TWO24) | (dev << 19) | (spare << 31)) >>> 0, at + 4);
 }
 
 /** The raw 64-bit value of a pointer: the seed of a btree node's bset checksums. */

@@ -49,6 +49,14 @@ export interface Bset {
   keys: Bkey[];
 }
 
+/** Keys that write themselves (a btree node's in-memory key list, bcache/keylist.ts). */
+export interface EncodableKeys {
+  /** Their size on disk in u64s. */
+  u64s(): number;
+  /** Write them from byte `pos`; returns the position after them. */
+  encode(buf: Buffer, pos: number): number;
+}
+
 /** bset_magic(): the magic of this set's bsets. */
 export function bsetMagic(setMagic: bigint): bigint {
   return BigInt.asUintN(64, setMagic ^ BSET_MAGIC);
@@ -88,17 +96,26 @@ export interface EncodeBsetOptions {
 }
 
 /** One bset, ready to be written at its block in the node (do_btree_node_write). */
-export function encodeBset(bset: Bset, options: EncodeBsetOptions): Buffer {
-  const u64s = keysU64s(bset.keys);
+export function encodeBset(
+  bset: Omit<Bset, 'keys'> & { keys: readonly Bkey[] | EncodableKeys },
+  options: EncodeBsetOptions,
+): Buffer {
+  const keys = bset.keys;
+  const u64s = isKeyArray(keys) ? keysU64s(keys) : keys.u64s();
   const bytes = bsetBytes(u64s);
   const buf = Buffer.alloc(setBlocks(bytes, options.blockBytes) * options.blockBytes);
   buf.writeBigUInt64LE(BigInt.asUintN(64, bset.magic), 8);
   buf.writeBigUInt64LE(BigInt.asUintN(64, bset.seq), 16);
   buf.writeUInt32LE(bset.version, 24);
   buf.writeUInt32LE(u64s, 28);
-  encodeKeys(bset.keys, buf, BSET_HEADER_BYTES);
+  if (isKeyArray(keys)) encodeKeys(keys, buf, BSET_HEADER_BYTES);
+  else keys.encode(buf, BSET_HEADER_BYTES);
   buf.writeBigUInt64LE(bsetChecksum(buf, 0, u64s, bset.version, options.seed), 0);
   return buf;
+}
+
+function isKeyArray(keys: readonly Bkey[] | EncodableKeys): keys is readonly Bkey[] {
+  return Array.isArray(keys);
 }
 
 /** One bset of a decoded node. */

@@ -8,6 +8,7 @@ import {
   PTR_DEV_MAX,
   PTR_OFFSET_MAX,
   SPARE_DEFAULT,
+  encodeKeys,
   makeKey,
   type Bkey,
 } from '../../src/format/bkey.ts';
@@ -123,6 +124,25 @@ test('keys keep every field, through splices, splits and merges, and the column 
         keys.sort((a, b) => a.inode - b.inode || a.offset - b.offset);
         const list = KeyList.from(keys, chunk);
         assert.deepEqual(list.toArray(), keys);
+        // The on-disk bytes written from the columns are encodeKeys' bytes.
+        const u64s = keys.reduce((n, k) => n + 2 + k.ptrs.length, 0);
+        const fromColumns = Buffer.alloc(u64s * 8);
+        const fromKeys = Buffer.alloc(u64s * 8);
+        assert.equal(list.encode(fromColumns, 0), u64s * 8);
+        encodeKeys(keys, fromKeys, 0);
+        assert.deepEqual(fromColumns, fromKeys);
+        // Copies: whole, filtered, sliced.
+        assert.deepEqual(list.clone().toArray(), keys);
+        const odd = list.filter((l, p) => l.sizeAt(p) % 2 === 1);
+        assert.deepEqual(
+          odd.toArray(),
+          keys.filter((k) => k.size % 2 === 1),
+        );
+        assert.deepEqual(odd.check(), []);
+        const mid = Math.floor(keys.length / 2);
+        assert.deepEqual(list.slice(0, mid).toArray(), keys.slice(0, mid));
+        assert.deepEqual(list.slice(mid, keys.length).toArray(), keys.slice(mid));
+        assert.deepEqual(list.slice(1, keys.length - 1).check(), []);
         assert.equal(
           list.u64s(),
           keys.reduce((n, k) => n + 2 + k.ptrs.length, 0),
