@@ -312,12 +312,19 @@ export class Btree {
       interior?.(node);
       const at = node.keys.seekAfter(inode, offset);
       if (at < 0) return undefined;
-      const ck = node.keys.keyAt(at);
-      const child = this.cached(ck);
-      if (!child) return { load: { key: ck, level: node.level - 1 } };
+      const child = this.cachedAt(node.keys, at);
+      if (!child) return { load: { key: node.keys.keyAt(at), level: node.level - 1 } };
       node = child;
     }
     return node;
+  }
+
+  /** cached() for the child pointer at position `at` of an interior node's keys (no key built). */
+  cachedAt(keys: KeyList, at: number): BtreeNode | undefined {
+    if (keys.ptrCountAt(at) === 0) return undefined;
+    const n = this.cache.get(keys.ptrOffsetAt(at));
+    if (n) n.lastUse = ++this.clock;
+    return n;
   }
 
   cached(key: Bkey): BtreeNode | undefined {
@@ -521,15 +528,14 @@ export class Btree {
       for (let p = keys.seekAfter(inode, from); p >= 0; p = keys.next(p)) if (!fn(keys, p)) return 1;
       return 0;
     }
-    let prev: Bkey | undefined;
+    let prev = -1;
     for (let p = keys.seekAfter(inode, from); p >= 0; p = keys.next(p)) {
-      if (prev && posCmp(prev.inode, prev.offset, limit.inode, limit.offset) >= 0) return 1;
-      const ck = keys.keyAt(p);
-      const child = this.cached(ck);
+      if (prev >= 0 && posCmp(keys.inodeAt(prev), keys.endAt(prev), limit.inode, limit.offset) >= 0) return 1;
+      const child = this.cachedAt(keys, p);
       if (!child) return -1;
       const r = this.visitSync(child, inode, from, limit, fn);
       if (r !== 0) return r;
-      prev = ck;
+      prev = p;
     }
     return 0;
   }
@@ -833,7 +839,7 @@ export class Btree {
     while (!node.isLeaf) {
       const at = node.keys.seekAfter(inode, sector);
       if (at < 0) return undefined;
-      const child = this.cached(node.keys.keyAt(at));
+      const child = this.cachedAt(node.keys, at);
       if (!child) return undefined;
       node = child;
       path.push(node);

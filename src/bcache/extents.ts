@@ -103,6 +103,20 @@ export function matchesExpected(x: Bkey, expected: Bkey): boolean {
   return true;
 }
 
+/** matchesExpected() for the key at position `p` of `keys`, read from the columns when it has one pointer. */
+export function matchesExpectedAt(keys: KeyList, p: number, expected: Bkey): boolean {
+  if (keys.ptrCountAt(p) !== 1) return matchesExpected(keys.keyAt(p), expected);
+  const q = expected.ptrs[0];
+  const xe = keys.endAt(p);
+  const xs = xe - keys.sizeAt(p);
+  const es = expected.offset - expected.size;
+  if (q === undefined || expected.ptrs.length !== 1) return false;
+  if (keys.inodeAt(p) !== expected.inode || xs < es || xe > expected.offset) return false;
+  if (keys.dirtyAt(p) !== expected.dirty || ((keys.spareAt(p) >>> 24) & 3) !== ((expected.spare >>> 24) & 3))
+    return false;
+  return keys.ptrDevAt(p) === q.dev && keys.ptrGenAt(p) === q.gen && keys.ptrOffsetAt(p) === q.offset + (xs - es);
+}
+
 export interface InsertOptions {
   /** Compare-and-insert: insert only over the part still held by (sub-ranges of) this key. */
   replace?: Bkey | undefined;
@@ -134,7 +148,7 @@ export function replaceableSectors(keys: KeyList, k: Bkey, expected: Bkey): numb
     const xs = xe - keys.sizeAt(p);
     if (keys.inodeAt(p) !== k.inode || xs >= k.offset) break;
     if (xs > s + found) break;
-    if (!matchesExpected(keys.keyAt(p), expected)) break;
+    if (!matchesExpectedAt(keys, p, expected)) break;
     found = xe - s;
   }
   return Math.min(found, k.size);

@@ -403,6 +403,11 @@ export class KeyList implements Iterable<Bkey>, EncodableKeys {
     return this.chunkAt(pos).u[(pos % POS_STRIDE) * U + U_SIZE] as number;
   }
 
+  /** The header's spare bits (KEY_CSUM among them). */
+  spareAt(pos: number): number {
+    return this.chunkAt(pos).u[(pos % POS_STRIDE) * U + U_SPARE] as number;
+  }
+
   dirtyAt(pos: number): boolean {
     return ((this.chunkAt(pos).u[(pos % POS_STRIDE) * U + U_FLAGS] as number) & FL_DIRTY) !== 0;
   }
