@@ -126,8 +126,6 @@ export interface Hit {
   bucket: number;
   gen: number;
   dirty: boolean;
-  /** The whole key the segment came from (as a replace's expected key). */
-  key: Bkey;
 }
 
 export interface LookupSegment {
@@ -620,27 +618,28 @@ export class Btree {
     };
     const fn = (keys: KeyList, at: number): boolean => {
       if (keys.inodeAt(at) !== inode) return false;
-      const ks = keys.endAt(at) - keys.sizeAt(at);
+      const ke = keys.endAt(at);
+      const ks = ke - keys.sizeAt(at);
       if (ks >= end) return false;
-      const k = keys.keyAt(at);
       const s = Math.max(ks, start);
-      const e = Math.min(k.offset, end);
+      const e = Math.min(ke, end);
       if (s > cursor) hole(s);
-      const p = defined(k.ptrs[0], 'a key in a leaf view has a pointer');
-      let stale = false;
-      for (const q of k.ptrs) if (buckets.stale(q) > 0) stale = true;
+      if (keys.ptrCountAt(at) === 0) throw new Error(`btree: a key in a leaf view has no pointer (${inode}:${ke})`);
+      const offset = keys.ptrOffsetAt(at);
+      const gen = keys.ptrGenAt(at);
+      // Every pointer must be current (keys with more than one come from flash-only and multi-device sets).
+      const stale =
+        keys.ptrCountAt(at) === 1
+          ? buckets.staleAt(offset, gen) > 0
+          : keys.keyAt(at).ptrs.some((q) => buckets.stale(q) > 0);
       if (stale) hole(e, true);
       else {
-        const bucket = Math.floor(p.offset / bucketSize);
+        const bucket = Math.floor(offset / bucketSize);
         buckets.touch(bucket);
-        out.push({
-          start: s,
-          end: e,
-          hit: { sector: p.offset + (s - ks), bucket, gen: p.gen, dirty: k.dirty, key: k },
-        });
+        out.push({ start: s, end: e, hit: { sector: offset + (s - ks), bucket, gen, dirty: keys.dirtyAt(at) } });
         cursor = e;
       }
-      return k.offset < end;
+      return ke < end;
     };
     return {
       begin: () => {

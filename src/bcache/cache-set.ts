@@ -17,7 +17,7 @@
 // Reads
 //   await cs.lookup(inode, start, end) -> LookupSegment[]
 //       Covers [start, end) in order: {start, end, hit: null} for misses,
-//       {start, end, hit: {sector, bucket, gen, dirty, key}} for hits (sector =
+//       {start, end, hit: {sector, bucket, gen, dirty}} for hits (sector =
 //       where this segment's data starts on the cache device). One binary
 //       search per level when the nodes are in memory.
 //   await cs.readCache(buf, sector)            read cached data
