@@ -52,7 +52,7 @@ const CHUNK_MERGE = 64;
 /** Room past chunkMax: an insert adds up to three keys (head, key, tail) before the chunk is split. */
 const CHUNK_SLACK = 4;
 /** The smallest chunk allocated. */
-const MIN_CAP = 8;
+const MIN_CAP = 16;
 /** Position encoding: chunk * POS_STRIDE + index (index < POS_STRIDE). */
 const POS_STRIDE = 0x10000;
 
@@ -92,7 +92,7 @@ class Chunk {
   /** Make room for `n` keys (at most `max` slots). */
   reserve(n: number, max: number): void {
     if (n <= this.cap) return;
-    const cap = Math.min(max, Math.max(n, this.cap * 2));
+    const cap = Math.min(max, Math.max(n, this.cap * 4));
     const buf = new ArrayBuffer(cap * (U * 4 + F * 8));
     const f = new Float64Array(buf, 0, cap * F);
     const u = new Uint32Array(buf, cap * F * 8, cap * U);
@@ -165,8 +165,18 @@ class Chunk {
 
   /** Copy slots [from, to) of `src` to this chunk from `dest` on. */
   copyFrom(src: Chunk, from: number, to: number, dest: number): void {
-    this.u.set(src.u.subarray(from * U, to * U), dest * U);
-    this.f.set(src.f.subarray(from * F, to * F), dest * F);
+    if (to - from <= 4) {
+      // A few slots: element copies are cheaper than the two views set() needs.
+      const su = src.u;
+      const sf = src.f;
+      const du = this.u;
+      const df = this.f;
+      for (let j = from * U, d = dest * U; j < to * U; j++, d++) du[d] = su[j] as number;
+      for (let j = from * F, d = dest * F; j < to * F; j++, d++) df[d] = sf[j] as number;
+    } else {
+      this.u.set(src.u.subarray(from * U, to * U), dest * U);
+      this.f.set(src.f.subarray(from * F, to * F), dest * F);
+    }
     if (src.more !== undefined) {
       this.more ??= new Array<BkeyPtr[] | undefined>(this.cap).fill(undefined);
       for (let j = from; j < to; j++) this.more[dest + j - from] = src.more[j];
@@ -238,7 +248,17 @@ export class KeyList implements Iterable<Bkey>, EncodableKeys {
     const out = new KeyList(this.chunkMax);
     for (let c = 0; c < this.chunks.length; c++) {
       const ch = this.chunks[c] as Chunk;
-      for (let i = 0; i < ch.n; i++) if (keep(this, c * POS_STRIDE + i)) out.appendSlots(ch, i, i + 1);
+      // Kept keys are copied a run at a time.
+      let run = -1;
+      for (let i = 0; i < ch.n; i++) {
+        if (keep(this, c * POS_STRIDE + i)) {
+          if (run < 0) run = i;
+        } else if (run >= 0) {
+          out.appendSlots(ch, run, i);
+          run = -1;
+        }
+      }
+      if (run >= 0) out.appendSlots(ch, run, ch.n);
     }
     return out;
   }
@@ -263,7 +283,8 @@ export class KeyList implements Iterable<Bkey>, EncodableKeys {
     while (at < to) {
       let last = this.chunks[this.chunks.length - 1];
       if (last === undefined || last.n >= this.chunkFill) {
-        last = this.newChunk(Math.min(this.chunkFill, to - at));
+        // Sized for a full chunk: a list built in order is built to chunkFill.
+        last = this.newChunk(this.chunkFill);
         this.chunks.push(last);
       }
       const take = Math.min(to - at, this.chunkFill - last.n);
@@ -515,7 +536,8 @@ export class KeyList implements Iterable<Bkey>, EncodableKeys {
     const rest: Chunk[] = [];
     for (let from = per; from < n; from += per) {
       const to = Math.min(n, from + per);
-      const ch = this.newChunk(to - from);
+      // Full size: a chunk that split is where the inserts go.
+      const ch = new Chunk(this.maxCap);
       ch.copyFrom(chunk, from, to, 0);
       ch.n = to - from;
       rest.push(ch);
