@@ -319,16 +319,17 @@ export class Btree {
 
   /** cached() for the child pointer at position `at` of an interior node's keys (no key built). */
   cachedAt(keys: KeyList, at: number): BtreeNode | undefined {
-    if (keys.ptrCountAt(at) === 0) return undefined;
-    const n = this.cache.get(keys.ptrOffsetAt(at));
-    if (n) n.lastUse = ++this.clock;
-    return n;
+    return keys.ptrCountAt(at) === 0 ? undefined : this.cachedAtSector(keys.ptrOffsetAt(at));
   }
 
   cached(key: Bkey): BtreeNode | undefined {
     const p = key.ptrs[0];
-    if (!p) return undefined;
-    const n = this.cache.get(p.offset);
+    return p ? this.cachedAtSector(p.offset) : undefined;
+  }
+
+  /** The node in memory whose bucket starts at `sector`, marked as used. */
+  private cachedAtSector(sector: number): BtreeNode | undefined {
+    const n = this.cache.get(sector);
     if (n) n.lastUse = ++this.clock;
     return n;
   }
@@ -1035,15 +1036,22 @@ export class Btree {
     let level = path.length - 1;
     let old = leafOf(path);
     // A rewrite drops stale keys for good (GC relies on it to keep gens from wrapping).
-    let keys: readonly Bkey[] | KeyList = old.isLeaf ? withoutStale(leafKeys, buckets) : leafKeys;
+    let keys = old.isLeaf ? withoutStale(leafKeys, buckets) : leafKeys;
     let repl = this.splitKeys(keys, old.level, old.key, make);
     if (repl.length > 1) this.stats.splits++;
     while (level > 0) {
       const parent = defined(path[level - 1], 'a path holds every level from the root down');
-      const pkeys = parent.keys.toArray();
-      const at = pkeys.findIndex((k) => posCmp(k.inode, k.offset, old.key.inode, old.key.offset) === 0);
-      if (at < 0) throw new Error(`btree: node ${keyText(old.key)} not found in its parent`);
-      pkeys.splice(at, 1, ...repl.map((n) => n.key));
+      const pkeys = parent.keys.clone();
+      // The parent's pointer to the old node sits at the old node's own position.
+      const at = pkeys.seekAfter(old.key.inode, old.key.offset - 1);
+      if (at < 0 || pkeys.inodeAt(at) !== old.key.inode || pkeys.endAt(at) !== old.key.offset) {
+        throw new Error(`btree: node ${keyText(old.key)} not found in its parent`);
+      }
+      pkeys.splice(
+        at,
+        1,
+        repl.map((n) => n.key),
+      );
       level--;
       old = parent;
       keys = pkeys;
@@ -1109,12 +1117,12 @@ export class Btree {
    * as btree_split does).
    */
   private splitKeys(
-    keys: readonly Bkey[] | KeyList,
+    keys: KeyList,
     level: number,
     position: Bkey,
-    make: (level: number, position: Bkey, keys: readonly Bkey[] | KeyList) => BtreeNode,
+    make: (level: number, position: Bkey, keys: KeyList) => BtreeNode,
   ): BtreeNode[] {
-    const u64s = u64sOf(keys);
+    const u64s = keys.u64s();
     const blocks = bsetBlocks(u64s, this.geo);
     if (blocks <= Math.floor((this.geo.nodeBlocks * 4) / 5) || keys.length < 2) {
       return [make(level, position, keys)];
@@ -1122,21 +1130,12 @@ export class Btree {
     // The first node takes keys up to three fifths of the u64s (and leaves the second at least one key).
     let acc = 0;
     let i = 0;
-    if (keys instanceof KeyList) {
-      for (let p = keys.start(); p >= 0 && i < keys.length - 1 && acc < (u64s * 3) / 5; p = keys.next(p), i++) {
-        acc += 2 + keys.ptrCountAt(p);
-      }
-      const first = keys.slice(0, i);
-      const last = defined(first.last(), 'a split leaves keys in its first node');
-      return [
-        make(level, makeKey(last.inode, last.offset, 0), first),
-        make(level, position, keys.slice(i, keys.length)),
-      ];
+    for (let p = keys.start(); p >= 0 && i < keys.length - 1 && acc < (u64s * 3) / 5; p = keys.next(p), i++) {
+      acc += 2 + keys.ptrCountAt(p);
     }
-    while (i < keys.length - 1 && acc < (u64s * 3) / 5) acc += bkeyU64s(defined(keys[i++], 'i < keys.length - 1'));
     const first = keys.slice(0, i);
-    const last = defined(first[first.length - 1], 'a split leaves keys in its first node');
-    return [make(level, makeKey(last.inode, last.offset, 0), first), make(level, position, keys.slice(i))];
+    const last = defined(first.last(), 'a split leaves keys in its first node');
+    return [make(level, makeKey(last.inode, last.offset, 0), first), make(level, position, keys.slice(i, keys.length))];
   }
 
   /**

@@ -33,6 +33,7 @@
 
 import {
   checkKeyHeader,
+  clonePtr,
   checkPtrFields,
   encodeBkey,
   encodeKeyHeader,
@@ -72,6 +73,12 @@ const FL_PSPARE_SHIFT = 20;
 const FL_DIRTY = 1 << 21;
 const FL_NPTRS_SHIFT = 22;
 
+/** Both columns of `cap` keys in one buffer: one allocation, one backing store for V8 to track. */
+function columns(cap: number): [Float64Array, Uint32Array] {
+  const buf = new ArrayBuffer(cap * (U * 4 + F * 8));
+  return [new Float64Array(buf, 0, cap * F), new Uint32Array(buf, cap * F * 8, cap * U)];
+}
+
 class Chunk {
   n = 0;
   /** Slots allocated: a chunk starts small (a pending set holds a few keys) and grows up to its list's limit. */
@@ -83,25 +90,26 @@ class Chunk {
 
   constructor(cap: number) {
     this.cap = cap;
-    // Both columns in one buffer: one allocation, one backing store for V8 to track.
-    const buf = new ArrayBuffer(cap * (U * 4 + F * 8));
-    this.f = new Float64Array(buf, 0, cap * F);
-    this.u = new Uint32Array(buf, cap * F * 8, cap * U);
+    [this.f, this.u] = columns(cap);
   }
 
   /** Make room for `n` keys (at most `max` slots). */
   reserve(n: number, max: number): void {
     if (n <= this.cap) return;
     const cap = Math.min(max, Math.max(n, this.cap * 4));
-    const buf = new ArrayBuffer(cap * (U * 4 + F * 8));
-    const f = new Float64Array(buf, 0, cap * F);
-    const u = new Uint32Array(buf, cap * F * 8, cap * U);
+    const [f, u] = columns(cap);
     f.set(this.f.subarray(0, this.n * F));
     u.set(this.u.subarray(0, this.n * U));
     this.f = f;
     this.u = u;
     if (this.more !== undefined) for (let j = this.more.length; j < cap; j++) this.more.push(undefined);
     this.cap = cap;
+  }
+
+  /** The extra-pointer array, allocated on first use. */
+  private moreSlots(): (BkeyPtr[] | undefined)[] {
+    this.more ??= new Array<BkeyPtr[] | undefined>(this.cap).fill(undefined);
+    return this.more;
   }
 
   put(i: number, k: Bkey): void {
@@ -122,8 +130,7 @@ class Chunk {
     this.f[i * F] = k.offset;
     this.f[i * F + 1] = p === undefined ? 0 : p.offset;
     if (np > 1) {
-      this.more ??= new Array<BkeyPtr[] | undefined>(this.cap).fill(undefined);
-      this.more[i] = ptrs.slice(1).map((q) => ({ dev: q.dev, offset: q.offset, gen: q.gen, spare: q.spare }));
+      this.moreSlots()[i] = ptrs.slice(1).map(clonePtr);
     } else if (this.more !== undefined) {
       this.more[i] = undefined;
     }
@@ -143,8 +150,7 @@ class Chunk {
         spare: (flags >>> FL_PSPARE_SHIFT) & 1,
       });
       const rest = np > 1 ? this.more?.[i] : undefined;
-      if (rest !== undefined)
-        for (const q of rest) ptrs.push({ dev: q.dev, offset: q.offset, gen: q.gen, spare: q.spare });
+      if (rest !== undefined) for (const q of rest) ptrs.push(clonePtr(q));
     }
     return {
       inode: u[b + U_INODE] as number,
@@ -178,8 +184,8 @@ class Chunk {
       this.f.set(src.f.subarray(from * F, to * F), dest * F);
     }
     if (src.more !== undefined) {
-      this.more ??= new Array<BkeyPtr[] | undefined>(this.cap).fill(undefined);
-      for (let j = from; j < to; j++) this.more[dest + j - from] = src.more[j];
+      const more = this.moreSlots();
+      for (let j = from; j < to; j++) more[dest + j - from] = src.more[j];
     } else if (this.more !== undefined) {
       for (let j = from; j < to; j++) this.more[dest + j - from] = undefined;
     }

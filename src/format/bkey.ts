@@ -132,9 +132,13 @@ export function cloneKey(k: Bkey): Bkey {
     offset: k.offset,
     size: k.size,
     dirty: k.dirty,
-    ptrs: k.ptrs.map((p) => ({ dev: p.dev, offset: p.offset, gen: p.gen, spare: p.spare })),
+    ptrs: k.ptrs.map(clonePtr),
     spare: k.spare,
   };
+}
+
+export function clonePtr(p: BkeyPtr): BkeyPtr {
+  return { dev: p.dev, offset: p.offset, gen: p.gen, spare: p.spare };
 }
 
 /** Same key bit for bit. */
