@@ -93,6 +93,13 @@ export class Allocator {
   private readonly b: Buckets;
   readonly free: readonly [Fifo, Fifo, Fifo, Fifo];
   readonly freeInc: Fifo;
+  /**
+   * How many buckets at the head of free_inc have their new gens on disk.
+   * Only these may go to the reserves: a bucket invalidated since the last
+   * prio write (an invalidation that found fewer than a prio write's worth
+   * and waits for GC to find more) stays in free_inc until the next one.
+   */
+  private freeIncDurable = 0;
   private readonly heapCap: number;
   private readonly waiters: Array<{ reserve: Reserve; d: Deferred<number> }> = [];
   private readonly wake: Notifier;
@@ -423,19 +430,23 @@ export class Allocator {
     try {
       while (!signal.aborted && !host.isDisabled()) {
         // 1. Buckets whose gens are durable go to the reserves.
+        if (this.freeIncDurable > this.freeInc.length) this.freeIncDurable = this.freeInc.length;
         let moved = false;
-        while (!this.freeInc.empty && !this.stocked) {
+        while (this.freeIncDurable > 0 && !this.stocked) {
           const bucket = this.freeInc.pop();
+          this.freeIncDurable--;
           if (host.discard()) await host.io.discard(this.b.sector(bucket), this.b.bucketSize);
           this.push(bucket);
           moved = true;
         }
         if (moved) this.serveWaiters();
-        if (!this.freeInc.empty || (this.stocked && this.waiters.length === 0)) {
+        if (this.freeIncDurable > 0 || (this.stocked && this.waiters.length === 0)) {
           await this.wake.wait(signal);
           continue;
         }
-        // 2. Invalidate more, once GC has valid marks.
+        // 2. Invalidate more, once GC has valid marks (free_inc may still
+        // hold buckets an earlier round invalidated: they wait for the same
+        // prio write).
         if (!this.gcMarkValid || this.invalidateNeedsGc) {
           this.requestGc();
           await this.wake.wait(signal);
@@ -452,10 +463,14 @@ export class Allocator {
           }
         }
         // 3. Their new gens must be on disk before anyone writes into them (R3).
+        // Nothing else invalidates while this worker runs, so every bucket in
+        // free_inc now is covered by the gens this write takes.
+        const covered = this.freeInc.length;
         if (host.cacheSync()) {
           await host.writePrios();
           this.stats.prioWrites++;
         }
+        this.freeIncDurable = covered;
       }
     } catch (err) {
       if (!signal.aborted) {

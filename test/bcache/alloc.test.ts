@@ -5,7 +5,9 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { MemoryBlockDevice } from '../../src/blockdev/memory.ts';
-import { Buckets, GC_MARK_DIRTY, GC_MARK_RECLAIMABLE } from '../../src/bcache/buckets.ts';
+import { Buckets, GC_MARK_DIRTY, GC_MARK_FREE, GC_MARK_RECLAIMABLE } from '../../src/bcache/buckets.ts';
+import { decodePrioBucket } from '../../src/format/prio.ts';
+import { setMagic } from '../../src/format/superblock.ts';
 import {
   freeIncSize,
   freeReserveSize,
@@ -136,6 +138,73 @@ test('a waiter whose reserve is empty does not hold up a waiter whose reserve ha
     a.unalloc(spare, RESERVE_BTREE);
     await a.stop();
     await assert.rejects(data, /stopped/);
+  } finally {
+    await cs.stop();
+  }
+  assertNothingLeft();
+});
+
+test('a bucket invalidated with fewer than a prio write needs waits in free_inc until its gen is written', async () => {
+  // Invalidation that finds fewer buckets than a prio write needs (here one,
+  // where the cache has two prio buckets) waits for GC to find more. The
+  // bucket it found has a new gen in memory only: handed out then, data
+  // written into it would read as valid through any old pointer after a
+  // crash. It must wait for the prio write that covers it.
+  const dev = new MemoryBlockDevice(8 * MiB);
+  await formatCache(dev, { bucketSize: 8, blockSize: 1 });
+  const cs = await CacheSet.open(dev, { closeDevice: false, journalDelayMs: 1 });
+  const a = cs.allocator;
+  const b = cs.buckets;
+  assert.equal(cs.prios.count, 2, 'a cache of 2048 buckets has two prio buckets');
+  await cs.gc.stop();
+  await a.stop();
+  try {
+    // The data reserve and free_inc empty; the other reserves stay stocked.
+    for (const fifo of [a.free[RESERVE_NONE], a.freeInc]) {
+      while (!fifo.empty) b.unpinBucket(fifo.pop());
+    }
+    // Nothing invalidatable but one bucket; three more join it later.
+    const spare: number[] = [];
+    for (let i = b.firstBucket; i < b.nbuckets; i++) {
+      if (!b.canInvalidate(i)) continue;
+      // The other reserves full first (as bring-up stocks them).
+      const reserve = a.free.find((f, r) => r !== RESERVE_NONE && !f.full);
+      if (reserve) {
+        b.invalidate(i);
+        reserve.push(i);
+        continue;
+      }
+      spare.push(i);
+      b.mark[i] = GC_MARK_DIRTY;
+    }
+    const [first, ...later] = spare.slice(0, 4);
+    assert.ok(first !== undefined && later.length === 3, 'free buckets to work with');
+    b.mark[first] = GC_MARK_FREE;
+    // The worker asks GC for more once it has invalidated the first: see that moment.
+    let askedGc!: () => void;
+    const asked = new Promise<void>((resolve) => (askedGc = resolve));
+    cs.gc.request = () => {
+      askedGc();
+    };
+    a.gcMarkValid = true;
+    a.invalidateNeedsGc = false;
+    a.start();
+    const got = a.alloc(RESERVE_NONE, true);
+    await asked;
+    assert.equal(a.freeInc.length, 1, 'the first bucket waits in free_inc for a prio write');
+    const prioWrites = a.stats.prioWrites;
+    // GC found three more: the worker invalidates them and writes all four gens.
+    for (const i of later) b.mark[i] = GC_MARK_FREE;
+    a.invalidateNeedsGc = false;
+    a.notify();
+    const r = await got;
+    assert.ok(r !== undefined && spare.includes(r), `a bucket of the four (${r})`);
+    assert.ok(a.stats.prioWrites > prioWrites, 'handed out only after a prio write');
+    const buf = Buffer.alloc(8 * 512);
+    await dev.read(buf, b.sector(cs.prios.current[Math.floor(r / cs.prios.perBucket)] ?? 0) * 512);
+    const onDisk = decodePrioBucket(buf, { setMagic: setMagic(cs.sb), bucketSize: 8 });
+    assert.equal(onDisk.gens[r % cs.prios.perBucket], b.gen[r], 'its gen on disk is the one it was handed out with');
+    a.unalloc(r, RESERVE_NONE);
   } finally {
     await cs.stop();
   }
