@@ -110,6 +110,14 @@ export class BtreeNode {
    * btree").
    */
   unflushedEpoch = 0;
+  /**
+   * The flush epoch that makes the data of `pending`'s newest key durable
+   * (0: none). A leaf append lands in a node the durable tree already
+   * reaches, with no jset to order it behind a flush: written while a key's
+   * data is not yet durable, a power cut may keep the bset and drop the data,
+   * and the key then serves whatever the sectors held before.
+   */
+  pendingDataEpoch = 0;
   /** Replaced by a rewrite: in-flight work must not touch the tree for it. */
   freed = false;
   /** Queued for a write by the journal worker. */

@@ -417,9 +417,10 @@ export class Btree {
    * flush first if none has covered it yet): after a power cut a node's bsets
    * are then an intact prefix, at most its last one torn, never a hole with
    * a later bset behind it (which neither we nor the kernel can read; the
-   * kernel gets the same order by writing every bset with FUA). The
-   * pin moves to the write and goes back to the journal once a flush covers
-   * it.
+   * kernel gets the same order by writing every bset with FUA). It also
+   * waits until the data its keys point at is durable (pendingDataEpoch).
+   * The pin moves to the write and goes back to the journal once a flush
+   * covers it.
    */
   async writeNode(node: BtreeNode): Promise<void> {
     while (node.writing) await node.writing;
@@ -427,15 +428,16 @@ export class Btree {
     if (node.freed || node.pending.length === 0) return;
     const buf = encodeNodeBset(node.pending, node, this.geo);
     const at = node.bucketSector + node.written * (this.geo.blockBytes / 512);
+    const need = Math.max(node.unflushedEpoch, node.pendingDataEpoch);
     node.pending = new KeyList();
     node.pendingU64s = 0;
+    node.pendingDataEpoch = 0;
     node.writingPin = node.pin;
     node.pin = undefined;
     node.written += buf.length / this.geo.blockBytes;
     const io = this.host.io;
-    // Journal commits flush often, so the previous append is nearly always durable already.
-    const write =
-      node.unflushedEpoch > io.durableEpoch ? io.flush().then(() => io.writeMeta(buf, at)) : io.writeMeta(buf, at);
+    // A journal commit's flush often covers both already; concurrent appends share one flush.
+    const write = need > io.durableEpoch ? io.flushTo(need).then(() => io.writeMeta(buf, at)) : io.writeMeta(buf, at);
     node.writing = write;
     try {
       await write;
@@ -905,6 +907,8 @@ export class Btree {
     if (ins.ptrs.length > 0) {
       result.sectors += ins.size;
       if (options.countForGc !== false) this.host.sectorsInserted(ins.size);
+      // Its data write completed before the insert: the next flush to start covers it.
+      leaf.pendingDataEpoch = this.host.io.nextFlushEpoch;
     }
     const entry = options.journal;
     if (entry) {

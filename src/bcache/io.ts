@@ -70,6 +70,9 @@ export class CacheIo {
   errorsTotal = 0;
   private flushesStarted = 0;
   private flushedUpTo = 0;
+  /** The newest flush started, and its epoch (flushTo shares it). */
+  private lastFlush: Promise<void> | undefined;
+  private lastFlushEpoch = 0;
   private readonly flushListeners: Array<(epoch: number) => void> = [];
   readonly stats: IoStats = {
     metaSectorsWritten: 0,
@@ -232,9 +235,29 @@ export class CacheIo {
   }
 
   /** A cache flush; a failure retires the set (what it should have made durable may not be). */
-  async flush(): Promise<void> {
-    this.check('flush');
+  flush(): Promise<void> {
+    const refused = this.refusal('flush');
+    if (refused) return Promise.reject(refused);
     const epoch = ++this.flushesStarted;
+    const p = this.flushAs(epoch);
+    this.lastFlush = p;
+    this.lastFlushEpoch = epoch;
+    return p;
+  }
+
+  /**
+   * Until `durableEpoch` reaches `epoch`: waits for the newest flush in
+   * flight if it started late enough to cover it, else starts one (so that
+   * appends to several leaves at once share a flush).
+   */
+  async flushTo(epoch: number): Promise<void> {
+    while (this.flushedUpTo < epoch) {
+      if (this.lastFlush && this.lastFlushEpoch >= epoch) await this.lastFlush;
+      else await this.flush();
+    }
+  }
+
+  private async flushAs(epoch: number): Promise<void> {
     await this.counted(() => 'flushing the cache device', false, true, this.dev.flush(), -1);
     this.stats.flushes++;
     if (epoch > this.flushedUpTo) {
