@@ -6,11 +6,14 @@
 // 4 KiB writeback write, read hit and read miss cost the engine itself
 // (docs/performance.md keeps the before/after table).
 //
-//   node --import tsx bench/engine-micro.ts [--ops N] [--rounds N] [--only write,hit,miss] [--profile DIR]
+//   node --import tsx bench/engine-micro.ts [--ops N] [--rounds N] [--only write,hit,miss] [--profile DIR] [--heap-profile DIR]
 //
 // Not a test. The best round is kept: a busy machine only makes a round slower.
 // --profile writes a V8 CPU profile of the measured phase of each round only
-// (set-up excluded) to DIR/KIND-ROUND.cpuprofile.
+// (set-up excluded) to DIR/KIND-ROUND.cpuprofile; --heap-profile a sampling
+// profile of what the measured phase allocates, garbage included (bytes per
+// request by allocating function: what the scavenger has to clear), to
+// DIR/KIND-ROUND.heapprofile.
 
 import { writeFileSync } from 'node:fs';
 import { Session } from 'node:inspector/promises';
@@ -38,6 +41,7 @@ const OPS = Number(option('--ops', '200000'));
 const ROUNDS = Number(option('--rounds', '3'));
 const ONLY = option('--only', 'write,hit,miss').split(',');
 const PROFILE = option('--profile', '');
+const HEAP_PROFILE = option('--heap-profile', '');
 const QD = 32;
 const MiB = 1024 * 1024;
 const BLOCK = 4096;
@@ -92,11 +96,21 @@ async function drive(
   profileAs: string,
 ): Promise<{ cpuUs: number; wallUs: number }> {
   let session: Session | undefined;
-  if (PROFILE !== '') {
+  if (PROFILE !== '' || HEAP_PROFILE !== '') {
     session = new Session();
     session.connect();
+  }
+  if (session && PROFILE !== '') {
     await session.post('Profiler.enable');
     await session.post('Profiler.start');
+  }
+  if (session && HEAP_PROFILE !== '') {
+    await session.post('HeapProfiler.enable');
+    await session.post('HeapProfiler.startSampling', {
+      samplingInterval: 4096,
+      includeObjectsCollectedByMajorGC: true,
+      includeObjectsCollectedByMinorGC: true,
+    });
   }
   let next = 0;
   const t0 = performance.now();
@@ -108,11 +122,15 @@ async function drive(
   await Promise.all(Array.from({ length: QD }, lane));
   const c = process.cpuUsage(c0);
   const wall = performance.now() - t0;
-  if (session) {
+  if (session && PROFILE !== '') {
     const { profile } = await session.post('Profiler.stop');
     writeFileSync(join(PROFILE, `${profileAs}.cpuprofile`), JSON.stringify(profile));
-    session.disconnect();
   }
+  if (session && HEAP_PROFILE !== '') {
+    const { profile } = await session.post('HeapProfiler.stopSampling');
+    writeFileSync(join(HEAP_PROFILE, `${profileAs}.heapprofile`), JSON.stringify(profile));
+  }
+  session?.disconnect();
   return { cpuUs: (c.user + c.system) / ops, wallUs: (wall * 1000) / ops };
 }
 

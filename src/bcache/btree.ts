@@ -907,8 +907,10 @@ export class Btree {
     if (ins.ptrs.length > 0) {
       result.sectors += ins.size;
       if (options.countForGc !== false) this.host.sectorsInserted(ins.size);
-      // Its data write completed before the insert: the next flush to start covers it.
-      leaf.pendingDataEpoch = this.host.io.nextFlushEpoch;
+      // Its data write completed before the insert: the next flush to start
+      // covers it. A compare-and-insert (writeback's clean key, a moving GC
+      // copy) points at data a flush already made durable.
+      if (options.replace === undefined) leaf.pendingDataEpoch = this.host.io.nextFlushEpoch;
     }
     const entry = options.journal;
     if (entry) {

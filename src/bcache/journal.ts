@@ -141,6 +141,8 @@ export class Journal {
   private readonly wake: Notifier;
   private readonly clock: Clock;
   private readonly nodeQueue = new Set<BtreeNode>();
+  /** Queued appends waiting to ride on the next commit (run()). */
+  private readonly heldNodes = new Set<BtreeNode>();
   private worker: Worker | undefined;
   private dead: Error | undefined;
   /**
@@ -529,20 +531,34 @@ export class Journal {
   private async run(signal: AbortSignal): Promise<void> {
     while (!signal.aborted && !this.dead) {
       if (this.nodeQueue.size > 0) {
-        const nodes = [...this.nodeQueue];
+        const now: BtreeNode[] = [];
+        for (const n of this.nodeQueue) {
+          // An append needs a flush after its newest key went in (the data
+          // of its keys, BtreeNode.pendingDataEpoch). With keys waiting for
+          // a commit, it rides on that commit, whose first flush is one
+          // (within journal_delay_ms); written now, it would cost a flush of
+          // its own, and under random writes a batch of appends is queued
+          // every few milliseconds.
+          if (this.open.keys.length > 0 && n.pendingDataEpoch > this.host.io.durableEpoch) this.heldNodes.add(n);
+          else now.push(n);
+        }
         this.nodeQueue.clear();
-        try {
-          await allDone(nodes.map((n) => this.host.writeNode(n)));
-        } catch (err) {
-          this.die(err);
-          return;
+        if (now.length > 0) {
+          try {
+            await allDone(now.map((n) => this.host.writeNode(n)));
+          } catch (err) {
+            this.die(err);
+            return;
+          }
         }
         continue;
       }
       const o = this.open;
       const due = o.urgent || (o.keys.length > 0 && this.clock.now() >= o.deadline);
       if (due && !this.writeLock.isLocked) {
-        await this.writeOpen(signal);
+        const held = [...this.heldNodes];
+        this.heldNodes.clear();
+        await this.writeOpen(signal, held);
         await this.reclaimEarly();
         continue;
       }
@@ -551,18 +567,24 @@ export class Journal {
     }
   }
 
-  /** Write the open entry (rotating in a new one first); serialized with other writes. */
-  private async writeOpen(signal?: AbortSignal): Promise<void> {
+  /**
+   * Write the open entry (rotating in a new one first), and leaf appends
+   * `nodes` alongside it; serialized with other writes.
+   */
+  private async writeOpen(signal?: AbortSignal, nodes: readonly BtreeNode[] = []): Promise<void> {
     const release = await this.writeLock.lock();
     try {
       if (this.dead) return;
       const w = this.open;
-      if (!w.urgent && w.keys.length === 0) return;
+      if (!w.urgent && w.keys.length === 0) {
+        if (nodes.length > 0) await allDone(nodes.map((n) => this.host.writeNode(n)));
+        return;
+      }
       this.writesStarted++;
       this.open = new JournalEntry();
       this.live.push(this.open);
       try {
-        await this.writeEntry(w, signal);
+        await this.writeEntry(w, signal, nodes);
       } catch (err) {
         this.die(err);
       }
@@ -596,19 +618,40 @@ export class Journal {
     }
   }
 
-  /** Make room for `blocks` in the ring, then write `w` as an R1 commit. */
-  private async writeEntry(w: JournalEntry, signal?: AbortSignal): Promise<void> {
+  /**
+   * Make room for `blocks` in the ring, then write `w` as an R1 commit. Leaf
+   * appends `nodes` are taken once the room is made and written after the
+   * commit's first flush, which covers their keys' data as it covers the
+   * entry's (one flush for both).
+   */
+  private async writeEntry(w: JournalEntry, signal?: AbortSignal, nodes: readonly BtreeNode[] = []): Promise<void> {
+    // Every key in `w` went in before the rotation that just happened: a flush from now on covers their data.
+    const cover = this.host.io.nextFlushEpoch;
     if (!this.host.cacheSync()) {
       // Nothing is journaled before the set is initialised (bch_journal without CACHE_SYNC).
+      await allDone(nodes.map((n) => this.host.writeNode(n)));
       this.finish(w);
       return;
     }
     const blocks = this.blocksFor(w.u64s);
     // Every entry leaves the last block of its bucket free for the header-only entry makeRoom may need.
     await this.makeRoom(blocks + (this.bucketBlocks > 1 ? 1 : 0), signal);
-    await this.flushForJset();
-    await this.writeJset(w, blocks);
-    await this.host.io.flush();
+    // Each append starts the flush it needs (or joins one started since its snapshot); the jset's joins it.
+    const appends = allDone(nodes.map((n) => this.host.writeNode(n)));
+    let failure: unknown;
+    try {
+      await this.flushForJset(cover);
+      await this.writeJset(w, blocks);
+      await this.host.io.flush();
+    } catch (err) {
+      failure = err;
+    }
+    try {
+      await appends;
+    } catch (err) {
+      failure ??= err;
+    }
+    if (failure !== undefined) throw failure instanceof Error ? failure : new Error(errorMessage(failure));
     this.finish(w);
   }
 
@@ -654,16 +697,19 @@ export class Journal {
   }
 
   /**
-   * R1's first flush, and R2's: the jset about to be encoded points at the
-   * root of now, so the nodes swapped in by a rewrite must be durable first.
+   * R1's first flush, and R2's: one that started after the entry was
+   * closed (`cover`: its keys' data completed before that), shared with
+   * the appends riding on the commit or any other flush started since; and
+   * the jset about to be encoded points at the root of now, so the nodes
+   * swapped in by a rewrite must be durable first.
    * A rewrite that completed its node writes before this flush started is
    * covered by it; one that swapped in while it ran needs one more (rare:
    * the swap must land in the flush's few milliseconds). writeJset encodes
    * the header synchronously after the last check, so nothing swaps between.
    */
-  private async flushForJset(): Promise<void> {
+  private async flushForJset(cover: number): Promise<void> {
     const io = this.host.io;
-    await io.flush();
+    await io.flushTo(cover);
     while ((this.host.header().durableAfter ?? 0) > io.durableEpoch) await io.flush();
   }
 
@@ -763,7 +809,7 @@ export class Journal {
       const m = new JournalEntry();
       // A header-only entry written ahead of the one that needs the room.
       this.live.splice(this.live.length - 2, 0, m);
-      await this.flushForJset();
+      await this.flushForJset(this.host.io.nextFlushEpoch);
       await this.writeJset(m, metaBlocks);
       await this.host.io.flush();
       m.durable = true;
