@@ -577,7 +577,12 @@ export class Journal {
       if (this.dead) return;
       const w = this.open;
       if (!w.urgent && w.keys.length === 0) {
-        if (nodes.length > 0) await allDone(nodes.map((n) => this.host.writeNode(n)));
+        // Another write took the entry meanwhile: the appends go out on their own.
+        try {
+          await allDone(nodes.map((n) => this.host.writeNode(n)));
+        } catch (err) {
+          this.die(err);
+        }
         return;
       }
       this.writesStarted++;
