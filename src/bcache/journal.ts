@@ -522,6 +522,11 @@ export class Journal {
     this.wake.notify();
   }
 
+  /** Write these leaves' appends, all at once (each waits for the flush its keys need). */
+  private async writeNodes(nodes: readonly BtreeNode[]): Promise<void> {
+    await allDone(nodes.map((n) => this.host.writeNode(n)));
+  }
+
   /** Queue a leaf for writing by the journal worker. */
   queueNode(node: BtreeNode): void {
     this.nodeQueue.add(node);
@@ -545,7 +550,7 @@ export class Journal {
         this.nodeQueue.clear();
         if (now.length > 0) {
           try {
-            await allDone(now.map((n) => this.host.writeNode(n)));
+            await this.writeNodes(now);
           } catch (err) {
             this.die(err);
             return;
@@ -579,7 +584,7 @@ export class Journal {
       if (!w.urgent && w.keys.length === 0) {
         // Another write took the entry meanwhile: the appends go out on their own.
         try {
-          await allDone(nodes.map((n) => this.host.writeNode(n)));
+          await this.writeNodes(nodes);
         } catch (err) {
           this.die(err);
         }
@@ -634,7 +639,7 @@ export class Journal {
     const cover = this.host.io.nextFlushEpoch;
     if (!this.host.cacheSync()) {
       // Nothing is journaled before the set is initialised (bch_journal without CACHE_SYNC).
-      await allDone(nodes.map((n) => this.host.writeNode(n)));
+      await this.writeNodes(nodes);
       this.finish(w);
       return;
     }
@@ -642,7 +647,7 @@ export class Journal {
     // Every entry leaves the last block of its bucket free for the header-only entry makeRoom may need.
     await this.makeRoom(blocks + (this.bucketBlocks > 1 ? 1 : 0), signal);
     // Each append starts the flush it needs (or joins one started since its snapshot); the jset's joins it.
-    const appends = allDone(nodes.map((n) => this.host.writeNode(n)));
+    const appends = this.writeNodes(nodes);
     let failure: unknown;
     try {
       await this.flushForJset(cover);
@@ -695,7 +700,7 @@ export class Journal {
     const nodes = this.host.nodesPinning(oldest, 8);
     if (nodes.length === 0) return;
     try {
-      await allDone(nodes.map((n) => this.host.writeNode(n)));
+      await this.writeNodes(nodes);
     } catch (err) {
       this.die(err);
     }
@@ -779,7 +784,7 @@ export class Journal {
         const nodes = this.host.nodesPinning(oldest, 8);
         if (nodes.length > 0) {
           this.stats.nodeFlushes++;
-          await allDone(nodes.map((n) => this.host.writeNode(n)));
+          await this.writeNodes(nodes);
           await this.host.io.flush();
           continue;
         }
