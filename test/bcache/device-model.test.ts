@@ -400,3 +400,39 @@ for (const mode of MODES) {
     assertNothingLeft();
   });
 }
+
+// Found by a hunt of 2000 runs (fast-check seed 395392606, path 91): a
+// write left dirty, written back and its buckets reused; a power cut's
+// replay then brought its dirty keys back from an old jset, stale. They are
+// no dirty data (their buckets' gens moved on, which the allocator allows
+// only once nothing dirty is left in them): reads of the range go to the
+// backing device, which holds the data, and no dirty count includes them.
+// checkMarks once counted them as dirty and failed here.
+test('model: stale dirty keys replayed after a power cut count nowhere (writeback)', async () => {
+  const ops: Op[] = [
+    { t: 'write', start: 3064, len: 112, fua: false },
+    { t: 'restart' },
+    {
+      t: 'batch',
+      writes: [{ start: 5056, len: 8 }],
+      reads: [
+        { start: 11320, len: 56 },
+        { start: 4336, len: 40 },
+        { start: 2720, len: 8 },
+        { start: 11888, len: 16 },
+      ],
+    },
+    { t: 'read', start: 1352, len: 208 },
+    { t: 'write', start: 12576, len: 128, fua: false },
+    { t: 'write', start: 11111, len: 55, fua: false },
+    { t: 'write', start: 1904, len: 80, fua: false },
+    { t: 'read', start: 3208, len: 16 },
+    { t: 'zero', start: 8544, len: 40 },
+    { t: 'flush' },
+    { t: 'crash', seed: 93724271 },
+    { t: 'flush' },
+    { t: 'gc' },
+  ];
+  await run(ops, CACHE_MODE_WRITEBACK, 25, 8);
+  assertNothingLeft();
+});

@@ -70,7 +70,12 @@ export async function checkMarks(cs: CacheSet): Promise<string[]> {
       if (node.isLeaf) {
         node.keys.forEach((k) => {
           const p = k.ptrs[0];
-          if (k.dirty && p) {
+          // A stale dirty key is not dirty data: its bucket was reused, which
+          // the allocator allows only once nothing dirty was left in it. A
+          // power cut's replay can bring one back (an old jset's dirty key,
+          // written back and its bucket reused before the cut); the engine
+          // counts it nowhere, as the kernel skips it, so neither does this.
+          if (k.dirty && p && b.stale(p) === 0) {
             const i = b.bucketOf(p);
             dirtyFound[i] = (dirtyFound[i] ?? 0) + k.size;
           }
