@@ -41,9 +41,11 @@ const SECTORS = Number(process.env['UBCACHE_MODEL_SECTORS'] ?? 16384);
 const DATA_OFFSET = 16;
 const BUCKET = 16;
 // 1100 buckets: 8 journal buckets. With 4 (600 buckets) the engine's journal
-// can find its ring full of needed entries at bring-up after a power cut and
-// fail ("the ring is full and the reserved block is gone", about 1 run in 100:
-// reported to the engine); UBCACHE_MODEL_NBUCKETS=600 shows it.
+// once found its ring full of needed entries at bring-up after a power cut
+// and failed ("the ring is full and the reserved block is gone", about 1 run
+// in 100), until the spare bucket became the reserve then (docs/simulation.md,
+// fill seed 14); UBCACHE_MODEL_NBUCKETS=600 runs that geometry (1000 runs
+// each of writethrough and writeback passed on 2026-12-07).
 const NBUCKETS = Number(process.env['UBCACHE_MODEL_NBUCKETS'] ?? 1100);
 
 type Op =
