@@ -53,7 +53,7 @@ export class SimDevice implements BlockDevice {
   private faults: { rate: number; kinds: ReadonlySet<string> } | undefined;
   /** Operations failed on purpose. */
   injected = 0;
-  /** Simulated time of the first of them. */
+  /** Simulated time of the first of them since the last injectFaults(). */
   firstInjectedAt: number | undefined;
 
   constructor(inner: BlockDevice, env: SimDeviceEnv, seed: number, latency: LatencyProfile) {
@@ -90,6 +90,8 @@ export class SimDevice implements BlockDevice {
    */
   injectFaults(rate: number, kinds: readonly string[]): void {
     this.faults = { rate, kinds: new Set(kinds) };
+    // Counted per episode: an earlier episode's first error says nothing of this one's.
+    this.firstInjectedAt = undefined;
     this.env.trace(`${this.name} faults ${rate} ${kinds.join('/')}`);
   }
 

@@ -98,6 +98,17 @@ test('seeds 170 and 386: a request that fails ends only after every part it star
   assertNothingLeft();
 });
 
+test('seed 2361: a backing device first failing late in its episode is given its whole offline time', async () => {
+  // The simulator's own check was wrong here: the pulled device's first failed I/O came from writeback
+  // 3.4 s before the check (no client request had reached it), so its offline time had not run out,
+  // yet the check wanted it stopped. The checker now waits the offline time from the first failure;
+  // the device must then have stopped.
+  const r = await runSim({ seed: 2361, ops: 300 });
+  assert.equal(r.verdict, 'ok', 'seed 2361: repro: npm run sim -- --seed 2361 --ops 300');
+  assert.ok(r.stats.deviceStops > 0, 'seed 2361 no longer takes a pulled backing device offline');
+  assertNothingLeft();
+});
+
 test('fill seed 14, one round: a ring as full as normal writes allow at a power cut still comes up', async () => {
   // Found by the simulator: resume() gives up the newest bucket's reserved block, and makeRoom()
   // failed the set at bring-up instead of using the spare bucket as the reserve.
