@@ -941,12 +941,13 @@ class Run implements SimDeviceEnv {
     // A pulled backing device: past the offline time (and a probe period) its device must have stopped.
     const pulled = !onCache && rate >= 1 && kinds.length > 1;
     if (pulled) {
-      await this.clock.advance(BACKING_OFFLINE_MS + 2000);
+      const offlineWait = BACKING_OFFLINE_MS + 2000;
+      await this.clock.advance(offlineWait);
       // The first failed I/O may have come late, from background work during
       // that wait (seed 2361: writeback, 3.4 s before the check): the device
-      // is owed the whole offline time (and a probe period) from then.
+      // is owed the whole wait from then.
       const first = faulty.firstInjectedAt;
-      const owed = first === undefined ? 0 : first + BACKING_OFFLINE_MS + 2000 - this.clock.now();
+      const owed = first === undefined ? 0 : first + offlineWait - this.clock.now();
       if (owed > 0) await this.clock.advance(owed);
     }
     // The failure's consequences, each bounded, each leaving nothing behind.
