@@ -17,7 +17,7 @@
 // acknowledged but held in a volatile cache (its own, or its machine's page
 // cache) when it went away: a FLUSH that covered it made it safe, nothing
 // else did. The client keeps every acknowledged write until a FLUSH covers it
-// (bounded: 64 MiB by default, past half of which it flushes by itself) and
+// (it flushes by itself past 4 MiB of them, and new writes wait at 64 MiB) and
 // writes it again after reconnecting, before any other request, so the
 // server holds again everything our callers were told was written; a FLUSH
 // in flight at the loss is re-sent after them and covers them. That loses

@@ -57,9 +57,9 @@
 // ranges, in acknowledgement order, folded to the newest content at replay)
 // and, after reconnecting and before anything else, writes it again. A
 // FLUSH in flight at the loss is re-sent after that, so it covers the
-// restored writes. Memory is bounded: past half of maxUnflushedBytes (an
+// restored writes. Memory is bounded: past autoFlushBytes (4 MiB; an
 // overwritten range counts once per write) the client sends a FLUSH of its
-// own, and at the limit new writes wait for it. (The alternative, failing the next FLUSH once with EIO
+// own, and at maxUnflushedBytes new writes wait for it. (The alternative, failing the next FLUSH once with EIO
 // like a sticky fdatasync error, would lose nothing silently either, but
 // turns every server restart into an I/O error for our clients; the replay
 // hides it.) Servers without SEND_FLUSH have no volatile cache: nothing is kept.
@@ -169,10 +169,19 @@ export interface NbdClientOptions {
   requestTimeoutMs?: number;
   /**
    * Acknowledged writes kept until a FLUSH covers them, for replay after a
-   * reconnect: past half of this the client flushes by itself, at the limit
-   * new writes wait for that flush. Default 64 MiB.
+   * reconnect: at the limit new writes wait for the client's own flush
+   * (autoFlushBytes). Default 64 MiB.
    */
   maxUnflushedBytes?: number;
+  /**
+   * Past this many bytes of acknowledged, unflushed writes (or half of
+   * maxUnflushedBytes, if less) the client sends a FLUSH of its own, so the
+   * log stays small. Default 4 MiB: the log's copies then stay in memory the
+   * CPU has touched recently, where 32 MiB of them cost a proxied write
+   * about 10 % of its rate (docs/performance.md, "The unflushed log's
+   * size"). One such flush at a time; writes go on while it runs.
+   */
+  autoFlushBytes?: number;
 }
 
 const DEFAULTS: Required<NbdClientOptions> = {
@@ -188,6 +197,7 @@ const DEFAULTS: Required<NbdClientOptions> = {
   outageTimeoutMs: 30_000,
   requestTimeoutMs: 30_000,
   maxUnflushedBytes: 64 * 1024 * 1024,
+  autoFlushBytes: 4 * 1024 * 1024,
 };
 
 /** The first wait between reconnect attempts; it doubles up to RECONNECT_MAX_MS. */
@@ -1807,7 +1817,9 @@ export class NbdClient {
     else if (req.type === Cmd.WRITE_ZEROES) {
       this.unflushed.putZero(req.offset, req.length, (req.flags & CmdFlag.NO_HOLE) !== 0, seq);
     } else if (req.type === Cmd.TRIM) this.unflushed.putTrim(req.offset, req.length, seq);
-    if (this.unflushed.bytes > this.opts.maxUnflushedBytes / 2) this.startAutoFlush();
+    if (this.unflushed.bytes > Math.min(this.opts.autoFlushBytes, this.opts.maxUnflushedBytes / 2)) {
+      this.startAutoFlush();
+    }
   }
 
   /** A FLUSH of the client's own, so that the log can drop what it covers. */

@@ -220,6 +220,59 @@ test(
   },
 );
 
+
+test(
+  'acknowledged writes held for replay: a FLUSH of its own past autoFlushBytes (4 MiB by default), writes wait at maxUnflushedBytes',
+  {
+    skip: !tools.nbdkit && 'nbdkit is not installed',
+  },
+  async () => {
+    using tmp = tempDir();
+    const srv = await startNbdkit(tmp.dir, ['memory', '64M']);
+    const flushes = (c: NbdClient): number => c.requestCounts.reduce((n, s) => n + (s['FLUSH'] ?? 0), 0);
+    const piece = 256 * KiB;
+    // The default: nothing of its own below 4 MiB held, a FLUSH past it.
+    const c = await NbdClient.connect(srv.uri(), { connections: 1 });
+    try {
+      for (let at = 0; at < 4 * MiB; at += piece) await c.write(randomBytes(piece), at);
+      assert.equal(c.unflushedBytes, 4 * MiB);
+      assert.equal(flushes(c), 0, 'no flush of its own at 4 MiB held');
+      await c.write(randomBytes(piece), 4 * MiB);
+      assert.equal(flushes(c), 1, 'one flush past 4 MiB');
+      await c.flush();
+      assert.equal(c.unflushedBytes, 0);
+    } finally {
+      await c.close();
+    }
+    // A small bound: past maxUnflushedBytes new writes wait, so the log holds at most the bound plus
+    // what was already in flight when it was reached (8 writers, 64 KiB each).
+    const small = await NbdClient.connect(srv.uri(), {
+      connections: 2,
+      autoFlushBytes: 512 * KiB,
+      maxUnflushedBytes: 1 * MiB,
+    });
+    try {
+      let most = 0;
+      const data = randomBytes(8 * MiB);
+      await Promise.all(
+        Array.from({ length: 8 }, async (_, w) => {
+          for (let at = w * MiB; at < (w + 1) * MiB; at += 64 * KiB) {
+            await small.write(data.subarray(at, at + 64 * KiB), at);
+            most = Math.max(most, small.unflushedBytes);
+          }
+        }),
+      );
+      assert.ok(most <= MiB + 8 * 64 * KiB, `held ${most} bytes, bound 1 MiB + 512 KiB in flight`);
+      assert.ok(flushes(small) >= 8, `${flushes(small)} flushes of its own for 8 MiB written`);
+      const back = Buffer.alloc(8 * MiB);
+      await small.read(back, 0);
+      assert.ok(back.equals(data), 'every write landed');
+    } finally {
+      await small.close();
+      await srv.stop();
+    }
+  },
+);
 test(
   'bounded: past maxInflight requests queue, past maxQueued they fail with ENOMEM, the rest complete',
   {
