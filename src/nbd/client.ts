@@ -58,8 +58,9 @@
 // and, after reconnecting and before anything else, writes it again. A
 // FLUSH in flight at the loss is re-sent after that, so it covers the
 // restored writes. Memory is bounded: past autoFlushBytes (4 MiB; an
-// overwritten range counts once per write) the client sends a FLUSH of its
-// own, and at maxUnflushedBytes new writes wait for it. (The alternative, failing the next FLUSH once with EIO
+// overwritten range counts once per write) or autoFlushEntries the client
+// sends a FLUSH of its own, and at maxUnflushedBytes or maxUnflushedEntries
+// new writes wait for it. (The alternative, failing the next FLUSH once with EIO
 // like a sticky fdatasync error, would lose nothing silently either, but
 // turns every server restart into an I/O error for our clients; the replay
 // hides it.) Servers without SEND_FLUSH have no volatile cache: nothing is kept.
@@ -182,6 +183,14 @@ export interface NbdClientOptions {
    * size"). One such flush at a time; writes go on while it runs.
    */
   autoFlushBytes?: number;
+  /**
+   * The same bounds counted in entries (each write, zero or trim is one, of
+   * any size): many small writes, or trims and zeroes that hold no data, are
+   * bounded too. Past autoFlushEntries (16384) the client flushes by itself,
+   * at maxUnflushedEntries (131072) new writes, zeroes and trims wait.
+   */
+  autoFlushEntries?: number;
+  maxUnflushedEntries?: number;
 }
 
 const DEFAULTS: Required<NbdClientOptions> = {
@@ -198,6 +207,8 @@ const DEFAULTS: Required<NbdClientOptions> = {
   requestTimeoutMs: 30_000,
   maxUnflushedBytes: 64 * 1024 * 1024,
   autoFlushBytes: 4 * 1024 * 1024,
+  autoFlushEntries: 16_384,
+  maxUnflushedEntries: 131_072,
 };
 
 /** The first wait between reconnect attempts; it doubles up to RECONNECT_MAX_MS. */
@@ -1817,9 +1828,21 @@ export class NbdClient {
     else if (req.type === Cmd.WRITE_ZEROES) {
       this.unflushed.putZero(req.offset, req.length, (req.flags & CmdFlag.NO_HOLE) !== 0, seq);
     } else if (req.type === Cmd.TRIM) this.unflushed.putTrim(req.offset, req.length, seq);
-    if (this.unflushed.bytes > Math.min(this.opts.autoFlushBytes, this.opts.maxUnflushedBytes / 2)) {
+    if (
+      this.unflushed.bytes > Math.min(this.opts.autoFlushBytes, this.opts.maxUnflushedBytes / 2) ||
+      this.unflushed.size > Math.min(this.opts.autoFlushEntries, this.opts.maxUnflushedEntries / 2)
+    ) {
       this.startAutoFlush();
     }
+  }
+
+  /** The unflushed log is at a bound: new writes, zeroes and trims wait for the client's own flush. */
+  private logFull(req: Request): boolean {
+    if (!this.logWrites || req.internal) return false;
+    if (req.type !== Cmd.WRITE && req.type !== Cmd.WRITE_ZEROES && req.type !== Cmd.TRIM) return false;
+    return (
+      this.unflushed.bytes >= this.opts.maxUnflushedBytes || this.unflushed.size >= this.opts.maxUnflushedEntries
+    );
   }
 
   /** A FLUSH of the client's own, so that the log can drop what it covers. */
@@ -1908,6 +1931,11 @@ export class NbdClient {
     return this.unflushed.bytes;
   }
 
+  /** Entries of the unflushed log (writes, zeroes and trims not yet covered by a FLUSH). */
+  get unflushedEntries(): number {
+    return this.unflushed.size;
+  }
+
   get size(): number {
     return this.info.size;
   }
@@ -1943,7 +1971,7 @@ export class NbdClient {
       }
       return;
     }
-    if (req.type === Cmd.WRITE && this.logWrites && this.unflushed.bytes >= this.opts.maxUnflushedBytes) {
+    if (this.logFull(req)) {
       if (waiting >= this.opts.maxQueued) {
         settleOnce(req, new IoError('ENOMEM', `${this.name}: ${waiting} requests are already waiting to be sent`));
         return;

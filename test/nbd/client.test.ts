@@ -222,7 +222,7 @@ test(
 
 
 test(
-  'acknowledged writes held for replay: a FLUSH of its own past autoFlushBytes (4 MiB by default), writes wait at maxUnflushedBytes',
+  'acknowledged writes held for replay: a FLUSH of its own past autoFlushBytes (4 MiB by default) or autoFlushEntries, writes wait at the max',
   {
     skip: !tools.nbdkit && 'nbdkit is not installed',
   },
@@ -269,6 +269,28 @@ test(
       assert.ok(back.equals(data), 'every write landed');
     } finally {
       await small.close();
+    }
+    // Counted in entries too: trims hold no data, but each is an entry to replay.
+    const entries = await NbdClient.connect(srv.uri(), {
+      connections: 2,
+      autoFlushEntries: 64,
+      maxUnflushedEntries: 128,
+    });
+    try {
+      let most = 0;
+      await Promise.all(
+        Array.from({ length: 8 }, async (_, w) => {
+          for (let k = 0; k < 100; k++) {
+            await entries.trim((w * 100 + k) * 4 * KiB, 4 * KiB);
+            most = Math.max(most, entries.unflushedEntries);
+          }
+        }),
+      );
+      assert.equal(entries.unflushedBytes, 0);
+      assert.ok(most <= 128 + 8, `held ${most} entries, bound 128 + 8 in flight`);
+      assert.ok(flushes(entries) >= 800 / 128, `${flushes(entries)} flushes of its own for 800 trims`);
+    } finally {
+      await entries.close();
       await srv.stop();
     }
   },
