@@ -893,7 +893,9 @@ class Connection implements ReadSink {
     this.inflightBytes = 0;
     this.queue = [];
     this.queueHead = 0;
-    for (const req of reqs) this.settle(req, err);
+    // The client's own requests (a replay, its flush) are made again after a reconnect: for them a broken
+    // connection is a lost one, not a refusal (a replay failing with EIO would fail the client for good).
+    for (const req of reqs) this.settle(req, req.internal && this.owner.retry ? new ConnectionLost(err.message) : err);
     if (!this.owner.retry) {
       for (const req of unsent) this.settle(req, err);
       unsent.length = 0;
