@@ -28,6 +28,7 @@ import { NbdClient } from '../../src/nbd/client.ts';
 import { Cmd, NbdErr, ReplyType } from '../../src/nbd/protocol.ts';
 import { Prng } from '../../src/util/prng.ts';
 import { tempDir } from '../helpers/daemon.ts';
+import { seedsFromEnv } from '../helpers/seeds.ts';
 import { chunk, dataChunk, simple, startFakeServer, type FakeConnection } from '../helpers/fake-nbd-server.ts';
 
 const SIZE = 4 * 1024 * 1024;
@@ -37,14 +38,6 @@ const unhandled: unknown[] = [];
 process.on('unhandledRejection', (reason) => {
   unhandled.push(reason);
 });
-
-function seedRange(): number[] {
-  const spec = process.env['UBCACHE_FUZZ_SEEDS'];
-  const m = spec === undefined ? undefined : /^(\d+)-(\d+)$/.exec(spec);
-  const from = m ? Number(m[1]) : 1;
-  const to = m ? Number(m[2]) : 10;
-  return Array.from({ length: to - from + 1 }, (_, i) => from + i);
-}
 
 /** What a correct server holds at every byte. */
 function expected(offset: number, length: number): Buffer {
@@ -207,7 +200,7 @@ async function runSeed(seed: number, dir: string): Promise<boolean> {
 
 test('fuzz: a server choosing every reply from a seed, correct or hostile: each request settles once, no wrong data', async () => {
   using tmp = tempDir('ubcache-fuzz-');
-  const seeds = seedRange();
+  const seeds = seedsFromEnv('UBCACHE_FUZZ_SEEDS', 1, 10);
   let serving = 0;
   for (const seed of seeds) {
     const dir = join(tmp.dir, `s${seed}`);

@@ -25,20 +25,13 @@ import { NbdClient } from '../../src/nbd/client.ts';
 import { NbdServer } from '../../src/nbd/server.ts';
 import { Prng } from '../../src/util/prng.ts';
 import { tempDir } from '../helpers/daemon.ts';
+import { seedsFromEnv } from '../helpers/seeds.ts';
 
 const KiB = 1024;
 const SIZE = 2 * 1024 * KiB;
 const WORKERS = 4;
 const REGION = SIZE / WORKERS;
 const OPS_PER_WORKER = 120;
-
-function seedRange(): number[] {
-  const spec = process.env['UBCACHE_REPLAY_SEEDS'];
-  const m = spec === undefined ? undefined : /^(\d+)-(\d+)$/.exec(spec);
-  const from = m ? Number(m[1]) : 1;
-  const to = m ? Number(m[2]) : 12;
-  return Array.from({ length: to - from + 1 }, (_, i) => from + i);
-}
 
 /** A server that can crash: connections cut at once, the disk's power cut, a new server over what survived. */
 class CrashingServer {
@@ -199,5 +192,5 @@ async function runSeed(seed: number, path: string): Promise<void> {
 
 test('acknowledged writes, zeroes and trims survive server crashes that lose its volatile cache (seeded)', async () => {
   using tmp = tempDir('ubcache-replay-');
-  for (const seed of seedRange()) await runSeed(seed, join(tmp.dir, `s${seed}.sock`));
+  for (const seed of seedsFromEnv('UBCACHE_REPLAY_SEEDS', 1, 12)) await runSeed(seed, join(tmp.dir, `s${seed}.sock`));
 });
