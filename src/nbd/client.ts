@@ -635,7 +635,11 @@ interface Request {
   filled: number[] | undefined;
   status: StatusDescriptor[] | undefined;
   settled: boolean;
-  /** The client's own (a replayed write, a flush to bound the unflushed log): never kept across a loss, never logged. */
+  /**
+   * The client's own: a write, zero or trim replayed from the unflushed log after a reconnect. Never kept
+   * across a loss (the log makes it again), never logged, never held. (The client's own FLUSHes, which bound
+   * the log, are ordinary requests: kept across a loss and sent again, they cover the replay.)
+   */
   internal: boolean;
   resolve: () => void;
   reject: (err: Error) => void;
@@ -893,8 +897,8 @@ class Connection implements ReadSink {
     this.inflightBytes = 0;
     this.queue = [];
     this.queueHead = 0;
-    // The client's own requests (a replay, its flush) are made again after a reconnect: for them a broken
-    // connection is a lost one, not a refusal (a replay failing with EIO would fail the client for good).
+    // A replayed write is made again after the next reconnect: for it a broken connection is a lost one,
+    // not a refusal (a replay failing with EIO would fail the client for good).
     for (const req of reqs) this.settle(req, req.internal && this.owner.retry ? new ConnectionLost(err.message) : err);
     if (!this.owner.retry) {
       for (const req of unsent) this.settle(req, err);
@@ -1842,9 +1846,7 @@ export class NbdClient {
   private logFull(req: Request): boolean {
     if (!this.logWrites || req.internal) return false;
     if (req.type !== Cmd.WRITE && req.type !== Cmd.WRITE_ZEROES && req.type !== Cmd.TRIM) return false;
-    return (
-      this.unflushed.bytes >= this.opts.maxUnflushedBytes || this.unflushed.size >= this.opts.maxUnflushedEntries
-    );
+    return this.unflushed.bytes >= this.opts.maxUnflushedBytes || this.unflushed.size >= this.opts.maxUnflushedEntries;
   }
 
   /** A FLUSH of the client's own, so that the log can drop what it covers. */
