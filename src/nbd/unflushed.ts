@@ -208,7 +208,8 @@ export class UnflushedLog {
     // The data of every piece copied into one buffer: one allocation, not one per extent.
     let dataBytes = 0;
     for (let k = 0; k < pieceSlot.length; k++) {
-      if (this.kinds[pieceSlot[k] as number] === KIND_DATA) dataBytes += (pieceEnd[k] as number) - (pieceStart[k] as number);
+      if (this.kinds[pieceSlot[k] as number] === KIND_DATA)
+        dataBytes += (pieceEnd[k] as number) - (pieceStart[k] as number);
     }
     const copies = Buffer.allocUnsafeSlow(dataBytes);
     let copied = 0;

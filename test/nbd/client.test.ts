@@ -220,7 +220,6 @@ test(
   },
 );
 
-
 test(
   'acknowledged writes held for replay: a FLUSH of its own past autoFlushBytes (4 MiB by default) or autoFlushEntries, writes wait at the max',
   {
