@@ -110,7 +110,7 @@ async function runSeed(seed: number, dir: string): Promise<boolean> {
       if (!batch) {
         batch = [];
         pending.set(conn, batch);
-        rngs.set(conn, new Prng(seed * 1000 + ++connNo));
+        if (!rngs.has(conn)) rngs.set(conn, new Prng(seed * 1000 + ++connNo));
         setImmediate(() => {
           const list = pending.get(conn) ?? [];
           pending.delete(conn);
