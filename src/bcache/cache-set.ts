@@ -1027,6 +1027,11 @@ export class CacheSet {
     return this.io.read(buf, sector);
   }
 
+  /** readCache() done here and now (see CacheIo.readNow): false when it must wait, and then nothing was counted. */
+  readCacheNow(buf: Buffer, sector: number): boolean {
+    return this.io.readNow(buf, sector);
+  }
+
   writeCache(buf: Buffer, sector: number): Promise<void> {
     return this.io.write(buf, sector);
   }

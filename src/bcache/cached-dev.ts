@@ -868,6 +868,10 @@ export class BcacheDevice implements BlockDevice {
     return this.dev.request.read(buf, offset);
   }
 
+  readNow(buf: Buffer, offset: number): boolean {
+    return this.dev.request.readNow(buf, offset);
+  }
+
   write(buf: Buffer, offset: number, options?: WriteOptions): Promise<void> {
     return this.dev.request.write(buf, offset, options?.fua === true);
   }

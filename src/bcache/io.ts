@@ -54,6 +54,8 @@ export interface CacheIoErrorHooks {
 
 /** Fractional precision of the decayed error count (IO_ERROR_SHIFT). */
 const IO_ERROR_SHIFT = 20;
+/** The name account() asks for only on a failure: readNow() accounts successes only. */
+const readWhat = (): string => 'reading from cache';
 
 export class CacheIo {
   readonly dev: BlockDevice;
@@ -198,6 +200,22 @@ export class CacheIo {
       this.dev.read(buf, sector * SECTOR_SIZE),
       startMs,
     );
+  }
+
+  /**
+   * read() without waiting, for the hit path: true when the device copied the
+   * data here and now (counted as read() counts a success), false with
+   * nothing counted when it could not (the caller then uses read()).
+   */
+  readNow(buf: Buffer, sector: number): boolean {
+    const dev = this.dev;
+    if (dev.readNow === undefined || this.isDisabled()) return false;
+    const startMs = this.congestion.start(false);
+    if (!dev.readNow(buf, sector * SECTOR_SIZE)) return false;
+    this.stats.sectorsRead += buf.length / SECTOR_SIZE;
+    if (startMs >= 0) this.congestion.completed(false, startMs);
+    this.account(undefined, readWhat, true);
+    return true;
   }
 
   /** A data write (counted as such). No async frame of its own: it is on every write's path. */

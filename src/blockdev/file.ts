@@ -603,6 +603,13 @@ export class FileBlockDevice implements BlockDevice {
     return this.readAt(buf, 0, buf.length, offset);
   }
 
+  /** The page-cache half of read() alone: a copy here and now, or false (the caller then uses read()). */
+  readNow(buf: Buffer, offset: number): boolean {
+    if (!this.nowaitReads || buf.length > NOWAIT_MAX || buf.length === 0) return false;
+    if (this.admit(offset, buf.length, false) !== undefined) return false;
+    return this.native?.preadNowait?.(this.fd, buf, offset) === buf.length;
+  }
+
   write(buf: Buffer, offset: number, options?: WriteOptions): Promise<void> {
     const bad = this.admit(offset, buf.length, true);
     if (bad !== undefined) return Promise.reject(bad);

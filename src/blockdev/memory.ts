@@ -117,6 +117,15 @@ export class MemoryBlockDevice implements BlockDevice {
     });
   }
 
+  readNow(buf: Buffer, offset: number): boolean {
+    try {
+      this.readSync(buf, offset);
+      return true;
+    } catch {
+      return false; // read() reports it
+    }
+  }
+
   write(buf: Buffer, offset: number, _options?: WriteOptions): Promise<void> {
     return settle(() => {
       this.writeSync(buf, offset);

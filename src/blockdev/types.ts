@@ -79,6 +79,14 @@ export interface BlockDevice {
    * (otherwise EINVAL); a short read from the medium is EIO, never silent zeroes.
    */
   read(buf: Buffer, offset: number): Promise<void>;
+  /**
+   * read() done here and now when it needs no waiting (data in memory or the
+   * page cache): true when `buf` holds the data. False when it could not:
+   * nothing was done that the caller can observe except `buf`'s contents,
+   * and the caller uses read(). Optional; it exists for the hit path, where a
+   * promise and its microtasks are a measurable share of a read's CPU.
+   */
+  readNow?(buf: Buffer, offset: number): boolean;
   /** Write all of `buf` at `offset` (EINVAL/ENOSPC past the end, EPERM if read-only). */
   write(buf: Buffer, offset: number, options?: WriteOptions): Promise<void>;
   /** Make every write that completed before this call durable. */

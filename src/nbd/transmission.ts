@@ -440,7 +440,30 @@ export class Transmission {
   // Execution and replies
 
   private dispatch(req: Request, payload: Buffer | undefined): void {
+    if (req.type === Cmd.READ && this.readNow(req)) return;
     void this.execute(req, payload);
+  }
+
+  /**
+   * A read the device can complete here and now (a cache hit, a page-cache
+   * hit): replied and finished within this call, without a promise. False
+   * when the device would have to wait; execute() then does the read.
+   */
+  private readNow(req: Request): boolean {
+    const dev = this.exp.device;
+    if (dev.readNow === undefined || req.length === 0) return false;
+    const started = performance.now();
+    const prefix = this.structured ? OFFSET_DATA_PREFIX : SIMPLE_REPLY_HEADER_SIZE;
+    const buf = ioBuffers.acquire(prefix + req.length);
+    if (!dev.readNow(buf.subarray(prefix), req.offset)) {
+      ioBuffers.release(buf);
+      return false;
+    }
+    if (this.structured) writeOffsetDataPrefix(buf, req.cookie, req.offset, req.length);
+    else writeSimpleReplyHeader(buf, 0, 0, req.cookie);
+    this.send(buf, true);
+    this.finished(req, started, true);
+    return true;
   }
 
   /** Never rejects: every outcome becomes a reply (or, on a dead socket, nothing). */
@@ -491,12 +514,17 @@ export class Transmission {
       ok = false;
       this.failRequest(req, err);
     } finally {
-      this.exp.metrics.observe(req.type, (performance.now() - started) / 1000, req.length, ok);
-      this.inflight--;
-      this.inflightBytes -= req.cost;
-      this.maybeResume();
-      this.finishIfIdle();
+      this.finished(req, started, ok);
     }
+  }
+
+  /** A request's end, whatever it was: its metrics, and its charge given back. */
+  private finished(req: Request, started: number, ok: boolean): void {
+    this.exp.metrics.observe(req.type, (performance.now() - started) / 1000, req.length, ok);
+    this.inflight--;
+    this.inflightBytes -= req.cost;
+    this.maybeResume();
+    this.finishIfIdle();
   }
 
   private async read(req: Request): Promise<void> {

@@ -281,6 +281,25 @@ test('range errors: EINVAL reading past the end, ENOSPC writing past it, EINVAL 
   await dev.close();
 });
 
+test('readNow copies data in the page cache here and now, and declines what read() would refuse', async (t) => {
+  if (!loadNative()?.preadNowait) {
+    t.skip('the native addon (preadv2 RWF_NOWAIT) is not built');
+    return;
+  }
+  const dev = await FileBlockDevice.open(newFile(64 * 1024));
+  const data = pattern(16 * 1024, 5);
+  await dev.write(data, 4096);
+  const buf = Buffer.alloc(data.length);
+  assert.equal(dev.readNow(buf, 4096), true, 'just written: in the page cache');
+  assert.deepEqual(buf, data);
+  assert.equal(dev.readNow(Buffer.alloc(512), 64 * 1024 - 511), false, 'past the end');
+  assert.equal(dev.readNow(Buffer.alloc(512), -1), false, 'a bad offset');
+  assert.equal(dev.readNow(Buffer.alloc(0), 0), false, 'nothing to read');
+  await assert.rejects(dev.read(Buffer.alloc(512), 64 * 1024 - 511), { code: 'EINVAL' });
+  await dev.close();
+  assert.equal(dev.readNow(Buffer.alloc(512), 4096), false, 'closed');
+});
+
 test('a read-only device refuses every kind of write with EPERM and flushes as a no-op', async () => {
   const path = newFile(8192);
   const dev = await FileBlockDevice.open(path, { readOnly: true });
