@@ -498,7 +498,8 @@ export class RequestPath {
    * that does not hold; then nothing was done that read() would not do again
    * (the lookup's touch of the bucket's prio), nothing was counted, and the
    * caller uses read(). Through NBD a hit's promises and their microtasks
-   * were about a tenth of its CPU (docs/performance.md, "A read hit").
+   * were about a tenth of its CPU (docs/performance.md, "The hit without a
+   * promise").
    */
   readNow(buf: Buffer, offset: number): boolean {
     if (this.closing || this.dev.settings.ioDisable) return false;
