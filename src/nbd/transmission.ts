@@ -440,34 +440,35 @@ export class Transmission {
   // Execution and replies
 
   private dispatch(req: Request, payload: Buffer | undefined): void {
-    if (req.type === Cmd.READ && this.readNow(req)) return;
-    void this.execute(req, payload);
+    if (req.type !== Cmd.READ) {
+      void this.execute(req, payload);
+      return;
+    }
+    const buf = this.readNow(req);
+    if (buf !== null) void this.execute(req, payload, buf);
   }
 
   /**
    * A read the device can complete here and now (a cache hit, a page-cache
-   * hit): replied and finished within this call, without a promise. False
-   * when the device would have to wait; execute() then does the read.
+   * hit): replied and finished within this call, without a promise (null).
+   * Otherwise the reply buffer it took, if any, for execute() to read into.
    */
-  private readNow(req: Request): boolean {
+  private readNow(req: Request): Buffer | undefined | null {
     const dev = this.exp.device;
-    if (dev.readNow === undefined || req.length === 0) return false;
+    if (dev.readNow === undefined || req.length === 0) return undefined;
     const started = performance.now();
     const prefix = this.structured ? OFFSET_DATA_PREFIX : SIMPLE_REPLY_HEADER_SIZE;
     const buf = ioBuffers.acquire(prefix + req.length);
-    if (!dev.readNow(buf.subarray(prefix), req.offset)) {
-      ioBuffers.release(buf);
-      return false;
-    }
+    if (!dev.readNow(buf.subarray(prefix), req.offset)) return buf;
     if (this.structured) writeOffsetDataPrefix(buf, req.cookie, req.offset, req.length);
     else writeSimpleReplyHeader(buf, 0, 0, req.cookie);
     this.send(buf, true);
     this.finished(req, started, true);
-    return true;
+    return null;
   }
 
   /** Never rejects: every outcome becomes a reply (or, on a dead socket, nothing). */
-  private async execute(req: Request, payload: Buffer | undefined): Promise<void> {
+  private async execute(req: Request, payload: Buffer | undefined, readBuf?: Buffer): Promise<void> {
     const dev = this.exp.device;
     const fua = (req.flags & CmdFlag.FUA) !== 0;
     const started = performance.now();
@@ -475,7 +476,7 @@ export class Transmission {
     try {
       switch (req.type) {
         case Cmd.READ:
-          await this.read(req);
+          await this.read(req, readBuf);
           return;
         case Cmd.WRITE:
           if (payload) {
@@ -527,7 +528,8 @@ export class Transmission {
     this.finishIfIdle();
   }
 
-  private async read(req: Request): Promise<void> {
+  /** `buf`, when given, is a reply buffer of the right size already taken (readNow's). */
+  private async read(req: Request, buf?: Buffer): Promise<void> {
     const dev = this.exp.device;
     if (this.structured && req.length === 0) {
       this.send(encodeNoneChunk(req.cookie));
@@ -536,7 +538,7 @@ export class Transmission {
     // Read first, then send header and data together: an error is still reportable as a plain error reply.
     // On error the buffer is not recycled: a device that gave up on an I/O might still write into it.
     const prefix = this.structured ? OFFSET_DATA_PREFIX : SIMPLE_REPLY_HEADER_SIZE;
-    const buf = ioBuffers.acquire(prefix + req.length);
+    buf ??= ioBuffers.acquire(prefix + req.length);
     if (req.length > 0) await dev.read(buf.subarray(prefix), req.offset);
     if (this.structured) writeOffsetDataPrefix(buf, req.cookie, req.offset, req.length);
     else writeSimpleReplyHeader(buf, 0, 0, req.cookie);
