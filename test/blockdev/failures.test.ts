@@ -51,6 +51,39 @@ test('a full filesystem under a file device: ENOSPC with advice, after the part 
   assert.ok(head.equals(pattern(4 * MiB, 1).subarray(0, MiB)), 'what fitted was written');
 });
 
+test('gathered inline writes on a full filesystem: each write gets its own result', async (t) => {
+  const why = unavailable();
+  if (why !== undefined) {
+    t.skip(why);
+    return;
+  }
+  const dir = tinyFilesystem(t, 256 * 1024);
+  const dev = await FileBlockDevice.open(sparseFile(`${dir}/f.img`, 8 * MiB), { inlineWriteSlowMs: 10_000 });
+  t.after(() => dev.close().catch(() => undefined));
+  // Eight 64 KiB writes back to back, issued in one turn: one pwritev for all
+  // of them, which ends short at 256 KiB; each is then written by itself.
+  const syscalls = dev.inlineWriteStats.syscalls;
+  const results = await Promise.allSettled(
+    Array.from({ length: 8 }, (_, i) => dev.write(pattern(64 * 1024, i), i * 64 * 1024)),
+  );
+  const ok = results.map((r) => r.status === 'fulfilled');
+  const firstFailed = ok.indexOf(false);
+  assert.ok(firstFailed > 0 && firstFailed < 8, `some fitted, some did not: ${ok.join(',')}`);
+  assert.ok(
+    ok.slice(firstFailed).every((v) => !v),
+    `the ones past the space all failed: ${ok.join(',')}`,
+  );
+  for (const r of results.slice(firstFailed)) {
+    assert.ok(r.status === 'rejected' && r.reason instanceof IoError && r.reason.code === 'ENOSPC', r.status);
+  }
+  assert.ok(dev.inlineWriteStats.syscalls - syscalls > 1, 'the run was retried write by write');
+  for (let i = 0; i < firstFailed; i++) {
+    const got = Buffer.alloc(64 * 1024);
+    await dev.read(got, i * 64 * 1024);
+    assert.ok(got.equals(pattern(64 * 1024, i)), `write ${i} is on the file`);
+  }
+});
+
 test('tmpfs has no FALLOC_FL_ZERO_RANGE: noHole zeroing punches and reallocates instead', async (t) => {
   const why = unavailable();
   if (why !== undefined) {

@@ -489,3 +489,66 @@ test('a slow inline write sends writes to the thread pool, and data lands either
     await never.close();
   }
 });
+
+test('inline writes issued together go out as one pwritev per run of neighbours, in order', async () => {
+  const path = newFile(MiB);
+  const dev = await FileBlockDevice.open(path, { inlineWriteSlowMs: 10_000 });
+  try {
+    const before = { ...dev.inlineWriteStats };
+    const writes: Promise<void>[] = [];
+    // 16 back to back (as the allocator places a client's writes in a bucket), then three apart.
+    for (let i = 0; i < 16; i++) writes.push(dev.write(pattern(4096, i), 65536 + i * 4096));
+    for (const [n, at] of [16, 17, 18].entries()) writes.push(dev.write(pattern(4096, at), 262144 * (n + 1) + 512));
+    // Two writes to one place in one turn: the later one is what stays.
+    writes.push(dev.write(pattern(512, 100), 0), dev.write(pattern(512, 101), 0));
+    await Promise.all(writes);
+    assert.equal(dev.inlineWriteStats.writes - before.writes, 21);
+    // One run of 16, three apart, and the two at 0 (the second overlaps the first, so no run).
+    assert.equal(dev.inlineWriteStats.syscalls - before.syscalls, 1 + 3 + 2);
+    const onDisk = readFileSync(path);
+    for (let i = 0; i < 16; i++) {
+      assert.ok(onDisk.subarray(65536 + i * 4096, 65536 + (i + 1) * 4096).equals(pattern(4096, i)), `write ${i}`);
+    }
+    for (const [n, at] of [16, 17, 18].entries()) {
+      const off = 262144 * (n + 1) + 512;
+      assert.ok(onDisk.subarray(off, off + 4096).equals(pattern(4096, at)));
+    }
+    assert.ok(onDisk.subarray(0, 512).equals(pattern(512, 101)));
+  } finally {
+    await dev.close();
+  }
+});
+
+test('a gathered write is on the file before any later operation on the device: read, readNow, flush', async () => {
+  const path = newFile(MiB);
+  const dev = await FileBlockDevice.open(path, { inlineWriteSlowMs: 10_000 });
+  try {
+    // Not awaited: the reads are issued while the writes still wait for their turn's end.
+    const w1 = dev.write(pattern(4096, 1), 0);
+    const got = Buffer.alloc(4096);
+    await dev.read(got, 0);
+    assert.ok(got.equals(pattern(4096, 1)), 'read() after write() sees it');
+    const w2 = dev.write(pattern(4096, 2), 4096);
+    if (loadNative()?.preadNowait) {
+      assert.equal(dev.readNow(got, 4096), true);
+      assert.ok(got.equals(pattern(4096, 2)), 'readNow() after write() sees it');
+    }
+    const w3 = dev.write(pattern(4096, 3), 8192);
+    const syncs = dev.syncCount;
+    const f = dev.flush();
+    assert.ok(readFileSync(path).subarray(8192, 12288).equals(pattern(4096, 3)), 'written before the flush starts');
+    await Promise.all([w1, w2, w3, f]);
+    assert.equal(dev.syncCount, syncs + 1);
+  } finally {
+    await dev.close();
+  }
+});
+
+test('close() waits for gathered writes, and they land', async () => {
+  const path = newFile(MiB);
+  const dev = await FileBlockDevice.open(path, { inlineWriteSlowMs: 10_000 });
+  const w = dev.write(pattern(8192, 7), 4096);
+  await dev.close();
+  await w;
+  assert.ok(readFileSync(path).subarray(4096, 12288).equals(pattern(8192, 7)));
+});
