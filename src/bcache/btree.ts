@@ -599,6 +599,52 @@ export class Btree {
     return this.scanNow(inode, start, { inode, offset: end }, l.begin) ? l.result() : undefined;
   }
 
+  /**
+   * The hit path's lookup (readNow): where in the cache all of sectors
+   * [start, end) of `inode` are, when one current extent with one pointer
+   * covers them, the btree's lock is free and the nodes on the way are in
+   * memory; else undefined, and the caller takes the general path (whose
+   * lookup() gives the same answer for such a range). Touches the bucket as
+   * lookup() does a hit's. Builds nothing: the answer is `oneHit`, valid
+   * until the next call. One descent: the only extent that can cover
+   * `start` is the first key after it, in the first child after it (extents
+   * do not overlap, and a child's key is its last key's end); anything less
+   * plain declines.
+   */
+  lookupOneNow(inode: number, start: number, end: number): Readonly<Hit> | undefined {
+    if (!this.lock.tryRead()) return undefined;
+    try {
+      let node = this.root;
+      while (!node.isLeaf) {
+        const at = node.keys.seekAfter(inode, start);
+        if (at < 0) return undefined;
+        const child = this.cachedAt(node.keys, at);
+        if (!child) return undefined;
+        node = child;
+      }
+      node.lastUse = ++this.clock;
+      const keys = node.keys;
+      const at = keys.seekAfter(inode, start);
+      if (at < 0 || keys.inodeAt(at) !== inode || keys.ptrCountAt(at) !== 1) return undefined;
+      const ke = keys.endAt(at);
+      if (ke < end || ke - keys.sizeAt(at) > start) return undefined;
+      const buckets = this.host.buckets;
+      const offset = keys.ptrOffsetAt(at);
+      const gen = keys.ptrGenAt(at);
+      if (buckets.staleAt(offset, gen) > 0) return undefined;
+      const hit = this.oneHit;
+      hit.bucket = Math.floor(offset / buckets.bucketSize);
+      buckets.touch(hit.bucket);
+      hit.sector = offset + (start - (ke - keys.sizeAt(at)));
+      hit.gen = gen;
+      hit.dirty = keys.dirtyAt(at);
+      return hit;
+    } finally {
+      this.lock.releaseRead();
+    }
+  }
+  private readonly oneHit: Hit = { sector: 0, bucket: 0, gen: 0, dirty: false };
+
   /** lookup()'s visitor (`begin` starts it over, as scan() may) and its answer once the visit is done. */
   private lookupVisitor(
     inode: number,

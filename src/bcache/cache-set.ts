@@ -20,6 +20,10 @@
 //       {start, end, hit: {sector, bucket, gen, dirty}} for hits (sector =
 //       where this segment's data starts on the cache device). One binary
 //       search per level when the nodes are in memory.
+//   cs.lookupNow(...) / cs.lookupOneNow(inode, start, end)
+//       The same without waiting, or undefined (then lookup()); lookupOneNow
+//       answers only a range one extent covers, as the hit path wants, and
+//       builds nothing.
 //   await cs.readCache(buf, sector)            read cached data
 //   cs.ptrStale(hit) / cs.isStale(bucket, gen) after reading a clean hit: if the
 //       bucket was reused meanwhile, the data is garbage; re-read from backing.
@@ -103,7 +107,7 @@ import { Prng } from '../util/prng.ts';
 import { allDone, errorMessage, Mutex, rejectWith, WorkerScope } from '../util/lifecycle.ts';
 import { log } from '../util/log.ts';
 import { Allocator, RESERVE_BTREE } from './alloc.ts';
-import { Btree, type InsertResult, type LookupSegment } from './btree.ts';
+import { Btree, type Hit, type InsertResult, type LookupSegment } from './btree.ts';
 import { BtreeNode, nodeGeometry, type NodeGeometry } from './btree-node.ts';
 import { Buckets, GC_MARK_DIRTY, GC_MARK_RECLAIMABLE } from './buckets.ts';
 import { type DirtySink } from './extents.ts';
@@ -840,6 +844,12 @@ export class CacheSet {
   lookupNow(inode: number, start: number, end: number): LookupSegment[] | undefined {
     if (this.refusal()) return undefined;
     return this.btree.lookupNow(inode, start, end);
+  }
+
+  /** Btree.lookupOneNow: the hit path's single-extent lookup, or undefined (then the general path). */
+  lookupOneNow(inode: number, start: number, end: number): Readonly<Hit> | undefined {
+    if (this.refusal()) return undefined;
+    return this.btree.lookupOneNow(inode, start, end);
   }
 
   async scanDirty(inode: number, from: number, max: number, to?: number): Promise<Bkey[]> {

@@ -522,8 +522,7 @@ export class RequestPath {
       const cs = att.cs;
       const start = offset / SECTOR_SIZE + this.dev.dataOffset;
       const end = start + length / SECTOR_SIZE;
-      const segs = cs.lookupNow(att.inode, start, end);
-      const hit = segs?.length === 1 ? segs[0]?.hit : undefined;
+      const hit = cs.lookupOneNow(att.inode, start, end);
       if (!hit || !cs.readCacheNow(buf, hit.sector)) return false;
       // Nothing ran between the lookup and the copy, so the bucket cannot
       // have been reused under it (readHit's race); checked all the same.

@@ -15,6 +15,44 @@ import { applyOp, checkRange, IndexModel, randomOp } from './model.ts';
 
 const MiB = 1024 * 1024;
 
+/**
+ * lookupOneNow (the hit path's one-descent lookup) gives a hit exactly when
+ * lookupNow's answer is one hit covering the range, and the same hit: over
+ * short ranges at random (inside extents, across their edges and leaves'
+ * boundaries, over holes) and over each hit of a longer one.
+ */
+let oneNowHits = 0;
+function checkLookupOneNow(cs: CacheSet, rng: Prng, model: IndexModel): void {
+  const probe = (inode: number, start: number, end: number): void => {
+    const now = cs.lookupNow(inode, start, end);
+    const one = cs.lookupOneNow(inode, start, end);
+    const where = `lookupOneNow(${inode}, ${start}, ${end})`;
+    if (now === undefined) {
+      assert.equal(one, undefined, `${where} answered where lookupNow had to wait`);
+      return;
+    }
+    const single = now.length === 1 ? now[0]?.hit : undefined;
+    if (single == null) {
+      assert.equal(one, undefined, `${where} against ${JSON.stringify(now)}`);
+      return;
+    }
+    assert.deepEqual(one === undefined ? undefined : { ...one }, single, where);
+    oneNowHits++;
+  };
+  for (let k = 0; k < 20; k++) {
+    const inode = rng.below(model.inodes);
+    const start = rng.below(model.sectors - 1);
+    const end = Math.min(model.sectors, start + 1 + rng.below(16));
+    probe(inode, start, end);
+    // And the hits of a longer range: each one extent's, whole and by its last sector.
+    for (const seg of cs.lookupNow(inode, start, start + 64) ?? []) {
+      if (seg.hit === null) continue;
+      probe(inode, seg.start, seg.end);
+      probe(inode, seg.end - 1, seg.end);
+    }
+  }
+}
+
 async function run(seed: number, ops: number, btreeCacheSize?: number): Promise<CacheSet['stats'] & { depth: number }> {
   const dev = new MemoryBlockDevice(4 * MiB);
   await formatCache(dev, { bucketSize: 8, blockSize: 1 });
@@ -36,6 +74,7 @@ async function run(seed: number, ops: number, btreeCacheSize?: number): Promise<
     for (let i = 0; i < ops; i++) {
       const o = randomOp(rng, model, 8);
       await applyOp(cs, model, o, seed * 100000 + i);
+      if (i % 5 === 0) checkLookupOneNow(cs, rng, model);
       if (i % 25 === 0) {
         assert.deepEqual(await cs.btree.verify(), [], `tree invariants after op ${i}`);
         assert.deepEqual(await checkMarks(cs), [], `bucket marks after op ${i}`);
@@ -75,6 +114,7 @@ test('the index matches the model through splits, new roots, GC and bucket reuse
   // Moving GC (on by default) ran during the ops, and the model still matched.
   assert.ok(moved > 0, `moving GC moved keys (${moved})`);
   assert.ok(depth >= 3, `the tree grew ${depth} levels deep`);
+  assert.ok(oneNowHits > 1000, `lookupOneNow answered hits (${oneNowHits})`);
   assertNothingLeft();
 });
 
