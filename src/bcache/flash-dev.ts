@@ -189,6 +189,35 @@ export class FlashDev {
     });
   }
 
+  /**
+   * read() for the common hit, done here and now: one cached extent covers
+   * the range and its data is in the page cache. True when `buf` holds the
+   * data; false (nothing done but the lookup's touch of the bucket's prio,
+   * which read() does again) when that does not hold, and the caller uses
+   * read(). A range with a hole in it (zeroes) is left to read() too.
+   */
+  readNow(buf: Buffer, offset: number): boolean {
+    const bs = this.blockBytes;
+    const length = buf.length;
+    if (
+      this.closing ||
+      this.cs.ioDisabled ||
+      length === 0 ||
+      !Number.isSafeInteger(offset) ||
+      offset < 0 ||
+      offset % bs !== 0 ||
+      length % bs !== 0 ||
+      offset + length > this.sectors * SECTOR_SIZE
+    ) {
+      return false;
+    }
+    const start = offset / SECTOR_SIZE;
+    const hit = this.cs.lookupOneNow(this.inode, start, start + length / SECTOR_SIZE);
+    // Nothing runs between the lookup and the copy, so the bucket cannot be
+    // reused under it (readSegment's race); checked all the same.
+    return hit !== undefined && this.cs.readCacheNow(buf, hit.sector) && !this.cs.isStale(hit.bucket, hit.gen);
+  }
+
   private async readSegment(sub: Buffer, s: LookupSegment, tries: number): Promise<void> {
     const hit = s.hit;
     if (!hit) {
@@ -414,6 +443,10 @@ export class FlashVolume implements BlockDevice {
 
   read(buf: Buffer, offset: number): Promise<void> {
     return this.dev.read(buf, offset);
+  }
+
+  readNow(buf: Buffer, offset: number): boolean {
+    return this.dev.readNow(buf, offset);
   }
 
   write(buf: Buffer, offset: number, options?: { fua?: boolean }): Promise<void> {

@@ -13,6 +13,7 @@ import type { FlashDev } from '../../src/bcache/flash-dev.ts';
 import { Registry, type RegisteredSet } from '../../src/bcache/registry.ts';
 import { SysfsTree } from '../../src/bcache/sysfs/tree.ts';
 import { isFlashOnly, isInvalidatedSlot } from '../../src/format/uuid.ts';
+import { Prng } from '../../src/util/prng.ts';
 import { checkMarks, formatCache, sectorData } from './helpers.ts';
 
 const MiB = 1024 * 1024;
@@ -231,4 +232,55 @@ test('flash_vol_create with a full uuid table is refused as the kernel refuses i
   await assert.rejects(vol.device.write(Buffer.alloc(4096), 0), { code: 'ESHUTDOWN' });
   assert.equal(rig.registry.sets.size, 0);
   await rig.registry.stopAll();
+});
+
+test('readNow on a flash volume serves a range one written extent covers, and declines the rest', async () => {
+  const cache = await newCache();
+  const rig = await start(cache);
+  await rig.tree.write(`/sys/fs/bcache/${rig.set.uuid}/flash_vol_create`, '8M\n');
+  const vol = rig.running[0];
+  assert.ok(vol);
+  const bs = vol.blockBytes;
+  const rng = new Prng(7);
+  // The volume's contents as 4 KiB blocks: undefined for never written or discarded (zeroes).
+  const model = new Map<number, Buffer>();
+  const blocks = (8 * MiB) / bs;
+  let served = 0;
+  let declined = 0;
+  for (let i = 0; i < 3000; i++) {
+    const block = rng.below(blocks - 4);
+    const n = 1 + rng.below(4);
+    const op = rng.below(10);
+    if (op < 4) {
+      const data = Buffer.alloc(n * bs);
+      for (let b = 0; b < n; b++) {
+        const one = sectorData(i, (block + b) * 8, bs / 512);
+        one.copy(data, b * bs);
+        model.set(block + b, one);
+      }
+      await vol.write(data, block * bs, false);
+    } else if (op < 5) {
+      await vol.discard(block * bs, n * bs);
+      for (let b = 0; b < n; b++) model.delete(block + b);
+    } else {
+      const buf = Buffer.alloc(n * bs, 0xee);
+      const want = Buffer.alloc(n * bs);
+      for (let b = 0; b < n; b++) model.get(block + b)?.copy(want, b * bs);
+      if (vol.readNow(buf, block * bs)) {
+        served++;
+        assert.ok(buf.equals(want), `readNow of blocks ${block}+${n} after op ${i}`);
+      } else {
+        declined++;
+        await vol.read(buf, block * bs);
+        assert.ok(buf.equals(want), `read of blocks ${block}+${n} after op ${i}`);
+      }
+    }
+  }
+  assert.ok(served > 100 && declined > 100, `served ${served}, declined ${declined}`);
+  const buf = Buffer.alloc(bs);
+  assert.equal(vol.readNow(buf, 1), false, 'unaligned');
+  assert.equal(vol.readNow(buf, 8 * MiB), false, 'past the end');
+  assert.equal(vol.readNow(Buffer.alloc(0), 0), false, 'empty');
+  await rig.registry.stopAll();
+  assert.equal(vol.readNow(buf, 0), false, 'a stopped volume');
 });
