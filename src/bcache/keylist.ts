@@ -192,6 +192,14 @@ class Chunk {
   }
 
   /** Is the key in slot i at or before (inode, offset)? */
+  inodeOf(i: number): number {
+    return this.u[i * U + U_INODE] as number;
+  }
+
+  endOf(i: number): number {
+    return this.f[i * F] as number;
+  }
+
   atOrBefore(i: number, inode: number, offset: number): boolean {
     const ki = this.u[i * U + U_INODE] as number;
     return ki < inode || (ki === inode && (this.f[i * F] as number) <= offset);
@@ -201,6 +209,18 @@ class Chunk {
 export class KeyList implements Iterable<Bkey>, EncodableKeys {
   private chunks: Chunk[] = [];
   private count = 0;
+  /**
+   * Each chunk's last key (inode, end), side by side, for seekAfter's search
+   * over the chunks: without them each step of that search reads another
+   * chunk's arrays, three or four pointers away and rarely in the CPU's
+   * cache, and on the hit path that search was the largest single item
+   * (docs/performance.md). Built by the first search after a change; every
+   * change drops them (`fences = 0`).
+   */
+  private fenceInode = new Uint32Array(0);
+  private fenceEnd = new Float64Array(0);
+  /** How many chunks the fences describe (0: none; rebuilt when they differ from chunks.length or were dropped). */
+  private fences = 0;
   private readonly chunkMax: number;
   private readonly chunkFill: number;
   private readonly chunkMerge: number;
@@ -218,6 +238,7 @@ export class KeyList implements Iterable<Bkey>, EncodableKeys {
     const list = new KeyList(chunkMax);
     list.chunks = list.chunksOf(keys);
     list.count = keys.length;
+    list.fences = 0;
     return list;
   }
 
@@ -285,6 +306,7 @@ export class KeyList implements Iterable<Bkey>, EncodableKeys {
 
   /** Append slots [from, to) of `src` at the end, filling chunks to chunkFill (building a list in order). */
   private appendSlots(src: Chunk, from: number, to: number): void {
+    this.fences = 0;
     let at = from;
     while (at < to) {
       let last = this.chunks[this.chunks.length - 1];
@@ -384,13 +406,16 @@ export class KeyList implements Iterable<Bkey>, EncodableKeys {
   /** Position of the first key whose (inode, offset) is after (inode, offset), or -1 if none is. */
   seekAfter(inode: number, offset: number): number {
     const chunks = this.chunks;
+    if (this.fences !== chunks.length) this.buildFences();
+    const fi = this.fenceInode;
+    const fe = this.fenceEnd;
     // The first chunk whose last key is after the position.
     let lo = 0;
     let hi = chunks.length;
     while (lo < hi) {
       const mid = (lo + hi) >>> 1;
-      const c = chunks[mid] as Chunk;
-      if (c.atOrBefore(c.n - 1, inode, offset)) lo = mid + 1;
+      const ki = fi[mid] as number;
+      if (ki < inode || (ki === inode && (fe[mid] as number) <= offset)) lo = mid + 1;
       else hi = mid;
     }
     if (lo === chunks.length) return -1;
@@ -403,6 +428,23 @@ export class KeyList implements Iterable<Bkey>, EncodableKeys {
       else b = mid;
     }
     return lo * POS_STRIDE + a;
+  }
+
+  /** Each chunk's last key into the fences (seekAfter). */
+  private buildFences(): void {
+    const chunks = this.chunks;
+    const n = chunks.length;
+    if (this.fenceInode.length < n) {
+      const cap = Math.max(8, n * 2);
+      this.fenceInode = new Uint32Array(cap);
+      this.fenceEnd = new Float64Array(cap);
+    }
+    for (let c = 0; c < n; c++) {
+      const ch = chunks[c] as Chunk;
+      this.fenceInode[c] = ch.inodeOf(ch.n - 1);
+      this.fenceEnd[c] = ch.endOf(ch.n - 1);
+    }
+    this.fences = n;
   }
 
   /** The chunk holding position `pos` (throws past the end). */
@@ -470,6 +512,7 @@ export class KeyList implements Iterable<Bkey>, EncodableKeys {
    * remove) and put `pieces` in their place. The caller keeps the order.
    */
   splice(pos: number, remove: number, pieces: readonly Bkey[]): void {
+    this.fences = 0;
     const chunks = this.chunks;
     let c = pos < 0 ? chunks.length : Math.floor(pos / POS_STRIDE);
     let i = pos < 0 ? 0 : pos % POS_STRIDE;
