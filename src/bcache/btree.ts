@@ -614,14 +614,8 @@ export class Btree {
   lookupOneNow(inode: number, start: number, end: number): Readonly<Hit> | undefined {
     if (!this.lock.tryRead()) return undefined;
     try {
-      let node = this.root;
-      while (!node.isLeaf) {
-        const at = node.keys.seekAfter(inode, start);
-        if (at < 0) return undefined;
-        const child = this.cachedAt(node.keys, at);
-        if (!child) return undefined;
-        node = child;
-      }
+      const node = this.leafNow(inode, start);
+      if (node === undefined) return undefined;
       node.lastUse = ++this.clock;
       const keys = node.keys;
       const at = keys.seekAfter(inode, start);
@@ -882,17 +876,27 @@ export class Btree {
 
   /** leafPath() without awaits: undefined if a node on the way is not in memory. */
   private leafPathNow(inode: number, sector: number): BtreeNode[] | undefined {
+    const path: BtreeNode[] = [];
+    return this.leafNow(inode, sector, path) ? path : undefined;
+  }
+
+  /**
+   * The leaf whose keys hold the first key after (inode, sector), without
+   * awaits: undefined if a node on the way is not in memory. `path`, if
+   * given, gets the nodes on the way, the root first and the leaf last.
+   */
+  private leafNow(inode: number, sector: number, path?: BtreeNode[]): BtreeNode | undefined {
     let node = this.root;
-    const path = [node];
+    path?.push(node);
     while (!node.isLeaf) {
       const at = node.keys.seekAfter(inode, sector);
       if (at < 0) return undefined;
       const child = this.cachedAt(node.keys, at);
       if (!child) return undefined;
       node = child;
-      path.push(node);
+      path?.push(node);
     }
-    return path;
+    return node;
   }
 
   /**
