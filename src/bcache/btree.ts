@@ -637,6 +637,8 @@ export class Btree {
       this.lock.releaseRead();
     }
   }
+
+  /** lookupOneNow's answer, one object reused by every call. */
   private readonly oneHit: Hit = { sector: 0, bucket: 0, gen: 0, dirty: false };
 
   /** lookup()'s visitor (`begin` starts it over, as scan() may) and its answer once the visit is done. */

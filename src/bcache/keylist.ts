@@ -191,15 +191,17 @@ class Chunk {
     }
   }
 
-  /** Is the key in slot i at or before (inode, offset)? */
+  /** The inode of the key in slot i. */
   inodeOf(i: number): number {
     return this.u[i * U + U_INODE] as number;
   }
 
+  /** The end (offset) of the key in slot i. */
   endOf(i: number): number {
     return this.f[i * F] as number;
   }
 
+  /** Is the key in slot i at or before (inode, offset)? */
   atOrBefore(i: number, inode: number, offset: number): boolean {
     const ki = this.u[i * U + U_INODE] as number;
     return ki < inode || (ki === inode && (this.f[i * F] as number) <= offset);
@@ -213,8 +215,8 @@ export class KeyList implements Iterable<Bkey>, EncodableKeys {
    * Each chunk's last key (inode, end), side by side, for seekAfter's search
    * over the chunks: without them each step of that search reads another
    * chunk's arrays, three or four pointers away and rarely in the CPU's
-   * cache, and on the hit path that search was the largest single item
-   * (docs/performance.md). Built by the first search after a change; every
+   * cache, and on the hit path that search was the largest JavaScript item
+   * (docs/performance.md, "The leaf's chunk search over fences"). Built by the first search after a change; every
    * change drops them (`fences = 0`).
    */
   private fenceInode = new Uint32Array(0);
@@ -238,7 +240,6 @@ export class KeyList implements Iterable<Bkey>, EncodableKeys {
     const list = new KeyList(chunkMax);
     list.chunks = list.chunksOf(keys);
     list.count = keys.length;
-    list.fences = 0;
     return list;
   }
 

@@ -12,8 +12,8 @@
 // than any round trip, io_uring's included); small writes may be done inline
 // while inline writes stay fast (see writeInline; whether they are depends on
 // the engine, see INLINE_WRITES). Both fall back to the engine. Inline writes
-// are gathered until the end of the current microtask queue and written in
-// runs, one pwritev for writes that follow each other on the device (see
+// are gathered until a microtask queued by the first of them runs, and written
+// in runs, one pwritev for writes that follow each other on the device (see
 // writeGathered): the allocator places a device's writes back to back in its
 // open bucket, so the 32 writes a client sends at once cost a couple of
 // syscalls instead of 32.
@@ -328,7 +328,7 @@ export class FileBlockDevice implements BlockDevice {
   private inlineWriteSlowMs = INLINE_WRITE_SLOW_MS_DEFAULT;
   /** How often a slow inline write sent writes to the thread pool (for tests and stats). */
   inlineWriteBackoffs = 0;
-  /** Inline writes not yet written: issued in this turn, written at the end of its microtasks. */
+  /** Inline writes not yet written: issued since the microtask that writes them was queued. */
   private gathered: GatheredWrite[] = [];
   private readonly writeGatheredNow = (): void => {
     this.writeGathered();
