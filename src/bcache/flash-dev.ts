@@ -146,6 +146,13 @@ export class FlashDev {
 
   /** Byte range to sectors, whole cache blocks inside the volume (EINVAL otherwise). */
   private range(offset: number, length: number): { start: number; end: number } {
+    const problem = this.rangeProblem(offset, length);
+    if (problem !== undefined) throw new IoError('EINVAL', problem);
+    return { start: offset / SECTOR_SIZE, end: (offset + length) / SECTOR_SIZE };
+  }
+
+  /** Why a byte range is not whole cache blocks inside the volume, or undefined if it is (range, readNow). */
+  private rangeProblem(offset: number, length: number): string | undefined {
     const bs = this.blockBytes;
     if (
       !Number.isSafeInteger(offset) ||
@@ -155,15 +162,12 @@ export class FlashDev {
       offset % bs !== 0 ||
       length % bs !== 0
     ) {
-      throw new IoError('EINVAL', `${this.name}: offset ${offset} and length ${length} must be multiples of ${bs}`);
+      return `${this.name}: offset ${offset} and length ${length} must be multiples of ${bs}`;
     }
     if (offset + length > this.sectors * SECTOR_SIZE) {
-      throw new IoError(
-        'EINVAL',
-        `${this.name}: ${offset}+${length} is past the end of the volume (${this.sectors * SECTOR_SIZE} bytes)`,
-      );
+      return `${this.name}: ${offset}+${length} is past the end of the volume (${this.sectors * SECTOR_SIZE} bytes)`;
     }
-    return { start: offset / SECTOR_SIZE, end: (offset + length) / SECTOR_SIZE };
+    return undefined;
   }
 
   private async run<T>(op: () => Promise<T>): Promise<T> {
@@ -197,18 +201,8 @@ export class FlashDev {
    * read(). A range with a hole in it (zeroes) is left to read() too.
    */
   readNow(buf: Buffer, offset: number): boolean {
-    const bs = this.blockBytes;
     const length = buf.length;
-    if (
-      this.closing ||
-      this.cs.ioDisabled ||
-      length === 0 ||
-      !Number.isSafeInteger(offset) ||
-      offset < 0 ||
-      offset % bs !== 0 ||
-      length % bs !== 0 ||
-      offset + length > this.sectors * SECTOR_SIZE
-    ) {
+    if (this.closing || this.cs.ioDisabled || length === 0 || this.rangeProblem(offset, length) !== undefined) {
       return false;
     }
     const start = offset / SECTOR_SIZE;
