@@ -171,6 +171,7 @@ export class Allocator {
     const b = this.b;
     if (b.pin[r] !== 1) throw new Error(`allocator: bucket ${r} on a free list has pin ${b.pin[r]}, not 1`);
     b.noteChange(r);
+    b.reused(r);
     b.setUsed(r, b.bucketSize);
     if (reserve <= RESERVE_PRIO) {
       b.mark[r] = GC_MARK_METADATA;
@@ -309,6 +310,7 @@ export class Allocator {
     if (r === undefined) return -1;
     const b = this.b;
     b.noteChange(r);
+    b.reused(r);
     b.setUsed(r, b.bucketSize);
     b.mark[r] = GC_MARK_METADATA;
     b.prio[r] = BTREE_PRIO;

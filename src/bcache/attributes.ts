@@ -15,6 +15,7 @@ import { log } from '../util/log.ts';
 import { ADMISSION_POLICIES } from './admission.ts';
 import type { CachedDev, CachedDevSettings } from './cached-dev.ts';
 import type { RegisteredSet, SetSettings } from './registry.ts';
+import { RAM_CACHE_MAX } from './ram-cache.ts';
 import { hprint } from './stats.ts';
 
 const UINT_MAX = 0xffffffff;
@@ -95,6 +96,31 @@ function bool<T>(name: string, get: (t: T) => boolean, set: (t: T, v: boolean) =
 /** bch_snprint_string_list: every option, the selected one in brackets. */
 export function choiceList(options: readonly string[], selected: number): string {
   return options.map((o, i) => (i === selected ? `[${o}]` : o)).join(' ');
+}
+
+/** A size in bytes with an optional k, M or G suffix (powers of 1024), as d_strtoi_h reads it; shown with hprint. */
+function humanSize<T>(
+  name: string,
+  max: number,
+  get: (t: T) => number,
+  set: (t: T, v: number) => void | Promise<void>,
+): Attribute<T> {
+  const accepts = `a size in bytes from 0 to ${max}, with an optional k, M or G suffix`;
+  return {
+    name,
+    accepts,
+    parse(text) {
+      const m = /^\+?([0-9]+)([kKmMgG]?)$/.exec(trimNewline(text));
+      if (!m) throw new AttributeError(`${name}: "${text}" is not ${accepts}`);
+      const shift = { '': 0, k: 10, m: 20, g: 30 }[(m[2] ?? '').toLowerCase()] ?? 0;
+      const v = Number(m[1]) * 2 ** shift;
+      if (!Number.isSafeInteger(v) || v > max) throw new AttributeError(`${name}: ${text} is too large (${accepts})`);
+      return async (t) => {
+        await set(t, v);
+      };
+    },
+    show: (t) => hprint(get(t)),
+  };
 }
 
 function choice<T>(
@@ -184,26 +210,15 @@ export const DEVICE_ATTRIBUTES: ReadonlyArray<Attribute<CachedDev>> = [
     },
     (v) => hprint(v),
   ),
-  {
-    // bcache's readahead (Linux before 5.13): d_strtoi_h, a size with an
-    // optional k/M/G suffix (powers of 1024), shown with hprint.
-    name: 'readahead',
-    accepts: 'a size in bytes from 0 to 2147483647, with an optional k, M or G suffix',
-    parse(text) {
-      const accepts = 'a size in bytes from 0 to 2147483647, with an optional k, M or G suffix';
-      const m = /^\+?([0-9]+)([kKmMgG]?)$/.exec(trimNewline(text));
-      if (!m) throw new AttributeError(`readahead: "${text}" is not ${accepts}`);
-      const shift = { '': 0, k: 10, m: 20, g: 30 }[(m[2] ?? '').toLowerCase()] ?? 0;
-      const v = Number(m[1]) * 2 ** shift;
-      if (!Number.isSafeInteger(v) || v > INT_MAX)
-        throw new AttributeError(`readahead: ${text} is too large (${accepts})`);
-      return (d) => {
-        setting(d, 'readahead', v);
-        return Promise.resolve();
-      };
+  // bcache's readahead (Linux before 5.13): d_strtoi_h, shown with hprint.
+  humanSize(
+    'readahead',
+    INT_MAX,
+    (d) => d.settings.readahead,
+    (d, v) => {
+      setting(d, 'readahead', v);
     },
-    show: (d) => hprint(d.settings.readahead),
-  },
+  ),
   bool(
     'writeback_running',
     (d) => d.settings.writebackRunning,
@@ -466,6 +481,17 @@ export const SET_ATTRIBUTES: ReadonlyArray<Attribute<RegisteredSet>> = [
     ),
     internal: true,
   },
+  // ubcache's own (ram-cache.ts): memory for copies of the hottest cache
+  // blocks, so that their hits make no system call. 0 turns it off; a store
+  // drops what it held.
+  humanSize(
+    'ram_cache_size',
+    RAM_CACHE_MAX,
+    (s) => s.cs.ramCache.size,
+    (s, v) => {
+      s.cs.ramCache.resize(v);
+    },
+  ),
   choice(
     'errors',
     ERRORS,

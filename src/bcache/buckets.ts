@@ -17,6 +17,11 @@
 //                come and go (not by GC): when writeback cleans a bucket's
 //                last dirty key it is reclaimable at once, where the kernel
 //                waits for the next GC to find out
+//   reuse   u32  in memory only: how many times the bucket was invalidated or
+//                handed out for writing since the set started. Data at a
+//                sector can change only when this does, which is what the
+//                copies of hot blocks in memory rely on (ram-cache.ts); it
+//                does not wrap in practice, unlike the 8-bit gen
 
 import { genAfter, ptrBucket, type BkeyPtr } from '../format/bkey.ts';
 import { BTREE_PRIO, INITIAL_PRIO } from '../format/constants.ts';
@@ -44,6 +49,7 @@ export class Buckets {
   readonly pin: Int32Array;
   readonly lastGc: Uint8Array;
   readonly dirty: Int32Array;
+  readonly reuse: Uint32Array;
   /** Smallest prio of a data bucket since the last rescale (c->min_prio). */
   minPrio = 0;
   /**
@@ -66,6 +72,7 @@ export class Buckets {
     this.pin = new Int32Array(nbuckets);
     this.lastGc = new Uint8Array(nbuckets);
     this.dirty = new Int32Array(nbuckets);
+    this.reuse = new Uint32Array(nbuckets);
   }
 
   /** The bucket a pointer points into. */
@@ -106,9 +113,15 @@ export class Buckets {
   /** Bump the gen (every pointer into the bucket goes stale), reset the prio and pin it. */
   invalidate(b: number): void {
     this.gen[b] = ((this.gen[b] ?? 0) + 1) & 0xff;
+    this.reused(b);
     this.prio[b] = INITIAL_PRIO;
     this.pin[b] = (this.pin[b] ?? 0) + 1;
     if (this.changed) this.changed[b] = 1;
+  }
+
+  /** New data may go where old data was (see `reuse`): invalidation, and every hand-out for writing. */
+  reused(b: number): void {
+    this.reuse[b] = ((this.reuse[b] ?? 0) + 1) >>> 0;
   }
 
   /** A GC pass begins: from now on note every bucket whose state changes (pinned ones count as changed). */

@@ -117,6 +117,7 @@ import { CacheIo } from './io.ts';
 import { Journal, logReplay, type JournalEntry } from './journal.ts';
 import { OpenBuckets, type AllocSectorsOptions, type SectorAllocation } from './open-buckets.ts';
 import { Prios } from './prio.ts';
+import { RamCache, RAM_CACHE_DEFAULT } from './ram-cache.ts';
 import { UuidTable } from './uuids.ts';
 import { isFlashOnly } from '../format/uuid.ts';
 
@@ -152,6 +153,8 @@ export interface CacheSetOptions {
   btreeCacheSize?: number;
   /** Close the device on stop() (default true: the set owns it). */
   closeDevice?: boolean;
+  /** Bytes of hot cache blocks copied in memory (ram_cache_size; default RAM_CACHE_DEFAULT, 0 off). */
+  ramCacheSize?: number;
   /** Sectors inserted between pressure-triggered GC passes (default nbuckets x bucket_size / 16). */
   gcSectors?: number;
   /** How long one slice of a GC walk marks before yielding to requests (ms; tests use 0: a slice per leaf). */
@@ -207,6 +210,8 @@ export class CacheSet {
   readonly uuid: string;
   readonly io: CacheIo;
   readonly buckets: Buckets;
+  /** Copies of the hottest cache blocks, for readCacheNow (ram-cache.ts). */
+  readonly ramCache: RamCache;
   readonly geometry: CacheGeometry;
   readonly nodeGeo: NodeGeometry;
   readonly allocator: Allocator;
@@ -258,6 +263,7 @@ export class CacheSet {
       ...(congestionRng ? { random: () => congestionRng.next() } : {}),
     });
     this.buckets = new Buckets(sb.nbuckets, sb.bucketSize, sb.firstBucket);
+    this.ramCache = new RamCache(this.buckets.reuse, sb.bucketSize, options.ramCacheSize ?? RAM_CACHE_DEFAULT);
     this.dirtyGeneration = new Float64Array(sb.nbuckets);
     this.geometry = { bucketSize: sb.bucketSize, firstBucket: sb.firstBucket, nbuckets: sb.nbuckets };
     const magic = setMagic(sb);
@@ -1037,9 +1043,20 @@ export class CacheSet {
     return this.io.read(buf, sector);
   }
 
-  /** readCache() done here and now (see CacheIo.readNow): false when it must wait, and then nothing was counted. */
+  /**
+   * readCache() done here and now: from the copies of hot blocks in memory,
+   * else from the device if it can answer at once (CacheIo.readNow); false
+   * when it must wait, and then nothing was counted. Only for sectors a live
+   * key points to, checked in the same turn (ram-cache.ts says why).
+   */
   readCacheNow(buf: Buffer, sector: number): boolean {
-    return this.io.readNow(buf, sector);
+    if (this.ioDisabledFlag) return false;
+    const bucket = Math.floor(sector / this.buckets.bucketSize);
+    const ram = this.ramCache;
+    if (ram.read(buf, sector, bucket)) return true;
+    if (!this.io.readNow(buf, sector)) return false;
+    ram.admit(buf, sector, bucket);
+    return true;
   }
 
   writeCache(buf: Buffer, sector: number): Promise<void> {

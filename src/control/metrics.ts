@@ -142,6 +142,13 @@ export function formatMetrics(snap: StatsSnapshot): string {
     'gauge',
     'The longest stretch a GC pass held the event loop (one slice of its walk), over all passes.',
   );
+  const ramHits = f('ram_cache_hits_total', 'counter', 'Cache hits served from the copies of hot blocks in memory.');
+  const ramMisses = f(
+    'ram_cache_misses_total',
+    'counter',
+    'Cache hits the copies in memory did not hold, read from the cache device.',
+  );
+  const ramBytes = f('ram_cache_bytes', 'gauge', 'Memory allocated for copies of hot blocks (ram_cache_size at most).');
   const wbDone = f('writeback_keys_done_total', 'counter', 'Dirty extents written back.');
   const wbFailed = f('writeback_keys_failed_total', 'counter', 'Writebacks that collided with a write or failed.');
 
@@ -191,6 +198,9 @@ export function formatMetrics(snap: StatsSnapshot): string {
     gcPause.add(labels, s.gc.maxPauseSeconds);
     wbDone.add(labels, s.writebackKeys.done);
     wbFailed.add(labels, s.writebackKeys.failed);
+    ramHits.add(labels, s.ramCache.hits);
+    ramMisses.add(labels, s.ramCache.misses);
+    ramBytes.add(labels, s.ramCache.bytes);
   }
 
   const requests = f('nbd_requests_total', 'counter', 'NBD requests served, by export and command.');
@@ -256,6 +266,9 @@ export function formatMetrics(snap: StatsSnapshot): string {
     gcPause,
     wbDone,
     wbFailed,
+    ramHits,
+    ramMisses,
+    ramBytes,
     requests,
     errors,
     bytes,

@@ -87,6 +87,8 @@ export interface SetStats {
   ioErrors: number;
   gc: { runs: number; seconds: number; lastSeconds: number; maxPauseSeconds: number };
   writebackKeys: { done: number; failed: number };
+  /** The copies of hot blocks in memory (ram_cache_size): reads served and not, bytes allocated. */
+  ramCache: { hits: number; misses: number; bytes: number };
 }
 
 export interface CommandStats {
@@ -198,6 +200,7 @@ function setStats(s: RegisteredSet): SetStats {
       maxPauseSeconds: gc.maxPauseMs / 1000,
     },
     writebackKeys: { ...s.writebackKeys },
+    ramCache: { hits: s.cs.ramCache.stats.hits, misses: s.cs.ramCache.stats.misses, bytes: s.cs.ramCache.allocated },
   };
 }
 

@@ -64,6 +64,18 @@ test('applying settings changes the device and the set, and shows as sysfs does'
   assert.equal(p.set.cs.journal.delayMs, 10);
   await set('io_error_halflife').parse('100')(p.set);
   assert.equal(set('io_error_halflife').show(p.set), '88');
+  // ram_cache_size (ubcache's own): 32 MiB by default, a size with a suffix, 0 off with its memory freed.
+  assert.equal(set('ram_cache_size').show(p.set), '32.0M');
+  await set('ram_cache_size').parse('8M\n')(p.set);
+  assert.equal(p.set.cs.ramCache.size, 8 * 1024 * 1024);
+  await set('ram_cache_size').parse('0')(p.set);
+  assert.equal(set('ram_cache_size').show(p.set), '0.0k');
+  assert.equal(p.set.cs.ramCache.allocated, 0);
+  assert.throws(
+    () => set('ram_cache_size').parse('17G'),
+    /ram_cache_size: 17G is too large \(a size in bytes from 0 to/,
+  );
+  assert.throws(() => set('ram_cache_size').parse('1T'), /is not a size in bytes/);
   await p.registry.stopAll();
   // The mode and the label are in the backing superblock.
   const r = await makePair({ backingDev: mem(p.backingDev).clone(), cacheDev: mem(p.cacheDev).clone(), format: false });

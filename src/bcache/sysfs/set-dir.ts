@@ -46,6 +46,11 @@ function internalDir(set: RegisteredSet): SysfsDir {
     ['btree_used_percent', ro(() => String(btreeUsedPercent(cs.btree, cs.nodeGeo.nodeBytes)))],
     ['bset_tree_stats', roRaw(() => bsetTreeStats(cs.btree))],
     ['cache_read_races', ro(() => String([...set.devices].reduce((n, d) => n + d.request.cacheReadRaces, 0)))],
+    // ubcache's own: the copies of hot blocks in memory (ram_cache_size).
+    ['ram_cache_hits', ro(() => String(cs.ramCache.stats.hits))],
+    ['ram_cache_misses', ro(() => String(cs.ramCache.stats.misses))],
+    ['ram_cache_admitted', ro(() => String(cs.ramCache.stats.admitted))],
+    ['ram_cache_allocated', ro(() => hprint(cs.ramCache.allocated))],
     ['reclaim', ro(() => String(cs.journal.stats.reclaims))],
     ['reclaimed_journal_buckets', ro(() => String(cs.journal.stats.reclaimedBuckets))],
     ['flush_write', ro(() => String(cs.journal.stats.nodeFlushes))],
