@@ -27,7 +27,7 @@
 // key's check and the copy.
 //
 // Shape. Entries are pages of up to 4 KiB keyed by their first sector; a read
-// of up to MAX_READ bytes is served when every one of its pages is present
+// of up to RAM_MAX_READ bytes is served when every one of its pages is present
 // (each at least as long as the part of the read it covers), and admitted
 // page by page when it was read from the device. The table is 4-way set
 // associative with a clock hand per set: a hit sets an entry's reference bit,
@@ -110,9 +110,9 @@ export class RamCache {
   }
 
   /**
-   * Copy the `buf.length` bytes at `sector` (in bucket `bucket`) into buf if
-   * every page of them is held for the bucket's current use; false, with buf
-   * untouched, if not.
+   * Copy the `buf.length` bytes at `sector` (all in bucket `bucket`, as one
+   * extent's data always is) into buf if every page of them is held for the
+   * bucket's current use; false, with buf untouched, if not.
    */
   read(buf: Buffer, sector: number, bucket: number): boolean {
     const n = buf.length;
